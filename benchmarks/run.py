@@ -1,0 +1,233 @@
+"""Compiled vs eager: which number format for which layer?
+
+    python -m benchmarks run [--model FOLDER] [--tokens N] [--out results/DIR]
+                             [--policies NAME ...] [--quick]
+
+Three measurements, one results folder (report.md, results.json, PNG plots):
+
+1. perplexity of a causal LM (default: the packaged SmolLM2-135M) on the Wikipedia text from
+   gensim's test data, for full precision and every sweep policy (weight-only formats on all
+   linears except lm_head, plus four weight+activation policies), with qcompile.explain's
+   effective bits per weight;
+2. weight error (MSE, SQNR) and sentence-embedding cosine similarity of every weight-only format
+   on all-MiniLM-L6-v2 (real float32 weights);
+3. speed and memory: eager fp32, eager fake-quantised, torch.compile (Inductor) fp32 and the
+   blockquant backend for a W8 and a 4-bit weight-only policy; prefill, decode with a KV cache,
+   compile time, resident weight bytes.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import embeddings, perplexity, report, speed
+
+SECTIONS = ("ppl", "weights", "speed")
+#: --quick: a few policies and formats, a small token budget, eager lowering everywhere.
+QUICK_POLICIES = ["mxint8", "bfp6", "nf4", "bof4s", "bof4s_opq", "bfp6 W6A6"]
+QUICK_FORMATS = ["mxint8", "bfp6", "nf4", "bof4s", "bof4s_opq", "mxfp4"]
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks run", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=None,
+                    help="a Hugging Face causal-LM folder (default: the packaged SmolLM2-135M)")
+    ap.add_argument("--tokens", type=int, default=None,
+                    help="perplexity token budget: the first N tokens of the text, in "
+                         "non-overlapping windows (default 4096; --quick 1024)")
+    ap.add_argument("--window", type=int, default=512, help="perplexity window length (tokens)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="results folder (default results/<timestamp>)")
+    ap.add_argument("--policies", nargs="+", default=None, metavar="NAME",
+                    help="perplexity policies: sweep labels (int8, nf4, 'bfp6 W6A6', ...) or "
+                         "any format key (weight-only), 'WA:<fmt>' for weights+activations; "
+                         "full precision always runs (default: the whole sweep)")
+    ap.add_argument("--quick", action="store_true",
+                    help="a few-minute run: 6 policies, 1024 tokens, 64 sentences, eager lowering")
+    ap.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    ap.add_argument("--lowering", choices=("eager", "inductor"), default="eager",
+                    help="blockquant lowering for the perplexity sweep (default eager: Inductor "
+                         "compiles each policy's graph for minutes on 2 cores, and the eager "
+                         "lowering gives the same numbers up to float32 reordering)")
+    ap.add_argument("--speed-lowering", choices=("eager", "inductor"), default=None,
+                    help="lowering of the compiled speed configurations (default inductor; "
+                         "--quick eager)")
+    ap.add_argument("--text", type=Path, default=None,
+                    help="a UTF-8 text file (default: the Wikipedia text from gensim)")
+    ap.add_argument("--encoder", type=Path, default=None,
+                    help="sentence-encoder folder for the weight section (default: the packaged "
+                         "all-MiniLM-L6-v2)")
+    ap.add_argument("--sentences", type=int, default=None,
+                    help="sentences for the embedding cosine (default 256; --quick 64)")
+    ap.add_argument("--formats", nargs="+", default=None,
+                    help="formats of the weight section (default: the weight-only sweep + bfp4)")
+    ap.add_argument("--prefill", type=int, default=512, help="prompt tokens for the speed runs")
+    ap.add_argument("--decode", type=int, default=None,
+                    help="decode steps per speed run (default 16; --quick 4)")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="timed speed runs, median reported (default 3; --quick 1)")
+    ap.add_argument("--w8", default="mxint8", help="the W8 format of the speed runs")
+    ap.add_argument("--w4", default="nf4", help="the 4-bit format of the speed runs")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    return ap
+
+
+def settle(args, ap) -> argparse.Namespace:
+    """Fill the defaults that depend on --quick and validate everything that can be checked
+    before loading a model; errors go through the parser (exit status 2, a clear message)."""
+    q = args.quick
+    args.tokens = args.tokens if args.tokens is not None else (1024 if q else 4096)
+    args.sentences = args.sentences if args.sentences is not None else (64 if q else 256)
+    args.decode = args.decode if args.decode is not None else (4 if q else 16)
+    args.repeats = args.repeats if args.repeats is not None else (1 if q else 3)
+    args.speed_lowering = args.speed_lowering or ("eager" if q else "inductor")
+    if args.policies is None and q:
+        args.policies = QUICK_POLICIES
+    if args.formats is None:
+        args.formats = QUICK_FORMATS if q else perplexity.WEIGHT_ONLY + ["bfp4"]
+    for name, v, low in (("--tokens", args.tokens, 2), ("--window", args.window, 2),
+                         ("--sentences", args.sentences, 1), ("--prefill", args.prefill, 1),
+                         ("--decode", args.decode, 1), ("--repeats", args.repeats, 1)):
+        if v < low:
+            ap.error(f"{name} must be at least {low}, got {v}")
+    if args.tokens < args.window:
+        ap.error(f"--tokens {args.tokens} is smaller than one --window of {args.window}")
+    if args.model is not None and not (args.model / "config.json").is_file():
+        ap.error(f"--model {args.model}: not a Hugging Face model folder (no config.json)"
+                 if args.model.is_dir() else f"--model {args.model}: no such folder")
+    if args.encoder is not None and not (args.encoder / "config.json").is_file():
+        ap.error(f"--encoder {args.encoder}: not a Hugging Face model folder (no config.json)")
+    if args.text is not None and not args.text.is_file():
+        ap.error(f"--text {args.text}: no such file")
+    from qcompile import formats
+    for f in args.formats + [args.w8, args.w4]:
+        try:
+            formats.get(f)
+        except (ValueError, TypeError) as e:
+            ap.error(f"unknown format {f!r}: {e}")
+    try:
+        args.sweep = perplexity.sweep_policies(args.policies)
+    except ValueError as e:
+        ap.error(str(e))
+    if args.out is None:
+        args.out = Path("results") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return args
+
+
+def machine() -> dict:
+    import transformers
+
+    import qcompile
+    return {"platform": platform.platform(), "machine": platform.machine(),
+            "processor": _cpu_name(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "qcompile": qcompile.__version__}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def tokens_of(tok, text: str, need: int) -> torch.Tensor:
+    """Token ids of the start of ``text``, at least ``need`` of them when the text has them
+    (tokenising a prefix first: the whole Wikipedia text takes seconds)."""
+    chars = max(8 * need, 4096)
+    while True:
+        ids = tok(text[:chars], return_tensors="pt").input_ids[0]
+        if ids.numel() >= need or chars >= len(text):
+            return ids
+        chars *= 2
+
+
+def estimate(model, windows, args) -> float:
+    """Rough seconds for the whole run, from one timed forward of a window and the time to
+    quantise one linear weight: printed so the user knows what they started."""
+    from .perplexity import perplexity as ppl
+    ppl(model, windows[:1])  # warm
+    t_win = ppl(model, windows[:1])["seconds"][0]
+    lins = [m.weight for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")]
+    total = sum(w.numel() for w in lins)
+    big = max(lins, key=lambda w: w.numel()) if lins else None
+    t_q = 0.0
+    if big is not None:
+        import qcompile
+        start = time.perf_counter()
+        qcompile.fake_quantize(big.detach(), "nf4", axis=1)
+        t_q = (time.perf_counter() - start) * total / big.numel()
+    est = 0.0
+    if "ppl" in args.sections:
+        n_act = sum(1 for p in args.sweep.values() if p is not None and p.default.act is not None)
+        n_w = len(args.sweep) - 1 - n_act
+        est += len(windows) * t_win * (1 + 1.3 * n_w + 3 * n_act) + (n_w + n_act) * (t_q + 15)
+    if "weights" in args.sections:
+        est += len(args.formats) * 6
+    if "speed" in args.sections:
+        per_run = t_win * args.prefill / args.window + args.decode * 0.05
+        est += 6 * (args.repeats + 1) * per_run * 2 + 3 * (150 if args.speed_lowering ==
+                                                              "inductor" else 20)
+    return est
+
+
+def main(argv=None) -> Path:
+    ap = parser()
+    args = settle(ap.parse_args(argv), ap)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from .data import load_causal_lm, wiki_text
+
+    t0 = time.perf_counter()
+    started = dt.datetime.now().isoformat(timespec="seconds")
+    text = args.text.read_text(encoding="utf-8") if args.text else wiki_text()
+    model, tok = load_causal_lm(args.model)
+    model_name = str(args.model) if args.model else "SmolLM2-135M-Instruct (packaged GGUF, Q4_1)"
+    ids = tokens_of(tok, text, max(args.tokens, args.prefill))
+    try:
+        windows = perplexity.token_windows(ids, args.window, args.tokens)
+    except ValueError as e:
+        ap.error(str(e))
+    if ids.numel() < args.prefill:
+        ap.error(f"the text has {ids.numel()} tokens, fewer than --prefill {args.prefill}")
+    est = estimate(model, windows, args)
+    print(f"model {model_name}; {len(args.sweep)} perplexity policies on {len(windows)} windows "
+          f"of {args.window} tokens; sections {', '.join(args.sections)}; "
+          f"estimated run time {est / 60:.0f} min on this machine", flush=True)
+    results = {"started": started, "machine": machine(),
+               "settings": {"command": "python -m benchmarks run " + shlex.join(
+                   sys.argv[2:] if argv is None else argv), "model": model_name,
+                   "text": str(args.text) if args.text else
+                   "206 English Wikipedia pages from gensim's test data (CC BY-SA 3.0)",
+                   "window": args.window, "windows": len(windows), "lowering": args.lowering,
+                   "speed_lowering": args.speed_lowering, "prefill": args.prefill,
+                   "decode": args.decode, "repeats": args.repeats, "w8": args.w8, "w4": args.w4,
+                   "encoder": str(args.encoder) if args.encoder else None,
+                   "estimate_s": est}}
+    if "ppl" in args.sections:
+        results["perplexity"] = perplexity.sweep(model, windows, args.sweep, args.lowering)
+    if "weights" in args.sections:
+        results["embeddings"] = embeddings.fidelity(args.formats, text, args.sentences,
+                                                    args.encoder)
+    if "speed" in args.sections:
+        results["speed"] = speed.measure(model, ids[None, :args.prefill], args.decode,
+                                         args.repeats, args.w8, args.w4, args.speed_lowering)
+    results["total_s"] = time.perf_counter() - t0
+    path = report.write(results, args.out)
+    print(path.read_text())
+    print(f"written to {path} (estimated {est / 60:.0f} min, took "
+          f"{results['total_s'] / 60:.1f} min)")
+    return path

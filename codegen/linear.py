@@ -1,0 +1,394 @@
+"""Generated fused block-scaled linear kernels: y = fq(x) @ W^T (+ bias), W a packed QTensor.
+
+One generator, ``linear_source``, writes every kernel from the Format descriptions, reusing the
+decode lines of codegen/dequant.py (unpack, element, block multiplier) and the quantise lines of
+codegen/quant.py (block scale, element code). Three kinds of kernel come out of it:
+
+* weight-only: a [BLOCK_K, BLOCK_N] tile of W is decoded in registers (the same float32 value
+  the reference dequantise gives, rounded to the weight's dtype), float32 accumulation;
+* weight + activation, float: the activation tile is fake-quantised in the prologue, block by
+  block along K, bit for bit as ``qcompile.fake_quantize`` (formats codegen/quant.supported()
+  covers with int or minifloat elements and a block that is a power of two), then as above;
+* weight + activation, integer (int/mxint/bfp elements on both sides, the weight block a
+  multiple of the activation block): each K tile is one activation block, its integer dot
+  product is exact (an int8 dot into int32; for 16-element blocks a float16 dot, exact because
+  codes and every partial sum are integers below 2^24), then scaled by the pair of block
+  multipliers:
+  ``y = fl32(...fl32(fl32(D_0 s_0) + fl32(D_1 s_1))... + b)``, tiles in K order, where
+  ``D_t = sum q_x q_w`` over tile t and ``s_t = fl32(a_x a_w)``, ``a = multiplier * 2^-frac``.
+
+Each kind has a GEMV-shaped variant (M <= 16: one program per BLOCK_N outputs, products reduced
+with tl.sum, BLOCK_M = next power of two of M) and a tiled GEMM (tl.dot). On a GPU both are
+autotuned over a few configs; under TRITON_INTERPRET=1 one large-tile config is generated (the
+interpreter cannot autotune over two or more). Float dots use fp16/bf16 operands for fp16/bf16
+models (the operands are exactly representable there, so products are exact) and IEEE float32
+otherwise; the interpreter always dots in float32 (its bf16 tl.dot is broken).
+
+Layouts: a QTensor stores its codes with the quantised axis last, so an nn.Linear weight [N, K]
+(axis=1) and a GPT-2 Conv1D weight [K, N] (axis=0) both arrive as [N, packed K] rows: the same
+kernel serves both (the Conv1D result is x @ W = x @ (W^T)^T).
+
+Bound (derived in docs/architecture.md): with u = 2^-23 and S = |fq(x)| @ |W|^T + |b|, float
+kernels give |y - y_exact| <= gamma(K + 2 + c) S elementwise, gamma(n) = n u / (1 - n u), c the
+OPQ outliers in the weight row; against the reference F.linear (which has its own float32 error)
+twice that. The integer path is its formula above, bit for bit, and within gamma(n_t + 5) S
+(n_t = number of K tiles).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+
+from qcompile import formats as _formats
+from qcompile.elements import IntElement
+
+from . import quant as _quant
+from .dequant import (_SCALE_NAMES, _element_lines, _next_pow2, _scale_lines, _unpack_lines,
+                      int_code_lines, load_kernel, multiplier_lines, triton_cdiv)
+
+GEMV_MAX_M = 16  # M up to this runs the GEMV-shaped kernel
+MAX_ACT_BLOCK = 256  # larger activation blocks are fake-quantised outside the kernel
+UNIT = 2.0**-23  # the bound's unit roundoff: covers round-to-nearest and truncating adders
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_warned: set = set()
+
+
+def gamma(n) -> float:
+    """gamma(n) = n u / (1 - n u), u = 2^-23: the float32 summation error factor of the bound."""
+    return n * UNIT / (1 - n * UNIT)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ---- what runs where ------------------------------------------------------------------------
+
+def _pow2(n) -> bool:
+    return isinstance(n, int) and n > 0 and n & (n - 1) == 0
+
+
+def fusable_act(af) -> bool:
+    """Can the kernel prologue fake-quantise activations of format ``af``?"""
+    return (af.element.kind in ("int", "float", "log") and af.scale.kind in ("pow2", "absmax")
+            and af.opq is None and _quant.supported(af)
+            and _pow2(af.block_size) and af.block_size <= MAX_ACT_BLOCK)
+
+
+def int_path(wfmt, af, variant: str) -> bool:
+    """Integer block dot products: int elements on both sides, each activation block (one K
+    tile) inside one weight block, products summed exactly (|D| < 2^24 for the float32 cast)."""
+    if af is None or not fusable_act(af) or wfmt.opq is not None:
+        return False
+    we, ae = wfmt.element, af.element
+    if not (isinstance(we, IntElement) and isinstance(ae, IntElement)):
+        return False
+    if wfmt.scale.kind not in ("pow2", "absmax") or wfmt.block_size is None:
+        return False
+    if wfmt.block_size % af.block_size or (variant == "gemm" and af.block_size < 16):
+        return False
+    return af.block_size * we.qmax * ae.qmax < 2**24
+
+
+# ---- source -------------------------------------------------------------------------------
+
+def _round_lines(v: str, dtype: str) -> list[str]:
+    """Round float32 `v` (in place) to `dtype` and back, as torch's cast does (nearest, even)."""
+    if dtype == "float16":
+        return [f"{v} = {v}.to(tl.float16).to(tl.float32)  # round to float16"]
+    if dtype == "bfloat16":
+        return [f"# round to bfloat16 on the bit pattern (nearest, ties to even); NaN stays NaN",
+                f"{v}_b = {v}.to(tl.int32, bitcast=True)",
+                f"{v}_r = ({v}_b + 0x7FFF + (({v}_b >> 16) & 1)) & -65536",
+                f"{v} = tl.where({v} != {v}, {v}, {v}_r.to(tl.float32, bitcast=True))"]
+    return []
+
+
+def _configs(variant: str, fixed_k: int | None, k_multiple: int, interpret: bool) -> list[str]:
+    """triton.Config lines: one large tile under the interpreter, a small sweep on a GPU."""
+    def bk(k):
+        return fixed_k or max(k, k_multiple)
+    if variant == "gemv":
+        tiles = [(64, 64, 4, 1)] if interpret else [
+            (32, 128, 4, 3), (64, 64, 4, 3), (16, 256, 4, 3), (128, 32, 4, 3), (64, 128, 8, 3)]
+        return sorted({f'triton.Config({{"BLOCK_N": {n}, "BLOCK_K": {bk(k)}}}, num_warps={w}, '
+                       f'num_stages={s})' for n, k, w, s in tiles})
+    tiles = [(64, 64, 64, 4, 1)] if interpret else [
+        (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4),
+        (128, 256, 64, 8, 3), (64, 64, 128, 4, 3), (32, 64, 128, 4, 4)]
+    return sorted({f'triton.Config({{"BLOCK_M": {m}, "BLOCK_N": {n}, "BLOCK_K": {bk(k)}}}, '
+                   f'num_warps={w}, num_stages={s})' for m, n, k, w, s in tiles})
+
+
+def _act_lines(af, dtype: str, integer: bool) -> list[str]:
+    """Prologue: fake-quantise the activation tile `xt` [BLOCK_M, BLOCK_K] in blocks along K."""
+    ab = af.block_size
+    el = af.element
+    lines = [f"# fake-quantise the activation tile: {el.describe()}, {af.scale.describe()}, "
+             f"blocks of {ab} along K (as qcompile.fake_quantize)",
+             f"xb = tl.reshape(xt, (BLOCK_M * (BLOCK_K // {ab}), {ab}))  # one block per row",
+             "xbits = xb.to(tl.int32, bitcast=True)",
+             f"valid = tl.reshape(x_ok, (BLOCK_M * (BLOCK_K // {ab}), {ab}))",
+             "bad = tl.max(((xbits & 0x7F800000) == 0x7F800000).to(tl.int32), axis=1) > 0",
+             "amax = tl.max(xbits & 0x7FFFFFFF, axis=1).to(tl.float32, bitcast=True)",
+             *_quant._scale_lines(af),
+             "n = tl.where(bad[:, None], 0.0, xb * qmul[:, None])",
+             *_quant._ENCODERS[el.kind](el, "n", "code"),
+             "xsc = stored" if af.scale.kind == "absmax" else "xsc = stored.to(tl.int32)",
+             *multiplier_lines(af, "xsc", "xmult")]
+    if integer:  # BLOCK_K is the activation block: one multiplier per row of the tile
+        return lines + [*int_code_lines(el, "code", "xi"),
+                        "xi = tl.reshape(xi, (BLOCK_M, BLOCK_K))",
+                        f"ax = (xmult * {float(2.0 ** -el.frac_bits)!r})[:, None]  # exact"]
+    return lines + [*_element_lines(el, "code", "xv"),
+                    "xt = tl.reshape(xv * xmult[:, None], (BLOCK_M, BLOCK_K))",
+                    *_round_lines("xt", dtype),
+                    "xt = tl.where(x_ok, xt, 0.0)"]
+
+
+def linear_source(wfmt, act_fmt=None, *, variant: str = "gemm", dtype=torch.float32,
+                  out_float32: bool = False, interpret: bool | None = None) -> str:
+    """Readable Triton source of the fused linear kernel ``linear_kernel``.
+
+    wfmt: the weight Format; act_fmt: an activation Format fused in the prologue (None for
+    weight-only; must satisfy ``fusable_act``); variant: "gemm" or "gemv"; dtype: the model's
+    dtype (x, W and the output); out_float32: store the float32 accumulator instead."""
+    wfmt = _formats.get(wfmt)
+    af = _formats.get(act_fmt) if act_fmt else None
+    if af is not None and not fusable_act(af):
+        raise NotImplementedError(f"activation format {af.key} cannot be fused in the prologue")
+    if variant not in ("gemm", "gemv"):
+        raise ValueError(f"variant must be 'gemm' or 'gemv', got {variant!r}")
+    interpret = interpreting() if interpret is None else interpret
+    dname = _DTYPE_NAMES[dtype] if isinstance(dtype, torch.dtype) else dtype
+    out_name = "float32" if out_float32 else dname
+    integer = int_path(wfmt, af, variant)
+    el = wfmt.element
+    gemv = variant == "gemv"
+
+    args = ["x_ptr", "codes_ptr", "scales_ptr"]
+    if el.kind == "codebook":
+        args.append("table_ptr")
+    if wfmt.scale.kind == "nvfp4":
+        args.append("tensor_scale_ptr")
+    args += ["bias_ptr", "out_ptr", "M", "N", "K", "M_KEY", "stride_xm", "row_bytes", "n_blocks",
+             "block", "HAS_BIAS: tl.constexpr", "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr",
+             "BLOCK_K: tl.constexpr"]
+
+    body = ["pid_n = tl.program_id(0)" if gemv else "pid_m = tl.program_id(0)"]
+    body += [] if gemv else ["pid_n = tl.program_id(1)"]
+    body += [
+        "offs_m = " + ("tl.arange(0, BLOCK_M)" if gemv else "pid_m * BLOCK_M + tl.arange(0, BLOCK_M)"),
+        "offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)",
+        "m_ok = offs_m[:, None] < M",
+        "rows = offs_n[None, :]  # weight rows (output features) run along the tile's columns",
+        "n_ok = rows < N",
+        "row_codes = codes_ptr + rows.to(tl.int64) * row_bytes",
+        "x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm",
+        "acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)",
+        "for k0 in range(0, K, BLOCK_K):",
+    ]
+    loop = [
+        "ks = k0 + tl.arange(0, BLOCK_K)",
+        "x_ok = m_ok & (ks[None, :] < K)",
+        "xt = tl.load(x_rows + ks[None, :], mask=x_ok, other=0.0).to(tl.float32)",
+    ]
+    if af is not None:
+        loop += _act_lines(af, dname, integer)
+    loop += [
+        f"# weight tile [BLOCK_K, BLOCK_N]: {el.describe()}, element k of weight row n",
+        "cols = ks[:, None]",
+        "in_range = (cols < K) & n_ok",
+        *_unpack_lines(el.bits),
+    ]
+    if integer:
+        loop += [*int_code_lines(el, "code", "wi"),
+                 "wi = tl.where(in_range, wi, 0)",
+                 "# the tile lies inside one weight block: one multiplier per weight row",
+                 "sidx = rows.to(tl.int64) * n_blocks + k0 // block",
+                 *_scale_lines(wfmt, mask="n_ok"),
+                 f"aw = mult * {float(2.0 ** -el.frac_bits)!r}  # exact",
+                 "# exact integer block dot product, then one float32 scaling per block pair"]
+        if gemv:
+            loop.append("d = tl.sum(xi[:, :, None] * wi[None, :, :], axis=1)")
+        elif af.block_size >= 32:  # int8 tensor-core dots need K >= 32
+            loop.append("d = tl.dot(xi.to(tl.int8), wi.to(tl.int8), out_dtype=tl.int32)")
+        else:  # codes |q| <= 127 are exact in float16, every partial sum is an integer < 2^24
+            loop.append("d = tl.dot(xi.to(tl.float16), wi.to(tl.float16))  # exact")
+        loop.append("acc += d.to(tl.float32) * (ax * aw)")
+    else:
+        loop += [*_element_lines(el, "code", "value"),
+                 "sidx = rows.to(tl.int64) * n_blocks + cols // block",
+                 *_scale_lines(wfmt),
+                 "w = tl.where(in_range, value * mult, 0.0)  # the reference's float32 value",
+                 *_round_lines("w", dname)]
+        if gemv:
+            loop.append("acc += tl.sum(xt[:, :, None] * w[None, :, :], axis=1)")
+        elif dname == "float32" or interpret:
+            loop.append('acc += tl.dot(xt, w, input_precision="ieee")')
+        else:
+            t = {"float16": "tl.float16", "bfloat16": "tl.bfloat16"}[dname]
+            loop.append(f"acc += tl.dot(xt.to({t}), w.to({t}))  # exact: both hold {dname} values")
+    body += ["    " + line for line in loop]
+    body += [
+        "if HAS_BIAS:",
+        "    acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]",
+        "out_ok = m_ok & n_ok",
+        "out_at = out_ptr + offs_m[:, None].to(tl.int64) * N + rows",
+    ]
+    if out_name == "bfloat16":  # stored through an int16 view: exact rounding on the bits
+        body += [*_round_lines("acc", "bfloat16"),
+                 "acc_hi = tl.where(acc != acc, 0x7FC0, acc.to(tl.int32, bitcast=True) >> 16)",
+                 "tl.store(out_at, acc_hi.to(tl.int16), mask=out_ok)"]
+    elif out_name == "float16":
+        body.append("tl.store(out_at, acc.to(tl.float16), mask=out_ok)")
+    else:
+        body.append("tl.store(out_at, acc, mask=out_ok)")
+
+    kind = "integer block dots" if integer else "float32 accumulation"
+    act = f", activations {af.key} fused" if af is not None else ", weight-only"
+    configs = _configs(variant, af.block_size if integer else None,
+                       af.block_size if af is not None else 16, interpret)
+    head = [
+        f'"""Generated by qcompile.codegen: fused linear ({variant}) on {el.describe()} weights with '
+        f'{_SCALE_NAMES[wfmt.scale.kind]} block scales{act}; {kind}; {dname} model, '
+        f'{out_name} output."""',
+        "import triton",
+        "import triton.language as tl",
+        "",
+        "CONFIGS = [",
+        *[f"    {c}," for c in configs],
+        "]",
+        "",
+        "",
+        "# autotuned once per (next power of two of M, N, K): M_KEY is only the tuning key",
+        f'@triton.autotune(configs=CONFIGS, key=["M_KEY", "N", "K"])',
+        "@triton.jit",
+        "def linear_kernel(",
+        *[f"        {', '.join(args[i:i + 6])}," for i in range(0, len(args), 6)],
+        "):",
+    ]
+    return "\n".join(head + ["    " + line for line in body]) + "\n"
+
+
+# ---- launch ---------------------------------------------------------------------------------
+
+def warn_once(tag, message: str):
+    if tag not in _warned:
+        _warned.add(tag)
+        warnings.warn(message, stacklevel=3)
+
+
+def _codes_at(q, flat):
+    """Reference decode of the weight elements at flat positions of the padded [N, L] layout."""
+    el, bits = q.fmt.element, q.fmt.element.bits
+    row_len = q.scales.shape[-1] * q.block
+    r, c = flat // row_len, flat % row_len
+    codes = q.codes.reshape(q.scales.shape[0], -1).to(torch.int64)
+    bit = c * bits
+    hi = codes[r, bit // 8]
+    nxt = torch.clamp(bit // 8 + 1, max=codes.shape[1] - 1)
+    lo = torch.where((bit % 8) + bits > 8, codes[r, nxt], 0)
+    code = (((hi << 8) | lo) >> (16 - bits - bit % 8)) & (2**bits - 1)
+    if el.kind == "codebook" and el.data_dependent:
+        values = el.decode(code, q.side["codebook"])
+    else:
+        values = el.decode(code)
+    mult = q.fmt.scale.multiplier(q.scales.reshape(q.scales.shape[0], -1)[r, c // q.block],
+                                  el, q.side)
+    return r, c, values * mult
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(wfmt, af, variant, dtype, out_float32, interpret):
+    """The compiled kernel for one source (generated once per process; cached on disk by hash)."""
+    src = linear_source(wfmt, af, variant=variant, dtype=dtype, out_float32=out_float32,
+                        interpret=interpret)
+    return load_kernel(src, "linear_kernel")
+
+
+def linear(x: torch.Tensor, q, act_fmt=None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The fused linear on generated kernels: fake_quantize(x, act_fmt) @ W^T (+ bias) where
+    W = dequantize(q) is [N, K] (axis=1) or [K, N] (axis=0, GPT-2 Conv1D: x @ W). Raises
+    NotImplementedError where no kernel applies (the caller falls back to the reference)."""
+    if len(q.shape) != 2 or q.axis not in (0, 1):
+        raise NotImplementedError("fused linear needs a 2-d weight with blocks along K")
+    k_len, n_len = (q.shape[1], q.shape[0]) if q.axis == 1 else (q.shape[0], q.shape[1])
+    if x.shape[-1] != k_len:
+        raise NotImplementedError(f"x has {x.shape[-1]} features, the weight {k_len}")
+    if x.dtype != q.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise NotImplementedError("x, the weight and the bias must share one dtype")
+    if x.dtype not in _DTYPE_NAMES:
+        raise NotImplementedError(f"no fused linear for {x.dtype}")
+    if not (x.is_cuda or interpreting()):
+        raise NotImplementedError("Triton kernels need CUDA tensors (or TRITON_INTERPRET=1)")
+    af = _formats.get(act_fmt) if act_fmt else None
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k_len)
+    m_len = x2.shape[0]
+    if m_len == 0 or n_len == 0 or k_len == 0:
+        y = x2.new_zeros((m_len, n_len))
+        return (y + bias if bias is not None else y).reshape(*lead, n_len)
+    opq = "outlier_index" in q.side and q.side["outlier_index"].numel() > 0
+    if af is not None and (opq or not fusable_act(af)):
+        # OPQ's correction after the kernel needs the fake-quantised activations themselves
+        if not opq:
+            warn_once(("act", af.key), f"qcompile linear: activation format {af.key} is "
+                      "quantised outside the fused kernel (no prologue for it)")
+        from qcompile import api
+        impl = "triton" if _quant.supported(af) else "reference"
+        x2 = api.fake_quantize(x2, af, axis=-1, impl=impl)
+        af = None
+    variant = "gemv" if m_len <= GEMV_MAX_M else "gemm"
+    interp = interpreting()
+    kernel = _kernel(q.fmt, af, variant, x.dtype, opq, interp)
+
+    if interp and x2.dtype == torch.bfloat16:  # the interpreter's bf16 loads: widen in torch
+        x2 = x2.float()
+        bias = bias.float() if bias is not None else None
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    el = q.fmt.element
+    codes = q.codes.reshape(n_len, -1)
+    scales = q.scales.reshape(n_len, -1)
+    if not codes.is_contiguous():
+        codes = codes.contiguous()
+    if not scales.is_contiguous():
+        scales = scales.contiguous()
+    args = [x2, codes, scales]
+    if el.kind == "codebook":
+        table = q.side["codebook"] if el.data_dependent else el.table_tensor(codes.device)
+        args.append(table.to(device=codes.device, dtype=torch.float32).contiguous())
+    if q.fmt.scale.kind == "nvfp4":
+        args.append(q.side["tensor_scale"].to(torch.float32).contiguous())
+    out_dtype = torch.float32 if opq else x.dtype
+    out = torch.empty((m_len, n_len), dtype=out_dtype, device=x.device)
+    out_arg = out.view(torch.int16) if out_dtype == torch.bfloat16 else out
+    args += [bias if bias is not None else scales, out_arg, m_len, n_len, k_len,
+             _next_pow2(m_len), x2.stride(0),
+             codes.shape[-1], scales.shape[-1], q.block]
+    # no fused multiply-add contraction (acc + d * s): every float op rounds as written, so the
+    # integer path's result is the documented formula on a GPU too
+    meta = {"HAS_BIAS": bias is not None, "enable_fp_fusion": False}
+    if variant == "gemv":
+        meta["BLOCK_M"] = _next_pow2(m_len)
+        def grid(m):
+            return (triton_cdiv(n_len, m["BLOCK_N"]),)
+    else:
+        def grid(m):
+            return (triton_cdiv(m_len, m["BLOCK_M"]), triton_cdiv(n_len, m["BLOCK_N"]))
+    kernel[grid](*args, **meta)
+
+    if opq:  # outliers: add x[:, k] * (v - decoded) for each, then round to the model dtype
+        r, c, decoded = _codes_at(q, q.side["outlier_index"].long())
+        keep = c < k_len
+        r, c, decoded = r[keep], c[keep], decoded[keep]
+        v = q.side["outlier_value"][keep]
+        delta = v.to(x.dtype).to(torch.float32) - decoded.to(x.dtype).to(torch.float32)
+        corr = torch.zeros_like(out)
+        corr.index_add_(1, r, x2[:, c].to(torch.float32) * delta)
+        out = (out + corr).to(x.dtype)
+    return out.reshape(*lead, n_len)

@@ -1,0 +1,23 @@
+"""FX graph passes of the blockquant backend, each a function from graph module to graph module.
+
+1. ``find.find_quantisable``: mark linear / addmm (and, when a policy asks, matmul) nodes with
+   a ``Site`` in ``node.meta["qcompile_site"]``.
+2. ``plan.plan``: the LayerSpec per site from the Policy -> ``node.meta["qcompile_spec"]``.
+3. ``quantize_weights.quantize_weights``: quantise the real weights once (cached) ->
+   ``node.meta["qcompile_qtensor"]``.
+4. ``rewrite.rewrite``: the semantic form, explicit ``qcompile::dequantize`` /
+   ``qcompile::fake_quantize_act`` ops; packed tensors become extra graph inputs, listed in
+   ``gm.meta["qcompile_extra_inputs"]``.
+5. ``fuse.fuse``: dequantize(W) [+ fake_quantize_act(x)] + matmul -> ``qcompile::linear``.
+
+Set QCOMPILE_DEBUG=1 to print the graph after each pass.
+"""
+from .debug import debug_graph
+from .find import Site, find_quantisable
+from .fuse import fuse
+from .plan import plan
+from .quantize_weights import clear_cache, quantize_weights
+from .rewrite import rewrite
+
+__all__ = ["Site", "find_quantisable", "plan", "quantize_weights", "clear_cache", "rewrite",
+           "fuse", "debug_graph"]

@@ -1,0 +1,73 @@
+"""Pass 4: rewrite to the semantic form with explicit qcompile ops.
+
+For a site with a packed weight, the weight operand becomes
+``qcompile::dequantize(codes, scales, side, meta)`` whose tensors are new graph inputs (appended
+after the existing placeholders; their values are listed in ``gm.meta["qcompile_extra_inputs"]``
+for the caller to pass). For a site with an activation format, the activation operand becomes
+``qcompile::fake_quantize_act(x, fmt, -1)``. The result runs eagerly and equals the fake-quantised
+model.
+"""
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from qcompile import ops  # noqa: F401  (registers torch.ops.qcompile.*)
+from qcompile.ops import qtensor_meta
+
+from .plan import planned
+
+DEQUANT = torch.ops.qcompile.dequantize.default
+FQ_ACT = torch.ops.qcompile.fake_quantize_act.default
+
+
+def _placeholders(gm: fx.GraphModule):
+    return [n for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def rewrite(gm: fx.GraphModule, impl: str = "reference") -> fx.GraphModule:
+    g = gm.graph
+    extra = list(gm.meta.get("qcompile_extra_inputs", []))
+    packed_nodes = {}  # id(QTensor) -> (codes, scales, [side]) placeholder nodes
+    last = _placeholders(gm)[-1] if _placeholders(gm) else None
+
+    def add_input(name, tensor):
+        nonlocal last
+        if last is None:
+            with g.inserting_before(next(iter(g.nodes))):
+                ph = g.placeholder(name)
+        else:
+            with g.inserting_after(last):
+                ph = g.placeholder(name)
+        ph.meta["qcompile_extra"] = True
+        last = ph
+        extra.append(tensor)
+        return ph
+
+    for node, site, spec in planned(gm):
+        q = node.meta.get("qcompile_qtensor")
+        if site.kind == "linear" and q is not None:
+            if id(q) not in packed_nodes:
+                stem = f"qc_w{len(packed_nodes)}"
+                packed_nodes[id(q)] = (add_input(f"{stem}_codes", q.codes),
+                                       add_input(f"{stem}_scales", q.scales),
+                                       [add_input(f"{stem}_{k}", t) for k, t in q.side.items()])
+            codes, scales, side = packed_nodes[id(q)]
+            with g.inserting_before(node):
+                deq = g.call_function(DEQUANT, (codes, scales, side, qtensor_meta(q), impl))
+            node.replace_input_with(site.weight, deq)
+            site.weight = deq
+        if site.kind == "matmul" and spec.weight is not None:
+            with g.inserting_before(node):
+                wq = g.call_function(FQ_ACT, (site.weight, spec.weight.key, -2, impl))
+            node.replace_input_with(site.weight, wq)
+            site.weight = wq
+        if spec.act is not None:
+            with g.inserting_before(node):
+                xq = g.call_function(FQ_ACT, (site.x, spec.act.key, -1, impl))
+            node.replace_input_with(site.x, xq)
+            site.x = xq
+    g.lint()
+    gm.recompile()
+    gm.meta["qcompile_extra_inputs"] = extra
+    return gm

@@ -1,0 +1,14 @@
+"""blockquant: block-quantised number formats and a torch.compile backend."""
+from . import formats
+from .api import dequantize, fake_quantize, quantize
+from .formats import Format
+from .qtensor import QTensor
+from .policy import LayerSpec, Policy
+from .explain import explain
+from .backend import quantize_model_, resident_weight_bytes
+from .eager import fake_quantize_model_
+
+__all__ = ["formats", "Format", "QTensor", "quantize", "dequantize", "fake_quantize", "Policy",
+           "LayerSpec", "explain", "quantize_model_", "resident_weight_bytes",
+           "fake_quantize_model_"]
+__version__ = "0.1.0"

@@ -1,0 +1,73 @@
+"""Public quantise / dequantise entry points: validate first, then dispatch on ``impl``."""
+from __future__ import annotations
+
+import torch
+
+from . import formats, reference
+from .formats import Format
+from .qtensor import QTensor
+
+IMPLS = ("reference", "triton")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_impl(impl):
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; choose one of {', '.join(IMPLS)}")
+
+
+def _check_input(x, fmt, axis) -> tuple[Format, int]:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in DTYPES:
+        raise TypeError(f"cannot quantise a {x.dtype} tensor; supported dtypes: float32, "
+                        "float16, bfloat16")
+    fmt = formats.get(fmt)
+    if isinstance(axis, bool) or not isinstance(axis, int):
+        raise TypeError(f"axis must be an int, got {type(axis).__name__}")
+    ndim = max(x.dim(), 1)
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis {axis} is out of range for a {x.dim()}-d tensor "
+                         f"(valid: {-ndim}..{ndim - 1})")
+    return fmt, axis % ndim
+
+
+def quantize(x: torch.Tensor, fmt, *, axis: int = -1, impl: str = "reference") -> QTensor:
+    """Quantise ``x`` in blocks along ``axis`` to ``fmt`` (a preset name, key or Format)."""
+    fmt, axis = _check_input(x, fmt, axis)
+    _check_impl(impl)
+    if impl == "triton":
+        from . import codegen
+        if not codegen.supported(fmt):
+            raise NotImplementedError(
+                f"quantize(impl='triton') has no generated kernel for {fmt.key} (every preset "
+                "has one; a signed absmax scale on a non-codebook element does not); "
+                "use impl='reference'")
+        run = codegen.quantize
+    else:
+        run = reference.quantize
+    if x.dim() == 0:
+        q = run(x.reshape(1), fmt, 0)
+        q.shape = x.shape
+        return q
+    return run(x, fmt, axis)
+
+
+def dequantize(q: QTensor, *, impl: str = "reference") -> torch.Tensor:
+    """The values a QTensor stands for, in its original shape and dtype."""
+    if not isinstance(q, QTensor):
+        raise TypeError(f"dequantize expects a QTensor, got {type(q).__name__}")
+    _check_impl(impl)
+    if impl == "triton":
+        from .codegen import dequantize as run
+    else:
+        run = reference.dequantize
+    if len(q.shape) == 0:
+        flat = QTensor(q.fmt, q.codes, q.scales, torch.Size([1]), q.dtype, 0, q.block, q.side)
+        return run(flat).reshape(())
+    return run(q)
+
+
+def fake_quantize(x: torch.Tensor, fmt, *, axis: int = -1, impl: str = "reference") -> torch.Tensor:
+    """dequantize(quantize(x)): x rounded to the format, in x's dtype."""
+    return dequantize(quantize(x, fmt, axis=axis, impl=impl), impl=impl)

@@ -1,0 +1,93 @@
+"""Codebook tables: shipped data (published and optimiser-made), dynamic-exponent maps, and the
+data-dependent quantile codebook."""
+from __future__ import annotations
+
+import json
+from fractions import Fraction
+from functools import lru_cache
+from importlib import resources
+
+import torch
+
+
+@lru_cache(maxsize=None)
+def shipped() -> dict:
+    """qcompile/data/codebooks.json: name -> {values, block_size, scale, source, provenance}."""
+    text = resources.files("qcompile").joinpath("data/codebooks.json").read_text()
+    return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
+
+
+def table(name: str) -> tuple[float, ...]:
+    data = shipped()
+    if name not in data:
+        raise ValueError(f"no shipped codebook {name!r}; available: {', '.join(sorted(data))}")
+    return tuple(float(torch.tensor(v, dtype=torch.float32)) for v in data[name]["values"])
+
+
+def block_table(stem: str, block_size: int | None) -> str:
+    """Name of the shipped table for a codebook family optimised for this block size.
+
+    BOF4 tables depend on the block size they were optimised for; when none was made for the
+    asked size the 64-element table is used and the caller is warned.
+    """
+    name = f"{stem}_b{block_size}"
+    if name in shipped():
+        return name
+    import warnings
+    sizes = sorted(int(k.rsplit("_b", 1)[1]) for k in shipped() if k.startswith(stem + "_b"))
+    warnings.warn(f"no {stem} codebook optimised for block size {block_size} (have {sizes}); "
+                  f"using the block-64 table. Make one with python -m qcompile.codebook_optimizer",
+                  stacklevel=3)
+    return f"{stem}_b64"
+
+
+def dynamic_exponent_map(bits: int, exponent_bits: int) -> tuple[float, ...]:
+    """Signed dynamic-exponent data type (Dettmers 2016; bitsandbytes create_dynamic_map).
+
+    For exponent level i = 0..E-1 the fraction interval [0.1, 1] is cut into 2**i equal parts
+    whose midpoints are scaled by 10**(i - E + 1), giving +-values; 0 and 1 complete the table.
+    Computed in exact rationals, rounded once to float32.
+    """
+    if exponent_bits != bits - 1:
+        raise ValueError("dynamic exponent maps here use bits - 1 exponent levels")
+    values = [Fraction(0), Fraction(1)]
+    for i in range(exponent_bits):
+        parts = 2**i
+        for j in range(parts):
+            mid = Fraction(1, 10) + Fraction(9, 10) * Fraction(2 * j + 1, 2 * parts)
+            v = mid * Fraction(10) ** (i - exponent_bits + 1)
+            values += [v, -v]
+    return tuple(sorted(float(torch.tensor(float(v), dtype=torch.float32)) for v in values))
+
+
+def _round_f32(r: Fraction) -> float:
+    """The float32 nearest to the rational r, ties to even (one rounding: float(r) is the nearest
+    float64, whose cast to float32 may round a second time, so the neighbours are compared)."""
+    g = torch.tensor(float(r), dtype=torch.float32)
+    cands = [torch.nextafter(g, torch.tensor(d, dtype=torch.float32)) for d in (-1e38, 1e38)]
+    best = min([g] + cands, key=lambda c: (abs(Fraction(c.item()) - r),
+                                          int(c.view(torch.int32)) & 1))
+    return best.item()
+
+
+def quantile_codebook(normalised: torch.Tensor, bits: int) -> torch.Tensor:
+    """2**bits levels at the tensor's own quantiles (the quantile type of Dettmers & Zettlemoyer):
+    level i = Q(i / (2**bits - 1)) for i = 0..2**bits - 1, Q the linearly interpolated empirical
+    quantile of the block-normalised values (so the extremes, where every block maximum lands,
+    are levels), then divided by the largest |level| so the table spans [-1, 1]. The levels are
+    computed exactly (rationals) and rounded once to float32 (ascending)."""
+    v = normalised.flatten().to(torch.float64).sort().values
+    n = 2**bits
+    if v.numel() == 0:
+        return torch.linspace(-1, 1, n, dtype=torch.float32)
+    last = v.numel() - 1
+    levels = []
+    for i in range(n):  # position i * last / (n - 1) = lo + rem / (n - 1), exactly
+        lo, rem = divmod(i * last, n - 1)
+        a, b = (Fraction(t) for t in v[[lo, min(lo + 1, last)]].tolist())
+        levels.append(a + Fraction(rem, n - 1) * (b - a))
+    peak = max(abs(t) for t in levels)
+    if peak > 0:
+        levels = [t / peak for t in levels]
+    return torch.tensor(sorted(_round_f32(t) for t in levels), dtype=torch.float32,
+                        device=normalised.device)

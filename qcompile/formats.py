@@ -1,0 +1,250 @@
+"""Every number format, described once: element type + block scale + block size (+ options).
+
+``names()`` lists the presets, ``get(name, **overrides)`` returns a ``Format``. Besides the
+presets, families take their parameters in the name: ``int5``, ``fp5_e2m2``, ``bfp7``, ``bl6``,
+``dynexp6``. A format's ``key`` (e.g. ``"mxfp4[block_size=16,scale_rule=ceil]"``) round-trips
+through ``get``. The same description drives the reference, packing, docs and codegen.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+
+from . import codebooks
+from .elements import CodebookElement, Element, FloatElement, IntElement, LogElement
+from .scales import POW2_RULES, AbsmaxScale, NVFP4Scale, Pow2Scale, Scale
+
+OPQ_DEFAULT_Q = 0.95
+OVERRIDES = ("block_size", "scale_rule", "opq")
+
+MX = "OCP Microscaling Formats (MX) v1.0"
+ZHANG = "Zhang et al., EMNLP 2023 (arXiv:2310.05079)"
+DETTMERS = "Dettmers & Zettlemoyer, ICML 2023 (arXiv:2212.09720)"
+BOF4 = "BOF4 paper (arXiv:2505.06653)"
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    element: Element
+    scale: Scale
+    block_size: int | None  # None: one block per whole row of the quantised axis
+    source: str
+    opq: float | None = None  # outlier-preserving quantisation quantile q (BOF4 paper), or None
+    preset: str = ""  # the preset this came from, for the key
+
+    def __post_init__(self):
+        bs = self.block_size
+        if bs is not None and (not isinstance(bs, int) or isinstance(bs, bool) or bs < 1):
+            raise ValueError(f"block_size must be a positive integer (or None for whole rows), "
+                             f"got {bs!r}")
+        if self.opq is not None:
+            if self.scale.kind != "absmax":
+                raise ValueError(f"OPQ needs an absmax-scaled format; {self.name} uses "
+                                 f"{self.scale.describe()}")
+            if not 0.0 < float(self.opq) < 1.0:
+                raise ValueError(f"opq quantile must lie in (0, 1), got {self.opq!r}")
+        if self.scale.kind == "pow2" and self.element.kind == "codebook":
+            raise ValueError("codebook elements need an absmax scale, not a power-of-two one")
+
+    @property
+    def bits(self) -> int:
+        return self.element.bits
+
+    def effective_bits(self, row_length: int | None = None) -> float:
+        """Bits per element counting the block scale (and for a whole-row block, row_length).
+
+        Data-dependent side data (OPQ outliers, a quantile table, NVFP4's tensor scale) is not in
+        this nominal figure; QTensor.bits_per_element counts everything actually stored."""
+        block = self.block_size or row_length
+        return self.element.bits + (self.scale.bits / block if block else 0.0)
+
+    @property
+    def key(self) -> str:
+        base = get(self.preset) if self.preset else None
+        diffs = []
+        if base is None or base.block_size != self.block_size:
+            diffs.append(f"block_size={self.block_size}")
+        if self.scale.kind == "pow2" and (base is None or base.scale != self.scale):
+            diffs.append(f"scale_rule={self.scale.rule}")
+        if base is None or base.opq != self.opq:
+            diffs.append(f"opq={self.opq}")
+        return self.preset + (f"[{','.join(diffs)}]" if diffs else "")
+
+    def __str__(self) -> str:
+        return self.key
+
+
+def _mx(element):
+    return dict(element=element, scale=Pow2Scale("floor"), block_size=32, source=MX)
+
+
+def _bfp(width):
+    return dict(element=IntElement(width, frac_bits=width - 1), scale=Pow2Scale("ceil"),
+                block_size=16, source=ZHANG)
+
+
+def _block_log(width):
+    return dict(element=LogElement(width), scale=Pow2Scale("even"), block_size=16, source=ZHANG)
+
+
+def _absmax_int(bits):
+    return dict(element=IntElement(bits), scale=AbsmaxScale(), block_size=64, source=DETTMERS)
+
+
+def _absmax_float(exp_bits, man_bits):
+    return dict(element=FloatElement(exp_bits, man_bits), scale=AbsmaxScale(), block_size=64,
+                source=DETTMERS)
+
+
+def _dynexp(bits):
+    return dict(element=CodebookElement(bits, f"dynexp{bits}",
+                                        codebooks.dynamic_exponent_map(bits, bits - 1)),
+                scale=AbsmaxScale(), block_size=64, source=DETTMERS)
+
+
+def _shipped(table, signed=False, source=BOF4):
+    return dict(element=CodebookElement(4, table, codebooks.table(table)),
+                scale=AbsmaxScale(signed=signed), block_size=64, source=source)
+
+
+# name -> zero-argument builder of the Format fields (built lazily: codebooks load on demand)
+_PRESETS = {
+    "mxfp8_e4m3": lambda: _mx(FloatElement(4, 3, specials="fn")),
+    "mxfp8_e5m2": lambda: _mx(FloatElement(5, 2, specials="ieee")),
+    "mxfp6_e3m2": lambda: _mx(FloatElement(3, 2)),
+    "mxfp6_e2m3": lambda: _mx(FloatElement(2, 3)),
+    "mxfp4": lambda: _mx(FloatElement(2, 1)),
+    "mxint8": lambda: _mx(IntElement(8, frac_bits=6)),
+    "nvfp4": lambda: dict(element=FloatElement(2, 1), scale=NVFP4Scale(), block_size=16,
+                          source="NVIDIA NVFP4 (Blackwell); E2M1 elements per OCP MX"),
+    "bfp8": lambda: _bfp(8),
+    "bfp6": lambda: _bfp(6),
+    "bfp4": lambda: _bfp(4),
+    "bm8": lambda: dict(element=FloatElement(4, 3), scale=Pow2Scale("floor"), block_size=16,
+                        source=ZHANG),
+    "bl8": lambda: _block_log(8),
+    "int8": lambda: _absmax_int(8),
+    "int4": lambda: _absmax_int(4),
+    "int3": lambda: _absmax_int(3),
+    "fp4_e2m1": lambda: _absmax_float(2, 1),
+    "fp4_e3m0": lambda: _absmax_float(3, 0),
+    "fp3_e2m0": lambda: _absmax_float(2, 0),
+    "dynexp4": lambda: _dynexp(4),
+    "dynexp8": lambda: _dynexp(8),
+    "quantile4": lambda: dict(element=CodebookElement(4, "quantile (per tensor)"),
+                              scale=AbsmaxScale(), block_size=64, source=DETTMERS),
+    "nf4": lambda: _shipped("nf4", source="Dettmers et al., QLoRA 2023; bitsandbytes"),
+    "af4": lambda: _shipped("af4", source="Yoshida, arXiv:2306.06965"),
+    "bof4": lambda: _shipped("bof4_mse_b64"),
+    "bof4s": lambda: _shipped("bof4s_mse_b64", signed=True),
+    "bof4_mae": lambda: _shipped("bof4_mae_b64"),
+    "bof4s_mae": lambda: _shipped("bof4s_mae_b64", signed=True),
+    "bof4s_opq": lambda: dict(_shipped("bof4s_mse_b64", signed=True), opq=OPQ_DEFAULT_Q),
+}
+
+# Families whose parameters are part of the name.
+_PATTERNS = [
+    (re.compile(r"int([2-8])"), lambda m: _absmax_int(int(m[1]))),
+    (re.compile(r"fp([2-8])_e(\d)m(\d)"), lambda m: _float_pattern(*map(int, m.groups()))),
+    (re.compile(r"bfp([3-8])"), lambda m: _bfp(int(m[1]))),
+    (re.compile(r"bl([3-8])"), lambda m: _block_log(int(m[1]))),
+    (re.compile(r"dynexp([3-8])"), lambda m: _dynexp(int(m[1]))),
+]
+
+
+def _float_pattern(width, exp_bits, man_bits):
+    name = f"fp{width}_e{exp_bits}m{man_bits}"
+    valid = ", ".join(f"fp{width}_e{e}m{width - 1 - e}" for e in range(1, min(5, width - 1) + 1))
+    if 1 + exp_bits + man_bits != width:
+        raise ValueError(f"{name}: 1 sign + {exp_bits} exponent + {man_bits} mantissa bits = "
+                         f"{1 + exp_bits + man_bits}, not {width}; valid: {valid}")
+    if not 1 <= exp_bits <= 5:
+        raise ValueError(f"{name}: exponent bits must be 1..5, got {exp_bits}; valid: {valid}")
+    return _absmax_float(exp_bits, man_bits)
+
+
+def names() -> list[str]:
+    """The preset names (families such as int5 or fp5_e3m1 are accepted by get() as well)."""
+    return list(_PRESETS)
+
+
+_KEY = re.compile(r"([a-z0-9_]+)(?:\[(.*)\])?")
+
+
+def _parse_value(text: str):
+    if text.lower() == "none":  # keys are lower-cased before parsing
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def get(name, **overrides) -> Format:
+    """A Format by preset name, family name or key, with optional overrides
+    (block_size=int|None, scale_rule='floor'|'ceil'|'rceil'|'even', opq=float|None)."""
+    if isinstance(name, Format):
+        return _override(name, overrides) if overrides else name
+    if not isinstance(name, str):
+        raise TypeError(f"a format is a name or a Format, got {type(name).__name__}")
+    m = _KEY.fullmatch(name.strip().lower())
+    if not m:
+        raise ValueError(f"malformed format {name!r}; expected e.g. 'mxfp4' or 'int4[block_size=128]'")
+    base, args = m[1], m[2]
+    if args:
+        for item in args.split(","):
+            k, sep, v = item.partition("=")
+            if not sep:
+                raise ValueError(f"malformed override {item!r} in {name!r}; expected key=value")
+            overrides.setdefault(k.strip(), _parse_value(v.strip()))
+    if base in _PRESETS:
+        fields = _PRESETS[base]()
+    else:
+        for pattern, build in _PATTERNS:
+            pm = pattern.fullmatch(base)
+            if pm:
+                fields = build(pm)
+                break
+        else:
+            raise ValueError(f"unknown format {name!r}; presets: {', '.join(names())}; "
+                             "families: int<2-8>, fp<w>_e<E>m<M>, bfp<3-8>, bl<3-8>, dynexp<3-8>")
+    fmt = Format(name=base, preset=base, **fields)
+    return _override(fmt, overrides) if overrides else fmt
+
+
+def _override(fmt: Format, overrides: dict) -> Format:
+    unknown = set(overrides) - set(OVERRIDES)
+    if unknown:
+        raise ValueError(f"unknown format option(s) {sorted(unknown)}; valid: {', '.join(OVERRIDES)}")
+    if "scale_rule" in overrides:
+        if fmt.scale.kind != "pow2":
+            raise ValueError(f"{fmt.name} has a {fmt.scale.describe()} scale; scale_rule applies "
+                             f"only to power-of-two (E8M0) scales: {', '.join(POW2_RULES)}")
+        fmt = replace(fmt, scale=Pow2Scale(overrides["scale_rule"]))
+    if "block_size" in overrides:
+        fmt = replace(fmt, block_size=overrides["block_size"])
+        el = fmt.element
+        if el.kind == "codebook" and el.table.startswith("bof4"):
+            stem = el.table.rsplit("_b", 1)[0]
+            table = codebooks.block_table(stem, fmt.block_size)
+            fmt = replace(fmt, element=CodebookElement(4, table, codebooks.table(table)))
+    if "opq" in overrides:
+        q = overrides["opq"]
+        fmt = replace(fmt, opq=OPQ_DEFAULT_Q if q is True else (None if q is False else q))
+    return fmt
+
+
+def markdown_table() -> str:
+    """The formats table of docs/formats.md, generated from the descriptions."""
+    rows = ["| format | element | block | scale | bits / element | source |",
+            "|---|---|---|---|---|---|"]
+    for n in names():
+        f = get(n)
+        opq = " + OPQ outliers (bf16)" if f.opq else ""
+        rows.append(f"| `{n}` | {f.element.describe()} | {f.block_size} | "
+                    f"{f.scale.describe()}{opq} | {f.effective_bits():.3f} | {f.source} |")
+    return "\n".join(rows)
+

@@ -1,0 +1,178 @@
+"""Policies: which layer gets which number formats.
+
+A ``Policy`` is an ordered list of (pattern, spec) rules plus a default. Rules are tried in order
+and the first match wins. A plain pattern is an ``fnmatch`` glob on the module's fully-qualified
+name (``"transformer.h.0.mlp.c_fc"``); a pattern starting with ``re:`` is a regular expression
+that must match the whole name. ``None`` as a spec keeps the layer in full precision.
+
+Rules and the default apply to linear ops (nn.Linear, GPT-2's Conv1D). Other matmuls (attention
+scores, ...) are quantised only by a rule whose spec names them: ``LayerSpec(..., op="matmul")``.
+Everything is validated when the policy is built, before any compile work.
+"""
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+
+from . import formats
+from .formats import Format
+
+OP_KINDS = ("linear", "matmul")
+
+
+class PolicyError(ValueError):
+    """A policy that cannot be applied (unknown format, bad pattern, bad spec)."""
+
+
+def _format(value, what: str) -> Format | None:
+    if value is None:
+        return None
+    try:
+        return formats.get(value)
+    except (ValueError, TypeError) as e:
+        raise PolicyError(f"{what}: {e}") from None
+
+
+class LayerSpec:
+    """Formats for one op: ``weight`` (the static operand, quantised ahead of time in blocks
+    along K) and ``act`` (the activation operand, quantised dynamically per token in blocks
+    along K). Either may be None (kept in full precision), not both. ``op`` restricts the spec
+    to an op kind: None or "linear" for linear layers, "matmul" for other matmuls (whose second
+    operand then gets the ``weight`` format, dynamically)."""
+
+    __slots__ = ("weight", "act", "op")
+
+    def __init__(self, weight=None, act=None, op: str | None = None):
+        if op is not None and op not in OP_KINDS:
+            raise PolicyError(f"LayerSpec op must be None or one of {OP_KINDS}, got {op!r}")
+        self.weight = _format(weight, "LayerSpec weight format")
+        self.act = _format(act, "LayerSpec act format")
+        self.op = op
+        if self.weight is None and self.act is None:
+            raise PolicyError("LayerSpec with neither weight nor act format quantises nothing; "
+                              "use None as the rule's spec to keep a layer in full precision")
+
+    def applies_to(self, op_kind: str) -> bool:
+        if op_kind == "matmul":
+            return self.op == "matmul"
+        return self.op in (None, "linear")
+
+    def _key(self):
+        return (self.weight.key if self.weight else None, self.act.key if self.act else None,
+                self.op)
+
+    def __eq__(self, other):
+        return isinstance(other, LayerSpec) and self._key() == other._key()
+
+    def __hash__(self):
+        return hash(self._key())
+
+    def __repr__(self):
+        parts = []
+        if self.weight:
+            parts.append(f"weight={self.weight.key!r}")
+        if self.act:
+            parts.append(f"act={self.act.key!r}")
+        if self.op:
+            parts.append(f"op={self.op!r}")
+        return f"LayerSpec({', '.join(parts)})"
+
+
+@dataclass(frozen=True)
+class Rule:
+    index: int
+    pattern: str
+    spec: LayerSpec | None
+    regex: re.Pattern = field(repr=False, compare=False)
+
+    def matches(self, fqn: str, op_kind: str) -> bool:
+        if self.spec is not None and not self.spec.applies_to(op_kind):
+            return False
+        return self.regex.fullmatch(fqn) is not None
+
+    def describe(self) -> str:
+        return f"#{self.index} {self.pattern!r}"
+
+
+def _compile_pattern(pattern) -> re.Pattern:
+    if not isinstance(pattern, str) or not pattern:
+        raise PolicyError(f"a rule pattern must be a non-empty string, got {pattern!r}")
+    if pattern.startswith("re:"):
+        try:
+            return re.compile(pattern[3:])
+        except re.error as e:
+            raise PolicyError(f"malformed regular expression in rule {pattern!r}: {e}") from None
+    return re.compile(fnmatch.translate(pattern))
+
+
+class Policy:
+    """Ordered rules (a dict, or a list of (pattern, spec) pairs) and a default spec for linear
+    layers that no rule matches (None: full precision)."""
+
+    def __init__(self, rules=(), default: LayerSpec | None = None):
+        if isinstance(rules, dict):
+            pairs = list(rules.items())
+        else:
+            try:
+                pairs = [tuple(p) for p in rules]
+            except TypeError:
+                raise PolicyError("rules must be a dict or a list of (pattern, spec) pairs, got "
+                                  f"{type(rules).__name__}") from None
+        self.rules: list[Rule] = []
+        for i, pair in enumerate(pairs):
+            if len(pair) != 2:
+                raise PolicyError(f"rule {i} must be a (pattern, spec) pair, got {pair!r}")
+            pattern, spec = pair
+            if spec is not None and not isinstance(spec, LayerSpec):
+                raise PolicyError(f"rule {pattern!r}: the spec must be a qcompile.LayerSpec or "
+                                  f"None, got {type(spec).__name__} {spec!r}")
+            self.rules.append(Rule(i, pattern, spec, _compile_pattern(pattern)))
+        if default is not None and not isinstance(default, LayerSpec):
+            raise PolicyError(f"default must be a qcompile.LayerSpec or None, got "
+                              f"{type(default).__name__} {default!r}")
+        if default is not None and default.op == "matmul":
+            raise PolicyError("the default applies to linear layers; name matmuls in a rule "
+                              "with LayerSpec(..., op='matmul')")
+        self.default = default
+        self._warned_unmatched: set[int] = set()
+
+    def match(self, fqn: str, op_kind: str = "linear") -> tuple[Rule | None, LayerSpec | None]:
+        """The first rule that matches (None when the default applied) and the resulting spec."""
+        if op_kind not in OP_KINDS:
+            raise PolicyError(f"unknown op kind {op_kind!r}; known: {OP_KINDS}")
+        for rule in self.rules:
+            if rule.matches(fqn, op_kind):
+                return rule, rule.spec
+        return None, (self.default if op_kind == "linear" else None)
+
+    def wants(self, op_kind: str) -> bool:
+        """Whether any rule could quantise ops of this kind (matmuls are found only if so)."""
+        if op_kind == "linear":
+            return True
+        return any(r.spec is not None and r.spec.applies_to(op_kind) for r in self.rules)
+
+    def formats(self) -> list[Format]:
+        specs = [r.spec for r in self.rules] + [self.default]
+        return [f for s in specs if s is not None for f in (s.weight, s.act) if f is not None]
+
+    def __eq__(self, other):
+        return (isinstance(other, Policy) and self.default == other.default
+                and [(r.pattern, r.spec) for r in self.rules]
+                == [(r.pattern, r.spec) for r in other.rules])
+
+    def __hash__(self):
+        return hash((self.default, tuple((r.pattern, r.spec) for r in self.rules)))
+
+    def __repr__(self):
+        rules = ", ".join(f"{r.pattern!r}: {r.spec!r}" for r in self.rules)
+        return f"Policy({{{rules}}}, default={self.default!r})"
+
+
+#: What the backend applies when no policy is given: weight-only NF4 (blocks of 64 along K,
+#: absmax scale) on every linear layer, activations in full precision.
+DEFAULT_POLICY_DOC = "weight-only nf4 on every linear layer"
+
+
+def default_policy() -> Policy:
+    return Policy({}, default=LayerSpec(weight="nf4"))

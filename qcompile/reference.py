@@ -1,0 +1,88 @@
+"""The reference implementation: the definition of every format, in plain torch ops.
+
+quantize: move the axis last, pad the row with zeros to whole blocks, (OPQ: take outliers out),
+compute block scales, map each block onto the element grid, encode, pack.
+dequantize: unpack, decode, multiply by the block multiplier, (OPQ: put outliers back), crop the
+padding, move the axis back, cast to the original dtype (round half to even).
+"""
+from __future__ import annotations
+
+from statistics import NormalDist
+
+import torch
+
+from .codebooks import quantile_codebook
+from .formats import Format
+from .packing import pack, unpack
+from .qtensor import QTensor
+
+
+def quantize(x: torch.Tensor, fmt: Format, axis: int) -> QTensor:
+    xm = x.movedim(axis, -1).to(torch.float32)
+    lead, k = xm.shape[:-1], xm.shape[-1]
+    block = fmt.block_size or max(k, 1)
+    n_blocks = -(-k // block)
+    blocks = torch.nn.functional.pad(xm, (0, n_blocks * block - k)).reshape(*lead, n_blocks, block)
+    valid = (torch.arange(n_blocks * block, device=x.device) < k).reshape(n_blocks, block)
+    bad = ~torch.isfinite(blocks).all(-1)  # a NaN/Inf anywhere makes the whole block NaN
+    side = {}
+    if fmt.opq is not None:
+        blocks, side = _take_outliers(blocks, valid, bad, fmt.opq)
+    scales, qmul, scale_side = fmt.scale.compute(blocks, fmt.element, bad)
+    side.update(scale_side)
+    n = torch.where(bad[..., None], 0.0, blocks * qmul[..., None])
+    if fmt.element.kind == "log":
+        # x * 2^-e can underflow float32 to zero, but only an exact zero encodes to zero: keep
+        # such n nonzero (any |n| below 2^-126 clamps to the smallest magnitude anyway)
+        lost = (n == 0) & (blocks != 0) & ~bad[..., None]
+        n = torch.where(lost, torch.where(blocks < 0, -2.0**-149, 2.0**-149), n)
+    if fmt.element.kind == "codebook" and fmt.element.data_dependent:
+        table = quantile_codebook(n[valid.expand_as(n) & ~bad[..., None]], fmt.element.bits)
+        side["codebook"] = table
+        codes = fmt.element.encode(n, table)
+    else:
+        codes = fmt.element.encode(n)
+    packed = pack(codes.reshape(*lead, n_blocks * block), fmt.element.bits)
+    return QTensor(fmt, packed, scales, x.shape, x.dtype, axis, block, side)
+
+
+def dequantize(q: QTensor) -> torch.Tensor:
+    moved = torch.empty(q.shape, device="meta").movedim(q.axis, -1).shape
+    lead, k = moved[:-1], moved[-1]
+    n_blocks = q.scales.shape[-1]
+    codes = unpack(q.codes, q.fmt.element.bits, n_blocks * q.block).reshape(*lead, n_blocks, q.block)
+    if q.fmt.element.kind == "codebook" and q.fmt.element.data_dependent:
+        values = q.fmt.element.decode(codes, q.side["codebook"])
+    else:
+        values = q.fmt.element.decode(codes)
+    out = values * q.fmt.scale.multiplier(q.scales, q.fmt.element, q.side)[..., None]
+    if "outlier_index" in q.side:
+        out = out.flatten().index_put((q.side["outlier_index"].long(),),
+                                      q.side["outlier_value"].to(torch.float32))
+    out = out.reshape(*lead, n_blocks * q.block)[..., :k]
+    return out.movedim(-1, q.axis).to(q.dtype)
+
+
+def opq_threshold(block_len: int, q: float) -> float:
+    """F_M^-1(q) for the maximum M of block_len |standard normals|: F_M(m) = (2 G(m) - 1)^I."""
+    return NormalDist().inv_cdf((q ** (1.0 / block_len) + 1.0) / 2.0)
+
+
+def _take_outliers(blocks, valid, bad, q):
+    """OPQ (BOF4 paper): |w| > sigma_b * F_M^-1(q) is an outlier, sigma_b the block's corrected
+    standard deviation over its real (unpadded) elements, computed in float64. Outliers are kept
+    in bfloat16 with their flat index and zeroed before the block scale is taken."""
+    x = blocks.to(torch.float64)
+    count = valid.sum(-1)
+    mean = (x * valid).sum(-1) / count.clamp(min=1)
+    var = ((x - mean[..., None]) ** 2 * valid).sum(-1) / (count - 1).clamp(min=1)
+    limit = torch.full(count.shape, float("inf"), dtype=torch.float64, device=blocks.device)
+    for c in count.unique().tolist():  # a full block size and at most one shorter last block
+        if c > 1:
+            limit[count == c] = opq_threshold(c, q)
+    out = (x.abs() > (var.sqrt() * limit)[..., None]) & valid & ~bad[..., None]
+    flat = out.flatten().nonzero().flatten()
+    index_dtype = torch.int32 if out.numel() < 2**31 else torch.int64
+    side = {"outlier_index": flat.to(index_dtype),
+            "outlier_value": blocks.flatten()[flat].to(torch.bfloat16)}
+    return blocks.masked_fill(out, 0.0), side
