@@ -8,6 +8,7 @@ ones of the text, so every policy is scored on exactly the same tokens.
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 
@@ -77,18 +78,28 @@ def token_windows(ids: torch.Tensor, window: int, budget: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def perplexity(model, windows: torch.Tensor, desc: str = "perplexity", leave=False) -> dict:
+def perplexity(model, windows: torch.Tensor, batch: int = 1, desc: str = "perplexity",
+               leave=False) -> dict:
     """exp(mean NLL) of ``model`` (anything returning ``.logits``) over ``windows`` [n, L],
-    one window per forward call; also the wall time per window."""
+    ``batch`` windows per forward call (the last call may hold fewer); also the wall time of
+    each call."""
     nll, count, times = 0.0, 0, []
-    for w in tqdm(windows, desc=desc, leave=leave, unit="win"):
+    chunks = windows.split(batch)
+    for chunk in tqdm(chunks, desc=desc, leave=leave, unit="call"):
         start = time.perf_counter()
-        logits = model(input_ids=w[None], use_cache=False).logits
+        logits = model(input_ids=chunk, use_cache=False).logits
         times.append(time.perf_counter() - start)
-        nll += F.cross_entropy(logits[0, :-1].float(), w[1:], reduction="sum").item()
-        count += w.numel() - 1
+        nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                               chunk[:, 1:].reshape(-1), reduction="sum").item()
+        count += chunk[:, 1:].numel()
     return {"ppl": math.exp(nll / count), "nll": nll / count, "predictions": count,
             "seconds": times}
+
+
+def later_median(seconds: list[float]) -> float:
+    """Median time of the calls after the first (the first compiles); the only one if alone."""
+    later = sorted(seconds[1:]) or seconds
+    return later[len(later) // 2]
 
 
 def quantised_bits(explanation) -> tuple[float, int]:
@@ -100,31 +111,44 @@ def quantised_bits(explanation) -> tuple[float, int]:
 
 
 def sweep(model, windows: torch.Tensor, policies: dict[str, Policy | None],
-          lowering: str = "eager") -> list[dict]:
+          lowering: str = "eager", batch: int = 1) -> list[dict]:
     """Perplexity of each policy. Full precision runs the eager model; every quantised policy
     runs ``torch.compile(model, backend="blockquant", options={"policy", "lowering"})`` with
-    static shapes (all windows have one length, so each policy compiles one graph). Compile
-    time is the first call's wall time minus the median of the later ones."""
+    static shapes on ``batch`` windows per call (equal batches: one graph per policy; the
+    reference ops dequantise the weights once per call, so batching amortises that). Compile
+    time is the first call's wall time (Dynamo, the passes, quantising the weights, lowering)
+    minus the median of the later ones."""
     rows = []
     bar = tqdm(policies.items(), desc="perplexity sweep", unit="policy")
     for label, policy in bar:
         bar.set_postfix_str(label)
         torch._dynamo.reset()
-        if policy is None:
-            r = perplexity(model, windows, desc=label)
-            bits, compile_s = 32.0, 0.0
-        else:
-            fast = torch.compile(model, backend="blockquant", dynamic=False,
-                                 options={"policy": policy, "lowering": lowering})
-            r = perplexity(fast, windows, desc=label)
-            bits, _ = quantised_bits(qcompile.explain(fast))
-            later = sorted(r["seconds"][1:]) or r["seconds"]
-            compile_s = r["seconds"][0] - later[len(later) // 2]
-            del fast
-        rows.append({"label": label, "ppl": r["ppl"], "nll": r["nll"], "bits": bits,
-                     "predictions": r["predictions"], "compile_s": max(compile_s, 0.0),
-                     "act": bool(policy is not None and policy.default.act is not None),
-                     "sec_per_window": sorted(r["seconds"])[len(r["seconds"]) // 2]})
-        tqdm.write(f"  {label:<22} ppl {r['ppl']:9.3f}  bits/weight {bits:6.3f}")
+        try:
+            rows.append(_score(model, windows, label, policy, lowering, batch))
+        except Exception as e:  # one failing policy must not lose the others
+            rows.append({"label": label, "error": f"{type(e).__name__}: {e}"})
+            tqdm.write(f"  {label:<22} FAILED: {rows[-1]['error'][:300]}")
+            continue
+        tqdm.write(f"  {label:<22} ppl {rows[-1]['ppl']:9.3f}  bits/weight "
+                   f"{rows[-1]['bits']:6.3f}")
     torch._dynamo.reset()
     return rows
+
+
+def _score(model, windows, label, policy, lowering, batch) -> dict:
+    if policy is None:
+        r = perplexity(model, windows, batch, desc=label)
+        bits, compile_s = 32.0, 0.0
+    else:
+        # a copy per policy: explain(compiled) then sees only this policy's graphs, and
+        # the packed weights (cached on the parameters) go with the copy
+        fast = torch.compile(copy.deepcopy(model), backend="blockquant", dynamic=False,
+                             options={"policy": policy, "lowering": lowering})
+        r = perplexity(fast, windows, batch, desc=label)
+        bits, _ = quantised_bits(qcompile.explain(fast))
+        compile_s = r["seconds"][0] - later_median(r["seconds"])
+        del fast
+    return {"label": label, "ppl": r["ppl"], "nll": r["nll"], "bits": bits,
+            "predictions": r["predictions"], "compile_s": max(compile_s, 0.0),
+            "act": bool(policy is not None and policy.default.act is not None),
+            "sec_per_window": later_median(r["seconds"]) / min(batch, len(windows))}

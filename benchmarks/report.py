@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 CAVEAT = (
@@ -21,6 +22,14 @@ GOALS_DOC = [
 ]
 
 
+def _ok(rows) -> list[dict]:
+    return [r for r in rows or [] if "error" not in r]
+
+
+def _failures(rows) -> list[str]:
+    return [f"- `{r['label']}` failed: {r['error'][:500]}" for r in rows or [] if "error" in r]
+
+
 def _fmt_bytes(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
@@ -28,11 +37,11 @@ def _fmt_bytes(n: int) -> str:
 def goals(results: dict) -> list[tuple[str, str, str]]:
     """(goal, "met" / "missed" / "not measured", evidence) for each goal the data allows."""
     out = []
-    ppl = {r["label"]: r for r in results.get("perplexity", [])}
+    ppl = {r["label"]: r for r in _ok(results.get("perplexity"))}
     base = ppl.get("fp32", {}).get("ppl")
     rel = (lambda k: ppl[k]["ppl"] / base - 1) if base else None
     emb = {r["format"]: r for r in results.get("embeddings", [])}
-    speed = results.get("speed", [])
+    speed = _ok(results.get("speed"))
     w8 = results.get("settings", {}).get("w8", "mxint8")
     w4 = results.get("settings", {}).get("w4", "nf4")
     for key, text in GOALS_DOC:
@@ -83,25 +92,33 @@ def markdown(results: dict, images: dict[str, str]) -> str:
              f"{m['torch']}, transformers {m['transformers']}, qcompile {m['qcompile']}. "
              f"Started {results['started']}, total {results['total_s'] / 60:.1f} min. "
              "The CPU may be shared: compare ratios within this run, not absolute times "
-             "across runs.", "", CAVEAT, ""]
-    if results.get("perplexity"):
-        base = results["perplexity"][0]["ppl"]
+             "across runs.", ""]
+    if s.get("packaged_model", True):
+        lines += [CAVEAT, ""]
+    ppl_rows = _ok(results.get("perplexity"))
+    if ppl_rows:
+        base = ppl_rows[0]["ppl"]
         lines += ["## Perplexity", "",
                   f"Model `{s['model']}`; text: {s['text']}. {s['windows']} non-overlapping "
                   f"windows of {s['window']} tokens (token budget {s['windows'] * s['window']}, "
-                  f"{results['perplexity'][0]['predictions']} predictions per policy; each window "
-                  f"scored alone). Policies quantise every linear layer except `lm_head`; "
-                  f"quantised runs are `torch.compile(model, backend=\"blockquant\", "
+                  f"{ppl_rows[0]['predictions']} predictions per policy; each window "
+                  f"scored alone, {s.get('batch', 1)} windows per forward call). Policies "
+                  "quantise every linear layer except `lm_head`; quantised runs are "
+                  "`torch.compile(model, backend=\"blockquant\", "
                   f"options={{\"policy\": ..., \"lowering\": \"{s['lowering']}\"}})`. Bits/weight: "
                   "`qcompile.explain`'s effective bits per weight (codes + block scales, nominal) "
-                  "averaged over the quantised linears.", "",
+                  "averaged over the quantised linears. Compile: the first call's wall time "
+                  "(Dynamo, passes, weight quantisation, lowering) minus a later call's; "
+                  "s/window: a later call's time per window (the reference ops dequantise "
+                  "every weight on each call).", "",
                   "| policy | bits/weight | perplexity | vs fp32 | compile (s) | s/window |",
                   "|---|---|---|---|---|---|"]
-        for r in results["perplexity"]:
+        for r in ppl_rows:
             lines.append(f"| `{r['label']}` | {r['bits']:.3f} | {r['ppl']:.3f} | "
                          f"{100 * (r['ppl'] / base - 1):+.2f}% | {r['compile_s']:.1f} | "
                          f"{r['sec_per_window']:.2f} |")
-        lines += ["", f"![perplexity vs bits per weight]({images['ppl']})", ""]
+        lines += ["", *_failures(results.get("perplexity")),
+                  "", f"![perplexity vs bits per weight]({images['ppl']})", ""]
     if results.get("embeddings"):
         e0 = results["embeddings"][0]
         lines += ["## Weight error and embedding fidelity (all-MiniLM-L6-v2, float32 weights)"
@@ -118,8 +135,8 @@ def markdown(results: dict, images: dict[str, str]) -> str:
             lines.append(f"| `{r['format']}` | {r['bits']:.3f} | {r['mse']:.3e} | "
                          f"{r['sqnr_db']:.2f} | {r['cos_mean']:.5f} | {r['cos_min']:.5f} |")
         lines += ["", f"![weight error per format]({images['weights']})", ""]
-    if results.get("speed"):
-        sp = results["speed"]
+    if _ok(results.get("speed")):
+        sp = _ok(results["speed"])
         e = next((r for r in sp if r["label"] == "eager fp32"), sp[0])
         lines += ["## Speed and memory, compiled vs eager", "",
                   f"Prefill: one {s['prefill']}-token prompt with a KV cache; decode: "
@@ -136,10 +153,29 @@ def markdown(results: dict, images: dict[str, str]) -> str:
                          f"{r['decode_tok_s']:.1f} | {r['compile_s']:.1f} | "
                          f"{_fmt_bytes(r['resident_bytes'])} | "
                          f"{r['resident_bytes'] / r['fp32_bytes']:.3f}x |")
-        lines += ["", f"![speed compiled vs eager]({images['speed']})", ""]
+        lines += ["", *_failures(results.get("speed")),
+                  "", f"![speed compiled vs eager]({images['speed']})", ""]
     lines += ["## Goals", "", "| goal | status | evidence |", "|---|---|---|"]
     lines += [f"| {g} | {st} | {ev} |" for g, st, ev in goals(results)]
     return "\n".join(lines) + "\n"
+
+
+def _spread_labels(ax, rows, step=1.075):
+    """Label points of similar bits (most 4-bit formats) in a column to their right,
+    spaced geometrically (log y axis) so the labels do not overlap, with a thin leader line."""
+    groups: dict[int, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(math.floor(r["bits"]), []).append(r)
+    for group in groups.values():
+        group.sort(key=lambda r: r["ppl"])
+        bits = max(r["bits"] for r in group)
+        y = group[0]["ppl"]
+        for r in group:
+            y = max(y, r["ppl"])
+            ax.annotate(r["label"], (r["bits"], r["ppl"]), xytext=(bits + 0.12, y),
+                        textcoords="data", fontsize=6.5, va="center",
+                        arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.6"})
+            y *= step
 
 
 def plots(results: dict, out: Path) -> dict[str, str]:
@@ -149,17 +185,15 @@ def plots(results: dict, out: Path) -> dict[str, str]:
     import matplotlib.pyplot as plt
 
     files = {}
-    if results.get("perplexity"):
-        rows = results["perplexity"]
+    if _ok(results.get("perplexity")):
+        rows = _ok(results["perplexity"])
         fig, ax = plt.subplots(figsize=(7.5, 4.8))
         for act, marker, name in ((False, "o", "weight-only"), (True, "s", "weight + activation")):
             pts = [r for r in rows if r["label"] != "fp32" and r["act"] == act]
             if pts:
                 ax.scatter([r["bits"] for r in pts], [r["ppl"] for r in pts], marker=marker,
                            label=name, zorder=3)
-                for r in pts:
-                    ax.annotate(r["label"], (r["bits"], r["ppl"]), fontsize=6.5,
-                                xytext=(3, 2), textcoords="offset points")
+        _spread_labels(ax, [r for r in rows if r["label"] != "fp32"])
         ax.axhline(rows[0]["ppl"], color="grey", ls="--", lw=1,
                    label=f"fp32 ({rows[0]['ppl']:.2f})")
         ax.set_yscale("log")
@@ -191,15 +225,18 @@ def plots(results: dict, out: Path) -> dict[str, str]:
         fig.savefig(out / "weight_error.png", dpi=90)
         plt.close(fig)
         files["weights"] = "weight_error.png"
-    if results.get("speed"):
-        rows = results["speed"]
+    if _ok(results.get("speed")):
+        rows = _ok(results["speed"])
         names = [r["label"] for r in rows]
         colors = ["tab:gray" if r["kind"] == "eager" else "tab:green" for r in rows]
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 0.4 * len(rows) + 1.4), sharey=True)
         a1.barh(names, [r["prefill_s"] for r in rows], color=colors)
         a1.set_xlabel(f"prefill latency, {results['settings']['prefill']} tokens (s)")
         a2.barh(names, [r["decode_ms"] for r in rows], color=colors)
-        a2.set_xlabel("decode latency (ms/token)")
+        a2.set_xlabel("decode latency (ms/token, log scale)")
+        a1.set_xscale("log")
+        a2.set_xscale("log")
+        a1.set_xlabel(a1.get_xlabel()[:-1] + ", log scale)")
         a1.invert_yaxis()
         for a in (a1, a2):
             a.tick_params(labelsize=7)
@@ -212,9 +249,15 @@ def plots(results: dict, out: Path) -> dict[str, str]:
     return files
 
 
-def write(results: dict, out: Path) -> Path:
+def save_json(results: dict, out: Path) -> None:
+    """results.json alone: written after each section, so a long run that stops keeps what it
+    measured (``write(json.loads(...), out)`` renders it later)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
+
+
+def write(results: dict, out: Path) -> Path:
+    save_json(results, out)
     images = plots(results, out)
     path = out / "report.md"
     path.write_text(markdown(results, images))

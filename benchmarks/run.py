@@ -43,8 +43,11 @@ def parser() -> argparse.ArgumentParser:
                     help="a Hugging Face causal-LM folder (default: the packaged SmolLM2-135M)")
     ap.add_argument("--tokens", type=int, default=None,
                     help="perplexity token budget: the first N tokens of the text, in "
-                         "non-overlapping windows (default 4096; --quick 1024)")
+                         "non-overlapping windows (default 2048; --quick 1024)")
     ap.add_argument("--window", type=int, default=512, help="perplexity window length (tokens)")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="windows per forward call; must divide the number of windows "
+                         "(default 2; --quick 1)")
     ap.add_argument("--out", type=Path, default=None,
                     help="results folder (default results/<timestamp>)")
     ap.add_argument("--policies", nargs="+", default=None, metavar="NAME",
@@ -72,7 +75,7 @@ def parser() -> argparse.ArgumentParser:
                     help="formats of the weight section (default: the weight-only sweep + bfp4)")
     ap.add_argument("--prefill", type=int, default=512, help="prompt tokens for the speed runs")
     ap.add_argument("--decode", type=int, default=None,
-                    help="decode steps per speed run (default 16; --quick 4)")
+                    help="decode steps per speed run (default 4; --quick 2)")
     ap.add_argument("--repeats", type=int, default=None,
                     help="timed speed runs, median reported (default 3; --quick 1)")
     ap.add_argument("--w8", default="mxint8", help="the W8 format of the speed runs")
@@ -85,9 +88,10 @@ def settle(args, ap) -> argparse.Namespace:
     """Fill the defaults that depend on --quick and validate everything that can be checked
     before loading a model; errors go through the parser (exit status 2, a clear message)."""
     q = args.quick
-    args.tokens = args.tokens if args.tokens is not None else (1024 if q else 4096)
+    args.tokens = args.tokens if args.tokens is not None else (1024 if q else 2048)
+    args.batch = args.batch if args.batch is not None else (1 if q else 2)
     args.sentences = args.sentences if args.sentences is not None else (64 if q else 256)
-    args.decode = args.decode if args.decode is not None else (4 if q else 16)
+    args.decode = args.decode if args.decode is not None else (2 if q else 4)
     args.repeats = args.repeats if args.repeats is not None else (1 if q else 3)
     args.speed_lowering = args.speed_lowering or ("eager" if q else "inductor")
     if args.policies is None and q:
@@ -95,12 +99,17 @@ def settle(args, ap) -> argparse.Namespace:
     if args.formats is None:
         args.formats = QUICK_FORMATS if q else perplexity.WEIGHT_ONLY + ["bfp4"]
     for name, v, low in (("--tokens", args.tokens, 2), ("--window", args.window, 2),
-                         ("--sentences", args.sentences, 1), ("--prefill", args.prefill, 1),
+                         ("--sentences", args.sentences, 1), ("--batch", args.batch, 1),
+                         ("--prefill", args.prefill, 1),
                          ("--decode", args.decode, 1), ("--repeats", args.repeats, 1)):
         if v < low:
             ap.error(f"{name} must be at least {low}, got {v}")
     if args.tokens < args.window:
         ap.error(f"--tokens {args.tokens} is smaller than one --window of {args.window}")
+    if (args.tokens // args.window) % args.batch:
+        ap.error(f"--batch {args.batch} does not divide the {args.tokens // args.window} windows "
+                 f"of --tokens {args.tokens} / --window {args.window} (each batch shape compiles "
+                 "its own graph)")
     if args.model is not None and not (args.model / "config.json").is_file():
         ap.error(f"--model {args.model}: not a Hugging Face model folder (no config.json)"
                  if args.model.is_dir() else f"--model {args.model}: no such folder")
@@ -171,16 +180,21 @@ def estimate(model, windows, args) -> float:
         qcompile.fake_quantize(big.detach(), "nf4", axis=1)
         t_q = (time.perf_counter() - start) * total / big.numel()
     est = 0.0
+    calls = len(windows) // args.batch
     if "ppl" in args.sections:
+        # per quantised policy: Dynamo (~15 s), quantise + a dequantise per call (reference ops,
+        # ~t_q each), the forward passes; activation formats roughly double the forward
         n_act = sum(1 for p in args.sweep.values() if p is not None and p.default.act is not None)
         n_w = len(args.sweep) - 1 - n_act
-        est += len(windows) * t_win * (1 + 1.3 * n_w + 3 * n_act) + (n_w + n_act) * (t_q + 15)
+        est += len(windows) * t_win * (1 + 1.2 * n_w + 2.5 * n_act)
+        est += (n_w + n_act) * (15 + t_q * (2 + calls))
     if "weights" in args.sections:
-        est += len(args.formats) * 6
+        est += len(args.formats) * (3 + 0.2 * t_q)
     if "speed" in args.sections:
-        per_run = t_win * args.prefill / args.window + args.decode * 0.05
-        est += 6 * (args.repeats + 1) * per_run * 2 + 3 * (150 if args.speed_lowering ==
-                                                              "inductor" else 20)
+        runs = args.repeats + 1
+        fwd = t_win * args.prefill / args.window + args.decode * 0.05
+        est += 4 * runs * fwd + 2 * runs * (args.decode + 1) * (t_q + 0.05) + 2 * t_q
+        est += 3 * (180 if args.speed_lowering == "inductor" else 30)
     return est
 
 
@@ -207,21 +221,25 @@ def main(argv=None) -> Path:
     print(f"model {model_name}; {len(args.sweep)} perplexity policies on {len(windows)} windows "
           f"of {args.window} tokens; sections {', '.join(args.sections)}; "
           f"estimated run time {est / 60:.0f} min on this machine", flush=True)
-    results = {"started": started, "machine": machine(),
-               "settings": {"command": "python -m benchmarks run " + shlex.join(
-                   sys.argv[2:] if argv is None else argv), "model": model_name,
-                   "text": str(args.text) if args.text else
-                   "206 English Wikipedia pages from gensim's test data (CC BY-SA 3.0)",
-                   "window": args.window, "windows": len(windows), "lowering": args.lowering,
-                   "speed_lowering": args.speed_lowering, "prefill": args.prefill,
-                   "decode": args.decode, "repeats": args.repeats, "w8": args.w8, "w4": args.w4,
-                   "encoder": str(args.encoder) if args.encoder else None,
-                   "estimate_s": est}}
+    command = "python -m benchmarks run " + shlex.join(sys.argv[2:] if argv is None else argv)
+    settings = {"command": command.strip(), "model": model_name,
+                "packaged_model": args.model is None,
+                "text": str(args.text) if args.text else
+                "206 English Wikipedia pages from gensim's test data (CC BY-SA 3.0)",
+                "window": args.window, "windows": len(windows), "batch": args.batch,
+                "lowering": args.lowering, "speed_lowering": args.speed_lowering,
+                "prefill": args.prefill, "decode": args.decode, "repeats": args.repeats,
+                "w8": args.w8, "w4": args.w4,
+                "encoder": str(args.encoder) if args.encoder else None, "estimate_s": est}
+    results = {"started": started, "machine": machine(), "settings": settings}
     if "ppl" in args.sections:
-        results["perplexity"] = perplexity.sweep(model, windows, args.sweep, args.lowering)
+        results["perplexity"] = perplexity.sweep(model, windows, args.sweep, args.lowering,
+                                                 args.batch)
+        report.save_json(results, args.out)
     if "weights" in args.sections:
         results["embeddings"] = embeddings.fidelity(args.formats, text, args.sentences,
                                                     args.encoder)
+        report.save_json(results, args.out)
     if "speed" in args.sections:
         results["speed"] = speed.measure(model, ids[None, :args.prefill], args.decode,
                                          args.repeats, args.w8, args.w4, args.speed_lowering)

@@ -93,36 +93,45 @@ def quantised_layer_bytes(model) -> tuple[int, int]:
     return held, fp32
 
 
-def measure(model, prompt: torch.Tensor, decode: int = 16, repeats: int = 3,
+def measure(model, prompt: torch.Tensor, decode: int = 4, repeats: int = 3,
             w8: str = "mxint8", w4: str = "nf4", lowering: str = "inductor") -> list[dict]:
     fp32_bytes = qcompile.resident_weight_bytes(model)
     rows = []
     configs = configurations(model, w8, w4, lowering)
     for label, kind, build in tqdm(configs, desc="speed", unit="config"):
         torch._dynamo.reset()
-        start = time.perf_counter()
-        fn, held = build()
-        build_s = time.perf_counter() - start
-        start = time.perf_counter()
-        generate_timed(fn, prompt, decode)  # warm-up; compiles the compiled configurations
-        warm_s = time.perf_counter() - start
-        prefills, steps = [], []
-        for _ in tqdm(range(repeats), desc=label, leave=False, unit="run"):
-            p, s = generate_timed(fn, prompt, decode)
-            prefills.append(p)
-            steps += s
-        prefill_s, step_s = statistics.median(prefills), statistics.median(steps)
-        qheld, qfp32 = quantised_layer_bytes(held)
-        rows.append({"label": label, "kind": kind, "prefill_s": prefill_s,
-                     "prefill_tok_s": prompt.shape[1] / prefill_s,
-                     "decode_ms": 1e3 * step_s, "decode_tok_s": 1 / step_s,
-                     "compile_s": max(warm_s - prefill_s - decode * step_s, 0.0)
-                     if kind == "compiled" else 0.0,
-                     "build_s": build_s, "resident_bytes": qcompile.resident_weight_bytes(held),
-                     "fp32_bytes": fp32_bytes, "quantised_layer_bytes": qheld,
-                     "quantised_layer_fp32_bytes": qfp32})
-        tqdm.write(f"  {label:<40} prefill {prefill_s:7.3f} s  decode {1e3 * step_s:8.1f} ms/token"
-                   f"  compile {rows[-1]['compile_s']:6.1f} s")
-        del fn, held
+        try:
+            rows.append(_one(label, kind, build, prompt, decode, repeats, fp32_bytes))
+        except Exception as e:  # one failing configuration must not lose the others
+            rows.append({"label": label, "kind": kind, "error": f"{type(e).__name__}: {e}"})
+            tqdm.write(f"  {label:<40} FAILED: {rows[-1]['error'][:300]}")
     torch._dynamo.reset()
     return rows
+
+
+def _one(label, kind, build, prompt, decode, repeats, fp32_bytes) -> dict:
+    """Build one configuration, warm it up (compiling), time it."""
+    start = time.perf_counter()
+    fn, held = build()
+    build_s = time.perf_counter() - start
+    start = time.perf_counter()
+    generate_timed(fn, prompt, decode)  # warm-up; compiles the compiled configurations
+    warm_s = time.perf_counter() - start
+    prefills, steps = [], []
+    for _ in tqdm(range(repeats), desc=label, leave=False, unit="run"):
+        p, s = generate_timed(fn, prompt, decode)
+        prefills.append(p)
+        steps += s
+    prefill_s, step_s = statistics.median(prefills), statistics.median(steps)
+    qheld, qfp32 = quantised_layer_bytes(held)
+    row = {"label": label, "kind": kind, "prefill_s": prefill_s,
+           "prefill_tok_s": prompt.shape[1] / prefill_s,
+           "decode_ms": 1e3 * step_s, "decode_tok_s": 1 / step_s,
+           "compile_s": max(warm_s - prefill_s - decode * step_s, 0.0)
+           if kind == "compiled" else 0.0,
+           "build_s": build_s, "resident_bytes": qcompile.resident_weight_bytes(held),
+           "fp32_bytes": fp32_bytes, "quantised_layer_bytes": qheld,
+           "quantised_layer_fp32_bytes": qfp32}
+    tqdm.write(f"  {label:<40} prefill {prefill_s:7.3f} s  decode {1e3 * step_s:8.1f} ms/token"
+               f"  compile {row['compile_s']:6.1f} s")
+    return row
