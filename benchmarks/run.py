@@ -218,8 +218,9 @@ def main(argv=None) -> Path:
     if ids.numel() < args.prefill:
         ap.error(f"the text has {ids.numel()} tokens, fewer than --prefill {args.prefill}")
     est = estimate(model, windows, args)
-    print(f"model {model_name}; {len(args.sweep)} perplexity policies on {len(windows)} windows "
-          f"of {args.window} tokens; sections {', '.join(args.sections)}; "
+    sweep = (f"{len(args.sweep)} perplexity policies on {len(windows)} windows of {args.window} "
+             f"tokens; " if "ppl" in args.sections else "")
+    print(f"model {model_name}; {sweep}sections {', '.join(args.sections)}; "
           f"estimated run time {est / 60:.0f} min on this machine", flush=True)
     command = "python -m benchmarks run " + shlex.join(sys.argv[2:] if argv is None else argv)
     settings = {"command": command.strip(), "model": model_name,
