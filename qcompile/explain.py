@@ -119,7 +119,7 @@ def _explain_compiled(compiled) -> Explanation:
     model = compiled._orig_mod
     own = {id(t) for t in list(model.parameters()) + list(model.buffers())}
     result, seen = Explanation(), set()
-    for refs, rows in _COMPILED:
+    for refs, rows in reversed(_COMPILED):  # newest first: a recompile's policy wins
         if any(id(t) in own for t in (r() for r in refs) if t is not None):
             for row in rows:
                 if (row.fqn, row.op, row.weight_shape) not in seen:

@@ -443,3 +443,15 @@ def test_fake_quantize_model_is_the_eager_reference():
     assert not torch.equal(logits(ours, ids), logits(m, ids))  # it did quantise
     with pytest.raises(ValueError, match="must be a qcompile.Policy"):
         qcompile.fake_quantize_model_(m, {"lm_head": None})
+
+
+def test_explain_reports_the_newest_policy_after_a_recompile():
+    m = gpt2()
+    ids = torch.randint(0, 128, (1, 5))
+    compiled(m, MIXED, "eager")(ids)
+    torch._dynamo.reset()
+    f = compiled(m, Policy({}, default=LayerSpec(weight="int4")), "eager")
+    f(ids)
+    rows = {r.fqn: r for r in qcompile.explain(f).rows}
+    assert rows["transformer.h.0.mlp.c_fc"].weight_fmt == "int4"
+    assert rows["lm_head"].weight_fmt == "int4"
