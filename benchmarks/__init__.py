@@ -1,1 +1,1 @@
-"""blockquant benchmarks: weight error of every format on real weights (more to come)."""
+"""blockquant benchmarks: `python -m benchmarks {weights,run,policy,kernels}` (see __main__.py)."""

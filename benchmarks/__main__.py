@@ -1,13 +1,21 @@
-"""python -m benchmarks <command>: `weights` (weight error of every format on MiniLM)."""
+"""python -m benchmarks <command> [options]; each command's --help lists its options.
+
+weights  weight error of every format on all-MiniLM-L6-v2 (CPU)
+run      the main benchmark: perplexity, embeddings, speed and memory (`make main`)
+policy   SmolLM2-135M compiled with a mixed policy: explain totals, compile time, memory
+kernels  the fused Triton kernels against cuBLAS on Llama-7B shapes (GPU; --smoke on CPU)
+"""
+import importlib
 import sys
 
-from . import weights
+MODULES = {"weights": "weights", "run": "run", "policy": "policy_report", "kernels": "kernels"}
 
-COMMANDS = {"weights": weights.main}
-COMMANDS["kernels"] = lambda argv: __import__("benchmarks.kernels", fromlist=["main"]).main(argv)
-COMMANDS["run"] = lambda argv: __import__("benchmarks.run", fromlist=["main"]).main(argv)
+
+def main(argv):
+    if not argv or argv[0] not in MODULES:
+        sys.exit(f"usage: python -m benchmarks {{{','.join(MODULES)}}} [options]\n\n{__doc__}")
+    importlib.import_module(f"benchmarks.{MODULES[argv[0]]}").main(argv[1:])
+
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
-        sys.exit(f"usage: python -m benchmarks {{{','.join(COMMANDS)}}} [options]")
-    COMMANDS[sys.argv[1]](sys.argv[2:])
+    main(sys.argv[1:])

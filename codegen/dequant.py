@@ -183,19 +183,39 @@ def _cache_dir() -> str:
     return path
 
 
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _write_atomically(path: str, text: str):
+    """Write to a private temporary file, then rename: a process compiling the same kernel at the
+    same time sees either no file or a whole one, never a half-written one."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".qk_", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def load_kernel(source: str, name: str = "dequant_kernel"):
-    """The kernel ``name`` defined by ``source``; written to the cache folder, imported once."""
+    """The kernel ``name`` defined by ``source``, imported once per process from the cache folder
+    (file named by the source's hash; rewritten whenever its text is not exactly the source)."""
     digest = hashlib.sha256(source.encode()).hexdigest()[:16]
     if digest in _KERNELS:
         return _KERNELS[digest]
     if os.environ.get("QCOMPILE_DUMP_KERNELS") == "1":
         print(f"# ---- qcompile kernel {digest} ----\n{source}", file=sys.stderr, flush=True)
     path = os.path.join(_cache_dir(), f"qk_{digest}.py")
-    if not os.path.exists(path):
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            f.write(source)
-        os.replace(tmp, path)
+    if _read(path) != source:  # missing, or damaged (truncated, edited): never trusted
+        _write_atomically(path, source)
     spec = importlib.util.spec_from_file_location(f"qcompile_generated_{digest}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
+from functools import lru_cache
 
 from . import codebooks
 from .elements import CodebookElement, Element, FloatElement, IntElement, LogElement
@@ -186,6 +187,18 @@ def _parse_value(text: str):
 def get(name, **overrides) -> Format:
     """A Format by preset name, family name or key, with optional overrides
     (block_size=int|None, scale_rule='floor'|'ceil'|'rceil'|'even', opq=float|None)."""
+    if isinstance(name, str) and not overrides:
+        return _get_key(name)
+    return _build(name, **overrides)
+
+
+@lru_cache(maxsize=1024)
+def _get_key(name: str) -> Format:
+    """Each key is parsed once: compiled graphs look their formats up on every call."""
+    return _build(name)
+
+
+def _build(name, **overrides) -> Format:
     if isinstance(name, Format):
         return _override(name, overrides) if overrides else name
     if not isinstance(name, str):

@@ -1,5 +1,6 @@
 """The benchmark harness (python -m benchmarks run) on a tiny random Llama, a tiny random BERT
 encoder and a synthetic text, all built offline in a temporary folder, so the tests stay fast."""
+import importlib
 import json
 import math
 import random
@@ -247,3 +248,13 @@ def test_report_lists_failed_rows_and_plots_the_others(tmp_path):
     assert (tmp_path / "ppl_vs_bits.png").stat().st_size > 1000
     assert not (tmp_path / "speed.png").exists()
     assert json.loads((tmp_path / "results.json").read_text())["perplexity"][2]["error"]
+
+
+def test_cli_lists_commands_and_rejects_an_unknown_one(capsys):
+    from benchmarks.__main__ import MODULES, main
+    with pytest.raises(SystemExit) as stop:
+        main(["nonsense"])
+    for command in ("weights", "run", "policy", "kernels"):
+        assert command in str(stop.value)
+    for module in MODULES.values():  # every command names a module with a main()
+        assert callable(importlib.import_module(f"benchmarks.{module}").main)
