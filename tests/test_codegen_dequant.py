@@ -1,8 +1,9 @@
 """Generated Triton dequantise kernels equal the reference bit for bit (NaN included).
 
-TRITON_INTERPRET=1 is set here before qcompile.codegen (and so any @triton.jit kernel) is
-imported, so on a machine without a GPU the kernels run in Triton's interpreter. If another
-test module imports triton first without it, run this file on its own (or export the variable).
+tests/kernel_device.py sets TRITON_INTERPRET=1 before qcompile.codegen (and so any @triton.jit
+kernel) is imported, so on a machine without a GPU the kernels run in Triton's interpreter; with
+QCOMPILE_TEST_DEVICE=cuda they run on the GPU. If another test module imports triton first
+without it, run this file on its own (or export the variable).
 """
 import dataclasses
 import hashlib
@@ -10,7 +11,7 @@ import os
 import subprocess
 import sys
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+from kernel_device import dev, host  # noqa: E402  (before anything imports triton)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -51,7 +52,7 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 def assert_same(q: QTensor):
     ref = qcompile.dequantize(q, impl="reference")
-    got = qcompile.dequantize(q, impl="triton")
+    got = host(qcompile.dequantize(dev(q), impl="triton"))
     assert got.shape == ref.shape and got.dtype == ref.dtype
     if ref.dtype == torch.float32:
         a, b = bits(ref), bits(got)
@@ -107,7 +108,7 @@ def test_empty_and_scalar(name):
     for x in cases:
         q = qcompile.quantize(x, name)
         assert_same(q)
-        assert qcompile.dequantize(q, impl="triton").shape == x.shape
+        assert qcompile.dequantize(dev(q), impl="triton").shape == x.shape
 
 
 def _random_codes_qtensor(name, seed, rows=4, cols=256):
@@ -144,7 +145,8 @@ def test_packing_widths_cross_bytes():
         q = QTensor(fmt, packed, torch.full((1, 3), fmt.element.max_value), torch.Size([1, 48]),
                     torch.float32, 1, 16)
         expected = fmt.element.decode(codes)
-        assert torch.equal(bits(qcompile.dequantize(q, impl="triton").flatten()), bits(expected))
+        got = host(qcompile.dequantize(dev(q), impl="triton"))
+        assert torch.equal(bits(got.flatten()), bits(expected))
 
 
 def test_source_is_generated_readable_and_cached(monkeypatch, capsys, tmp_path):
@@ -225,7 +227,7 @@ def assert_same_qtensor(x, name, axis=-1, fake=False):
     """Triton quantise == reference quantise: codes, scales and side data bit for bit; with
     fake=True also fake_quantize end to end (quantise and dequantise kernels)."""
     ref = qcompile.quantize(x, name, axis=axis)
-    got = qcompile.quantize(x, name, axis=axis, impl="triton")
+    got = host(qcompile.quantize(dev(x), name, axis=axis, impl="triton"))
     key = formats.get(name).key
     assert torch.equal(got.codes, ref.codes), f"{key}: codes differ"
     assert got.scales.dtype == ref.scales.dtype and got.scales.shape == ref.scales.shape
@@ -237,7 +239,7 @@ def assert_same_qtensor(x, name, axis=-1, fake=False):
         assert torch.equal(_tensor_bits(got.side[k]), _tensor_bits(ref.side[k])), f"{key}: {k} differs"
     if fake:
         fq_ref = qcompile.fake_quantize(x, name, axis=axis)
-        fq_got = qcompile.fake_quantize(x, name, axis=axis, impl="triton")
+        fq_got = host(qcompile.fake_quantize(dev(x), name, axis=axis, impl="triton"))
         as_int = (lambda t: bits(t)) if x.dtype == torch.float32 else (lambda t: t.view(torch.int16))
         assert torch.equal(as_int(fq_got), as_int(fq_ref)), f"{key}: fake_quantize differs"
 
@@ -337,9 +339,9 @@ def test_signed_absmax_zero_tie():
     x[2] = -0.0
     for name in ("bof4s", "bof4s_mae", "bof4s_opq"):
         for impl in ("triton", "reference"):
-            q = qcompile.quantize(x, name, impl=impl)
+            q = host(qcompile.quantize(dev(x) if impl == "triton" else x, name, impl=impl))
             assert bits(q.scales).flatten().tolist() == [0, 0, -2**31], impl
-    q = qcompile.quantize(x[:, :40], "bof4s", impl="triton")  # -0 with +0 padding
+    q = host(qcompile.quantize(dev(x[:, :40]), "bof4s", impl="triton"))  # -0 with +0 padding
     assert bits(q.scales)[2].item() == 0
 
 

@@ -6,11 +6,12 @@ float64. Float kernels must lie within the documented float32 bound
 (c: OPQ outliers of the weight row), and within twice that of the reference F.linear. The integer
 W+A path must equal, bit for bit, its formula computed independently here from the reference
 QTensors: exact int64 block dot products D_t, scaled by fl32(a_x a_w), summed in float32 in K
-order. TRITON_INTERPRET=1 is set before anything imports triton (see test_codegen_dequant.py).
+order. Kernels run in Triton's interpreter on the CPU, or on a GPU with QCOMPILE_TEST_DEVICE=cuda
+(tests/kernel_device.py); the oracles always run on the CPU.
 """
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+from kernel_device import DEVICE, cpu_only, dev, host  # noqa: E402  (before anything imports triton)
 
 import warnings  # noqa: E402
 
@@ -57,6 +58,11 @@ def make(p, m, wfmt, dtype=torch.float32):
     return x, qcompile.quantize(w, wfmt, axis=p["axis"]), b
 
 
+def fused(x, q, act=None, b=None):
+    """The generated fused linear on the kernel device, its result back on the CPU."""
+    return host(cg.linear(dev(x), dev(q), act, dev(b)))
+
+
 def w_nk(q):
     """The reference dequantised weight as [N, K]."""
     w = qcompile.dequantize(q)
@@ -87,7 +93,7 @@ def assert_within_bound(y, xq, w, b, extra=0, depth=None):
 
 
 def check(x, q, b, act=None):
-    y = cg.linear(x, q, act, b)
+    y = fused(x, q, act, b)
     xq, ref = reference(x, q, b, act)
     assert y.shape == ref.shape and y.dtype == ref.dtype
     s = assert_within_bound(y, xq, w_nk(q), b)
@@ -117,9 +123,9 @@ def test_more_weight_formats(wfmt, m):
         assert q.side["outlier_index"].numel() > 0
         rows = q.side["outlier_index"].long() // (q.scales.shape[-1] * q.block)
         extra = int(torch.bincount(rows, minlength=40).max())
-        assert_within_bound(cg.linear(x, q, None, b), x, w_nk(q), b, extra=extra)
+        assert_within_bound(fused(x, q, None, b), x, w_nk(q), b, extra=extra)
         xq = qcompile.fake_quantize(x, "mxfp8_e4m3")  # the correction uses the quantised x
-        y = cg.linear(x, q, "mxfp8_e4m3", b)
+        y = fused(x, q, "mxfp8_e4m3", b)
         assert_within_bound(y, xq, w_nk(q), b, extra=extra)
     else:
         check(x, q, b)
@@ -128,11 +134,11 @@ def test_more_weight_formats(wfmt, m):
 def test_empty_and_three_d_inputs():
     p = dict(k=50, n=12, bias=True, axis=1, seed=2, scale=1.0)
     x, q, b = make(p, 6, "nf4")
-    assert cg.linear(x[:0], q, None, b).shape == (0, 12)
-    y3 = cg.linear(x.reshape(2, 3, 50), q, "mxint8", b)
-    assert torch.equal(y3.reshape(6, 12), cg.linear(x, q, "mxint8", b))
+    assert fused(x[:0], q, None, b).shape == (0, 12)
+    y3 = fused(x.reshape(2, 3, 50), q, "mxint8", b)
+    assert torch.equal(y3.reshape(6, 12), fused(x, q, "mxint8", b))
     xt = torch.randn(50, 6).T  # non-contiguous rows
-    assert torch.equal(cg.linear(xt, q, None, b), cg.linear(xt.contiguous(), q, None, b))
+    assert torch.equal(fused(xt, q, None, b), fused(xt.contiguous(), q, None, b))
 
 
 # ---- weight + activation ------------------------------------------------------------------
@@ -181,7 +187,7 @@ def test_integer_w_a_path_is_bit_exact(wfmt, act, p):
         x, q, b = make(p, m, wfmt)
         variant = "gemv" if m <= 16 else "gemm"
         assert cg.int_path(q.fmt, formats.get(act), variant)
-        y = cg.linear(x, q, act, b)
+        y = fused(x, q, act, b)
         want = int_formula(x, q, b, act)
         assert torch.equal(y.view(torch.int32), want.view(torch.int32))
         xq, _ = reference(x, q, b, act)  # the documented bound of the integer path
@@ -195,7 +201,7 @@ def test_integer_path_nan_blocks():
     w[5, 70] = float("inf")  # one weight block of row 5 -> column 5 is NaN
     for m in (20, 4):
         q = qcompile.quantize(w, "mxint8", axis=1)
-        y = cg.linear(x[:m], q, "mxint8", None)
+        y = fused(x[:m], q, "mxint8", None)
         want = int_formula(x[:m], q, None, "mxint8")
         assert torch.equal(y.isnan(), want.isnan()) and y[:, 5].isnan().all()
         assert y.isnan().sum() == (m + 24 - 1 if m > 3 else m)
@@ -233,7 +239,7 @@ def test_half_precision_models(dtype, wfmt, act, m):
     the result adds one rounding to the output dtype (u_out |y| + its smallest subnormal)."""
     p = dict(k=100, n=30, bias=True, axis=1, seed=4, scale=1.0)
     x, q, b = make(p, m, wfmt, dtype)
-    y = cg.linear(x, q, act, b)
+    y = fused(x, q, act, b)
     xq, ref = reference(x, q, b, act)
     assert y.dtype == dtype == ref.dtype
     x64, w64, b64 = xq.double(), w_nk(q).double(), b.double()
@@ -247,6 +253,7 @@ def test_half_precision_models(dtype, wfmt, act, m):
 
 # ---- the source, the cache, the dump --------------------------------------------------------
 
+@cpu_only
 def test_source_readable_one_config_under_interpreter_and_dumped(monkeypatch, capsys, tmp_path):
     src = cg.linear_source(formats.get("nf4"), variant="gemm")
     assert "def linear_kernel(" in src and "16-level codebook nf4" in src
@@ -288,6 +295,7 @@ def op_args(q):
     return q.codes, q.scales, list(q.side.values()), ops.qtensor_meta(q)
 
 
+@cpu_only
 def test_ops_run_the_kernels_with_impl_triton(monkeypatch):
     p = dict(k=90, n=24, bias=True, axis=1, seed=7, scale=1.0)
     x, q, b = make(p, 5, "mxint8")
@@ -311,6 +319,7 @@ def test_ops_run_the_kernels_with_impl_triton(monkeypatch):
         torch.ops.qcompile.linear(x, *op_args(q), "", b, "cuda")
 
 
+@cpu_only
 def test_ops_fall_back_to_the_reference_with_one_warning(monkeypatch):
     p = dict(k=64, n=16, bias=False, axis=1, seed=8, scale=1.0)
     x, q, b = make(p, 3, "int4")
@@ -355,14 +364,14 @@ TINY_POLICY = Policy({"fc1": LayerSpec(weight="mxint8", act="mxint8")},
 
 
 def test_compiled_tiny_model_with_triton_kernels(monkeypatch):
-    """kernels='triton' under the interpreter: the kernels run, and the result matches the
-    eager fake-quantised model within the bound propagated through both layers."""
+    """kernels='triton' (the interpreter, or the GPU): the kernels run, and the result matches
+    the eager fake-quantised model on the CPU within the bound propagated through both layers."""
     torch._dynamo.reset()
     monkeypatch.delenv("QCOMPILE_KERNELS", raising=False)
     calls = []
     real = cg.linear
     monkeypatch.setattr(cg, "linear", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
-    model = Tiny().eval()
+    model = Tiny().eval().to(DEVICE)
     ref = qcompile.fake_quantize_model_(Tiny().eval(), TINY_POLICY)
     f = torch.compile(model, backend="blockquant", fullgraph=True,
                       options={"policy": TINY_POLICY, "lowering": "eager", "kernels": "triton"})
@@ -370,7 +379,7 @@ def test_compiled_tiny_model_with_triton_kernels(monkeypatch):
         x = torch.randn(*shape)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("error")
-            y = f(x)
+            y = host(f(dev(x)))
             h = F.relu(ref.fc1(x))  # the eager model's hidden layer (fc1's act hook applied)
             y_ref = ref(x)
         x2, h2 = x.reshape(-1, 72), h.reshape(-1, 40)
@@ -386,6 +395,7 @@ def test_compiled_tiny_model_with_triton_kernels(monkeypatch):
     assert calls.count("mxint8") == 2 and calls.count(None) == 2
 
 
+@cpu_only
 def test_backend_kernel_option_and_environment(monkeypatch):
     from qcompile.backend import parse_options
     monkeypatch.delenv("QCOMPILE_KERNELS", raising=False)
@@ -404,6 +414,7 @@ def test_backend_kernel_option_and_environment(monkeypatch):
         parse_options({**pol, "kernels": "reference"}, [x])
 
 
+@cpu_only
 def test_quantize_model_layers_follow_the_kernels_option(monkeypatch):
     """QuantLinear's ops default to "auto"; compiling with kernels='triton' points them at the
     kernels (the backend rewrites the impl of qcompile ops already in the graph)."""
@@ -424,6 +435,7 @@ def test_quantize_model_layers_follow_the_kernels_option(monkeypatch):
     torch.testing.assert_close(y, eager, rtol=1e-5, atol=1e-5)
 
 
+@cpu_only
 def test_kernel_benchmark_smoke_run(tmp_path):
     """python -m benchmarks kernels --smoke: runs end to end on the interpreter, every kernel
     within its bound, and writes the markdown table."""
