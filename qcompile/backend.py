@@ -112,12 +112,13 @@ def run_passes(gm, example_inputs, policy: Policy, impl: str = "auto"):
     if not _has_qcompile_ops(gm):  # else quantize_model_ may have consumed the rules already
         warn_unmatched(policy, gm.meta["qcompile_matched_rules"])
     planned = planned_sites(gm)
-    record_compiled(gm, example_inputs)  # for explain(compiled_model)
     passes.debug_graph(gm, "plan")
     _set_impl(gm, impl)
     if not planned:
+        record_compiled(gm, example_inputs)  # for explain(compiled_model)
         return gm, planned
     passes.quantize_weights(gm, example_inputs)
+    record_compiled(gm, example_inputs)  # after quantising: explain counts the bytes stored
     passes.debug_graph(gm, "quantize_weights")
     passes.rewrite(gm, impl=impl)
     passes.debug_graph(gm, "rewrite")

@@ -1,12 +1,17 @@
 """``qcompile.explain(model, policy, *example_inputs)``: what a policy does to each op.
 
 Traces the model with Dynamo (a capture-only backend that runs the find and plan passes and
-quantises nothing), or reads what the backend recorded for a compiled model, and tabulates every quantisable op: module FQN, op, weight shape, the rule
-that matched, weight and activation formats, effective bits per weight; with totals.
+quantises nothing), or reads what the backend recorded for a compiled model, and tabulates
+every quantisable op: module FQN, op, weight shape, the rule that matched, weight and activation
+formats, bits per weight; with totals. Bits are the bytes actually stored (codes, scales, padding,
+OPQ outliers, tensor scales) where the weight was quantised (a compiled model, a layer swapped by
+``quantize_model_``), and the format's nominal effective bits where nothing was quantised (a
+traced ``explain(model, policy, *inputs)``): those rows are marked ``nominal``.
 """
 from __future__ import annotations
 
 import json
+import math
 import weakref
 from dataclasses import dataclass, field
 
@@ -24,7 +29,8 @@ class Row:
     rule: str
     weight_fmt: str
     act_fmt: str
-    bits: float  # effective bits per weight element
+    bits: float  # bits per weight element
+    nominal: bool = False  # True: the format's effective bits, not bytes that were stored
 
     @property
     def numel(self) -> int:
@@ -58,7 +64,8 @@ class Explanation:
     def __str__(self) -> str:
         head = ("module", "op", "weight", "rule", "weight fmt", "act fmt", "bits/w")
         body = [(r.fqn or "<root>", r.op, "x".join(map(str, r.weight_shape)), r.rule,
-                 r.weight_fmt, r.act_fmt, f"{r.bits:.3f}") for r in self.rows]
+                 r.weight_fmt, r.act_fmt, f"{r.bits:.3f}{'*' if r.nominal else ''}")
+                for r in self.rows]
         widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
         line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
         out = [line(head), line("-" * w for w in widths), *map(line, body)]
@@ -66,6 +73,9 @@ class Explanation:
                    f"{self.total_bits / 8:.0f} bytes, {self.avg_bits:.3f} bits/weight, "
                    f"{self.density_vs_fp32:.2f}x denser than float32; model holds "
                    f"{self.resident_weight_bytes} bytes of parameters and buffers")
+        if any(r.nominal for r in self.rows):
+            out.append("* nominal: the format's effective bits (no padding or OPQ outliers); "
+                       "compiled or quantize_model_ layers count the bytes stored")
         return "\n".join(out)
 
 
@@ -82,9 +92,19 @@ def _site_row(node, site) -> Row:
     shape = tuple(int(s) for s in w.shape) if isinstance(w, torch.Tensor) else ()
     k = shape[site.weight_axis] if shape else None
     wf = spec.weight if spec is not None else None
-    bits = wf.effective_bits(k) if wf is not None and site.kind == "linear" else _dtype_bits(w)
+    q = node.meta.get("qcompile_qtensor")
+    nominal = False
+    if node.meta.get("qcompile_skip_weight"):
+        wf = None  # not a real tensor the backend could quantise: left as it is
+    if q is not None:
+        bits = q.bits_per_element
+    elif wf is not None and site.kind == "linear":
+        bits, nominal = wf.effective_bits(k), True
+    else:
+        bits = _dtype_bits(w)
     return Row(site.fqn, site.target, shape, rule.describe() if rule else "default",
-               wf.key if wf else "-", spec.act.key if spec is not None and spec.act else "-", bits)
+               wf.key if wf else "-", spec.act.key if spec is not None and spec.act else "-",
+               bits, nominal)
 
 
 def _quantized_module_rows(model) -> list[Row]:
@@ -97,8 +117,11 @@ def _quantized_module_rows(model) -> list[Row]:
             m = json.loads(mod.meta)
             fmt = formats.get(m["fmt"])
             shape = tuple(m["shape"])
+            stored = [mod.codes, mod.scales, *(getattr(mod, f"side_{k}") for k in mod.side_names)]
+            n_bytes = sum(t.numel() * t.element_size() for t in stored)
+            numel = math.prod(shape)
             rows.append(Row(name, "qcompile.linear", shape, "quantize_model_", fmt.key,
-                            mod.act or "-", fmt.effective_bits(shape[m["axis"]])))
+                            mod.act or "-", 8 * n_bytes / numel if numel else float("nan")))
     return rows
 
 

@@ -297,6 +297,9 @@ def test_explain_table_and_totals():
     assert rows["transformer.h.0.attn.c_attn"].act_fmt == "mxint8"
     assert rows["transformer.h.0.attn.c_attn"].weight_shape == (64, 192)
     assert rows["transformer.h.0.attn.c_attn"].bits == qcompile.formats.get("mxint8").effective_bits()
+    # traced, nothing quantised: quantised rows carry the format's nominal bits, marked
+    assert rows["transformer.h.0.attn.c_attn"].nominal and not rows["lm_head"].nominal
+    assert "* nominal" in str(e) and "8.250*" in str(e)
     assert rows["transformer.h.1.mlp.c_fc"].rule.endswith("'*.mlp.*'")
     assert rows["transformer.h.0.attn.c_proj"].rule == "default"
     total = sum(r.numel * r.bits for r in e.rows)
@@ -418,9 +421,27 @@ def test_explain_reads_a_compiled_model_after_its_first_call():
     f(ids)
     got = qcompile.explain(f)
     want = qcompile.explain(gpt2(), MIXED, ids)  # traced afresh: the same table
-    assert [(r.fqn, r.weight_fmt, r.act_fmt, r.bits) for r in got.rows] == \
-           [(r.fqn, r.weight_fmt, r.act_fmt, r.bits) for r in want.rows]
+    assert [(r.fqn, r.weight_fmt, r.act_fmt) for r in got.rows] == \
+           [(r.fqn, r.weight_fmt, r.act_fmt) for r in want.rows]
     assert got.resident_weight_bytes == qcompile.resident_weight_bytes(m)
+    # compiled: the bytes stored. K = 64 or 256 here (whole blocks, no padding): mxint8 is
+    # 8 + 8/32 bits, nf4 and bof4s 4 + 32/64, plus 16 + 32 bits for each OPQ outlier
+    params = dict(m.named_parameters())
+    outliers = 0
+    for r in got.rows:
+        assert not r.nominal
+        if r.weight_fmt == "mxint8":
+            assert r.bits == 8.25
+        elif r.weight_fmt == "nf4":
+            assert r.bits == 4.5
+        elif r.weight_fmt == "bof4s_opq":  # Conv1D weights [K, N]: blocks along axis 0
+            q = qcompile.quantize(params[r.fqn + ".weight"].detach(), "bof4s_opq", axis=0)
+            n = q.side["outlier_index"].numel()
+            outliers += n
+            assert r.bits == pytest.approx(4.5 + 48 * n / r.numel, abs=1e-12)
+        else:
+            assert (r.fqn, r.weight_fmt, r.bits) == ("lm_head", "-", 32)
+    assert outliers > 0  # the test sees outliers, so it would see them missing
 
 
 def test_explain_lists_layers_swapped_by_quantize_model_():
@@ -433,6 +454,21 @@ def test_explain_lists_layers_swapped_by_quantize_model_():
     assert rows["transformer.h.0.attn.c_attn"].act_fmt == "mxint8"
     assert rows["lm_head"].weight_fmt == "-"  # kept in full precision, still a linear
     assert e.resident_weight_bytes == qcompile.resident_weight_bytes(m)
+
+
+def test_explain_counts_padding_of_a_partial_block():
+    """K = 100 in nf4 blocks of 64: 128 codes (64 bytes) and 2 float32 scales (8 bytes) per
+    row, 576 bits for 100 weights, whether compiled or swapped by quantize_model_."""
+    torch.manual_seed(0)
+    pol = Policy({}, default=LayerSpec(weight="nf4"))
+    net = nn.Sequential(nn.Linear(100, 8)).eval()
+    f = compiled(net, pol, "eager")
+    f(torch.randn(2, 100))
+    (row,) = qcompile.explain(f).rows
+    assert row.bits == 5.76 and not row.nominal
+    swapped = qcompile.quantize_model_(nn.Sequential(nn.Linear(100, 8)).eval(), pol)
+    (row,) = qcompile.explain(swapped, pol, torch.randn(2, 100)).rows
+    assert row.bits == 5.76 and row.op == "qcompile.linear"
 
 
 def test_fake_quantize_model_is_the_eager_reference():
