@@ -107,7 +107,8 @@ def markdown(results: dict, images: dict[str, str]) -> str:
                   "`torch.compile(model, backend=\"blockquant\", "
                   f"options={{\"policy\": ..., \"lowering\": \"{s['lowering']}\"}})`. Bits/weight: "
                   "`qcompile.explain` of the compiled model: bytes stored per weight (codes, "
-                  "block scales, padding, OPQ outliers, tensor scales) over the quantised linears. Compile: the first call's wall time "
+                  "block scales, padding, OPQ outliers, tensor scales) over the quantised "
+                  "linears. Compile: the first call's wall time "
                   "(Dynamo, passes, weight quantisation, lowering) minus a later call's; "
                   "s/window: a later call's time per window (the reference ops dequantise "
                   "every weight on each call).", "",
