@@ -11,7 +11,6 @@ traced ``explain(model, policy, *inputs)``): those rows are marked ``nominal``.
 from __future__ import annotations
 
 import json
-import math
 import weakref
 from dataclasses import dataclass, field
 
@@ -111,17 +110,17 @@ def _quantized_module_rows(model) -> list[Row]:
     """Rows for the layers ``quantize_model_`` already swapped (they hold packed weights and
     appear in graphs as qcompile ops, not as linears)."""
     from .backend import QuantLinear
+    from .ops import qtensor_from
     rows = []
     for name, mod in model.named_modules():
         if isinstance(mod, QuantLinear):
             m = json.loads(mod.meta)
             fmt = formats.get(m["fmt"])
             shape = tuple(m["shape"])
-            stored = [mod.codes, mod.scales, *(getattr(mod, f"side_{k}") for k in mod.side_names)]
-            n_bytes = sum(t.numel() * t.element_size() for t in stored)
-            numel = math.prod(shape)
+            side = [getattr(mod, f"side_{k}") for k in mod.side_names]
+            q = qtensor_from(mod.codes, mod.scales, side, mod.meta)
             rows.append(Row(name, "qcompile.linear", shape, "quantize_model_", fmt.key,
-                            mod.act or "-", 8 * n_bytes / numel if numel else float("nan")))
+                            mod.act or "-", q.bits_per_element))
     return rows
 
 
