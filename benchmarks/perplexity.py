@@ -113,7 +113,7 @@ def quantised_bits(explanation) -> tuple[float, int]:
 def sweep(model, windows: torch.Tensor, policies: dict[str, Policy | None],
           lowering: str = "eager", batch: int = 1) -> list[dict]:
     """Perplexity of each policy. Full precision runs the eager model; every quantised policy
-    runs ``torch.compile(model, backend="blockquant", options={"policy", "lowering"})`` with
+    runs ``qcompile.compile(model, policy, lowering=...)`` (in place) with
     static shapes on ``batch`` windows per call (equal batches: one graph per policy; the
     reference ops dequantise the weights once per call, so batching amortises that). Compile
     time is the first call's wall time (Dynamo, the passes, quantising the weights, lowering)
@@ -142,8 +142,7 @@ def _score(model, windows, label, policy, lowering, batch) -> dict:
     else:
         # a copy per policy: explain(compiled) then sees only this policy's graphs, and
         # the packed weights (cached on the parameters) go with the copy
-        fast = torch.compile(copy.deepcopy(model), backend="blockquant", dynamic=False,
-                             options={"policy": policy, "lowering": lowering})
+        fast = qcompile.compile(copy.deepcopy(model), policy, lowering=lowering, dynamic=False)
         r = perplexity(fast, windows, batch, desc=label)
         bits, _ = quantised_bits(qcompile.explain(fast))
         compile_s = r["seconds"][0] - later_median(r["seconds"])

@@ -48,8 +48,7 @@ def report(model_dir=None, lowering="inductor", lengths=(64, 96)) -> dict:
     qcompile.quantize_model_(model, MIXED)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    compiled = torch.compile(model, backend="blockquant",
-                             options={"policy": MIXED, "lowering": lowering})
+    compiled = qcompile.compile(model, MIXED, lowering=lowering)
     got, first_s = [], []
     with torch.no_grad():
         for p in prompts:

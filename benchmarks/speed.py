@@ -7,7 +7,7 @@ Configurations (each on its own copy of the model):
   reference definition; float32 weights, so float32 speed and memory);
 * torch.compile fp32: ``torch.compile(model)`` (Inductor);
 * blockquant <fmt>: ``qcompile.quantize_model_`` (packed weights only) then
-  ``torch.compile(model, backend="blockquant", options={"policy", "lowering"})``.
+  ``qcompile.compile(model, policy, lowering=...)`` (in place, as the README does it).
 
 Per configuration: a warm-up generation (which compiles: the prefill graph, the first decode
 step and the dynamic-shape decode graph), then ``repeats`` timed generations of a
@@ -66,8 +66,7 @@ def configurations(model, w8: str, w4: str, lowering: str = "inductor"):
         def build():
             policy = weight_only(fmt)
             m = qcompile.quantize_model_(copy.deepcopy(model), policy)
-            return torch.compile(m, backend="blockquant",
-                                 options={"policy": policy, "lowering": lowering}), m
+            return qcompile.compile(m, policy, lowering=lowering), m
         return build
 
     tag = "Inductor" if lowering == "inductor" else "Dynamo, eager lowering"
@@ -81,7 +80,7 @@ def configurations(model, w8: str, w4: str, lowering: str = "inductor"):
 
 def quantised_layer_bytes(model) -> tuple[int, int]:
     """(bytes the QuantLinear layers hold, float32 bytes of the weights they replaced)."""
-    from qcompile.backend import QuantLinear
+    from qcompile.layers import QuantLinear
     held = fp32 = 0
     for m in model.modules():
         if isinstance(m, QuantLinear):

@@ -9,16 +9,13 @@ what the reference does itself (the absmax division, the NVFP4 scale product, va
 """
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import os
-import sys
-import tempfile
-
 import torch
 
 from qcompile.elements import CodebookElement, FloatElement, IntElement, LogElement
 from qcompile.scales import E4M3
+
+from .cache import load_kernel  # noqa: F401  (the cache lives in cache.py; quant.py and
+# linear.py import load_kernel from here)
 
 F32_NAN = 0x7FC00000  # the float32 NaN torch writes for math.nan
 F32_INF = 0x7F800000
@@ -169,58 +166,6 @@ def dequant_source(fmt) -> str:
         f"def dequant_kernel({', '.join(args)}):",
     ]
     return "\n".join(head + ["    " + line for line in body]) + "\n"
-
-
-# ---- compile once per source (content hash), import from a cache folder --------------------
-
-_KERNELS: dict[str, object] = {}
-
-
-def _cache_dir() -> str:
-    path = os.environ.get("QCOMPILE_KERNEL_CACHE") or os.path.join(
-        tempfile.gettempdir(), f"qcompile_kernels_{os.getuid() if hasattr(os, 'getuid') else 0}")
-    os.makedirs(path, exist_ok=True)
-    return path
-
-
-def _read(path: str) -> str | None:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except (OSError, UnicodeDecodeError):
-        return None
-
-
-def _write_atomically(path: str, text: str):
-    """Write to a private temporary file, then rename: a process compiling the same kernel at the
-    same time sees either no file or a whole one, never a half-written one."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".qk_", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def load_kernel(source: str, name: str = "dequant_kernel"):
-    """The kernel ``name`` defined by ``source``, imported once per process from the cache folder
-    (file named by the source's hash; rewritten whenever its text is not exactly the source)."""
-    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
-    if digest in _KERNELS:
-        return _KERNELS[digest]
-    if os.environ.get("QCOMPILE_DUMP_KERNELS") == "1":
-        print(f"# ---- qcompile kernel {digest} ----\n{source}", file=sys.stderr, flush=True)
-    path = os.path.join(_cache_dir(), f"qk_{digest}.py")
-    if _read(path) != source:  # missing, or damaged (truncated, edited): never trusted
-        _write_atomically(path, source)
-    spec = importlib.util.spec_from_file_location(f"qcompile_generated_{digest}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    _KERNELS[digest] = getattr(module, name)
-    return _KERNELS[digest]
 
 
 def _next_pow2(n: int) -> int:

@@ -37,11 +37,10 @@ twice that. The integer path is its formula above, bit for bit, and within gamma
 from __future__ import annotations
 
 import functools
-import os
-import warnings
 
 import torch
 
+from qcompile import config
 from qcompile import formats as _formats
 from qcompile.elements import IntElement
 
@@ -53,7 +52,6 @@ GEMV_MAX_M = 16  # M up to this runs the GEMV-shaped kernel
 MAX_ACT_BLOCK = 256  # larger activation blocks are fake-quantised outside the kernel
 UNIT = 2.0**-23  # the bound's unit roundoff: covers round-to-nearest and truncating adders
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-_warned: set = set()
 
 
 def gamma(n) -> float:
@@ -62,7 +60,7 @@ def gamma(n) -> float:
 
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return config.triton_interpret()
 
 
 # ---- what runs where ------------------------------------------------------------------------
@@ -276,12 +274,6 @@ def linear_source(wfmt, act_fmt=None, *, variant: str = "gemm", dtype=torch.floa
 
 # ---- launch ---------------------------------------------------------------------------------
 
-def warn_once(tag, message: str):
-    if tag not in _warned:
-        _warned.add(tag)
-        warnings.warn(message, stacklevel=3)
-
-
 def _codes_at(q, flat):
     """Reference decode of the weight elements at flat positions of the padded [N, L] layout."""
     el, bits = q.fmt.element, q.fmt.element.bits
@@ -336,8 +328,8 @@ def linear(x: torch.Tensor, q, act_fmt=None, bias: torch.Tensor | None = None) -
     if af is not None and (opq or not fusable_act(af)):
         # OPQ's correction after the kernel needs the fake-quantised activations themselves
         if not opq:
-            warn_once(("act", af.key), f"qcompile linear: activation format {af.key} is "
-                      "quantised outside the fused kernel (no prologue for it)")
+            config.warn(f"qcompile linear: activation format {af.key} is quantised outside the "
+                        "fused kernel (no prologue for it)", once=("act outside", af.key))
         from qcompile import api
         impl = "triton" if _quant.supported(af) else "reference"
         x2 = api.fake_quantize(x2, af, axis=-1, impl=impl)

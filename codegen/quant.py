@@ -317,7 +317,7 @@ def quantize(x: torch.Tensor, fmt, axis: int) -> QTensor:
         raise NotImplementedError(f"no generated quantise kernel for {fmt.key}")
     xm = x.movedim(axis, -1).to(torch.float32)
     lead, k = xm.shape[:-1], xm.shape[-1]
-    block = fmt.block_size or max(k, 1)
+    block = fmt.block_for(k)  # block_size clamped to the row; None: the row
     n_blocks = -(-k // block)
     blocks = torch.nn.functional.pad(xm, (0, n_blocks * block - k)).reshape(*lead, n_blocks, block)
     side: dict[str, torch.Tensor] = {}
@@ -353,6 +353,10 @@ def quantize(x: torch.Tensor, fmt, axis: int) -> QTensor:
         kernel = load_kernel(quant_source(fmt), "quant_kernel")
         kernel[(triton_cdiv(total, block_b),)](blocks.contiguous(), codes, scales, *extra, total,
                                                block, BLOCK_B=block_b, BLOCK_E=block_e)
+    if block < (fmt.block_size or 0) and sc.kind == "absmax" and sc.signed:
+        # block_size clamped to the row: as in the reference, the zero padding of the unclamped
+        # block wins an all-zero row's tie (s = +0)
+        scales = torch.where(scales == 0, 0.0, scales)
     if el.kind == "codebook" and el.data_dependent:
         side["codebook"] = table
     packed = pack(codes.reshape(*lead, n_blocks * block), el.bits)

@@ -1,12 +1,16 @@
-"""QCOMPILE_DEBUG=1 prints the graph after each pass (to stderr)."""
+"""QCOMPILE_DEBUG=1 prints the graph after each pass (to stderr).
+
+The variable is read through qcompile.config: 1/true/yes/on turn it on, 0/false/no/off or unset
+leave it off, anything else is an error that names the variable."""
 from __future__ import annotations
 
-import os
 import sys
+
+from qcompile import config
 
 
 def enabled() -> bool:
-    return os.environ.get("QCOMPILE_DEBUG", "") not in ("", "0")
+    return config.debug()
 
 
 def debug_graph(gm, stage: str):

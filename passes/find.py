@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import operator
-import re
 from dataclasses import dataclass
 
 import torch
 from torch import fx
+
+from .names import ModuleNames, names_for, text_name
 
 LINEAR_TARGETS = (torch._C._nn.linear, torch.nn.functional.linear)
 ADDMM_TARGETS = (torch.addmm,)
@@ -27,27 +28,44 @@ class Site:
     weight_axis: int
 
 
-_ROOT = re.compile(r"^L\['[^']*'\]")
+def _is_real(t) -> bool:
+    return (isinstance(t, torch.Tensor) and not isinstance(t, torch._subclasses.FakeTensor)
+            and t.device.type != "meta")
 
 
-def module_fqn(path: str) -> str:
-    """Dynamo's module path (``L['self'].transformer.h[0]._modules['mlp']``) as an FQN
-    (``transformer.h.0.mlp``)."""
-    s = _ROOT.sub("", path)
-    s = re.sub(r"\._modules\['([^']*)'\]", r".\1", s)
-    s = re.sub(r"\[['\"]?([^\]'\"]*)['\"]?\]", r".\1", s)
-    return s.strip(".")
+def real_input(gm: fx.GraphModule, node, example_inputs) -> torch.Tensor | None:
+    """The real tensor behind a graph input or attribute node, or None when it is neither
+    (a value computed in the graph) or not a real tensor."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "placeholder":
+        phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        i = phs.index(node)
+        t = example_inputs[i] if example_inputs is not None and i < len(example_inputs) else None
+    elif node.op == "get_attr":
+        t = gm
+        for part in node.target.split("."):
+            t = getattr(t, part, None)
+    else:
+        return None
+    return t if _is_real(t) else None
 
 
-def node_fqn(node: fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    path = list(stack.values())[-1][0]
-    return module_fqn(path)
+def site_name(node: fx.Node, weight: torch.Tensor | None, names: ModuleNames) -> str:
+    """The model.named_modules() name of the module an op belongs to: for a linear op the
+    linear-like module holding its weight (tied weights: the one that ran the op), else the
+    module that ran it."""
+    ran = names.module(node)
+    holders = names.weight_holders(weight)
+    if holders:
+        return ran if ran in holders else holders[0]
+    if ran is not None and names.root is not None:
+        return ran
+    return text_name(node)
 
 
 def _site(node: fx.Node, with_matmul: bool) -> Site | None:
+    """The Site of a quantisable node (its name still empty), or None."""
     if node.op != "call_function" and not (node.op == "call_method" and node.target == "matmul"):
         return None
     t = node.target
@@ -57,23 +75,28 @@ def _site(node: fx.Node, with_matmul: bool) -> Site | None:
         w = node.kwargs.get("weight", args[1])
         b = node.kwargs.get("bias", args[2])
         if isinstance(x, fx.Node) and isinstance(w, fx.Node):
-            return Site("linear", "linear", node_fqn(node), x, w, b, 1)
+            return Site("linear", "linear", "", x, w, b, 1)
     elif t in ADDMM_TARGETS:
         if len(node.args) == 3 and not node.kwargs and all(isinstance(a, fx.Node) for a in node.args):
             b, x, w = node.args
-            return Site("linear", "addmm", node_fqn(node), x, w, b, 0)
+            return Site("linear", "addmm", "", x, w, b, 0)
     elif with_matmul and (t in MATMUL_TARGETS or node.op == "call_method"):
         if len(node.args) == 2 and all(isinstance(a, fx.Node) for a in node.args):
-            return Site("matmul", "matmul", node_fqn(node), node.args[0], node.args[1], None, -2)
+            return Site("matmul", "matmul", "", node.args[0], node.args[1], None, -2)
     return None
 
 
-def find_quantisable(gm: fx.GraphModule, with_matmul: bool = False) -> fx.GraphModule:
+def find_quantisable(gm: fx.GraphModule, with_matmul: bool = False, example_inputs=None,
+                     names: ModuleNames | None = None) -> fx.GraphModule:
     """Mark each linear (torch._C._nn.linear), GPT-2 Conv1D (torch.addmm) and, with
-    ``with_matmul``, matmul/bmm node with ``node.meta["qcompile_site"]``."""
+    ``with_matmul``, matmul/bmm node with ``node.meta["qcompile_site"]``, named by ``names``
+    (the frame's model, see names.py; computed here when not given)."""
+    names = names_for(gm) if names is None else names
     for node in gm.graph.nodes:
         site = _site(node, with_matmul)
         if site is not None:
+            weight = real_input(gm, site.weight, example_inputs) if site.kind == "linear" else None
+            site.fqn = site_name(node, weight, names)
             node.meta["qcompile_site"] = site
         else:
             node.meta.pop("qcompile_site", None)

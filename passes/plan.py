@@ -1,14 +1,17 @@
 """Pass 2: decide each site's LayerSpec from the Policy and check the op can carry it."""
 from __future__ import annotations
 
-import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import fx
 
+from qcompile import config
 from qcompile.policy import Policy
 
-from .find import sites
+from .find import real_input, sites
+from .graph import placeholders
+from .names import ModuleNames, linear_like
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -24,11 +27,25 @@ def _float(node) -> bool:
     return v is None or (isinstance(v, torch.Tensor) and v.dtype in FLOAT_DTYPES)
 
 
-def plan(gm: fx.GraphModule, policy: Policy) -> fx.GraphModule:
+@dataclass
+class Skipped:
+    """A linear layer the policy quantises that this graph cannot quantise, and why."""
+    fqn: str
+    weight_shape: tuple
+    rule_index: int | None
+    rule: str
+    reason: str
+    bits: int
+
+
+def plan(gm: fx.GraphModule, policy: Policy, example_inputs=None,
+         names: ModuleNames | None = None) -> fx.GraphModule:
     """Set ``node.meta["qcompile_spec"]`` (and ``"qcompile_rule"``) on every site the policy
     quantises. Sites with non-float operands, or a policy answer of None, are left alone.
-    ``gm.meta["qcompile_matched_rules"]`` collects the indices of the rules that matched."""
-    matched = set()
+    ``gm.meta["qcompile_matched_rules"]`` collects the indices of the rules that matched;
+    ``gm.meta["qcompile_skipped"]`` lists the layers the policy quantises that this graph
+    cannot (see ``_skipped``), each said once."""
+    matched, skipped = set(), []
     for node, site in sites(gm):
         node.meta.pop("qcompile_spec", None)
         rule, spec = policy.match(site.fqn, site.kind)
@@ -37,13 +54,61 @@ def plan(gm: fx.GraphModule, policy: Policy) -> fx.GraphModule:
             matched.add(rule.index)
         if spec is None:
             continue
+        reason = names.read_by_parent(site.fqn) if names is not None else None
+        if reason is not None and site.kind == "linear":
+            skipped.append(_skip(site.fqn, example_value(site.weight), rule, spec, reason))
+            continue
         if spec.weight is not None and not _float(site.weight):
             continue  # non-float weight: leave alone
         if spec.act is not None and not _float(site.x):
             continue
         node.meta["qcompile_spec"] = spec
+    skipped += _unreached(gm, policy, example_inputs, names)
+    gm.meta["qcompile_skipped"] = skipped
+    matched |= {s.rule_index for s in skipped if s.rule_index is not None}
     gm.meta["qcompile_matched_rules"] = matched
     return gm
+
+
+def _op_name(node: fx.Node) -> str:
+    t = node.target
+    return getattr(t, "__name__", None) or str(t)
+
+
+def _skip(fqn, weight, rule, spec, reason) -> Skipped:
+    """Record a skipped layer and say so once: the policy asked for a format it does not get."""
+    config.warn(f"blockquant: layer {fqn!r} stays in full precision although the policy gives "
+                f"it {spec.weight.key if spec.weight else spec.act.key}: {reason} "
+                "(explain() lists it)", once=("skipped", fqn, reason))
+    shape = tuple(int(s) for s in weight.shape) if isinstance(weight, torch.Tensor) else ()
+    return Skipped(fqn, shape, rule.index if rule else None, rule.describe() if rule else "default",
+                   reason, dtype_bits(weight))
+
+
+def dtype_bits(v) -> int:
+    return torch.finfo(v.dtype).bits if isinstance(v, torch.Tensor) and v.is_floating_point() else 32
+
+
+def _unreached(gm, policy: Policy, example_inputs, names: ModuleNames | None) -> list[Skipped]:
+    """Linear layers whose weight this graph reads, but not through a linear op the backend can
+    quantise (nn.MultiheadAttention's out_proj inside its fused kernel, say)."""
+    if names is None or names.root is None:
+        return []
+    consumed = {id(real_input(gm, s.weight, example_inputs)) for _, s in sites(gm)
+                if s.kind == "linear"}
+    skipped = []
+    for ph in placeholders(gm):
+        t = real_input(gm, ph, example_inputs)
+        if t is None or id(t) in consumed:
+            continue
+        for name in names.weight_holders(t):
+            rule, spec = policy.match(name, "linear")
+            if spec is None or spec.weight is None:
+                continue
+            readers = ", ".join(sorted({_op_name(u) for u in ph.users})) or "nothing"
+            skipped.append(_skip(name, t, rule, spec,
+                                 f"its weight is read by {readers}, not by a linear op"))
+    return skipped
 
 
 def planned(gm: fx.GraphModule):
@@ -51,9 +116,22 @@ def planned(gm: fx.GraphModule):
             if "qcompile_spec" in n.meta]
 
 
-def warn_unmatched(policy: Policy, matched: set[int]):
-    """Warn once per policy for each rule that matched no op."""
+def warn_unmatched(policy: Policy, matched: set[int], names: ModuleNames | None = None):
+    """Warn once per policy for each rule that matches no layer of the model (with the model
+    known: every linear layer is a candidate, whichever graph it lands in), or, without it, no
+    op of this graph."""
+    if names is not None and names.root is not None:
+        modules = list(names.root.named_modules())
+        linear = [n for n, m in modules if linear_like(m) or getattr(m, "quantised_linear", False)]
+        every = [n for n, _ in modules]
+        for rule in policy.rules:
+            kind = "matmul" if rule.spec is not None and rule.spec.op == "matmul" else "linear"
+            if not any(rule.matches(n, kind) for n in (every if kind == "matmul" else linear)):
+                config.warn(f"blockquant: policy rule {rule.describe()} matches no layer of the "
+                            f"{type(names.root).__name__} model",
+                            once=("unmatched", repr(policy), rule.index))
+        return
     for rule in policy.rules:
-        if rule.index not in matched and rule.index not in policy._warned_unmatched:
-            policy._warned_unmatched.add(rule.index)
-            warnings.warn(f"blockquant: policy rule {rule.describe()} matched no op", stacklevel=2)
+        if rule.index not in matched:
+            config.warn(f"blockquant: policy rule {rule.describe()} matched no op",
+                        once=("unmatched", repr(policy), rule.index))

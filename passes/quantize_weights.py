@@ -2,22 +2,26 @@
 
 The backend receives the real parameters in ``example_inputs``; a weight is found as the
 placeholder (or get_attr) feeding the op. Packed QTensors are cached on the parameter object's
-identity, its in-place version counter, the format key and the K axis, so recompiles (new
-sequence lengths, dynamic shapes) reuse them instead of quantising again.
+identity, its state (version counter, storage), the format key and the K axis, so recompiles
+(new sequence lengths, dynamic shapes) reuse them instead of quantising again, and a weight
+that changed (``load_state_dict``) is quantised anew.
 """
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 
 import torch
 from torch import fx
 
-from qcompile import api
+from qcompile import api, config
 from qcompile.qtensor import QTensor
 
+from .find import real_input
+from .graph import placeholders
 from .plan import planned
 
-# (id(param), fmt key, axis) -> (weakref to param, param._version, QTensor)
+# (id(param), fmt key, axis) -> (weakref to param, weight_state(param), QTensor)
 _CACHE: dict[tuple, tuple] = {}
 STATS = {"quantised": 0, "reused": 0}
 
@@ -30,15 +34,16 @@ def _drop(key):
     _CACHE.pop(key, None)
 
 
-def _is_real(t) -> bool:
-    return (isinstance(t, torch.Tensor) and not isinstance(t, torch._subclasses.FakeTensor)
-            and t.device.type != "meta")
+def weight_state(w: torch.Tensor) -> tuple:
+    """What changes when a weight's values may have changed: in-place writes (load_state_dict,
+    copy_, optimiser steps) bump the version counter; ``p.data = t`` swaps the storage."""
+    return (w._version, w.data_ptr(), w.dtype, tuple(w.shape))
 
 
 def quantise_cached(w: torch.Tensor, fmt, axis: int) -> QTensor:
     key = (id(w), fmt.key, axis)
     hit = _CACHE.get(key)
-    if hit is not None and hit[0]() is w and hit[1] == w._version:
+    if hit is not None and hit[0]() is w and hit[1] == weight_state(w):
         STATS["reused"] += 1
         return hit[2]
     with torch.no_grad():
@@ -48,38 +53,52 @@ def quantise_cached(w: torch.Tensor, fmt, axis: int) -> QTensor:
         ref = weakref.ref(w, lambda _, key=key: _drop(key))
     except TypeError:
         return q
-    _CACHE[key] = (ref, w._version, q)
+    _CACHE[key] = (ref, weight_state(w), q)
     return q
 
 
-def resolve_weight(gm: fx.GraphModule, node, example_inputs) -> torch.Tensor | None:
-    """The real tensor behind a weight node, or None when it is not a graph input/attribute."""
-    if not isinstance(node, fx.Node):
-        return None
-    if node.op == "placeholder":
-        phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        i = phs.index(node)
-        t = example_inputs[i] if i < len(example_inputs) else None
-    elif node.op == "get_attr":
-        t = gm
-        for part in node.target.split("."):
-            t = getattr(t, part, None)
-    else:
-        return None
-    return t if _is_real(t) else None
+@dataclass
+class PackedWeight:
+    """A weight quantised ahead of time, and what it was quantised from: the compiled graph
+    checks before each call that the weight did not change since (``changed``)."""
+    input_index: int  # position of the full-precision weight among the graph's inputs
+    source: weakref.ref
+    state: tuple
+    fmt: object
+    axis: int
+    q: QTensor
+
+    def changed(self, t) -> bool:
+        return self.source() is not t or self.state != weight_state(t)
+
+    def requantise(self, t: torch.Tensor) -> None:
+        self.q = quantise_cached(t, self.fmt, self.axis)
+        self.source, self.state = weakref.ref(t), weight_state(t)
 
 
 def quantize_weights(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
     """Set ``node.meta["qcompile_qtensor"]`` on every planned linear site whose spec has a
-    weight format. A weight that is not a real graph input is left unquantised (the site's
-    weight format is dropped)."""
+    weight format, and list them in ``gm.meta["qcompile_packed"]`` (PackedWeight). A weight
+    computed in the graph (a parametrization such as weight_norm, a hook) cannot be quantised
+    ahead of time: rewrite quantises it on every call instead, said once per layer."""
+    index = {n: i for i, n in enumerate(placeholders(gm))}
+    packed: dict[int, PackedWeight] = {}
     for node, site, spec in planned(gm):
         node.meta.pop("qcompile_qtensor", None)
         if site.kind != "linear" or spec.weight is None:
             continue
-        w = resolve_weight(gm, site.weight, example_inputs)
+        w = real_input(gm, site.weight, example_inputs)
         if w is None or w.dim() != 2:
-            node.meta["qcompile_skip_weight"] = True
+            node.meta["qcompile_note"] = "quantised on every call (computed weight)"
+            config.warn(f"blockquant: layer {site.fqn!r}: its weight is computed in the graph "
+                        "(a parametrization such as weight_norm, or a hook), not read from a "
+                        "parameter, so it is quantised on every call instead of once ahead of "
+                        "time", once=("computed weight", site.fqn))
             continue
-        node.meta["qcompile_qtensor"] = quantise_cached(w, spec.weight, site.weight_axis)
+        q = quantise_cached(w, spec.weight, site.weight_axis)
+        node.meta["qcompile_qtensor"] = q
+        if id(q) not in packed and site.weight in index:
+            packed[id(q)] = PackedWeight(index[site.weight], weakref.ref(w), weight_state(w),
+                                         spec.weight, site.weight_axis, q)
+    gm.meta["qcompile_packed"] = list(packed.values())
     return gm

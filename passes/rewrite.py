@@ -3,9 +3,11 @@
 For a site with a packed weight, the weight operand becomes
 ``qcompile::dequantize(codes, scales, side, meta)`` whose tensors are new graph inputs (appended
 after the existing placeholders; their values are listed in ``gm.meta["qcompile_extra_inputs"]``
-for the caller to pass). For a site with an activation format, the activation operand becomes
-``qcompile::fake_quantize_act(x, fmt, -1)``. The result runs eagerly and equals the fake-quantised
-model.
+for the caller to pass). A weight that is not a graph input (a matmul operand, a weight
+computed by a parametrization) becomes ``qcompile::fake_quantize_act(w, fmt, K axis)``,
+quantised on every call. For a site with an activation format, the activation operand becomes
+``qcompile::fake_quantize_act(x, fmt, -1)``. The result runs eagerly and equals the
+fake-quantised model.
 """
 from __future__ import annotations
 
@@ -15,21 +17,19 @@ from torch import fx
 from qcompile import ops  # noqa: F401  (registers torch.ops.qcompile.*)
 from qcompile.ops import qtensor_meta
 
+from .graph import placeholders
 from .plan import planned
 
 DEQUANT = torch.ops.qcompile.dequantize.default
 FQ_ACT = torch.ops.qcompile.fake_quantize_act.default
 
 
-def _placeholders(gm: fx.GraphModule):
-    return [n for n in gm.graph.nodes if n.op == "placeholder"]
-
-
 def rewrite(gm: fx.GraphModule, impl: str = "reference") -> fx.GraphModule:
     g = gm.graph
     extra = list(gm.meta.get("qcompile_extra_inputs", []))
     packed_nodes = {}  # id(QTensor) -> (codes, scales, [side]) placeholder nodes
-    last = _placeholders(gm)[-1] if _placeholders(gm) else None
+    phs = placeholders(gm)
+    last = phs[-1] if phs else None
 
     def add_input(name, tensor):
         nonlocal last
@@ -56,17 +56,15 @@ def rewrite(gm: fx.GraphModule, impl: str = "reference") -> fx.GraphModule:
             with g.inserting_before(node):
                 deq = g.call_function(DEQUANT, (codes, scales, side, qtensor_meta(q), impl))
             node.replace_input_with(site.weight, deq)
-            site.weight = deq
-        if site.kind == "matmul" and spec.weight is not None:
+        elif spec.weight is not None:  # a matmul operand, or a weight computed in the graph
             with g.inserting_before(node):
-                wq = g.call_function(FQ_ACT, (site.weight, spec.weight.key, -2, impl))
+                wq = g.call_function(FQ_ACT, (site.weight, spec.weight.key, site.weight_axis,
+                                              impl))
             node.replace_input_with(site.weight, wq)
-            site.weight = wq
         if spec.act is not None:
             with g.inserting_before(node):
                 xq = g.call_function(FQ_ACT, (site.x, spec.act.key, -1, impl))
             node.replace_input_with(site.x, xq)
-            site.x = xq
     g.lint()
     gm.recompile()
     gm.meta["qcompile_extra_inputs"] = extra

@@ -4,11 +4,11 @@ from .api import dequantize, fake_quantize, quantize
 from .formats import Format
 from .qtensor import QTensor
 from .policy import LayerSpec, Policy
+from .layers import fake_quantize_model_, quantize_model_, resident_weight_bytes
+from .backend import compile
 from .explain import explain
-from .backend import quantize_model_, resident_weight_bytes
-from .eager import fake_quantize_model_
 
 __all__ = ["formats", "Format", "QTensor", "quantize", "dequantize", "fake_quantize", "Policy",
-           "LayerSpec", "explain", "quantize_model_", "resident_weight_bytes",
+           "LayerSpec", "compile", "explain", "quantize_model_", "resident_weight_bytes",
            "fake_quantize_model_"]
 __version__ = "0.1.0"

@@ -1,9 +1,14 @@
-"""Public quantise / dequantise entry points: validate first, then dispatch on ``impl``."""
+"""Public quantise / dequantise entry points: validate first, then dispatch on ``impl``.
+
+Autograd: ``fake_quantize`` is a straight-through estimator (forward: exactly the quantised
+values; backward: the incoming gradient unchanged), the same for every format. ``quantize``
+quantises the detached values: a QTensor carries no gradient.
+"""
 from __future__ import annotations
 
 import torch
 
-from . import formats, reference
+from . import config, formats, reference
 from .formats import Format
 from .qtensor import QTensor
 
@@ -32,11 +37,26 @@ def _check_input(x, fmt, axis) -> tuple[Format, int]:
     return fmt, axis % ndim
 
 
+def _check_triton_can_run(t: torch.Tensor, what: str):
+    """impl="triton" runs generated Triton kernels: CUDA tensors, or CPU ones in Triton's
+    interpreter. Checked before any work (before triton is even imported)."""
+    if t.is_cuda or config.triton_interpret():
+        return
+    raise RuntimeError(
+        f"qcompile.{what}(impl='triton'): the generated Triton kernels need CUDA tensors, or "
+        f"Triton's CPU interpreter (set TRITON_INTERPRET=1 in the environment before triton is "
+        f"imported); this tensor is on {t.device} and TRITON_INTERPRET is not on. Use "
+        "impl='reference' (the definition of each format, on any device)")
+
+
 def quantize(x: torch.Tensor, fmt, *, axis: int = -1, impl: str = "reference") -> QTensor:
-    """Quantise ``x`` in blocks along ``axis`` to ``fmt`` (a preset name, key or Format)."""
+    """Quantise ``x`` in blocks along ``axis`` to ``fmt`` (a preset name, key or Format).
+    ``x`` may require grad: its detached values are quantised (a QTensor has no gradient)."""
     fmt, axis = _check_input(x, fmt, axis)
     _check_impl(impl)
+    x = x.detach()
     if impl == "triton":
+        _check_triton_can_run(x, "quantize")
         from . import codegen
         if not codegen.supported(fmt):
             raise NotImplementedError(
@@ -59,6 +79,7 @@ def dequantize(q: QTensor, *, impl: str = "reference") -> torch.Tensor:
         raise TypeError(f"dequantize expects a QTensor, got {type(q).__name__}")
     _check_impl(impl)
     if impl == "triton":
+        _check_triton_can_run(q.codes, "dequantize")
         from .codegen import dequantize as run
     else:
         run = reference.dequantize
@@ -69,5 +90,34 @@ def dequantize(q: QTensor, *, impl: str = "reference") -> torch.Tensor:
 
 
 def fake_quantize(x: torch.Tensor, fmt, *, axis: int = -1, impl: str = "reference") -> torch.Tensor:
-    """dequantize(quantize(x)): x rounded to the format, in x's dtype."""
+    """dequantize(quantize(x)): x rounded to the format, in x's dtype.
+
+    Differentiable as a straight-through estimator, for every format: when ``x`` requires grad
+    (and grad mode is on) the result is exactly the same values, and backward passes the
+    incoming gradient to ``x`` unchanged (d fake_quantize(x) / dx taken as the identity)."""
+    fmt, axis = _check_input(x, fmt, axis)
+    _check_impl(impl)
+    if impl == "triton":
+        _check_triton_can_run(x, "fake_quantize")
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _StraightThrough.apply(x, fmt, axis, impl)
+    return fake_quantize_values(x, fmt, axis=axis, impl=impl)
+
+
+def fake_quantize_values(x: torch.Tensor, fmt, *, axis: int = -1,
+                         impl: str = "reference") -> torch.Tensor:
+    """fake_quantize without autograd: the values of dequantize(quantize(x)) (what the ops and
+    the straight-through estimator compute)."""
     return dequantize(quantize(x, fmt, axis=axis, impl=impl), impl=impl)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: fake_quantize_values(x); backward: the gradient unchanged (same shape, dtype)."""
+
+    @staticmethod
+    def forward(ctx, x, fmt, axis, impl):
+        return fake_quantize_values(x, fmt, axis=axis, impl=impl)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None, None

@@ -1,56 +1,65 @@
 """The ``blockquant`` torch.compile backend.
 
-    torch.compile(model, backend="blockquant", options={"policy": policy,
-                                                        "lowering": "inductor" | "eager",
-                                                        "kernels": "auto" | "reference" | "triton"})
+    qcompile.compile(model, policy, **options)                     # in place: forward, generate
+    model.compile(backend="blockquant", options={"policy": policy, ...})     # the same
+    torch.compile(model, backend="blockquant", options={...})      # a wrapper: its forward only
 
-``kernels``: "auto" (default) runs the generated Triton kernels on CUDA tensors and the reference
-ops on CPU tensors; "triton" forces the kernels (on CPU only under TRITON_INTERPRET=1, else a
-clear error); "reference" never runs them. The environment variable QCOMPILE_KERNELS
-(triton|reference|auto) overrides the option.
+``torch.compile(model)`` returns a wrapper whose ``generate`` (and every other method) calls the
+original module, uncompiled; compiling in place compiles what ``generate`` calls too.
 
-torch.compile hands the backend its ``options`` dict as the keyword argument ``options`` (and
-``mode`` when one is given). The backend validates the options, runs the passes in
-``qcompile.passes`` (find -> plan -> quantise weights -> rewrite -> fuse), then lowers the graph
-with Inductor or runs it eagerly. Packed weights are extra graph inputs supplied by a small
-wrapper, so Inductor sees ordinary tensors.
+Options: ``policy`` (a qcompile.Policy; default weight-only nf4, said once), ``lowering``
+("inductor" default, or "eager": bit-exact with ``fake_quantize_model_``), ``kernels`` ("auto":
+Triton on CUDA tensors, the reference on CPU ones; "triton"; "reference"; the environment
+variable QCOMPILE_KERNELS overrides it) and ``mode`` (Inductor's mode: torch.compile does not
+take ``mode`` and ``options`` together, so it goes inside options).
 
-Without a policy, the default is weight-only ``nf4`` on every linear layer (said once).
+The backend validates the options, runs the passes in ``qcompile.passes`` (find -> plan ->
+quantise weights -> rewrite -> fuse), then lowers the graph with Inductor or runs it eagerly.
+Packed weights are extra graph inputs supplied by ``CompiledGraph``, so Inductor sees ordinary
+tensors; before each call it checks that the weights they were packed from did not change
+(``load_state_dict``), and packs them again if they did.
+
+Never silent: Dynamo splitting a frame at a graph break (the code between graphs runs eagerly,
+in full precision), a graph with nothing to quantise, a frame Dynamo gives up on after its
+recompile limit (it then runs eagerly, never reaching the backend): each is said once.
 """
 from __future__ import annotations
 
-import os
-import warnings
+import contextlib
+import hashlib
+import logging
+import types
+import weakref
 
 import torch
 
 from qcompile import passes
+from qcompile.passes.graph import copy_graph_module
+from qcompile.passes.names import frame_description, names_for, remember_root
 from qcompile.passes.plan import planned as planned_sites, warn_unmatched
+from qcompile.passes.report import site_rows
 
-from .explain import record_compiled
+from . import config
 from .policy import DEFAULT_POLICY_DOC, Policy, PolicyError, default_policy
 
 LOWERINGS = ("inductor", "eager")
-KERNELS = ("auto", "reference", "triton")
-_OPTION_NAMES = ("policy", "lowering", "kernels")
-_said_default = False
+KERNELS = config.KERNELS
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+OPTION_NAMES = ("policy", "lowering", "kernels", "mode")
 
 
 def parse_options(options, example_inputs=None) -> dict:
-    """Validate the backend options; returns a dict with policy, lowering and impl (the
-    ``kernels`` choice, which the environment variable QCOMPILE_KERNELS overrides)."""
-    global _said_default
+    """Validate the backend options; returns a dict with policy, lowering, impl (the
+    ``kernels`` choice, which the environment variable QCOMPILE_KERNELS overrides) and mode."""
     options = dict(options or {})
-    unknown = set(options) - set(_OPTION_NAMES)
+    unknown = set(options) - set(OPTION_NAMES)
     if unknown:
         raise ValueError(f"blockquant: unknown option(s) {sorted(unknown)}; "
-                         f"known: {', '.join(_OPTION_NAMES)}")
+                         f"known: {', '.join(OPTION_NAMES)}")
     policy = options.get("policy")
     if policy is None:
-        if not _said_default:
-            _said_default = True
-            warnings.warn(f"blockquant: no policy given; using the default ({DEFAULT_POLICY_DOC})",
-                          stacklevel=3)
+        config.warn(f"blockquant: no policy given; using the default ({DEFAULT_POLICY_DOC})",
+                    once="default policy")
         policy = default_policy()
     elif not isinstance(policy, Policy):
         raise PolicyError(f"blockquant: options['policy'] must be a qcompile.Policy, got "
@@ -61,15 +70,17 @@ def parse_options(options, example_inputs=None) -> dict:
     kernels = options.get("kernels", "auto")
     if kernels not in KERNELS:
         raise ValueError(f"blockquant: kernels must be one of {KERNELS}, got {kernels!r}")
-    env = os.environ.get("QCOMPILE_KERNELS", "").strip()
-    if env:  # the environment overrides the option
-        if env not in KERNELS:
-            raise ValueError(f"blockquant: QCOMPILE_KERNELS must be one of {KERNELS}, got {env!r}")
-        kernels = env
+    kernels = config.kernels_override() or kernels  # the environment overrides the option
     if kernels == "triton":
         _check_triton_can_run(example_inputs)
+    mode = options.get("mode") or "default"
+    if mode not in MODES:
+        raise ValueError(f"blockquant: mode must be one of {MODES}, got {mode!r}")
+    if mode != "default" and lowering == "eager":
+        raise ValueError(f"blockquant: mode={mode!r} is an Inductor mode; it needs "
+                         "lowering='inductor'")
     # "auto" is resolved per call by the ops: Triton for CUDA tensors, the reference otherwise
-    return {"policy": policy, "lowering": lowering, "impl": kernels}
+    return {"policy": policy, "lowering": lowering, "impl": kernels, "mode": mode}
 
 
 def _check_triton_can_run(example_inputs):
@@ -81,50 +92,38 @@ def _check_triton_can_run(example_inputs):
                            "kernels='reference' or 'auto'") from err
     tensors = [t for t in (example_inputs or ()) if isinstance(t, torch.Tensor)]
     on_cpu = any(not t.is_cuda for t in tensors) if tensors else not torch.cuda.is_available()
-    if on_cpu and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if on_cpu and not config.triton_interpret():
         raise RuntimeError("blockquant: kernels='triton' runs generated Triton kernels, which need "
                            "CUDA tensors; on CPU they run only in Triton's interpreter (set "
                            "TRITON_INTERPRET=1 before triton is imported). Use kernels='auto' "
                            "(Triton on CUDA, the reference on CPU) or 'reference'")
 
 
-def copy_graph_module(gm):
-    """A new GraphModule with a copy of gm's graph: Dynamo reads its own graph's placeholders
-    after the backend returns, so the passes must not edit it in place."""
-    from torch import fx
-    graph = fx.Graph()
-    out, out_node = graph.graph_copy(gm.graph, {}, return_output_node=True)
-    graph.output(out, type_expr=out_node.type)
-    graph.owning_module = None
-    new = fx.GraphModule(gm, graph)
-    new.meta.update(getattr(gm, "meta", {}))
-    return new
-
-
-def run_passes(gm, example_inputs, policy: Policy, impl: str = "auto"):
-    """All five passes on a copy of gm; returns the rewritten graph module (its extra inputs in
-    ``gm.meta["qcompile_extra_inputs"]``) and the list of planned (node, site, spec)."""
+def run_passes(gm, example_inputs, policy: Policy, impl: str = "auto", names=None):
+    """All five passes on a copy of gm. Returns the rewritten graph module (its extra inputs in
+    ``gm.meta["qcompile_extra_inputs"]``, its packed weights in ``gm.meta["qcompile_packed"]``),
+    the list of planned (node, site, spec) and the explain rows. ``names``: the frame's module
+    names (passes.names), found from Dynamo's frame when not given."""
+    names = names_for(gm) if names is None else names
     gm = copy_graph_module(gm)
     passes.debug_graph(gm, "dynamo")
-    passes.find_quantisable(gm, with_matmul=policy.wants("matmul"))
+    passes.find_quantisable(gm, policy.wants("matmul"), example_inputs, names)
     passes.debug_graph(gm, "find_quantisable")
-    passes.plan(gm, policy)
-    if not _has_qcompile_ops(gm):  # else quantize_model_ may have consumed the rules already
-        warn_unmatched(policy, gm.meta["qcompile_matched_rules"])
+    passes.plan(gm, policy, example_inputs, names)
+    warn_unmatched(policy, gm.meta["qcompile_matched_rules"], names)
     planned = planned_sites(gm)
     passes.debug_graph(gm, "plan")
     _set_impl(gm, impl)
     if not planned:
-        record_compiled(gm, example_inputs)  # for explain(compiled_model)
-        return gm, planned
+        return gm, planned, site_rows(gm)
     passes.quantize_weights(gm, example_inputs)
-    record_compiled(gm, example_inputs)  # after quantising: explain counts the bytes stored
+    rows = site_rows(gm)  # after quantising: explain counts the bytes stored
     passes.debug_graph(gm, "quantize_weights")
     passes.rewrite(gm, impl=impl)
     passes.debug_graph(gm, "rewrite")
     passes.fuse(gm)
     passes.debug_graph(gm, "fuse")
-    return gm, planned
+    return gm, planned, rows
 
 
 def _set_impl(gm, impl: str):
@@ -150,13 +149,25 @@ def _set_impl(gm, impl: str):
         gm.recompile()
 
 
-def _lower(gm, inputs, lowering, mode=None):
+def _lower(gm, inputs, lowering, mode="default"):
     if lowering == "eager":
         return gm.forward
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
     patches = list_mode_options(mode) if mode and mode != "default" else {}
-    return compile_fx(gm, inputs, config_patches=patches)
+    with _inductor_cache_tag():
+        return compile_fx(gm, inputs, config_patches=patches)
+
+
+def _inductor_cache_tag():
+    """Inductor's on-disk graph cache does not hash a custom op's fake implementation: tag our
+    graphs with the ops' source, so a new version of the ops is never served an old graph."""
+    cfg = getattr(torch.compiler, "config", None)
+    if cfg is None or not hasattr(cfg, "cache_key_tag"):
+        return contextlib.nullcontext()
+    from . import ops
+    digest = hashlib.sha256(open(ops.__file__, "rb").read()).hexdigest()[:16]
+    return cfg.patch(cache_key_tag=f"{cfg.cache_key_tag}|qcompile-ops-{digest}")
 
 
 def _has_qcompile_ops(gm) -> bool:
@@ -164,106 +175,227 @@ def _has_qcompile_ops(gm) -> bool:
                for n in gm.graph.nodes)
 
 
+# Every CompiledGraph alive (Dynamo's cache holds them): explain(compiled model) reads them.
+COMPILED: "weakref.WeakSet[CompiledGraph]" = weakref.WeakSet()
+_SERIAL = iter(range(1, 1 << 62))
+
+
+def compiled_variants() -> list:
+    """Every live Variant of every CompiledGraph, newest first."""
+    return sorted((v for g in list(COMPILED) for v in g.variants.values()),
+                  key=lambda v: -v.serial)
+
+
+class Variant:
+    """One plan of a graph for one set of weights: the lowered graph and its packed weights."""
+
+    def __init__(self, gm, fn, rows, args, param_inputs, model):
+        self.gm, self.fn, self.rows = gm, fn, rows
+        self.model = weakref.ref(model) if model is not None else lambda: None
+        self.extra = list(gm.meta.get("qcompile_extra_inputs", ()))
+        self.packed = list(gm.meta.get("qcompile_packed", ()))
+        self.inputs = [weakref.ref(t) for t in args if isinstance(t, torch.Tensor)]
+        self.params = [(i, weakref.ref(args[i])) for i in param_inputs]
+        self.serial = next(_SERIAL)  # compile order: explain lets the newest win
+
+    def owns(self, args) -> bool:
+        """Whether ``args`` holds the very parameters this variant was planned for."""
+        return all(args[i] is ref() for i, ref in self.params)
+
+    def requantise(self, args, lowering: str):
+        """Pack again the weights that changed in place; same shapes, same lowered graph."""
+        new_shapes = False
+        for p in self.packed:
+            t = args[p.input_index]
+            if not p.changed(t):
+                continue
+            old_q, old = p.q, list(p.q.tensors().values())
+            start = next(i for i, e in enumerate(self.extra) if e is old[0])
+            p.requantise(t)
+            new = list(p.q.tensors().values())
+            new_shapes |= any(a.shape != b.shape or a.dtype != b.dtype for a, b in zip(old, new))
+            self.extra[start:start + len(new)] = new
+            for row in self.rows:
+                if row.qtensor is old_q:
+                    row.qtensor, row.bits = p.q, p.q.bits_per_element
+        if new_shapes and lowering != "eager":
+            # Inductor specialised its code on the old packed sizes (OPQ outlier counts): run
+            # the same graph without it rather than feed it tensors of other sizes
+            config.warn("blockquant: weights changed after compiling and their packed sizes "
+                        "changed too (OPQ outliers); this graph now runs without Inductor. "
+                        "Compile the model again for full speed", once=("new shapes", id(self)))
+            self.fn = self.gm.forward
+
+
+class CompiledGraph:
+    """What the backend returns for one Dynamo graph. It is called with the packed weights as
+    extra inputs, and before each call it checks the full-precision weights it is given:
+    - the same tensors, changed in place (``load_state_dict``, ``copy_``): packed again, so
+      the model never mixes new norms and embeddings with stale packed weights;
+    - other tensors (Dynamo runs one graph for every instance of a module class, e.g. each
+      decoder layer compiled on its own): the policy is applied to that instance by its own
+      names, a Variant each; variants whose rewritten graphs are the same share one lowering."""
+
+    def __init__(self, gm, example_inputs, opts: dict, names):
+        self.source, self.opts, self.names = copy_graph_module(gm), opts, names
+        self.param_inputs = [i for i, t in enumerate(example_inputs)
+                             if isinstance(t, torch.nn.Parameter)]
+        self.traced = [example_inputs[i] for i in self.param_inputs]
+        self.variants: dict[tuple, Variant] = {}
+        self.current = self._build(example_inputs, names)
+        COMPILED.add(self)
+
+    def _key(self, args) -> tuple:
+        return tuple(id(args[i]) for i in self.param_inputs)
+
+    def _build(self, args, names) -> Variant:
+        o = self.opts
+        gm, _, rows = run_passes(self.source, args, o["policy"], o["impl"], names)
+        extra = list(gm.meta.get("qcompile_extra_inputs", ()))
+        same = next((v for v in self.variants.values() if v.gm.code == gm.code and all(
+            a.shape == b.shape and a.dtype == b.dtype for a, b in zip(v.extra, extra))), None)
+        fn = same.fn if same is not None else _lower(gm, list(args) + extra, o["lowering"],
+                                                     o["mode"])
+        variant = Variant(gm, fn, rows, args, self.param_inputs, names.root)
+        self.variants[self._key(args)] = variant
+        return variant
+
+    def __call__(self, *args):
+        v = self.current
+        if not v.owns(args):
+            v = self.variants.get(self._key(args))
+            if v is None or not v.owns(args):
+                v = self._build(args, self.names.for_instance(
+                    self.traced, [args[i] for i in self.param_inputs]))
+            self.current = v
+        if any(p.changed(args[p.input_index]) for p in v.packed):
+            v.requantise(args, self.opts["lowering"])
+        return v.fn(*args, *v.extra)
+
+
 def blockquant_backend(gm, example_inputs, options=None, mode=None):
-    """The torch.compile backend (registered as ``backend="blockquant"``). ``mode`` is
-    torch.compile's mode, handed to Inductor as its mode options."""
+    """The torch.compile backend (registered as ``backend="blockquant"``)."""
     opts = parse_options(options, example_inputs)
-    gm, planned = run_passes(gm, example_inputs, opts["policy"], opts["impl"])
-    if not planned and not _has_qcompile_ops(gm):
-        warnings.warn("blockquant: nothing in this graph matched the policy; compiling it "
-                      "unchanged", stacklevel=2)
-        return _lower(gm, list(example_inputs), opts["lowering"], mode)
-    extra = tuple(gm.meta.get("qcompile_extra_inputs", ()))
-    compiled = _lower(gm, list(example_inputs) + list(extra), opts["lowering"], mode)
-
-    def run(*args):
-        return compiled(*args, *extra)
-
-    run.qcompile_graph = gm
-    run.qcompile_plan = planned
-    return run
-
-
-# -- ahead-of-time weight swap: no full-precision copy of quantised weights ------------------
-
-class QuantLinear(torch.nn.Module):
-    """A linear layer (nn.Linear [N, K] or GPT-2 Conv1D [K, N]) whose weight is held only as a
-    packed QTensor (buffers) and which runs ``qcompile::linear``; made by ``quantize_model_``."""
-
-    def __init__(self, q, bias, act, conv1d: bool, impl: str = "auto"):
-        super().__init__()
-        from .ops import qtensor_meta
-        self.register_buffer("codes", q.codes)
-        self.register_buffer("scales", q.scales)
-        self.side_names = list(q.side)
-        for k, t in q.side.items():
-            self.register_buffer(f"side_{k}", t)
-        self.bias = bias
-        self.meta = qtensor_meta(q)
-        self.act = act.key if act is not None else ""
-        self.conv1d = conv1d
-        self.impl = impl
-        self.fmt_key = q.fmt.key
-
-    def forward(self, x):
-        side = [getattr(self, f"side_{k}") for k in self.side_names]
-        if self.conv1d:
-            y = torch.ops.qcompile.linear(x.reshape(-1, x.shape[-1]), self.codes, self.scales,
-                                          side, self.meta, self.act, self.bias, self.impl)
-            return y.view(*x.shape[:-1], y.shape[-1])
-        return torch.ops.qcompile.linear(x, self.codes, self.scales, side, self.meta, self.act,
-                                         self.bias, self.impl)
-
-    def extra_repr(self):
-        return f"weight={self.fmt_key}, act={self.act or '-'}, conv1d={self.conv1d}"
+    if mode not in (None, "default"):  # only reachable when called directly
+        opts["mode"] = mode
+    _watch_dynamo_fallbacks()
+    frame = frame_description()
+    _BACKEND_FRAMES.add(frame)
+    names = names_for(gm)
+    where = frame
+    if names.root is not None:  # say which model; the frame too when it is the user's code
+        internal = frame.find(torch.__path__[0]) >= 0 or frame.find(__file__) >= 0
+        where = f"the {type(names.root).__name__} model" + ("" if internal else f" ({frame})")
+    reason = getattr(gm, "compile_subgraph_reason", None)
+    if reason is not None and getattr(reason, "graph_break", False):
+        config.warn(f"blockquant: Dynamo split {where} into several graphs (graph break: "
+                    f"{str(getattr(reason, 'reason', '')).splitlines()[0]}); the code between "
+                    "the graphs runs eagerly, so a linear layer there runs in full precision. "
+                    "fullgraph=True makes this an error", once=("graph break", where))
+    graph = CompiledGraph(gm, example_inputs, opts, names)
+    if not graph.current.packed and not _has_qcompile_ops(graph.current.gm) and not any(
+            r.weight_fmt != "-" or r.act_fmt != "-" for r in graph.current.rows):
+        config.warn(f"blockquant: nothing in a graph of {where} matched the policy; it runs "
+                    "unquantised", once=("nothing matched", where))
+    return graph
 
 
-def quantize_model_(model, policy: Policy | None = None):
-    """Swap, in place, every linear layer (nn.Linear, GPT-2 Conv1D) that ``policy`` gives a
-    weight format for a ``QuantLinear`` holding only the packed weight, so the process keeps no
-    full-precision copy of it. Returns the model. Compile it afterwards as usual (the backend
-    finds the qcompile ops already in place) or run it eagerly. Layers whose weight is shared
-    with another module (tied) keep their full-precision weight."""
-    from . import api
-    from . import ops  # noqa: F401  (registers the ops)
-    policy = default_policy() if policy is None else policy
-    if not isinstance(policy, Policy):
-        raise PolicyError(f"quantize_model_: policy must be a qcompile.Policy, got "
-                          f"{type(policy).__name__}")
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover
-        Conv1D = ()
-    counts: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        counts[id(p)] = counts.get(id(p), 0) + 1
-    swaps = []
+# -- Dynamo giving up on a frame ---------------------------------------------------------------
+
+_BACKEND_FRAMES: set[str] = set()  # frames handed to this backend, as Dynamo describes them
+
+
+class _RecompileLimitFilter(logging.Filter):
+    """Dynamo says it hit its recompile limit only in its log, then runs that frame eagerly
+    for good: for a frame blockquant compiled, that means full precision. Say so loudly."""
+
+    def filter(self, record):
+        if str(record.msg).startswith("torch._dynamo hit config."):
+            text = record.getMessage()
+            for frame in _BACKEND_FRAMES:
+                if frame in text:
+                    config.warn(f"blockquant: Dynamo hit its recompile limit for {frame} and now "
+                                "runs it eagerly, in full precision, without the policy. "
+                                "Raise torch._dynamo.config.recompile_limit, or compile fewer "
+                                "variants (e.g. dynamic=True)", RuntimeWarning,
+                                once=("recompile limit", frame))
+        return True
+
+
+_FILTER = _RecompileLimitFilter()
+
+
+def _watch_dynamo_fallbacks():
+    log = logging.getLogger("torch._dynamo.convert_frame")
+    if _FILTER not in log.filters:
+        log.addFilter(_FILTER)
+
+
+def _eager_watch(name: str, module: torch.nn.Module):
+    """A forward pre-hook for a layer the policy quantises. Inside a graph Dynamo traces it to
+    nothing; if it ever runs, the layer runs eagerly (Dynamo skipped the frame it is in, could
+    not resume after a graph break, or hit its recompile limit): in full precision."""
+    ref = weakref.ref(module)
+
+    def hook(mod, args):
+        if not torch.compiler.is_compiling() and mod is ref():
+            config.warn(f"blockquant: layer {name!r} ran eagerly, in full precision: Dynamo did "
+                        "not compile the code it runs in (a graph break it could not resume "
+                        "after, a skipped frame, or its recompile limit; TORCH_LOGS="
+                        "graph_breaks,recompiles says which)", RuntimeWarning,
+                        once=("ran eagerly", id(mod)))
+    return hook
+
+
+def _watch_eager_layers(model: torch.nn.Module, policy: Policy):
+    from .layers import conv1d_class
+    linear = (torch.nn.Linear,) + ((conv1d_class(),) if conv1d_class() else ())
     for name, mod in model.named_modules():
-        conv1d = isinstance(mod, Conv1D) if Conv1D else False
-        if not (isinstance(mod, torch.nn.Linear) or conv1d):
-            continue
-        _, spec = policy.match(name, "linear")
-        w = mod.weight
-        if spec is None or spec.weight is None or counts.get(id(w), 0) > 1:
-            continue
-        if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            continue
-        with torch.no_grad():
-            q = api.quantize(w.detach(), spec.weight, axis=0 if conv1d else 1)
-        swaps.append((name, QuantLinear(q, mod.bias, spec.act, conv1d)))
-    for name, new in swaps:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new)
+        if isinstance(mod, linear) and policy.match(name, "linear")[1] is not None and not any(
+                getattr(h, "__qualname__", "").startswith("_eager_watch")
+                for h in mod._forward_pre_hooks.values()):
+            mod.register_forward_pre_hook(_eager_watch(name, mod))
+
+
+# -- compiling in place ------------------------------------------------------------------------
+
+def compile(model: torch.nn.Module, policy: Policy | None = None, *, fullgraph: bool = False,
+            dynamic: bool | None = None, **options) -> torch.nn.Module:
+    """Compile ``model`` in place with the blockquant backend, so that calling it, and
+    everything that calls it (``generate``), runs quantised. Options as for the backend
+    (``lowering``, ``kernels``, ``mode``), validated now. Returns the model.
+
+    Like ``model.compile()``, but ``model.compile()`` compiles nothing for a model made only of
+    torch modules (an nn.Sequential: Dynamo skips frames in torch's own files), and all models
+    compiled through one function share its recompile budget; here each model gets a frame of
+    its own, compiled in the user's name."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"qcompile.compile: expected an nn.Module, got {type(model).__name__}")
+    options = {"policy": policy, **options}
+    opts = parse_options(options)
+    remember_root(model)
+    _watch_eager_layers(model, opts["policy"])
+
+    def call(*args, **kwargs):
+        return model._call_impl(*args, **kwargs)
+    # a fresh code object per model: Dynamo's cache and recompile limit are per code object
+    name = f"blockquant_{type(model).__name__}"
+    frame = types.FunctionType(call.__code__.replace(co_name=name, co_qualname=name),
+                               call.__globals__, name, None, call.__closure__)
+    model._compiled_call_impl = _CompiledCall(torch.compile(
+        frame, backend="blockquant", options=options, fullgraph=fullgraph, dynamic=dynamic))
     return model
 
 
-def resident_weight_bytes(model) -> int:
-    """Bytes held by the model's parameters and buffers (each storage counted once)."""
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        key = (t.untyped_storage().data_ptr(), t.device)
-        if key not in seen:
-            seen.add(key)
-            total += t.untyped_storage().nbytes()
-    return total
+class _CompiledCall:
+    """``model._compiled_call_impl`` set by ``compile``. A deep copy of the model must not call
+    this model's compiled frame: the copy gets None and runs uncompiled until compiled itself."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        return None

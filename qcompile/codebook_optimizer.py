@@ -27,6 +27,12 @@ Two ways to evaluate the centroids:
       M = m, and the integral over m is done by composite Gauss-Legendre quadrature;
   "monte_carlo": Lloyd on simulated blocks, an independent check of the formulas above.
 
+Shipped tables. Where the BOF4 paper publishes a table (its Tables 6/7), qcompile ships the
+published numbers (provenance "published"); this optimiser's table for that configuration is
+recorded beside it, with its distance from the published one (below 1e-3 per level), as a check.
+The optimiser's tables are shipped for the other block sizes and bit widths (provenance
+"optimised"). See qcompile.codebooks.
+
 CLI:  python -m qcompile.codebook_optimizer --write qcompile/data/codebooks.json
 """
 from __future__ import annotations
@@ -246,8 +252,10 @@ GENERATED = {
         (3, True, "mse", 64),
     ]
 }
-COPIED = ("nf4", "af4")  # published tables shipped as numbers, never generated
 DEFAULT_REFERENCE = Path(__file__).resolve().parents[2] / "shared/reference/codebooks.json"
+CONVERSION = ("each published decimal, as printed, rounded once to the nearest float32 (ties to "
+              "even) in exact rational arithmetic (qcompile.codebooks.decimal_to_float32); values "
+              "holds those float32 numbers written exactly")
 
 
 def _f32(v: float) -> float:
@@ -255,11 +263,44 @@ def _f32(v: float) -> float:
     return float(f"{float(torch.tensor(v, dtype=torch.float32)):.9g}")
 
 
+def _scale_kind(text: str) -> str:
+    if text.startswith("signed"):
+        return "signed_absmax"
+    if text.startswith("absmax"):
+        return "absmax"
+    raise SystemExit(f"unknown scale {text!r} in the published tables")
+
+
+def published_tables(reference: Path, previous: dict) -> dict:
+    """name -> {decimals, block_size, scale, source, thresholds} of every published table.
+
+    Read from the reference file (its numbers kept as the decimal text printed there); without
+    one, from the published entries of the file being rewritten, whose provenance keeps the
+    same decimals, so a checkout without the reference regenerates the same file."""
+    if reference.is_file():
+        ref = json.loads(reference.read_text(), parse_float=str)
+        return {name: {"decimals": [str(v) for v in e["values"]], "block_size": e["block_size"],
+                       "scale": _scale_kind(e["scale"]), "source": e["source"],
+                       "thresholds": [str(t) for t in e["thresholds"]] if "thresholds" in e
+                       else None}
+                for name, e in ref.items() if not name.startswith("_")}
+    kept = {name: e for name, e in previous.items()
+            if not name.startswith("_") and e.get("provenance", {}).get("kind") == "published"}
+    if not kept:
+        raise SystemExit(f"no published tables: {reference} is absent and the file being rewritten "
+                         f"holds none; pass --reference")
+    return {name: {"decimals": e["provenance"]["published_values"], "block_size": e["block_size"],
+                   "scale": e["scale"], "source": e["source"],
+                   "thresholds": e["provenance"].get("published_thresholds")}
+            for name, e in kept.items()}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m qcompile.codebook_optimizer", description=__doc__.split("\n")[0])
     p.add_argument("--write", type=Path, help="write all shipped tables to this JSON file")
     p.add_argument("--reference", type=Path, default=DEFAULT_REFERENCE,
-                   help="published tables (nf4/af4 are copied from it; BOF4 deviations are measured against it)")
+                   help="published tables, shipped as published (default: the shared reference; "
+                        "without it, the published tables already in the --write file are kept)")
     p.add_argument("--nodes", type=int, default=256, help="quadrature nodes over the block max")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--block-size", type=int, default=64)
@@ -273,39 +314,53 @@ def main(argv=None) -> int:
 
     from tqdm import tqdm
 
-    reference = json.loads(args.reference.read_text()) if args.reference.is_file() else {}
+    from . import codebooks
+
     previous = json.loads(args.write.read_text()) if args.write.is_file() else {}
-    out = {"_about": "Normalised block-wise codebooks (ascending values in [-1, 1]): published NF4/AF4 "
-                     "copied as numbers, BOF4/BOF4-S tables made by qcompile.codebook_optimizer."}
-    for name in COPIED:  # from the reference, else kept from the file being rewritten
-        src = reference.get(name) or previous.get(name)
-        if src is None:
-            raise SystemExit(f"{name}: not in {args.reference} nor in {args.write}; pass --reference")
-        scale = "absmax" if str(src.get("scale", "absmax")).startswith("absmax") else src["scale"]
-        out[name] = {"values": src["values"], "block_size": src["block_size"], "scale": scale,
-                     "source": src["source"]}
+    published = published_tables(args.reference, previous)
     command = "python -m qcompile.codebook_optimizer " + " ".join(sys.argv[1:] if argv is None else argv)
+    method = (f"Lloyd's algorithm, semi-analytic centroids of block-normalised N(0,1) values "
+              f"(closed form in x, {args.nodes}-node Gauss-Legendre over the block max), "
+              f"converged to 1e-12")
+    out = {"_about": "Normalised block-wise codebooks (ascending values in [-1, 1]). "
+                     "provenance.kind 'published': numbers copied from a publication (source), "
+                     "the printed decimals in provenance.published_values, values their nearest "
+                     "float32; 'optimised': made by qcompile.codebook_optimizer where no table is "
+                     "published."}
+    for name, pub in published.items():
+        prov = {"kind": codebooks.PUBLISHED, "published_values": pub["decimals"],
+                "conversion": CONVERSION}
+        if pub["thresholds"] is not None:
+            prov["published_thresholds"] = pub["thresholds"]
+        out[name] = {"values": [codebooks.decimal_to_float32(d) for d in pub["decimals"]],
+                     "block_size": pub["block_size"], "scale": pub["scale"],
+                     "source": pub["source"], "provenance": prov}
+    optimised = {}
     for name, (bits, size, signed, crit) in (bar := tqdm(GENERATED.items(), desc="codebooks")):
         bar.set_postfix_str(name)
         values = [_f32(v) for v in optimize_codebook(bits, size, signed, crit, nodes=args.nodes)]
-        published = reference.get(name)
-        dev = max(abs(a - b) for a, b in zip(values, published["values"])) if published else None
-        out[name] = {
+        record = {"generator": "qcompile.codebook_optimizer", "command": command,
+                  "criterion": crit, "method": method}
+        if name in out:  # published: the optimiser's table is kept as a check, not shipped
+            entry = out[name]
+            scale = "signed_absmax" if signed else "absmax"
+            if (entry["block_size"], entry["scale"]) != (size, scale):
+                raise SystemExit(f"{name}: published as block {entry['block_size']} "
+                                 f"{entry['scale']}, its name says block {size} {scale}")
+            dev = float(f"{max(abs(a - b) for a, b in zip(values, entry['values'])):.3g}")
+            entry["provenance"]["optimiser"] = {**record, "values": values,
+                                                "max_abs_deviation_from_published": dev}
+            continue
+        optimised[name] = {
             "values": values, "block_size": size, "scale": "signed_absmax" if signed else "absmax",
-            "source": ("BOF4 paper (arXiv:2505.06653) method, Lloyd-optimised here; published table: "
-                       + published["source"]) if published else
-                      "BOF4 paper (arXiv:2505.06653) method, Lloyd-optimised here (no published table)",
-            "provenance": {
-                "generator": "qcompile.codebook_optimizer", "command": command, "criterion": crit,
-                "method": f"Lloyd's algorithm, semi-analytic centroids of block-normalised N(0,1) "
-                          f"values (closed form in x, {args.nodes}-node Gauss-Legendre over the "
-                          f"block max), converged to 1e-12",
-                "max_abs_deviation_from_published": None if dev is None else float(f"{dev:.3g}"),
-            },
+            "source": "BOF4 paper (arXiv:2505.06653) method, Lloyd-optimised here (no published table)",
+            "provenance": {"kind": codebooks.OPTIMISED, **record},
         }
+    out.update(optimised)
     args.write.parent.mkdir(parents=True, exist_ok=True)
     args.write.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {len(out) - 1} tables to {args.write}")
+    print(f"wrote {len(out) - 1} tables ({len(published)} published, {len(optimised)} optimised) "
+          f"to {args.write}")
     return 0
 
 

@@ -1,5 +1,19 @@
 """Codebook tables: shipped data (published and optimiser-made), dynamic-exponent maps, and the
-data-dependent quantile codebook."""
+data-dependent quantile codebook.
+
+Every shipped table (qcompile/data/codebooks.json) says where its numbers come from in
+``provenance["kind"]``, read with ``provenance(name)``:
+
+  "published"  copied as numbers from a publication (``source`` names it: paper, table or
+               appendix). ``provenance["published_values"]`` keeps the decimals exactly as printed;
+               ``values`` holds each decimal rounded once to the nearest float32 (ties to even,
+               exact rational arithmetic), written exactly. NF4, AF4 and the BOF4 paper's Tables
+               6/7 (BOF4/BOF4-S, MSE/MAE at block 64; BOF4-S MSE at blocks 32, 128, 256). Where
+               the optimiser also ran for that configuration, its table and its distance from the
+               published one are recorded under ``provenance["optimiser"]``, as a check only.
+  "optimised"  made by qcompile.codebook_optimizer (Lloyd's algorithm, the BOF4 paper's method)
+               for the configurations the paper publishes no table for.
+"""
 from __future__ import annotations
 
 import json
@@ -10,6 +24,10 @@ from importlib import resources
 import torch
 
 
+PUBLISHED, OPTIMISED = "published", "optimised"
+PROVENANCES = (PUBLISHED, OPTIMISED)
+
+
 @lru_cache(maxsize=None)
 def shipped() -> dict:
     """qcompile/data/codebooks.json: name -> {values, block_size, scale, source, provenance}."""
@@ -17,17 +35,55 @@ def shipped() -> dict:
     return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
 
 
-def table(name: str) -> tuple[float, ...]:
+def _entry(name: str) -> dict:
     data = shipped()
     if name not in data:
         raise ValueError(f"no shipped codebook {name!r}; available: {', '.join(sorted(data))}")
-    return tuple(float(torch.tensor(v, dtype=torch.float32)) for v in data[name]["values"])
+    return data[name]
+
+
+def provenance(name: str) -> str:
+    """Where a shipped table's numbers come from: "published" (copied from a publication) or
+    "optimised" (made by qcompile.codebook_optimizer)."""
+    return _entry(name)["provenance"]["kind"]
+
+
+def names(kind: str | None = None) -> list[str]:
+    """Shipped table names, all or those of one provenance ("published" / "optimised")."""
+    if kind is not None and kind not in PROVENANCES:
+        raise ValueError(f"unknown provenance {kind!r}; choose one of {PROVENANCES}")
+    return [n for n, e in shipped().items() if kind is None or e["provenance"]["kind"] == kind]
+
+
+def source(name: str) -> str:
+    """Where a shipped table comes from (a publication and its table, or the optimiser)."""
+    return _entry(name)["source"]
+
+
+def published_values(name: str) -> tuple[str, ...]:
+    """A published table's decimals exactly as printed (``table(name)`` is their float32)."""
+    entry = _entry(name)
+    if entry["provenance"]["kind"] != PUBLISHED:
+        raise ValueError(f"codebook {name!r} is {entry['provenance']['kind']}, not published")
+    return tuple(entry["provenance"]["published_values"])
+
+
+def decimal_to_float32(text: str) -> float:
+    """A decimal as printed (e.g. "-0.7535245418548584") -> the float32 nearest to its exact
+    value, ties to even: how published tables become the float32 ``values`` shipped."""
+    return _round_f32(Fraction(str(text)))
+
+
+def table(name: str) -> tuple[float, ...]:
+    """A shipped table's float32 levels (ascending)."""
+    return tuple(float(torch.tensor(v, dtype=torch.float32)) for v in _entry(name)["values"])
 
 
 def block_table(stem: str, block_size: int | None) -> str:
-    """Name of the shipped table for a codebook family optimised for this block size.
+    """Name of the shipped table of a codebook family (e.g. "bof4s_mse") for this block size.
 
-    BOF4 tables depend on the block size they were optimised for; when none was made for the
+    BOF4 tables depend on the block size they were made for (published by the BOF4 paper, or
+    optimised here where it publishes none: see ``provenance``); when no table exists for the
     asked size the 64-element table is used and the caller is warned.
     """
     name = f"{stem}_b{block_size}"
@@ -35,9 +91,9 @@ def block_table(stem: str, block_size: int | None) -> str:
         return name
     import warnings
     sizes = sorted(int(k.rsplit("_b", 1)[1]) for k in shipped() if k.startswith(stem + "_b"))
-    warnings.warn(f"no {stem} codebook optimised for block size {block_size} (have {sizes}); "
-                  f"using the block-64 table. Make one with python -m qcompile.codebook_optimizer",
-                  stacklevel=3)
+    warnings.warn(f"no {stem} codebook for block size {block_size} (have {sizes}, published or "
+                  f"optimised); using the block-64 table. Make one with python -m "
+                  f"qcompile.codebook_optimizer", stacklevel=3)
     return f"{stem}_b64"
 
 

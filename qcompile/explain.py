@@ -1,42 +1,36 @@
-"""``qcompile.explain(model, policy, *example_inputs)``: what a policy does to each op.
+"""``qcompile.explain``: what a policy does to each op of a model.
 
-Traces the model with Dynamo (a capture-only backend that runs the find and plan passes and
-quantises nothing), or reads what the backend recorded for a compiled model, and tabulates
-every quantisable op: module FQN, op, weight shape, the rule that matched, weight and activation
-formats, bits per weight; with totals. Bits are the bytes actually stored (codes, scales, padding,
-OPQ outliers, tensor scales) where the weight was quantised (a compiled model, a layer swapped by
-``quantize_model_``), and the format's nominal effective bits where nothing was quantised (a
-traced ``explain(model, policy, *inputs)``): those rows are marked ``nominal``.
+* ``explain(model, policy, *inputs, **kwargs)`` traces ``model(*inputs, **kwargs)`` once with
+  Dynamo, through a backend that runs the find and plan passes and quantises nothing. The trace
+  runs through a throwaway function, so the model keeps no compiled state and spends none of
+  its recompile budget: explain can be called any number of times.
+* ``explain(compiled)``, for a model compiled with the blockquant backend (``torch.compile``'s
+  wrapper, or compiled in place by ``qcompile.compile`` / ``model.compile``), reads what the
+  backend did, after the model's first call.
+
+Every quantisable op gets a row: module name, op, weight shape, the rule that matched, weight
+and activation formats, bits per weight. Bits are the bytes actually stored (codes, scales,
+padding, OPQ outliers, tensor scales) where the weight was quantised (a compiled model, a layer
+swapped by ``quantize_model_``), and the format's nominal effective bits where nothing was
+quantised (a traced explain): those rows are marked ``*``. Layers the policy quantises but that
+cannot be (a parent reading ``.weight`` directly) are listed with the reason.
 """
 from __future__ import annotations
 
-import json
-import weakref
+import types
 from dataclasses import dataclass, field
 
 import torch
 
-from . import formats
-from .policy import Policy
+from qcompile import config
+from qcompile.passes import find_quantisable, plan
+from qcompile.passes.graph import copy_graph_module
+from qcompile.passes.names import names_for, remember_root
+from qcompile.passes.report import Row, site_rows
 
-
-@dataclass
-class Row:
-    fqn: str
-    op: str
-    weight_shape: tuple
-    rule: str
-    weight_fmt: str
-    act_fmt: str
-    bits: float  # bits per weight element
-    nominal: bool = False  # True: the format's effective bits, not bytes that were stored
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for s in self.weight_shape:
-            n *= s
-        return n
+from .backend import compiled_variants
+from .layers import QuantLinear, resident_weight_bytes, skipped_layers
+from .policy import Policy, default_policy
 
 
 @dataclass
@@ -61,10 +55,13 @@ class Explanation:
         return 32.0 / self.avg_bits if self.rows else float("nan")
 
     def __str__(self) -> str:
-        head = ("module", "op", "weight", "rule", "weight fmt", "act fmt", "bits/w")
-        body = [(r.fqn or "<root>", r.op, "x".join(map(str, r.weight_shape)), r.rule,
-                 r.weight_fmt, r.act_fmt, f"{r.bits:.3f}{'*' if r.nominal else ''}")
+        head = ["module", "op", "weight", "rule", "weight fmt", "act fmt", "bits/w"]
+        notes = any(r.note for r in self.rows)
+        body = [[r.fqn or "<root>", r.op + (f" #{r.index + 1}" if r.index else ""),
+                 "x".join(map(str, r.weight_shape)), r.rule, r.weight_fmt, r.act_fmt,
+                 f"{r.bits:.3f}{'*' if r.nominal else ''}"] + ([r.note] if notes else [])
                 for r in self.rows]
+        head += ["note"] if notes else []
         widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
         line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
         out = [line(head), line("-" * w for w in widths), *map(line, body)]
@@ -78,76 +75,73 @@ class Explanation:
         return "\n".join(out)
 
 
-def _dtype_bits(v) -> int:
-    return torch.finfo(v.dtype).bits if isinstance(v, torch.Tensor) and v.is_floating_point() else 32
-
-
-def _site_row(node, site) -> Row:
-    """The table row of one found (and maybe planned) site of a Dynamo graph."""
-    from .passes.plan import example_value
-    spec = node.meta.get("qcompile_spec")
-    rule = node.meta.get("qcompile_rule")
-    w = example_value(site.weight)
-    shape = tuple(int(s) for s in w.shape) if isinstance(w, torch.Tensor) else ()
-    k = shape[site.weight_axis] if shape else None
-    wf = spec.weight if spec is not None else None
-    q = node.meta.get("qcompile_qtensor")
-    nominal = False
-    if node.meta.get("qcompile_skip_weight"):
-        wf = None  # not a real tensor the backend could quantise: left as it is
-    if q is not None:
-        bits = q.bits_per_element
-    elif wf is not None and site.kind == "linear":
-        bits, nominal = wf.effective_bits(k), True
-    else:
-        bits = _dtype_bits(w)
-    return Row(site.fqn, site.target, shape, rule.describe() if rule else "default",
-               wf.key if wf else "-", spec.act.key if spec is not None and spec.act else "-",
-               bits, nominal)
-
-
-def _quantized_module_rows(model) -> list[Row]:
-    """Rows for the layers ``quantize_model_`` already swapped (they hold packed weights and
-    appear in graphs as qcompile ops, not as linears)."""
-    from .backend import QuantLinear
-    from .ops import qtensor_from
+def _module_rows(model) -> list[Row]:
+    """Rows for the layers ``quantize_model_`` swapped (they hold packed weights and appear in
+    graphs as qcompile ops, not as linears) and for the layers it had to skip."""
     rows = []
     for name, mod in model.named_modules():
         if isinstance(mod, QuantLinear):
-            m = json.loads(mod.meta)
-            fmt = formats.get(m["fmt"])
-            shape = tuple(m["shape"])
-            side = [getattr(mod, f"side_{k}") for k in mod.side_names]
-            q = qtensor_from(mod.codes, mod.scales, side, mod.meta)
-            rows.append(Row(name, "qcompile.linear", shape, "quantize_model_", fmt.key,
-                            mod.act or "-", q.bits_per_element))
+            rows.append(Row(name, "qcompile.linear", mod.weight_shape, "quantize_model_",
+                            mod.fmt_key, mod.act or "-", mod.qtensor().bits_per_element))
+    for name, mod, reason in skipped_layers(model):
+        w = mod.weight
+        rows.append(Row(name, "-", tuple(w.shape), "quantize_model_", "-", "-",
+                        torch.finfo(w.dtype).bits if w.dtype.is_floating_point else 32,
+                        note=f"skipped: {reason}"))
     return rows
 
 
-# Graphs the blockquant backend compiled: (weak references to the graph's tensor inputs, rows).
-# explain(compiled_model) picks the records whose inputs include the model's parameters.
-_COMPILED: list[tuple[list, list[Row]]] = []
+def _compiled_module(model):
+    """The module a blockquant-compiled model runs, or None if ``model`` is not compiled."""
+    if hasattr(model, "_orig_mod"):  # torch.compile's wrapper
+        return model._orig_mod
+    if getattr(model, "_compiled_call_impl", None) is not None:  # compiled in place
+        return model
+    return None
 
 
-def record_compiled(gm, example_inputs):
-    """Called by the backend after planning: remember this graph's rows for explain()."""
-    from .passes.find import sites
-    refs = [weakref.ref(t) for t in example_inputs if isinstance(t, torch.Tensor)]
-    _COMPILED.append((refs, [_site_row(n, s) for n, s in sites(gm)]))
+class _Recorder:
+    """explain's backend: the rows of a graph, planned and not quantised; and, since Dynamo
+    runs one graph for every instance of a module class, the rows again for each other
+    instance that runs it (its parameters tell its names)."""
+
+    def __init__(self, gm, inputs, policy: Policy, rows: list):
+        self.gm, self.policy, self.rows = gm, policy, rows
+        self.names = names_for(gm)
+        self.params = [i for i, t in enumerate(inputs) if isinstance(t, torch.nn.Parameter)]
+        self.traced = [inputs[i] for i in self.params]
+        self.seen: set = set()
+        self._record(inputs, self.names)
+
+    def _record(self, args, names):
+        key = tuple(id(args[i]) for i in self.params)
+        if key in self.seen:
+            return
+        self.seen.add(key)
+        g = copy_graph_module(self.gm)
+        find_quantisable(g, self.policy.wants("matmul"), args, names)
+        plan(g, self.policy, args, names)
+        self.rows.extend(site_rows(g))
+
+    def __call__(self, *args):
+        if any(args[i] is not t for i, t in zip(self.params, self.traced)):
+            self._record(args, self.names.for_instance(self.traced,
+                                                       [args[i] for i in self.params]))
+        return self.gm(*args)
 
 
-def _explain_compiled(compiled) -> Explanation:
-    from .backend import resident_weight_bytes
-    model = compiled._orig_mod
+def _explain_compiled(model) -> Explanation:
     own = {id(t) for t in list(model.parameters()) + list(model.buffers())}
     result, seen = Explanation(), set()
-    for refs, rows in reversed(_COMPILED):  # newest first: a recompile's policy wins
-        if any(id(t) in own for t in (r() for r in refs) if t is not None):
-            for row in rows:
-                if (row.fqn, row.op, row.weight_shape) not in seen:
-                    seen.add((row.fqn, row.op, row.weight_shape))
+    for graph in compiled_variants():  # newest first: a recompile's policy wins
+        if graph.model() is model or any(id(t) in own for t in (r() for r in graph.inputs)
+                                         if t is not None):
+            for row in graph.rows:
+                key = (row.fqn, row.op, row.index)
+                if key not in seen:
+                    seen.add(key)
                     result.rows.append(row)
-    result.rows += _quantized_module_rows(model)
+    result.rows += _module_rows(model)
     if not result.rows:
         raise RuntimeError("explain: this compiled model has no blockquant graph yet; call it "
                            "once first (torch.compile compiles lazily), or pass a policy and "
@@ -156,19 +150,60 @@ def _explain_compiled(compiled) -> Explanation:
     return result
 
 
-def explain(model, policy: Policy | None = None, *example_inputs) -> Explanation:
-    """Tabulate what ``policy`` (None: the backend default) does to every quantisable op that
-    ``model(*example_inputs)`` runs. ``explain(compiled)`` with only a model compiled by
-    ``torch.compile(..., backend="blockquant")`` reports what the backend did, after its first
-    call."""
-    from .backend import copy_graph_module, resident_weight_bytes
-    from .passes import find_quantisable, plan
-    from .passes.find import sites
-    from .policy import default_policy
+def _trace(model, args, kwargs, capture):
+    """Run ``model(*args, **kwargs)`` once under Dynamo with ``capture`` as the backend, leaving
+    no compiled state behind: the frame Dynamo compiles is a fresh copy of a small function, so
+    its cache entries die with it. A model with graph breaks makes Dynamo compile frames of its
+    own code too; the cache entries explain added there are removed again."""
+    def call(*a, **k):
+        return model(*a, **k)
+    fresh = types.FunctionType(call.__code__.replace(), call.__globals__, "qcompile_explain",
+                               None, call.__closure__)
+    before = _cache_sizes()
+    with torch.no_grad():
+        torch.compile(fresh, backend=lambda gm, inputs, **_: capture(gm, inputs),
+                      dynamic=False)(*args, **kwargs)
+    for code, n in _cache_sizes().items():
+        if code is not fresh.__code__ and n > before.get(code, 0):
+            _forget(code, had=before.get(code, 0))
 
-    if policy is None and not example_inputs and hasattr(model, "_orig_mod"):
-        return _explain_compiled(model)
-    if not example_inputs:
+
+def _cache_sizes() -> dict:
+    """{code object: number of Dynamo cache entries} for every code Dynamo has compiled."""
+    try:
+        from torch._dynamo.convert_frame import input_codes
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+        codes = [ref() for ref in input_codes.seen]
+        return {c: len(_debug_get_cache_entry_list(c)) for c in codes if c is not None}
+    except (ImportError, AttributeError):  # a Dynamo without these: nothing can be removed
+        return {}
+
+
+def _forget(code, had: int):
+    """Remove the cache entries explain's trace added to ``code`` (a frame of the model's own
+    code, compiled after a graph break), unless some were there before: those are the user's,
+    and Dynamo cannot remove entries one by one."""
+    if had == 0:
+        from torch._C._dynamo.eval_frame import reset_code
+        reset_code(code)
+    else:
+        config.warn(f"explain: the model has graph breaks and was compiled before, so explain's "
+                    f"trace added entries to Dynamo's cache for {code.co_name!r} that it cannot "
+                    "remove alone", once=("explain cache", id(code)))
+
+
+def explain(model, policy: Policy | None = None, *example_inputs, **example_kwargs) -> Explanation:
+    """Tabulate what ``policy`` (None: the backend default) does to every quantisable op that
+    ``model(*example_inputs, **example_kwargs)`` runs. ``explain(compiled)``, with only a model
+    compiled by the blockquant backend, reports what the backend did, after its first call."""
+    if policy is None and not example_inputs and not example_kwargs:
+        inner = _compiled_module(model)
+        if inner is not None:
+            return _explain_compiled(inner)
+        raise TypeError("explain: give a policy and example inputs to trace the model with: "
+                        "explain(model, policy, *inputs); or a model compiled with the "
+                        "blockquant backend, after its first call")
+    if not example_inputs and not example_kwargs:
         raise TypeError("explain: give example inputs to trace the model with: "
                         "explain(model, policy, *inputs)")
     policy = default_policy() if policy is None else policy
@@ -177,15 +212,12 @@ def explain(model, policy: Policy | None = None, *example_inputs) -> Explanation
                         f"{type(policy).__name__}")
     result = Explanation()
 
-    def capture(gm, inputs, **_):
-        g = copy_graph_module(gm)
-        find_quantisable(g, with_matmul=policy.wants("matmul"))
-        plan(g, policy)
-        result.rows.extend(_site_row(node, site) for node, site in sites(g))
-        return gm.forward
+    def capture(gm, inputs):
+        return _Recorder(gm, inputs, policy, result.rows)
 
-    with torch.no_grad():
-        torch.compile(model, backend=capture, dynamic=False)(*example_inputs)
-    result.rows += _quantized_module_rows(model)
-    result.resident_weight_bytes = resident_weight_bytes(model)
+    target = _compiled_module(model) or model
+    remember_root(target)  # frames Dynamo compiles on their own are named inside it
+    _trace(target, example_inputs, example_kwargs, capture)
+    result.rows += _module_rows(target)
+    result.resident_weight_bytes = resident_weight_bytes(target)
     return result

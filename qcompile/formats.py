@@ -7,6 +7,8 @@ through ``get``. The same description drives the reference, packing, docs and co
 """
 from __future__ import annotations
 
+import numbers
+import operator
 import re
 from dataclasses import dataclass, replace
 from functools import lru_cache
@@ -35,16 +37,16 @@ class Format:
     preset: str = ""  # the preset this came from, for the key
 
     def __post_init__(self):
-        bs = self.block_size
-        if bs is not None and (not isinstance(bs, int) or isinstance(bs, bool) or bs < 1):
-            raise ValueError(f"block_size must be a positive integer (or None for whole rows), "
-                             f"got {bs!r}")
+        object.__setattr__(self, "block_size", _check_block_size(self.block_size))
         if self.opq is not None:
+            if isinstance(self.opq, bool) or not isinstance(self.opq, numbers.Real):
+                raise ValueError(f"opq must be a quantile in (0, 1) or None, got {self.opq!r}")
             if self.scale.kind != "absmax":
                 raise ValueError(f"OPQ needs an absmax-scaled format; {self.name} uses "
                                  f"{self.scale.describe()}")
             if not 0.0 < float(self.opq) < 1.0:
                 raise ValueError(f"opq quantile must lie in (0, 1), got {self.opq!r}")
+            object.__setattr__(self, "opq", float(self.opq))
         if self.scale.kind == "pow2" and self.element.kind == "codebook":
             raise ValueError("codebook elements need an absmax scale, not a power-of-two one")
 
@@ -52,12 +54,20 @@ class Format:
     def bits(self) -> int:
         return self.element.bits
 
+    def block_for(self, row_length: int) -> int:
+        """The block length used on rows of ``row_length`` elements: ``block_size``, clamped to
+        the row (a block longer than the row holds the row; so does ``block_size=None``)."""
+        k = max(int(row_length), 1)
+        return min(self.block_size, k) if self.block_size is not None else k
+
     def effective_bits(self, row_length: int | None = None) -> float:
-        """Bits per element counting the block scale (and for a whole-row block, row_length).
+        """Bits per element counting the block scale, for rows of ``row_length`` elements when
+        given (a whole-row block, or a block longer than the row, holds one row: one scale per
+        row); without it, at ``block_size`` (a whole-row block then counts no scale).
 
         Data-dependent side data (OPQ outliers, a quantile table, NVFP4's tensor scale) is not in
         this nominal figure; QTensor.bits_per_element counts everything actually stored."""
-        block = self.block_size or row_length
+        block = self.block_for(row_length) if row_length else self.block_size
         return self.element.bits + (self.scale.bits / block if block else 0.0)
 
     @property
@@ -171,22 +181,45 @@ def names() -> list[str]:
 
 
 _KEY = re.compile(r"([a-z0-9_]+)(?:\[(.*)\])?")
+BLOCK_SIZE_RANGE = ("a positive integer (1 or more; a block longer than the row is clamped to "
+                    "the row) or None (one block per whole row)")
 
 
-def _parse_value(text: str):
-    if text.lower() == "none":  # keys are lower-cased before parsing
+def _check_block_size(bs):
+    """block_size as stored: a positive int (integer types such as numpy's become int), or
+    None. Anything else (0, negatives, floats, strings, bools) is rejected with the range."""
+    if bs is None:
         return None
-    for cast in (int, float):
+    if isinstance(bs, numbers.Integral) and not isinstance(bs, bool):
+        bs = operator.index(bs)
+    if not isinstance(bs, int) or isinstance(bs, bool) or bs < 1:
+        raise ValueError(f"block_size must be {BLOCK_SIZE_RANGE}, got {bs!r}")
+    return bs
+
+
+def _parse_value(option: str, text: str):
+    """A key's option value (lower-cased text) as the keyword argument would give it."""
+    if option == "block_size":
+        if text == "none":
+            return None
+        # an integer literal; anything else goes on to be rejected with the valid range
+        return int(text) if re.fullmatch(r"[+-]?[0-9]+", text) else text
+    if option == "opq":
+        if text in ("true", "false", "none"):
+            return {"true": True, "false": False, "none": None}[text]
         try:
-            return cast(text)
+            return float(text)
         except ValueError:
-            pass
-    return text
+            raise ValueError(f"format option opq={text!r}: expected true (q = {OPQ_DEFAULT_Q}), "
+                             "false or none (no OPQ), or a quantile q in (0, 1)") from None
+    return text  # scale_rule (checked with the others in _override); unknown options too
 
 
 def get(name, **overrides) -> Format:
     """A Format by preset name, family name or key, with optional overrides
-    (block_size=int|None, scale_rule='floor'|'ceil'|'rceil'|'even', opq=float|None)."""
+    (block_size=int >= 1|None, scale_rule='floor'|'ceil'|'rceil'|'even', opq=True|False|None|
+    a quantile in (0, 1)). A key takes the same options as text: ``int4[block_size=128]``,
+    ``nf4[block_size=none]``, ``nf4[opq=true]``, ``mxfp4[scale_rule=ceil]``."""
     if isinstance(name, str) and not overrides:
         return _get_key(name)
     return _build(name, **overrides)
@@ -208,11 +241,16 @@ def _build(name, **overrides) -> Format:
         raise ValueError(f"malformed format {name!r}; expected e.g. 'mxfp4' or 'int4[block_size=128]'")
     base, args = m[1], m[2]
     if args:
+        seen = set()
         for item in args.split(","):
             k, sep, v = item.partition("=")
+            k = k.strip()
             if not sep:
                 raise ValueError(f"malformed override {item!r} in {name!r}; expected key=value")
-            overrides.setdefault(k.strip(), _parse_value(v.strip()))
+            if k in seen:
+                raise ValueError(f"format option {k} given twice in {name!r}")
+            seen.add(k)
+            overrides.setdefault(k, _parse_value(k, v.strip()))
     if base in _PRESETS:
         fields = _PRESETS[base]()
     else:
@@ -233,10 +271,14 @@ def _override(fmt: Format, overrides: dict) -> Format:
     if unknown:
         raise ValueError(f"unknown format option(s) {sorted(unknown)}; valid: {', '.join(OVERRIDES)}")
     if "scale_rule" in overrides:
+        rule = overrides["scale_rule"]
         if fmt.scale.kind != "pow2":
             raise ValueError(f"{fmt.name} has a {fmt.scale.describe()} scale; scale_rule applies "
                              f"only to power-of-two (E8M0) scales: {', '.join(POW2_RULES)}")
-        fmt = replace(fmt, scale=Pow2Scale(overrides["scale_rule"]))
+        if rule not in POW2_RULES:
+            raise ValueError(f"format option scale_rule: unknown scale rule {rule!r}; choose one "
+                             f"of {', '.join(POW2_RULES)}")
+        fmt = replace(fmt, scale=Pow2Scale(rule))
     if "block_size" in overrides:
         fmt = replace(fmt, block_size=overrides["block_size"])
         el = fmt.element
@@ -246,7 +288,11 @@ def _override(fmt: Format, overrides: dict) -> Format:
             fmt = replace(fmt, element=CodebookElement(4, table, codebooks.table(table)))
     if "opq" in overrides:
         q = overrides["opq"]
-        fmt = replace(fmt, opq=OPQ_DEFAULT_Q if q is True else (None if q is False else q))
+        q = OPQ_DEFAULT_Q if q is True else (None if q is False else q)
+        if q is not None and (isinstance(q, bool) or not isinstance(q, numbers.Real)):
+            raise ValueError(f"format option opq={q!r}: expected True (q = {OPQ_DEFAULT_Q}), "
+                             "False or None (no OPQ), or a quantile q in (0, 1)")
+        fmt = replace(fmt, opq=q)
     return fmt
 
 

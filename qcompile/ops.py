@@ -8,25 +8,37 @@
 * ``qcompile::linear(x, codes, scales, side, meta, act_fmt, bias, impl)`` -> the fused form:
   fake-quantise x (if ``act_fmt``), dequantise the weight, then the same matmul the original
   graph did: ``F.linear(x, W, bias)`` for an [N, K] weight (axis 1), ``addmm(bias, x, W)`` for
-  a GPT-2 Conv1D [K, N] weight (axis 0).
+  a GPT-2 Conv1D [K, N] weight (axis 0; x of more than two dims is flattened to [M, K] first).
 
-Each op has a fake (meta) implementation so Dynamo, AOTAutograd and Inductor can trace it. The
-bodies dispatch on ``impl``: "reference" runs qcompile's reference implementation (the
+Outputs are contiguous tensors (row-major, whatever the input's strides), and each op's fake
+(meta) implementation describes exactly that, so Dynamo, AOTAutograd and Inductor can trace it.
+
+Autograd (weights frozen, activations straight through): ``linear`` gives x the gradient
+grad_y @ W (W the dequantised weight; with ``act_fmt`` the activation quantiser is a
+straight-through estimator) and the bias grad_y summed over the leading dims; the packed
+tensors get none. ``fake_quantize_act`` is straight through (identity gradient);
+``dequantize`` gives no gradient.
+
+The bodies dispatch on ``impl``: "reference" runs qcompile's reference implementation (the
 definition of each format); "triton" runs the generated kernels of qcompile.codegen (dequantise,
 quantise, the fused linear of codegen/linear.py); "auto" is "triton" for CUDA tensors and
-"reference" otherwise. Where no kernel can be generated, compiled or launched for a format, the
-op warns once (per op and format) and computes the reference result instead: never a wrong one.
+"reference" otherwise. Where no kernel exists for a format or input by design (qcompile's own
+checks raise NotImplementedError before anything is launched: a format codegen does not cover,
+CPU tensors without Triton's interpreter, ...) the op warns once (per op and format) and
+computes the reference result. A kernel that fails in any other way does the same, unless
+QCOMPILE_STRICT=1 (the test suite's setting): then its exception propagates.
 """
 from __future__ import annotations
 
 import json
+import linecache
 import os
-import warnings
+import sys
 
 import torch
 import torch.nn.functional as F
 
-from . import api, formats
+from . import api, config, formats
 from .qtensor import QTensor
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -45,7 +57,6 @@ def qtensor_from(codes, scales, side, meta: str) -> QTensor:
 
 
 IMPLS = ("reference", "triton", "auto")
-_warned: set = set()
 
 
 def _resolve(impl: str, t: torch.Tensor) -> str:
@@ -58,18 +69,64 @@ def _resolve(impl: str, t: torch.Tensor) -> str:
 
 def _launchable(t: torch.Tensor):
     """Generated kernels run on CUDA tensors, or on CPU ones in Triton's interpreter."""
-    if not (t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"):
+    if not (t.is_cuda or config.triton_interpret()):
         raise NotImplementedError("Triton kernels need CUDA tensors (or TRITON_INTERPRET=1)")
 
 
-def _fallback(op: str, key: str, err: BaseException):
-    """Warn once per (op, format) that the reference runs instead of a generated kernel."""
-    if (op, key) not in _warned:
-        _warned.add((op, key))
-        warnings.warn(f"qcompile::{op}: no generated Triton kernel for {key} "
-                      f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
-                      "using the reference implementation", stacklevel=3)
+# -- fallback: "no kernel for this by design" versus "the kernel failed" ----------------------
 
+def _own_dirs() -> tuple[str, ...]:
+    """The folders of qcompile's own code (qcompile/, and codegen/ and passes/ wherever they are
+    installed), each ending in a path separator."""
+    dirs = [os.path.dirname(os.path.abspath(__file__))]
+    for name in ("qcompile.codegen", "qcompile.passes"):
+        mod = sys.modules.get(name)
+        if mod is not None and getattr(mod, "__file__", None):
+            dirs.append(os.path.dirname(os.path.abspath(mod.__file__)))
+    return tuple(os.path.join(d, "") for d in dirs)
+
+
+def no_kernel_by_design(err: BaseException) -> bool:
+    """Whether ``err`` says that no generated kernel exists or can run for this format / input /
+    device: a NotImplementedError raised by a ``raise`` statement in qcompile's own code (its
+    checks, made before any kernel is launched). Anything else (an error inside a kernel, in
+    Triton or in torch, a NotImplementedError from someone else's code) is a failure."""
+    if not isinstance(err, NotImplementedError) or err.__traceback__ is None:
+        return False
+    tb = err.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    name = tb.tb_frame.f_code.co_filename
+    if name.startswith("<"):  # generated code (kernels run from a string), the REPL, exec
+        return False
+    path = os.path.abspath(name)
+    if not path.startswith(_own_dirs()):
+        return False
+    return linecache.getline(path, tb.tb_lineno).lstrip().startswith("raise")
+
+
+def _fallback(op: str, key: str, err: Exception):
+    """In strict mode re-raise a kernel failure; else warn once per (op, format) that the
+    reference runs instead of a generated kernel. Call it inside the ``except`` block."""
+    first = str(err).splitlines()[0] if str(err) else ""
+    if no_kernel_by_design(err):
+        message = (f"qcompile::{op}: no generated Triton kernel for {key} "
+                   f"({type(err).__name__}: {first}); using the reference implementation")
+    elif config.strict():
+        raise err
+    else:
+        message = (f"qcompile::{op}: the generated Triton kernel for {key} failed "
+                   f"({type(err).__name__}: {first}); using the reference implementation "
+                   "instead (QCOMPILE_STRICT=1 makes this an error)")
+    config.warn(message, once=("qcompile.ops", op, key))
+
+
+def _contiguous(t: torch.Tensor) -> torch.Tensor:
+    """The fixed output layout of every op (what the fakes say): contiguous, row-major."""
+    return t.contiguous()
+
+
+# -- qcompile::dequantize ---------------------------------------------------------------------
 
 @torch.library.custom_op("qcompile::dequantize", mutates_args=())
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, side: list[torch.Tensor], meta: str,
@@ -78,10 +135,10 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, side: list[torch.Tenso
     if _resolve(impl, codes) == "triton":
         try:
             _launchable(codes)
-            return api.dequantize(q, impl="triton")
-        except Exception as err:  # no kernel for it here: the reference, never a wrong result
+            return _contiguous(api.dequantize(q, impl="triton"))
+        except Exception as err:  # no kernel here (or, unless strict, one failed): the reference
             _fallback("dequantize", q.fmt.key, err)
-    return api.dequantize(q)
+    return _contiguous(api.dequantize(q))
 
 
 @dequantize.register_fake
@@ -90,31 +147,62 @@ def _(codes, scales, side, meta, impl="reference"):
     return codes.new_empty(m["shape"], dtype=_DTYPES[m["dtype"]])
 
 
+def _dequantize_setup(ctx, inputs, output):
+    ctx.n_side = len(inputs[2])
+
+
+def _grads(ctx, *grads):
+    """The backward's result, one entry per argument the op was called with (the dispatcher
+    drops trailing arguments equal to their defaults before autograd sees them)."""
+    return grads[:len(ctx.needs_input_grad)]
+
+
+def _dequantize_backward(ctx, grad):
+    # packed weights are frozen: no gradient for codes, scales or side data
+    return _grads(ctx, None, None, [None] * ctx.n_side, None, None)
+
+
+dequantize.register_autograd(_dequantize_backward, setup_context=_dequantize_setup)
+
+
+# -- qcompile::fake_quantize_act ----------------------------------------------------------------
+
 @torch.library.custom_op("qcompile::fake_quantize_act", mutates_args=())
 def fake_quantize_act(x: torch.Tensor, fmt: str, axis: int = -1,
                       impl: str = "reference") -> torch.Tensor:
     if x.numel() == 0:
-        return x.clone()
+        return x.clone(memory_format=torch.contiguous_format)
     if _resolve(impl, x) == "triton":
         try:
             from qcompile import codegen
             _launchable(x)
             if not codegen.supported(formats.get(fmt)):
                 raise NotImplementedError("no generated quantise kernel")
-            return api.fake_quantize(x, fmt, axis=axis, impl="triton")
+            return _contiguous(api.fake_quantize_values(x, fmt, axis=axis, impl="triton"))
         except Exception as err:
             _fallback("fake_quantize_act", formats.get(fmt).key, err)
-    return api.fake_quantize(x, fmt, axis=axis)
+    return _contiguous(api.fake_quantize_values(x, fmt, axis=axis))
 
 
 @fake_quantize_act.register_fake
 def _(x, fmt, axis=-1, impl="reference"):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)
 
+
+def _straight_through(ctx, grad):
+    return _grads(ctx, grad, None, None, None)
+
+
+fake_quantize_act.register_autograd(_straight_through)
+
+
+# -- qcompile::linear ---------------------------------------------------------------------------
 
 def _matmul(x, w, bias, weight_axis: int):
     if weight_axis == 0:  # [K, N]: GPT-2 Conv1D, the original op was addmm(bias, x, W)
-        return torch.mm(x, w) if bias is None else torch.addmm(bias, x, w)
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        y = torch.mm(x2, w) if bias is None else torch.addmm(bias, x2, w)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], w.shape[1])
     return F.linear(x, w, bias)
 
 
@@ -126,20 +214,52 @@ def linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, side: lis
     if _resolve(impl, x) == "triton":
         try:
             from qcompile.codegen.linear import linear as fused
-            return fused(x, q, act_fmt or None, bias)
+            return _contiguous(fused(x, q, act_fmt or None, bias))
         except Exception as err:
             _fallback("linear", q.fmt.key + (f" x {act_fmt}" if act_fmt else ""), err)
     w = api.dequantize(q)
     if act_fmt and x.numel():
-        x = api.fake_quantize(x, act_fmt, axis=-1)
-    return _matmul(x, w, bias, q.axis)
+        x = api.fake_quantize_values(x, act_fmt, axis=-1)
+    return _contiguous(_matmul(x, w, bias, q.axis))
+
+
+def _weight_dims(meta: str) -> tuple[int, int, int]:
+    """(axis, K, N) of the packed weight: [N, K] for axis 1, [K, N] for axis 0."""
+    m = json.loads(meta)
+    shape, axis = m["shape"], m["axis"]
+    if len(shape) != 2 or axis not in (0, 1):
+        raise ValueError(f"qcompile::linear: the weight must be 2-d with blocks along axis 0 or "
+                         f"1, got shape {shape} and axis {axis}")
+    return (axis, shape[1], shape[0]) if axis == 1 else (axis, shape[0], shape[1])
 
 
 @linear.register_fake
 def _(x, codes, scales, side, meta, act_fmt, bias, impl="reference"):
-    m = json.loads(meta)
-    shape = m["shape"]
-    n = shape[1] if m["axis"] == 0 else shape[0]
-    if m["axis"] == 0:
-        return x.new_empty((x.shape[0], n))
+    _, k, n = _weight_dims(meta)
+    torch._check(x.dim() >= 1 and x.shape[-1] == k,
+                 lambda: f"qcompile::linear: x has shape {tuple(x.shape)}, the weight K={k}")
     return x.new_empty((*x.shape[:-1], n))
+
+
+def _linear_setup(ctx, inputs, output):
+    x, codes, scales, side, meta, act_fmt, bias, impl = inputs
+    ctx.save_for_backward(codes, scales, *side)
+    ctx.meta, ctx.impl, ctx.n_side = meta, impl, len(side)
+
+
+def _linear_backward(ctx, grad):
+    """dy/dx = W (the dequantised weight; the activation quantiser, if any, is straight
+    through), dy/dbias = 1 summed over the leading dims; the packed weight is frozen."""
+    codes, scales, *side = ctx.saved_tensors
+    axis, _, n = _weight_dims(ctx.meta)
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        w = torch.ops.qcompile.dequantize(codes, scales, side, ctx.meta, ctx.impl)
+        w = w.to(grad.dtype)
+        grad_x = grad @ w if axis == 1 else grad @ w.t()
+    if ctx.needs_input_grad[6]:
+        grad_bias = grad.reshape(-1, n).sum(0)
+    return _grads(ctx, grad_x, None, None, [None] * ctx.n_side, None, None, grad_bias, None)
+
+
+linear.register_autograd(_linear_backward, setup_context=_linear_setup)

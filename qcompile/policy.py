@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections.abc import ItemsView
+from collections.abc import Set as AbcSet
 from dataclasses import dataclass, field
 
 from . import formats
@@ -95,10 +97,24 @@ class Rule:
         return f"#{self.index} {self.pattern!r}"
 
 
+PATTERN_CHOICES = ("an fnmatch glob on the module's name (e.g. '*.mlp.*') or 're:' followed "
+                   "by a regular expression that must match the whole name (e.g. "
+                   "'re:.*\\.q_proj')")
+RULES_CHOICES = ("an ordered dict or a list of (pattern, spec) pairs ({pattern: spec, ...} or "
+                 "[(pattern, spec), ...])")
+
+
 def _compile_pattern(pattern) -> re.Pattern:
-    if not isinstance(pattern, str) or not pattern:
-        raise PolicyError(f"a rule pattern must be a non-empty string, got {pattern!r}")
+    if not isinstance(pattern, str):
+        raise PolicyError(f"a rule pattern must be a string, got {type(pattern).__name__} "
+                          f"{pattern!r}; a pattern is {PATTERN_CHOICES}")
+    if not pattern:
+        raise PolicyError(f"a rule pattern must be a non-empty string: an empty pattern matches "
+                          f"no module; a pattern is {PATTERN_CHOICES}")
     if pattern.startswith("re:"):
+        if not pattern[3:]:
+            raise PolicyError(f"rule pattern 're:' with an empty regular expression matches no "
+                              f"module; a pattern is {PATTERN_CHOICES}")
         try:
             return re.compile(pattern[3:])
         except re.error as e:
@@ -106,19 +122,39 @@ def _compile_pattern(pattern) -> re.Pattern:
     return re.compile(fnmatch.translate(pattern))
 
 
+def _rule_pairs(rules) -> list:
+    """The rules as a list of pairs, in the order given; containers without an order (sets, a
+    dict's keys) and text are refused, as the first matching rule wins."""
+    if isinstance(rules, dict):
+        return list(rules.items())
+    if isinstance(rules, (str, bytes)):
+        raise PolicyError(f"rules must be {RULES_CHOICES}, got {type(rules).__name__} {rules!r}")
+    if isinstance(rules, AbcSet) and not isinstance(rules, ItemsView):
+        raise PolicyError(f"rules given as a {type(rules).__name__} have no order, but the first "
+                          f"matching rule wins: give {RULES_CHOICES}")
+    try:
+        items = list(rules)
+    except TypeError:
+        raise PolicyError(f"rules must be {RULES_CHOICES}, got {type(rules).__name__}") from None
+    pairs = []
+    for i, p in enumerate(items):
+        if isinstance(p, (str, bytes, AbcSet)):  # no (pattern, spec) order inside
+            raise PolicyError(f"rule {i} must be a (pattern, spec) pair, got "
+                              f"{type(p).__name__} {p!r}; rules are {RULES_CHOICES}")
+        try:
+            pairs.append(tuple(p))
+        except TypeError:
+            raise PolicyError(f"rules must be {RULES_CHOICES}; rule {i} is "
+                              f"{type(p).__name__} {p!r}") from None
+    return pairs
+
+
 class Policy:
     """Ordered rules (a dict, or a list of (pattern, spec) pairs) and a default spec for linear
     layers that no rule matches (None: full precision)."""
 
     def __init__(self, rules=(), default: LayerSpec | None = None):
-        if isinstance(rules, dict):
-            pairs = list(rules.items())
-        else:
-            try:
-                pairs = [tuple(p) for p in rules]
-            except TypeError:
-                raise PolicyError("rules must be a dict or a list of (pattern, spec) pairs, got "
-                                  f"{type(rules).__name__}") from None
+        pairs = _rule_pairs(rules)
         self.rules: list[Rule] = []
         for i, pair in enumerate(pairs):
             if len(pair) != 2:

@@ -1,6 +1,7 @@
 """The reference implementation: the definition of every format, in plain torch ops.
 
-quantize: move the axis last, pad the row with zeros to whole blocks, (OPQ: take outliers out),
+quantize: move the axis last, pad the row with zeros to whole blocks (a block_size longer than the
+row is clamped to the row: the same values, without the padding), (OPQ: take outliers out),
 compute block scales, map each block onto the element grid, encode, pack.
 dequantize: unpack and decode (one lookup in a table of every code's value), multiply by the
 block multiplier, (OPQ: put outliers back), crop the padding, move the axis back, cast to the
@@ -21,7 +22,7 @@ from .qtensor import QTensor
 def quantize(x: torch.Tensor, fmt: Format, axis: int) -> QTensor:
     xm = x.movedim(axis, -1).to(torch.float32)
     lead, k = xm.shape[:-1], xm.shape[-1]
-    block = fmt.block_size or max(k, 1)
+    block = fmt.block_for(k)  # block_size clamped to the row; None: the row
     n_blocks = -(-k // block)
     blocks = torch.nn.functional.pad(xm, (0, n_blocks * block - k)).reshape(*lead, n_blocks, block)
     valid = (torch.arange(n_blocks * block, device=x.device) < k).reshape(n_blocks, block)
@@ -29,7 +30,12 @@ def quantize(x: torch.Tensor, fmt: Format, axis: int) -> QTensor:
     side = {}
     if fmt.opq is not None:
         blocks, side = _take_outliers(blocks, valid, bad, fmt.opq)
-    scales, qmul, scale_side = fmt.scale.compute(blocks, fmt.element, bad)
+    # a block_size longer than the row: the block is the row, its statistics those of the
+    # zero-padded block of the definition; one +0 stands for that padding (only signed absmax
+    # sees it: an all-zero row's tie goes to the +0)
+    clamped = block < (fmt.block_size or 0)
+    stats = torch.nn.functional.pad(blocks, (0, 1)) if clamped else blocks
+    scales, qmul, scale_side = fmt.scale.compute(stats, fmt.element, bad)
     side.update(scale_side)
     n = torch.where(bad[..., None], 0.0, blocks * qmul[..., None])
     if fmt.element.kind == "log":

@@ -267,22 +267,34 @@ class Codebook:
 # ----------------------------------------------------------------------------------------------
 # codebook data
 
+# Published tables as numbers: tests/data/published_codebooks.json, the tests' own copy of
+# ../shared/reference/codebooks.json (so no ../shared is needed; test_formats_codebooks checks the
+# copy against it where present). Read as data, never through qcompile.
+PUBLISHED_JSON = Path(__file__).resolve().parent / "data" / "published_codebooks.json"
+PUBLISHED_DECIMALS = {k: v for k, v in json.loads(PUBLISHED_JSON.read_text(),
+                                                  parse_float=str).items()
+                      if not k.startswith("_")}  # numbers kept as the decimal text printed
+
+
+def published_decimals(table: str):
+    """A published table's values as the decimal strings printed in the copy."""
+    return tuple(PUBLISHED_DECIMALS[table]["values"])
+
+
+def published_f32(table: str):
+    """A published table's values, each decimal rounded once (exactly) to the nearest float32."""
+    return tuple(float(to_f32(Fraction(d))) for d in published_decimals(table))
+
+
 # bitsandbytes / QLoRA NF4 (functional.get_4bit_type('nf4')), values and the thresholds its
-# CUDA encoder dQuantizeNF4 compares against; copied from /work/shared/reference/codebooks.json.
-NF4_VALUES = (
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0)
-NF4_THRESHOLDS = (
-    -0.8480964004993439, -0.6106329262256622, -0.4599952697753906, -0.33967943489551544,
-    -0.23460740596055984, -0.13791173323988914, -0.045525018125772476, 0.03979014977812767,
-    0.1202552504837513, 0.2035212516784668, 0.2920137718319893, 0.3893125355243683,
-    0.5016634166240692, 0.6427869200706482, 0.8614784181118011)
+# CUDA encoder dQuantizeNF4 compares against. The thresholds are the float64 midpoints of
+# neighbouring values, printed to 16 digits: they are read as float64 (the exact midpoints), and
+# the Codebook rounds them to float32. (Rounding the printed decimals straight to float32 instead
+# gives the other neighbour at thresholds 0, 8, 12 and 14, whose midpoints are float32 ties.)
+NF4_VALUES = published_f32("nf4")
+NF4_THRESHOLDS = tuple(float(t) for t in PUBLISHED_DECIMALS["nf4"]["thresholds"])
 # AF4 (Yoshida, arXiv:2306.06965), block size 64.
-AF4_VALUES = (
-    -1.0, -0.69441008, -0.51243739, -0.3736951, -0.25607552, -0.14982478, -0.04934812, 0.0,
-    0.04273164, 0.12934483, 0.21961274, 0.31675666, 0.42563882, 0.55496234, 0.72424863, 1.0)
+AF4_VALUES = published_f32("af4")
 # The 4-bit dynamic exponent type as listed in the reference README (Dettmers & Zettlemoyer).
 DYNEXP4_DECIMALS = ("0", "0.0055", "0.0325", "0.0775", "0.2125", "0.4375", "0.6625", "0.8875",
                     "1.0")

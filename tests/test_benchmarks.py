@@ -254,7 +254,52 @@ def test_cli_lists_commands_and_rejects_an_unknown_one(capsys):
     from benchmarks.__main__ import MODULES, main
     with pytest.raises(SystemExit) as stop:
         main(["nonsense"])
+    assert stop.value.code == 2  # a usage error, as argparse reports one: the message on stderr
+    err = capsys.readouterr().err
     for command in ("weights", "run", "policy", "kernels"):
-        assert command in str(stop.value)
+        assert command in err
     for module in MODULES.values():  # every command names a module with a main()
         assert callable(importlib.import_module(f"benchmarks.{module}").main)
+
+
+def _python_m_benchmarks(*args):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    return subprocess.run([sys.executable, "-m", "benchmarks", *args], cwd=root,
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ))
+
+
+COMMANDS = ("weights", "run", "policy", "kernels")
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_cli_help_lists_every_command_and_exits_0(flag):
+    done = _python_m_benchmarks(flag)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: python -m benchmarks")
+    for command in COMMANDS:  # each sub-command on a line of its own, with what it does
+        assert any(line.split()[:1] == [command] for line in done.stdout.splitlines()), command
+    assert "each command's --help lists its options" in done.stdout
+    assert done.stderr == ""
+    # and a command's own --help still reaches that command's parser
+    own = _python_m_benchmarks("weights", flag)
+    assert own.returncode == 0, own.stderr
+    assert own.stdout.startswith("usage: python -m benchmarks weights")
+
+
+@pytest.mark.parametrize("args", [["nonsense"], ["--nonsense"], []])
+def test_cli_unknown_or_missing_command_exits_2_listing_the_valid_ones(args):
+    done = _python_m_benchmarks(*args)
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert done.stdout == ""
+    assert done.stderr.startswith("usage: python -m benchmarks")
+    last = done.stderr.strip().splitlines()[-1]  # argparse's "prog: error: ..." line
+    assert last.startswith("python -m benchmarks: error:"), last
+    for command in COMMANDS:
+        assert command in last, (command, last)
+    if args:
+        assert repr(args[0]) in last, last
+

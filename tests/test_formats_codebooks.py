@@ -1,7 +1,10 @@
 """Codebook elements: nf4 (bitsandbytes semantics), af4, BOF4 / BOF4-S (MSE, MAE), dynexp4/8,
 the per-tensor quantile4 codebook and BOF4-S with OPQ outliers, against tests/oracles and the
-published tables in /work/shared/reference (read here directly, never through qcompile)."""
+published tables: tests/data/published_codebooks.json, the tests' own copy of
+../shared/reference/codebooks.json (read here directly, never through qcompile; checked against
+../shared where that checkout is present)."""
 import json
+import math
 from fractions import Fraction
 from pathlib import Path
 
@@ -13,10 +16,11 @@ from hypothesis import strategies as st
 
 import oracles as O
 import qcompile
-from qcompile import formats
+from qcompile import codebooks, formats
 from qcompile.qtensor import QTensor
 
-REFERENCE = json.loads((Path("/work/shared/reference") / "codebooks.json").read_text())
+REFERENCE = json.loads(O.PUBLISHED_JSON.read_text())  # the tests' copy of the published tables
+SHARED_REFERENCE = Path(__file__).resolve().parents[2] / "shared/reference/codebooks.json"
 SHIPPED = json.loads(O.SHIPPED_JSON.read_text())
 BOF4_TABLES = [k for k in REFERENCE if k.startswith("bof4")]
 CODEBOOKS = ["nf4", "af4", "bof4", "bof4s", "bof4_mae", "bof4s_mae", "dynexp4", "dynexp8"]
@@ -94,21 +98,104 @@ def test_nf4_published_thresholds_are_the_float32_midpoints_qcompile_uses():
     assert [float(O.to_f32((a + b) / 2)) for a, b in zip(vals, vals[1:])] == pub
 
 
+def test_published_copy_is_the_shared_reference():
+    """tests/data/published_codebooks.json holds the shared reference file's numbers as printed
+    (compared as decimal text, not as floats). Only this comparison needs ../shared."""
+    if not SHARED_REFERENCE.is_file():
+        pytest.skip(f"{SHARED_REFERENCE} absent: the copy cannot be compared with it here")
+    shared = json.loads(SHARED_REFERENCE.read_text(), parse_float=str)
+    copy = json.loads(O.PUBLISHED_JSON.read_text(), parse_float=str)
+    assert isinstance(copy.pop("_copy_of"), str)
+    assert copy == shared
+
+
+def test_published_copy_holds_the_tables_the_tests_need():
+    """Runs without ../shared: the copy has NF4 (values and thresholds), AF4 and the BOF4
+    paper's Tables 6 (block 64: BOF4 / BOF4-S, MSE / MAE) and 7 (BOF4-S MSE at 32, 128, 256)."""
+    assert set(BOF4_TABLES) == {"bof4_mse_b64", "bof4_mae_b64", "bof4s_mse_b64", "bof4s_mae_b64",
+                                "bof4s_mse_b32", "bof4s_mse_b128", "bof4s_mse_b256"}
+    assert set(O.PUBLISHED_DECIMALS) == {"nf4", "af4", *BOF4_TABLES}
+    assert len(O.PUBLISHED_DECIMALS["nf4"]["thresholds"]) == 15
+    for name in BOF4_TABLES:
+        assert "BOF4 paper" in REFERENCE[name]["source"]
+        assert ("Table 7" if name.endswith(("b32", "b128", "b256")) else "Table 6") in \
+            REFERENCE[name]["source"]
+
+
 @pytest.mark.parametrize("table", BOF4_TABLES)
-def test_shipped_bof4_tables_within_1e3_of_the_paper(table):
-    """qcompile's own Lloyd tables agree with BOF4 paper Tables 6/7 to 1e-3 per level, keep the
-    paper's fixed levels (BOF4: -1, 0, 1; BOF4-S: 0, 1) and are strictly ascending."""
-    paper = REFERENCE[table]["values"]
-    ours = SHIPPED[table]["values"]
-    assert len(ours) == len(paper) == 16
-    assert max(abs(a - b) for a, b in zip(ours, paper)) < 1e-3, table
-    assert all(a < b for a, b in zip(ours, ours[1:]))
-    assert ours[7] == 0.0 and ours[15] == 1.0
+def test_shipped_bof4_tables_are_the_published_numbers(table):
+    """BOF4 paper Tables 6/7 as shipped: the printed decimals kept verbatim, each rounded once to
+    the nearest float32 (exact rational arithmetic here, in the oracle), the source as the
+    reference gives it, marked published; the paper's fixed levels (BOF4: -1, 0, 1; BOF4-S: 0, 1)
+    and strictly ascending."""
+    entry = SHIPPED[table]
+    want = list(O.published_f32(table))
+    assert entry["values"] == want  # float32 numbers, written exactly
+    assert list(codebooks.table(table)) == want
+    prov = entry["provenance"]
+    assert prov["kind"] == "published" and codebooks.provenance(table) == "published"
+    assert prov["published_values"] == list(O.published_decimals(table))
+    assert list(codebooks.published_values(table)) == list(O.published_decimals(table))
+    assert entry["source"] == REFERENCE[table]["source"] == codebooks.source(table)
+    assert entry["block_size"] == REFERENCE[table]["block_size"] == int(table.rsplit("_b")[1])
+    assert entry["scale"] == ("signed_absmax" if table.startswith("bof4s") else "absmax")
+    assert len(want) == 16 and all(a < b for a, b in zip(want, want[1:]))
+    assert want[7] == 0.0 and want[15] == 1.0
     if table.startswith("bof4s"):
-        assert -1.0 < ours[0] < -0.75  # signed absmax: nothing maps to -1
+        assert -1.0 < want[0] < -0.75  # signed absmax: nothing maps to -1
     else:
-        assert ours[0] == -1.0
-    assert SHIPPED[table]["block_size"] == REFERENCE[table]["block_size"]
+        assert want[0] == -1.0
+    # the optimiser's table for this configuration is recorded, not shipped
+    opt = prov["optimiser"]
+    assert opt["generator"] == "qcompile.codebook_optimizer" and opt["values"] != want
+    assert 0 < max(abs(a - b) for a, b in zip(opt["values"], want)) < 1e-3
+
+
+@pytest.mark.parametrize("name", ["nf4", "af4"])
+def test_nf4_af4_shipped_as_published(name):
+    entry = SHIPPED[name]
+    assert entry["provenance"]["kind"] == "published"
+    assert entry["provenance"]["published_values"] == list(O.published_decimals(name))
+    assert entry["values"] == list(O.published_f32(name)) and entry["source"] == REFERENCE[name]["source"]
+
+
+def test_which_tables_are_published_and_which_optimised():
+    """Published exactly where a publication gives the table; every other shipped table is the
+    optimiser's, says so, and has no published table at all."""
+    published = set(codebooks.names("published"))
+    assert published == set(REFERENCE) - {"_about", "_copy_of"}
+    optimised = set(codebooks.names("optimised"))
+    assert optimised == {"bof4_mse_b32", "bof4_mse_b128", "bof4s_mae_b32", "bof4s_mae_b128",
+                         "bof3s_mse_b64"}
+    assert published | optimised == set(codebooks.names()) and not published & optimised
+    for name in optimised:
+        prov = SHIPPED[name]["provenance"]
+        assert prov["kind"] == "optimised" and prov["generator"] == "qcompile.codebook_optimizer"
+        assert "published_values" not in prov and "no published table" in SHIPPED[name]["source"]
+        with pytest.raises(ValueError, match="not published"):
+            codebooks.published_values(name)
+    with pytest.raises(ValueError, match="provenance"):
+        codebooks.names("made up")
+    with pytest.raises(ValueError, match="no shipped codebook"):
+        codebooks.provenance("bof4_mse_b48")
+
+
+@pytest.mark.parametrize("text, want", [
+    ("1.000000059604644775390625", 1.0),  # 1 + 2^-24: exactly between 1 and 1 + 2^-23, ties to even
+    ("1.000000059604644775390626", 1.0000001192092896),  # a hair above the midpoint: up
+    ("1.000000178813934326171875", 1.0000002384185791),  # 1 + 3 * 2^-24: tie, to even (up)
+    ("-0.7535245418548584", -0.7535245418548584),  # printed float32s: 16 digits, within 5e-17
+    ("-0.090308666229248", -0.09030866622924805),  # (the paper's trailing zero dropped)
+])
+def test_decimal_to_float32_rounds_the_printed_decimal_once(text, want):
+    assert codebooks.decimal_to_float32(text) == want
+    assert want == float(O.to_f32(Fraction(text)))
+
+
+def test_every_published_decimal_converts_like_the_oracle():
+    for name, entry in O.PUBLISHED_DECIMALS.items():
+        for d in entry["values"]:
+            assert codebooks.decimal_to_float32(d) == float(O.to_f32(Fraction(d))), (name, d)
 
 
 @pytest.mark.parametrize("name, block, table", [
@@ -117,13 +204,24 @@ def test_shipped_bof4_tables_within_1e3_of_the_paper(table):
     ("bof4s_opq", 64, "bof4s_mse_b64"), ("bof4s", 32, "bof4s_mse_b32"),
     ("bof4s", 128, "bof4s_mse_b128"), ("bof4s", 256, "bof4s_mse_b256"),
 ])
-def test_formats_use_the_table_for_their_block_size(name, block, table):
+def test_formats_use_the_published_table_for_their_block_size(name, block, table):
     fmt = formats.get(name, block_size=block) if block != 64 else formats.get(name)
-    values = fmt.element.values
-    assert max(abs(a - b) for a, b in zip(values, REFERENCE[table]["values"])) < 1e-3
+    assert fmt.element.table == table
+    assert list(fmt.element.values) == list(O.published_f32(table))
+    assert codebooks.provenance(table) == "published"
     assert fmt.scale.signed == ("bof4s" in name)
     if block != 64:  # a different table from the block-64 one
-        assert values != formats.get(name).element.values
+        assert fmt.element.values != formats.get(name).element.values
+
+
+@pytest.mark.parametrize("name, block, table", [
+    ("bof4", 32, "bof4_mse_b32"), ("bof4", 128, "bof4_mse_b128"),
+    ("bof4s_mae", 32, "bof4s_mae_b32"), ("bof4s_mae", 128, "bof4s_mae_b128"),
+])
+def test_formats_use_the_optimised_table_where_none_is_published(name, block, table):
+    fmt = formats.get(name, block_size=block)
+    assert fmt.element.table == table and codebooks.provenance(table) == "optimised"
+    assert list(fmt.element.values) == f32(SHIPPED[table]["values"])
 
 
 def test_block_size_without_a_table_falls_back_to_64_with_a_warning():
@@ -250,9 +348,10 @@ def test_codebooks_at_other_block_sizes(name, block, data):
 
 BOF4S_REGRESSIONS = [
     # (x, codes, scale); value = fp32(table[code] * scale) with the shipped bof4s_mse_b64 table
-    # (levels -0.857 -0.669 -0.523 -0.400 -0.291 -0.190 -0.094 0 0.089 0.179 0.274 0.376 0.489
-    # 0.619 0.779 1). The largest magnitude is -2, so s = -2 and qmul = -0.5: -2 -> n = 1 (code
-    # 15, value -2); 0.5 -> -0.25, nearest -0.291 (code 4); 1 -> -0.5, nearest -0.523 (code 2);
+    # (BOF4 paper Table 6; levels -0.857 -0.669 -0.524 -0.400 -0.291 -0.190 -0.094 0 0.089 0.179
+    # 0.274 0.376 0.489 0.619 0.779 1). The largest magnitude is -2, so s = -2 and qmul = -0.5:
+    # -2 -> n = 1 (code 15, value -2); 0.5 -> -0.25, nearest -0.291 (code 4); 1 -> -0.5, nearest
+    # -0.524 (code 2);
     # -0.0 -> n = -0.0 * -0.5 = +0 -> code 7 (7 thresholds below 0), value 0 * -2 = -0.
     ([-2.0, 0.5, 1.0, -0.0], [15, 4, 2, 7], -2.0),
     # magnitude tie 2 / -2: the positive one is the scale; -2 -> n = -1, below every level ->
@@ -272,6 +371,71 @@ def test_bof4s_signed_absmax_regressions(x, codes, scale):
     assert out.tolist() == [float(F32(table[c]) * F32(scale)) for c in codes]
     assert out[0].item() == x[0]  # the scale element maps to +1 and back to itself
     O.assert_matches(out, O.fake_quantize(x, "bof4s"), x, "bof4s")
+
+
+def by_hand(x, table, signed):
+    """One block coded from a published table's printed decimals alone: s = the block absmax as
+    float32 (signed: the element of largest magnitude with its sign, the positive one on a tie),
+    n = fp32(x * fp32(1/s)) (numpy float32), code = the level nearest to n in exact rational
+    arithmetic on the decimals, value = fp32(fp32(level) * s). Also returns how far n is from
+    the nearest midpoint of the decimals (a row near a midpoint could round either way)."""
+    levels = [Fraction(d) for d in table]
+    x = np.asarray(x, dtype=F32)
+    s = O.signed_absmax(x) if signed else np.abs(x).max()
+    qmul = F32(1.0) / F32(s)
+    codes, values, margin = [], [], math.inf
+    for v in x:
+        n = O.frac(F32(v) * qmul)
+        code = min(range(len(levels)), key=lambda i: (abs(n - levels[i]), i))
+        codes.append(code)
+        values.append(float(F32(O.to_f32(levels[code])) * F32(s)))
+        margin = min([margin] + [abs(float(n - (a + b) / 2)) for a, b in zip(levels, levels[1:])])
+    return codes, values, float(s), margin
+
+
+BOF4_PUBLISHED_REGRESSIONS = [
+    # (format, table, x, codes, scale). Each row has normalised values that sit between the
+    # midpoint of the published levels and the midpoint of the old Lloyd-optimised levels
+    # (qcompile's table before it shipped the paper's), so the old table gives other codes.
+    # bof4: s = 2, n = x / 2. n = 0.32505 is above the published 10/11 midpoint 0.324986
+    # (code 11, 0.3372), under the old 0.325099; n = 0.4322 above 0.432157 (code 12, 0.4414);
+    # n = -0.50893 below -0.508902 (code 2, -0.5792).
+    ("bof4", "bof4_mse_b64", [2.0, 0.6501, 0.8644, -1.01786, 0.0], [15, 11, 12, 2, 7], 2.0),
+    # bof4, s = 3: fp32(1/3) is above 1/3 and fp32(level * 3) rounds; same cells as above.
+    ("bof4", "bof4_mse_b64", [3.0, 0.97515, -1.52679, -3.0], [15, 11, 2, 0], 3.0),
+    # bof4s, s = 4: n = 0.32512 below the published 10/11 midpoint 0.325165 (code 10, 0.2743);
+    # n = -0.59635 above -0.596407 (code 2, -0.5235); n = 0.55372 below 0.553757 (code 12, 0.4887)
+    ("bof4s", "bof4s_mse_b64", [4.0, 1.30048, -2.3854, 2.21488, -0.3], [15, 10, 2, 12, 6], 4.0),
+    # bof4s, s = -2 (the maximum is negative), n = -x / 2: n = -0.763 is above the published 0/1
+    # midpoint -0.763067 (code 1, -0.6693); the old table put it in code 0.
+    ("bof4s", "bof4s_mse_b64", [-2.0, 1.526, 1.0, -0.0], [15, 1, 2, 7], -2.0),
+    # bof4_mae, s = 1: n = -0.4611 below the 2/3 midpoint -0.460972 (code 2); -0.6151 below the
+    # 1/2 midpoint -0.614950 (code 1)
+    ("bof4_mae", "bof4_mae_b64", [1.0, -0.4611, -0.6151, 0.2], [15, 2, 1, 9], 1.0),
+    # bof4s_mae, s = -1: n = -x. n = -0.7048 below the 0/1 midpoint -0.704742 (code 0);
+    # n = -0.4124 below the 2/3 midpoint -0.412394 (code 2)
+    ("bof4s_mae", "bof4s_mae_b64", [-1.0, 0.7048, 0.4124, -0.3], [15, 0, 2, 11], -1.0),
+    # bof4s at block 32 (paper Table 7), s = 2: n = 0.5722 above the 12/13 midpoint 0.572129
+    # (code 13); n = 0.4486 above the 11/12 midpoint 0.448498 (code 12)
+    ("bof4s[block_size=32]", "bof4s_mse_b32", [2.0, 1.1444, 0.8972, -0.5], [15, 13, 12, 5], 2.0),
+]
+
+
+@pytest.mark.parametrize("fmt, table, x, codes, scale", BOF4_PUBLISHED_REGRESSIONS)
+def test_bof4_codes_and_values_follow_the_published_table(fmt, table, x, codes, scale):
+    """Codes and dequantised values equal those worked out by hand (exact arithmetic) from the
+    paper's printed decimals, in rows where the old optimised table gives other codes."""
+    signed = "bof4s" in fmt
+    decimals = O.published_decimals(table)
+    want_codes, want_values, want_scale, margin = by_hand(x, decimals, signed)
+    assert (want_codes, want_scale) == (codes, scale)  # the hand-written codes are the oracle's
+    assert margin > 1e-6  # no row is near a midpoint: nearest-level is unambiguous
+    q = quantize(x, fmt)
+    assert q.scales.tolist() == [scale]
+    assert codes_of(q, 4, len(x))[0] == codes
+    assert qcompile.dequantize(q).tolist() == want_values
+    old = SHIPPED[table]["provenance"]["optimiser"]["values"]
+    assert by_hand(x, [repr(v) for v in old], signed)[0] != codes  # the regression this guards
 
 
 def test_nf4_regressions():

@@ -2,8 +2,9 @@
 blocks, rows that are not whole blocks, fp16 / bf16, non-contiguous and empty tensors, any axis,
 0-d tensors; packing read back with the oracle's own bit-stream rule; errors for bad input;
 bits per element counted by hand; idempotence of the floor-rule power-of-two formats on edge
-tensors; block sizes 16 .. 4096 and whole rows. Expected values come from tests/oracles.py
-(exact rationals) or are written out by hand, never from qcompile.
+tensors; block sizes 16 .. 4096, whole rows and blocks longer than the row (clamped to it);
+keys against keyword overrides. Expected values come from tests/oracles.py (exact rationals) or
+are written out by hand, never from qcompile.
 """
 import math
 from fractions import Fraction
@@ -282,9 +283,12 @@ def test_rows_that_are_not_whole_blocks(name):
         out = qcompile.dequantize(q)
         assert out.shape == x.shape and out.dtype == torch.float32
         O.assert_matches(out, O.fake_quantize(x, name), x, f"{name} k={k}")
-        n_blocks = -(-k // b)
+        blk = min(b, k)  # a row shorter than the block is one block of its own length
+        assert q.block == blk
+        n_blocks = -(-k // blk)
         assert q.scales.shape == (2, n_blocks)
-        assert q.codes.shape == (2, n_blocks * b * bits // 8)  # block sizes are multiples of 8
+        # block sizes are multiples of 8; a short row's codes are padded to 8 codes when packed
+        assert q.codes.shape == (2, -(-(n_blocks * blk) // 8) * bits)
 
 
 def test_quantile4_table_levels_are_exact():
@@ -530,9 +534,9 @@ def test_oracle_packing_of_oracle_codes_is_the_stored_bytes(name):
     ("mxfp4", [6.0, 0.5, -6.0, 1.0], [0x71, 0xF2, 0x00]),
     # nf4, absmax 1: 1 -> 15, -1 -> 0, 0 -> 7, 0.5 -> 12 (threshold 0.50166 is above 0.5),
     # 0.6 -> 13, -0.1 -> 6 (between thresholds -0.1379 and -0.0455)
-    ("nf4", [1.0, -1.0, 0.0, 0.5, 0.6, -0.1], [0xF0, 0x7C, 0xD6, 0x77]),
+    ("nf4", [1.0, -1.0, 0.0, 0.5, 0.6, -0.1], [0xF0, 0x7C, 0xD6, 0x00]),
     # int3, absmax 3 -> qmul 1: codes 3 1 7(-1) 0 2 5(-3) 0 0 -> 011 001 111 000 010 101 000 000
-    ("int3", [3.0, 1.0, -1.0, 0.0, 2.0, -3.0, 0.0, 0.0], [0x67, 0x85, 0x40, 0x00]),
+    ("int3", [3.0, 1.0, -1.0, 0.0, 2.0, -3.0, 0.0, 0.0], [0x67, 0x85, 0x40]),
     # mxfp6_e2m3, amax 7.5 -> e = 0: 7.5 = 0 11 111, 1 = 0 01 000, -0.125 = 1 00 001, 0
     # -> 011111 001000 100001 000000
     ("mxfp6_e2m3", [7.5, 1.0, -0.125, 0.0], [0x7C, 0x88, 0x40, 0x00]),
@@ -541,13 +545,14 @@ def test_oracle_packing_of_oracle_codes_is_the_stored_bytes(name):
 ])
 def test_hand_packed_bytes(name, x, head):
     q = qcompile.quantize(torch.tensor(x), name)
-    b, bits = block_of(name), O.element_bits(O.SPECS[name].element)
-    assert q.codes.dtype == torch.uint8 and q.codes.shape == (b * bits // 8,)
+    bits = O.element_bits(O.SPECS[name].element)
+    # the row is shorter than the block, so the block is the row: its codes, padded with zero
+    # codes to a multiple of 8 codes (nf4's code 0 is -1.0 there: never read, cropped)
+    assert q.block == len(x)
+    assert q.codes.dtype == torch.uint8 and q.codes.shape == (-(-len(x) // 8) * bits,)
     stored = q.codes.tolist()
     assert stored[:len(head)] == head
-    # the rest of the block is padding zeros: code 0, except nf4 whose 0.0 is code 7 (0x77)
-    pad = 0x77 if name == "nf4" else 0
-    assert all(v == pad for v in stored[len(head):])
+    assert all(v == 0 for v in stored[len(head):])
     if name == "nf4":  # absmax 1: the table values of codes 15, 0, 7, 12, 13, 6
         t = [float(np.float32(v)) for v in O.NF4_VALUES]
         x = [t[15], t[0], t[7], t[12], t[13], t[6]]
@@ -740,9 +745,16 @@ def test_effective_bits_whole_rows_and_padding():
     assert fmt.effective_bits(row_length=256) == pytest.approx(4 + 32 / 256)  # 4.125
     q = qcompile.quantize(torch.from_numpy(data((3, 256), 15)), fmt)
     assert q.block == 256 and q.bits_per_element == pytest.approx(4.125)
-    # a row of 40 is stored as one padded block of 64: (32 code bytes + 4 scale bytes) / 40
+    # a row of 40 is shorter than the block of 64, so its block is the row (40 codes, no
+    # padding): (20 code bytes + 4 scale bytes) / 40
     q = qcompile.quantize(torch.from_numpy(data((3, 40), 16)), "int4")
-    assert q.nbytes == 3 * (32 + 4) and q.bits_per_element == pytest.approx(36 * 8 / 40)
+    assert q.block == 40 and q.nbytes == 3 * (20 + 4)
+    assert q.bits_per_element == pytest.approx(24 * 8 / 40)
+    assert formats.get("int4").effective_bits(40) == pytest.approx(24 * 8 / 40)
+    # a row of 100 holds a block of 64 and a padded one: 2 x (32 code bytes + 4 scale bytes) / 100
+    q = qcompile.quantize(torch.from_numpy(data((3, 100), 16)), "int4")
+    assert q.block == 64 and q.nbytes == 3 * 2 * (32 + 4)
+    assert q.bits_per_element == pytest.approx(72 * 8 / 100)
 
 
 # ============================================================================ idempotence
@@ -798,3 +810,238 @@ def test_block_sizes_and_whole_rows(name, block_size):
                      x, f"{name} block_size={block_size}")
     if block_size is None:  # one block per row: one scale per row, the row's own
         assert q.scales.shape == (2, 1)
+
+
+# ===================================================================== blocks longer than the row
+
+LONG_BLOCK = 4096  # longer than every row below, small enough to pad by hand
+CLAMP_ROWS = (1, 3, 17, 100)
+# families named by their parameters, checked against hand padding only (no oracle spec)
+CLAMP_FAMILIES = ["int5", "fp5_e2m2", "bfp7", "bl6", "dynexp6"]
+# formats whose statistics count only real elements, where zeros padded by hand would count
+COUNTS_REAL = ("bof4s_opq", "quantile4")
+
+
+def raw(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's bit patterns (float32 through an int32 view), so NaNs compare equal."""
+    return t.view(torch.int32) if t.dtype == torch.float32 else t
+
+
+def padded_by_hand(x: np.ndarray, fmt):
+    """The unclamped definition, computed at a size where no clamping can happen: the row padded
+    with zeros to one whole block of LONG_BLOCK elements, quantised, dequantised and cropped."""
+    k = x.shape[-1]
+    padded = np.zeros(x.shape[:-1] + (LONG_BLOCK,), dtype=np.float32)
+    padded[..., :k] = x
+    q = qcompile.quantize(torch.from_numpy(padded), fmt)
+    assert q.block == LONG_BLOCK
+    return q, qcompile.dequantize(q)[..., :k]
+
+
+@pytest.mark.filterwarnings("ignore:no bof4")
+@pytest.mark.parametrize("name", ALL + CLAMP_FAMILIES)
+def test_a_block_longer_than_the_row_is_the_row(name):
+    """block_size > K: the block actually used is K (one block per row, as block_size=None),
+    and every value, scale and side tensor is what the unclamped definition gives (zeros padded
+    by hand; for OPQ and the quantile table, which count real elements only, the oracle)."""
+    fmt = formats.get(name, block_size=LONG_BLOCK)
+    for k in CLAMP_ROWS:
+        x = data((4, k), 40 + k)
+        if k > 1:
+            x[2, k // 2] = np.nan  # a NaN row: its one block is all NaN
+        x[3] = -0.0  # an all -0 row: the padding's +0 wins signed absmax's tie (s = +0)
+        q = qcompile.quantize(torch.from_numpy(x), fmt)
+        assert q.block == k and q.scales.shape == (4, 1), (name, k, q.block)
+        bits = fmt.element.bits
+        assert q.codes.shape == (4, -(-k // 8) * bits), (name, k)  # K codes, padded to 8
+        got = qcompile.dequantize(q)
+        if name not in COUNTS_REAL:
+            ref_q, ref = padded_by_hand(x, fmt)
+            assert_bits_equal(got, ref, f"{name} K={k}")
+            assert torch.equal(raw(q.scales), raw(ref_q.scales)), (name, k)
+            assert list(q.side) == list(ref_q.side)
+            for key in q.side:
+                assert torch.equal(raw(q.side[key]), raw(ref_q.side[key])), (name, k, key)
+        if name in ALL and fmt.element == formats.get(name).element:
+            O.assert_matches(got, O.fake_quantize(x, name, block_size=LONG_BLOCK), x,
+                             f"{name} block_size={LONG_BLOCK} K={k}")
+        whole = qcompile.quantize(torch.from_numpy(x), formats.get(name, block_size=None))
+        if fmt.element == whole.fmt.element:  # the same element: the values of whole rows (a
+            # whole row of -0 has no padding: a signed absmax of -0, so compare values, not signs)
+            torch.testing.assert_close(got, qcompile.dequantize(whole), rtol=0, atol=0,
+                                       equal_nan=True, msg=f"{name} K={k} whole rows")
+
+
+def test_a_huge_block_size_allocates_only_the_row():
+    """The issue's case: block_size=10**8 on 3 elements stores 3 codes and one scale."""
+    x = torch.tensor([0.5, -1.25, 3.0])
+    q = qcompile.quantize(x, "int4[block_size=100000000]")
+    assert q.block == 3 and q.scales.shape == (1,) and q.codes.numel() == 4  # 8 codes x 4 bits
+    assert q.nbytes == 4 + 4  # codes + one float32 absmax
+    # absmax 3 -> multiplier 7/3: 0.5 -> round(7/6) = 1, -1.25 -> round(-35/12) = -3, 3 -> 7
+    want = torch.tensor([1.0, -3.0, 7.0]) * (torch.tensor(3.0) / 7)
+    assert torch.equal(qcompile.dequantize(q), want)
+
+
+_TRITON_CLAMP = """
+import os
+os.environ["TRITON_INTERPRET"] = "1"
+import warnings
+warnings.simplefilter("ignore")
+import torch, qcompile
+for name in ("int4", "mxfp4", "nvfp4", "nf4", "bof4s", "int4[opq=0.9]", "quantile4"):
+    for k in (3, 17, 100):
+        x = torch.linspace(-2.0, 3.0, 3 * k).reshape(3, k)
+        x[2] = -0.0  # signed absmax (bof4s): the unclamped block's +0 padding gives s = +0
+        fmt = qcompile.formats.get(name, block_size=4096)
+        ref = qcompile.quantize(x, fmt)
+        got = qcompile.quantize(x, fmt, impl="triton")
+        assert got.block == ref.block == k, (name, k, got.block, ref.block)
+        assert torch.equal(got.codes, ref.codes), (name, k)
+        raw = (lambda t: t.view(torch.int32) if t.dtype == torch.float32 else t)
+        assert torch.equal(raw(got.scales), raw(ref.scales)), (name, k)
+        if name == "bof4s":
+            assert raw(ref.scales)[2].item() == 0, "+0, not -0"
+        assert list(got.side) == list(ref.side), (name, k)
+        for s in ref.side:
+            assert torch.equal(got.side[s], ref.side[s]), (name, k, s)
+print("ok")
+"""
+
+
+def test_the_generated_quantise_kernel_clamps_the_block_as_the_reference(tmp_path):
+    """codegen's quantize uses the same clamped block, so kernel and reference stay bit-exact
+    (run in a fresh process: TRITON_INTERPRET=1 must be set before triton is imported)."""
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "QCOMPILE_KERNEL_CACHE": str(tmp_path), "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", _TRITON_CLAMP], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("name, k, want", [
+    ("int4", 100, 4 + 32 / 100),  # one float32 absmax per row of 100
+    ("nf4", 3, 4 + 32 / 3),
+    ("mxfp4", 24, 4 + 8 / 24),  # one E8M0 per row of 24
+    ("mxint8", 1, 8 + 8 / 1),
+    ("nvfp4", 8, 4 + 8 / 8),  # one E4M3 per row of 8 (the tensor scale is not nominal)
+])
+def test_effective_bits_of_a_block_longer_than_the_row(name, k, want):
+    """Format.effective_bits(K) counts one scale per row when the block is longer than the row
+    (as for whole rows); QTensor.bits_per_element counts the bytes stored, by hand: ceil(K/8) x
+    bits code bytes + one scale per row (+ NVFP4's float32 tensor scale)."""
+    fmt = formats.get(name, block_size=LONG_BLOCK)
+    assert fmt.effective_bits(k) == pytest.approx(want, abs=1e-12)
+    assert formats.get(name, block_size=None).effective_bits(k) == pytest.approx(want, abs=1e-12)
+    assert fmt.effective_bits() == pytest.approx(fmt.bits + fmt.scale.bits / LONG_BLOCK)
+    rows = 2
+    q = qcompile.quantize(torch.from_numpy(data((rows, k), 50)), fmt)
+    code_bytes = -(-k // 8) * fmt.bits
+    scale_bytes = {"int4": 4, "nf4": 4, "mxfp4": 1, "mxint8": 1, "nvfp4": 1}[name]
+    side = 4 if name == "nvfp4" else 0
+    assert q.nbytes == rows * (code_bytes + scale_bytes) + side
+    assert q.bits_per_element == pytest.approx(8 * q.nbytes / (rows * k), abs=1e-12)
+    if k % 8 == 0 and not side:  # no packing padding, no side data: the nominal figure
+        assert q.bits_per_element == pytest.approx(want, abs=1e-12)
+
+
+def test_effective_bits_clamp_only_rows_shorter_than_the_block():
+    assert formats.get("int4").effective_bits(256) == pytest.approx(4 + 32 / 64)
+    assert formats.get("int4").effective_bits(64) == pytest.approx(4 + 32 / 64)
+    assert formats.get("int4").effective_bits(40) == pytest.approx(4 + 32 / 40)  # clamped
+
+
+# ============================================================================ block size values
+
+BLOCK_RANGE = r"block_size must be a positive integer \(1 or more.*\) or None"
+
+
+@pytest.mark.parametrize("bad", [0, -1, -64, 1.5, 64.0, float("nan"), "64", b"64", True, False,
+                                 [64], np.float64(32.0)])
+def test_nonsensical_block_sizes_name_the_valid_range(bad):
+    import re
+    with pytest.raises(ValueError, match=BLOCK_RANGE + r".*got " + re.escape(repr(bad))):
+        formats.get("int4", block_size=bad)
+
+
+@pytest.mark.parametrize("key", ["int4[block_size=0]", "int4[block_size=-3]",
+                                 "int4[block_size=1.5]", "int4[block_size=abc]",
+                                 "int4[block_size=true]", "int4[block_size=]",
+                                 "int4[block_size=64.0]"])
+def test_nonsensical_block_sizes_in_keys_name_the_valid_range(key):
+    with pytest.raises(ValueError, match=BLOCK_RANGE):
+        formats.get(key)
+
+
+def test_every_positive_integer_block_size_is_valid():
+    for b in (1, 2, 24, 100, 4096, 10**8):
+        assert formats.get("int4", block_size=b).block_size == b
+        assert formats.get(f"int4[block_size={b}]").block_size == b
+    # integer types other than int (numpy's) count as integers and are stored as int
+    for b in (np.int64(32), np.int32(32), np.uint16(32)):
+        fmt = formats.get("int4", block_size=b)
+        assert type(fmt.block_size) is int and fmt == formats.get("int4", block_size=32)
+        assert fmt.key == "int4[block_size=32]"
+
+
+# ============================================================================ keys = keywords
+
+KEY_FAMILIES = ["int5", "fp5_e2m2", "bfp7", "bl6", "dynexp6"]
+
+
+def keyword_overrides(name):
+    """Every kind of keyword override that applies to the format."""
+    fmt = formats.get(name)
+    out = [dict(block_size=None), dict(block_size=1), dict(block_size=24), dict(block_size=4096)]
+    if fmt.scale.kind == "pow2":
+        out += [dict(scale_rule=r) for r in ("floor", "ceil", "rceil", "even")]
+        out += [dict(block_size=16, scale_rule="ceil"), dict(block_size=None, scale_rule="even")]
+    if fmt.scale.kind == "absmax":
+        out += [dict(opq=True), dict(opq=False), dict(opq=None), dict(opq=0.9), dict(opq=0.5),
+                dict(opq=0.999), dict(block_size=32, opq=True), dict(block_size=None, opq=0.9)]
+    return out
+
+
+def key_text(name, kw, case=str):
+    """The key written by hand from the keyword values (True -> "True", None -> "None")."""
+    return f"{name}[{','.join(f'{k}={case(str(v))}' for k, v in kw.items())}]"
+
+
+@pytest.mark.filterwarnings("ignore:no bof4")
+@pytest.mark.parametrize("name", ALL + KEY_FAMILIES)
+def test_keys_accept_what_keywords_accept_and_round_trip(name):
+    for kw in keyword_overrides(name):
+        want = formats.get(name, **kw)
+        for case in (str, str.lower, str.upper):
+            text = key_text(name, kw, case)
+            assert formats.get(text) == want, (text, kw)
+        assert formats.get(want.key) == want, (want.key, kw)
+        assert formats.get(want.key).key == want.key
+        assert formats.get(want) is want
+
+
+def test_opq_true_key_is_the_default_quantile():
+    assert formats.get("nf4[opq=true]") == formats.get("nf4", opq=True)
+    assert formats.get("nf4[opq=true]").opq == 0.95
+    assert formats.get("bof4s_opq[opq=false]").opq is None
+    assert formats.get("bof4s_opq[opq=false]") == formats.get("bof4s_opq", opq=False)
+    assert formats.get("bof4s_opq[opq=false]").key == "bof4s_opq[opq=None]"
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: formats.get("nf4[opq=banana]"), r"opq='banana'.*true.*false.*none.*\(0, 1\)"),
+    (lambda: formats.get("nf4", opq="banana"), r"opq='banana'.*True.*False.*None.*\(0, 1\)"),
+    (lambda: formats.get("nf4[opq=yes please]"), r"opq='yes please'.*\(0, 1\)"),
+    (lambda: formats.get("nf4[opq=1.5]"), r"opq quantile must lie in \(0, 1\)"),
+    (lambda: formats.get("int4[block_size=abc]"), BLOCK_RANGE + r".*'abc'"),
+    (lambda: formats.get("mxfp4[scale_rule=up]"),
+     r"scale_rule: unknown scale rule 'up'; choose one of floor, ceil, rceil, even"),
+    (lambda: formats.get("mxfp4", scale_rule="up"), r"scale_rule.*floor, ceil, rceil, even"),
+    (lambda: formats.get("mxfp4[scale_rule=none]"), r"scale_rule.*'none'.*floor, ceil"),
+    (lambda: formats.get("int4[block_size=32,block_size=64]"), r"block_size given twice"),
+])
+def test_bad_key_values_name_the_option_and_the_valid_values(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()

@@ -98,3 +98,111 @@ def test_first_matching_glob_wins_against_fnmatchcase_oracle(rules, name, defaul
     p = Policy(pairs, default=_SPECS[default])
     expect = next((s for pat, s in pairs if fnmatch.fnmatchcase(name, pat)), _SPECS[default])
     assert p.match(name)[1] is expect
+
+
+# ---- patterns and rule containers that cannot mean what they say ------------------------------
+
+import re  # noqa: E402
+
+_S = LayerSpec(weight="int4")
+_CHOICES = r"an ordered dict or a list of \(pattern, spec\) pairs"
+
+
+@pytest.mark.parametrize("rules, what", [
+    ({("*.mlp.*", _S), ("h.0.*", None)}, "set"),
+    (frozenset({("*.mlp.*", _S), ("h.0.*", None)}), "frozenset"),
+    (frozenset(), "frozenset"),
+    ({"*.mlp.*": _S, "h.0.*": None}.keys(), "dict_keys"),
+])
+def test_unordered_rules_are_rejected(rules, what):
+    """The first matching rule wins, so the rules need an order a set does not have."""
+    with pytest.raises(PolicyError, match=rf"{what}.*no order.*first matching rule wins.*"
+                                          + _CHOICES):
+        Policy(rules)
+
+
+def test_ordered_rule_containers_keep_their_order():
+    a, b = LayerSpec(weight="int8"), LayerSpec(weight="int4")
+    rules = {"h.0.*": b, "*.mlp.*": a}
+    for given in (rules, rules.items(), list(rules.items()), tuple(rules.items()),
+                  iter(rules.items()), (p for p in rules.items())):
+        p = Policy(given)
+        assert [r.pattern for r in p.rules] == ["h.0.*", "*.mlp.*"]
+        assert p.match("h.0.mlp.c_fc")[1] is b
+    with pytest.raises(PolicyError, match=_CHOICES + r".*got str"):
+        Policy("*.mlp.*")
+    with pytest.raises(PolicyError, match=r"rule 0 must be a \(pattern, spec\) pair, got set"):
+        Policy([{"h.0.*", a}])
+
+
+_PATTERN_CHOICES = r"fnmatch glob.*'re:' followed by a regular expression"
+
+
+@pytest.mark.parametrize("pattern, match", [
+    ("re:", r"'re:' with an empty regular expression matches no module.*" + _PATTERN_CHOICES),
+    ("", r"empty pattern.*" + _PATTERN_CHOICES),
+    (5, r"must be a string, got int 5.*" + _PATTERN_CHOICES),
+    (None, r"must be a string, got NoneType None.*" + _PATTERN_CHOICES),
+    (("a", "b"), r"must be a string, got tuple.*" + _PATTERN_CHOICES),
+    (re.compile("h.*"), r"must be a string, got Pattern.*" + _PATTERN_CHOICES),
+])
+def test_patterns_that_match_nothing_or_are_not_text_are_rejected(pattern, match):
+    for rules in ([(pattern, _S)], {pattern: _S} if _hashable(pattern) else [(pattern, _S)]):
+        with pytest.raises(PolicyError, match=match):
+            Policy(rules)
+    # the non-empty forms of both kinds of pattern stay valid
+    p = Policy([("re:h\\.0\\..*", _S), ("?", None)])
+    assert p.match("h.0.mlp")[1] is _S and p.match("x")[0].pattern == "?"
+
+
+def _hashable(x):
+    try:
+        hash(x)
+    except TypeError:
+        return False
+    return True
+
+
+
+# ---- QCOMPILE_DEBUG, read strictly through qcompile.config ------------------------------------
+
+def _tiny_graph():
+    import torch
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return torch.relu(x) + 1
+
+    return torch.fx.symbolic_trace(M())
+
+
+@pytest.mark.parametrize("value, on", [
+    (None, False), ("", False), ("0", False), ("false", False), ("False", False), ("no", False),
+    ("off", False), ("OFF", False), (" false ", False),
+    ("1", True), ("true", True), ("TRUE", True), ("yes", True), ("on", True), ("On", True),
+])
+def test_qcompile_debug_flag(value, on, monkeypatch, capsys):
+    from qcompile.passes import debug
+    if value is None:
+        monkeypatch.delenv("QCOMPILE_DEBUG", raising=False)
+    else:
+        monkeypatch.setenv("QCOMPILE_DEBUG", value)
+    gm = _tiny_graph()
+    assert debug.enabled() is on
+    assert debug.debug_graph(gm, "plan") is gm
+    err = capsys.readouterr().err
+    if on:  # the graph itself is printed: its nodes, under the stage's name
+        assert "[qcompile] graph after plan:" in err
+        assert str(gm.graph) in err and "relu" in err
+    else:
+        assert err == ""
+
+
+@pytest.mark.parametrize("value", ["maybe", "2", "enabled", "tru"])
+def test_qcompile_debug_garbage_is_an_error_naming_the_variable(value, monkeypatch, capsys):
+    from qcompile.passes import debug
+    monkeypatch.setenv("QCOMPILE_DEBUG", value)
+    expect = rf"environment variable QCOMPILE_DEBUG={value!r}.*1/true/yes/on.*0/false/no/off"
+    with pytest.raises(ValueError, match=expect):
+        debug.debug_graph(_tiny_graph(), "plan")
+    assert capsys.readouterr().err == ""

@@ -1,0 +1,66 @@
+"""What the passes decided, one ``Row`` per quantisable op: the record explain() tabulates.
+
+Rows are made from a graph after planning and quantising (before rewriting), so they say what
+the compiled graph runs: the module, the op, the rule that matched, the formats and the bits
+per weight (stored bytes where a weight was packed, the format's nominal bits otherwise).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .find import sites
+from .plan import dtype_bits, example_value
+
+
+@dataclass
+class Row:
+    fqn: str
+    op: str
+    weight_shape: tuple
+    rule: str
+    weight_fmt: str
+    act_fmt: str
+    bits: float  # bits per weight element
+    nominal: bool = False  # True: the format's effective bits, not bytes that were stored
+    note: str = ""  # how the weight is quantised when not ahead of time, or why it is not
+    index: int = 0  # the op's position among this module's ops of the same kind (0, 1, ...)
+    qtensor: object = field(default=None, repr=False, compare=False)  # the packed weight
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.weight_shape:
+            n *= s
+        return n
+
+
+def site_rows(gm) -> list[Row]:
+    """A Row for every found site of ``gm`` (planned or not), then one per skipped layer."""
+    rows, seen = [], {}
+    for node, site in sites(gm):
+        spec = node.meta.get("qcompile_spec")
+        rule = node.meta.get("qcompile_rule")
+        w = example_value(site.weight)
+        shape = tuple(int(s) for s in w.shape) if isinstance(w, torch.Tensor) else ()
+        wf = spec.weight if spec is not None else None
+        q = node.meta.get("qcompile_qtensor")
+        note = node.meta.get("qcompile_note", "")
+        nominal = False
+        if q is not None:
+            bits = q.bits_per_element
+        elif wf is not None:
+            bits, nominal = wf.effective_bits(shape[site.weight_axis] if shape else None), True
+        else:
+            bits = dtype_bits(w)
+        index = seen.get((site.fqn, site.target), 0)
+        seen[(site.fqn, site.target)] = index + 1
+        rows.append(Row(site.fqn, site.target, shape, rule.describe() if rule else "default",
+                        wf.key if wf else "-",
+                        spec.act.key if spec is not None and spec.act else "-",
+                        bits, nominal, note, index, q))
+    for s in gm.meta.get("qcompile_skipped", ()):
+        rows.append(Row(s.fqn, "-", s.weight_shape, s.rule, "-", "-", float(s.bits),
+                        note=f"skipped: {s.reason}"))
+    return rows

@@ -1,0 +1,200 @@
+"""Policies applied to a model's modules, without compiling: ``quantize_model_`` (linear layers
+swapped for ``QuantLinear``, which holds only the packed weight) and ``fake_quantize_model_``
+(the eager model a compiled one is checked against).
+
+One iterator, ``linear_layers``, decides for both which layers a policy quantises, with the
+same rules as the backend:
+- linear layers are nn.Linear (weight [N, K], blocks along axis 1) and GPT-2's Conv1D
+  (weight [K, N], blocks along axis 0); the first matching rule wins;
+- a weight shared with another module (a tied embedding / lm_head) is quantised for the linear
+  layer only: the linear gets its own quantised copy, the other holders keep the full-precision
+  tensor (the backend does the same: only the linear op reads the packed weight);
+- a layer whose parent reads its ``.weight`` directly instead of calling it
+  (``nn.MultiheadAttention``'s ``out_proj``) cannot be swapped or quantised by the backend: it
+  is skipped with a warning, and ``explain`` shows why.
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from . import api, config
+from .ops import qtensor_from, qtensor_meta
+from .passes.names import read_by_parent
+from .policy import Policy, PolicyError, default_policy
+
+SKIP_REASON_ATTR = "_qcompile_skipped"
+
+
+def conv1d_class():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover
+        return None
+    return Conv1D
+
+
+def _check_policy(policy, who: str) -> Policy:
+    policy = default_policy() if policy is None else policy
+    if not isinstance(policy, Policy):
+        raise PolicyError(f"{who}: policy must be a qcompile.Policy, got {type(policy).__name__}")
+    return policy
+
+
+def skip_reason(mod, parent) -> str | None:
+    """Why a linear layer cannot be quantised (the same rule as the backend's), or None."""
+    reason = read_by_parent(mod, parent)
+    if reason is not None:
+        return reason
+    if not mod.weight.dtype.is_floating_point:
+        return f"its weight is {mod.weight.dtype}, not a float tensor"
+    return None
+
+
+def linear_layers(model: torch.nn.Module, policy: Policy, who: str):
+    """Yield ``(name, module, spec, axis, tied)`` for every linear layer the policy gives a
+    spec; ``tied``: its weight is shared with another module. Skipped layers are marked (for
+    explain) and said once."""
+    conv1d = conv1d_class()
+    holders: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        holders[id(p)] = holders.get(id(p), 0) + 1
+    parents = {f"{pn}.{cn}" if pn else cn: pm for pn, pm in model.named_modules()
+               for cn, _ in pm.named_children()}
+    for name, mod in list(model.named_modules()):
+        is_conv1d = conv1d is not None and isinstance(mod, conv1d)
+        if not (isinstance(mod, torch.nn.Linear) or is_conv1d):
+            continue
+        rule, spec = policy.match(name, "linear")
+        if spec is None:
+            continue
+        reason = skip_reason(mod, parents.get(name))
+        if reason is not None:
+            setattr(mod, SKIP_REASON_ATTR, reason)
+            config.warn(f"{who}: layer {name!r} left in full precision: {reason}",
+                        once=(who, id(mod)))
+            continue
+        yield name, mod, spec, 0 if is_conv1d else 1, holders.get(id(mod.weight), 1) > 1
+
+
+class QuantLinear(torch.nn.Module):
+    """A linear layer (nn.Linear [N, K] or GPT-2 Conv1D [K, N]) whose weight is held only as a
+    packed QTensor (buffers) and which runs ``qcompile::linear``; made by ``quantize_model_``."""
+
+    quantised_linear = True  # the backend's passes recognise swapped layers by this mark
+
+    def __init__(self, q, bias, act, conv1d: bool, impl: str = "auto"):
+        super().__init__()
+        self.register_buffer("codes", q.codes)
+        self.register_buffer("scales", q.scales)
+        self.side_names = list(q.side)
+        for k, t in q.side.items():
+            self.register_buffer(f"side_{k}", t)
+        self.bias = bias
+        self.meta = qtensor_meta(q)
+        self.act = act.key if act is not None else ""
+        self.conv1d = conv1d
+        self.impl = impl
+        self.fmt_key = q.fmt.key
+
+    @property
+    def weight_shape(self) -> tuple:
+        return tuple(json.loads(self.meta)["shape"])
+
+    def qtensor(self):
+        return qtensor_from(self.codes, self.scales,
+                            [getattr(self, f"side_{k}") for k in self.side_names], self.meta)
+
+    def forward(self, x):
+        side = [getattr(self, f"side_{k}") for k in self.side_names]
+        return torch.ops.qcompile.linear(x, self.codes, self.scales, side, self.meta, self.act,
+                                         self.bias, self.impl)
+
+    def extra_repr(self):
+        return f"weight={self.fmt_key}, act={self.act or '-'}, conv1d={self.conv1d}"
+
+
+def _set_child(model, name: str, new: torch.nn.Module):
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def quantize_model_(model: torch.nn.Module, policy: Policy | None = None) -> torch.nn.Module:
+    """Swap, in place, every linear layer (nn.Linear, GPT-2 Conv1D) that ``policy`` gives a
+    weight format for a ``QuantLinear`` holding only the packed weight, so the process keeps no
+    full-precision copy of it. Returns the model. Compile it afterwards as usual (the backend
+    finds the qcompile ops already in place) or run it eagerly. A tied weight stays in place
+    for its other holders (the embedding) and the linear layer gets its packed copy. The
+    swapped layers are frozen: the model is for inference."""
+    policy = _check_policy(policy, "quantize_model_")
+    swaps = []
+    for name, mod, spec, axis, _ in linear_layers(model, policy, "quantize_model_"):
+        if spec.weight is None:
+            continue  # act-only: the backend quantises the activations when compiled
+        with torch.no_grad():
+            q = api.quantize(mod.weight.detach(), spec.weight, axis=axis)
+        swaps.append((name, QuantLinear(q, mod.bias, spec.act, axis == 0)))
+    for name, new in swaps:
+        _set_child(model, name, new)
+    return model
+
+
+class _FakeQuantize(torch.nn.Module):
+    """A parametrization: the weight, fake-quantised (for weights computed by another one)."""
+
+    def __init__(self, fmt, axis: int):
+        super().__init__()
+        self.fmt, self.axis = fmt, axis
+
+    def forward(self, w):
+        return api.fake_quantize(w, self.fmt, axis=self.axis)
+
+
+def _act_hook(fmt):
+    def hook(module, args):
+        return (api.fake_quantize(args[0], fmt, axis=-1), *args[1:])
+    return hook
+
+
+def fake_quantize_model_(model: torch.nn.Module, policy: Policy | None = None) -> torch.nn.Module:
+    """Fake-quantise, in place, the weights (and, by hooks, the inputs) of every linear layer
+    ``policy`` (None: the backend default) quantises: the eager model that a compiled model with
+    ``lowering="eager"`` equals bit for bit. A tied weight is untied first: the linear layer gets
+    a fake-quantised copy and the other holders keep the original. Returns the model."""
+    from torch.nn.utils import parametrize
+    policy = _check_policy(policy, "fake_quantize_model_")
+    for name, mod, spec, axis, tied in linear_layers(model, policy, "fake_quantize_model_"):
+        if spec.weight is not None:
+            if parametrize.is_parametrized(mod, "weight"):  # e.g. weight_norm: stays computed
+                parametrize.register_parametrization(mod, "weight", _FakeQuantize(spec.weight, axis))
+            else:
+                w = mod.weight
+                with torch.no_grad():
+                    fq = api.fake_quantize(w.detach(), spec.weight, axis=axis)
+                if tied:
+                    mod.weight = torch.nn.Parameter(fq, requires_grad=w.requires_grad)
+                else:
+                    w.data = fq
+        if spec.act is not None:
+            mod.register_forward_pre_hook(_act_hook(spec.act))
+    return model
+
+
+def skipped_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, str]]:
+    """The layers quantize_model_ / fake_quantize_model_ skipped, with the reason."""
+    return [(n, m, getattr(m, SKIP_REASON_ATTR)) for n, m in model.named_modules()
+            if hasattr(m, SKIP_REASON_ATTR)]
+
+
+def resident_weight_bytes(model) -> int:
+    """Bytes held by the model's parameters and buffers (each storage counted once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = (t.untyped_storage().data_ptr(), t.device)
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
