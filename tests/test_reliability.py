@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import qcompile
 from emulation import emulate, expected_table, explained_table, policy
+from test_models import build
 from qcompile import LayerSpec, Policy, config
 
 transformers = pytest.importorskip("transformers")
@@ -264,24 +265,9 @@ def test_recompile_limit_is_said_loudly():
 
 # -- 4. fake_quantize_model_ and tied weights --------------------------------------------------
 
-def gpt2():
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=128, n_positions=64,
-                                  bos_token_id=0, eos_token_id=0)
-    return transformers.GPT2LMHeadModel(cfg).eval()
-
-
-def bert():
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
-                                  num_attention_heads=2, vocab_size=128, max_position_embeddings=64)
-    return transformers.BertForMaskedLM(cfg).eval()
-
-
-@pytest.mark.parametrize("make", [gpt2, bert, lambda: llama(tied=True)],
-                         ids=["gpt2", "bert", "llama-tied"])
-def test_fake_quantize_model_unties_and_equals_the_eager_lowering(make):
-    model = make()
+@pytest.mark.parametrize("arch", ["gpt2", "bert", "llama-tied"])
+def test_fake_quantize_model_unties_and_equals_the_eager_lowering(arch):
+    model = build(arch)
     pol = Policy({}, default=LayerSpec(weight="int4[block_size=32]"))
     emb = model.get_input_embeddings().weight.detach().clone()
     fq = qcompile.fake_quantize_model_(copy.deepcopy(model), pol)
