@@ -7,7 +7,9 @@ else is an error that names the variable, never a silent guess):
   QCOMPILE_DEBUG=1         print the graph after each backend pass (stderr)
   QCOMPILE_STRICT=1        a generated kernel that fails raises instead of falling back to the
                            reference (the test suite runs this way)
-  QCOMPILE_KERNELS=...     auto | reference | triton: overrides the backend's ``kernels`` option
+  QCOMPILE_KERNELS=...     auto | reference | triton | cpu: overrides the backend's ``kernels``
+                           option
+  QCOMPILE_CPU_ISA=...     avx512 | avx2 | scalar: force the CPU kernels' instruction set
   QCOMPILE_DUMP_KERNELS=1  print each generated kernel's source when it is first built
   QCOMPILE_KERNEL_CACHE=D  the kernel cache folder (default: $XDG_CACHE_HOME/qcompile/kernels,
                            else ~/.cache/qcompile/kernels)
@@ -22,7 +24,8 @@ import warnings
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
-KERNELS = ("auto", "reference", "triton")
+KERNELS = ("auto", "reference", "triton", "cpu")
+CPU_ISAS = ("avx512", "avx2", "scalar")
 
 
 def flag(name: str) -> bool:
@@ -63,6 +66,11 @@ def dump_kernels() -> bool:
 
 def kernels_override() -> str | None:
     return choice("QCOMPILE_KERNELS", KERNELS)
+
+
+def cpu_isa() -> str | None:
+    """QCOMPILE_CPU_ISA: force the CPU kernels' instruction set (None: the machine's best)."""
+    return choice("QCOMPILE_CPU_ISA", CPU_ISAS)
 
 
 def triton_interpret() -> bool:

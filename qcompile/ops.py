@@ -20,9 +20,10 @@ tensors get none. ``fake_quantize_act`` is straight through (identity gradient);
 ``dequantize`` gives no gradient.
 
 The bodies dispatch on ``impl``: "reference" runs qcompile's reference implementation (the
-definition of each format); "triton" runs the generated kernels of qcompile.codegen (dequantise,
-quantise, the fused linear of codegen/linear.py); "auto" is "triton" for CUDA tensors and
-"reference" otherwise. Where no kernel exists for a format or input by design (qcompile's own
+definition of each format); "triton" runs the generated Triton kernels of qcompile.codegen
+(dequantise, quantise, the fused linear of codegen/linear.py); "cpu" the generated C++ kernels
+of codegen/cpu.py (the linear and the dequantise of 2-d weights; activations are quantised by
+the reference); "auto" is "triton" for CUDA tensors and "cpu" otherwise. Where no kernel exists for a format or input by design (qcompile's own
 checks raise NotImplementedError before anything is launched: a format codegen does not cover,
 CPU tensors without Triton's interpreter, ...) the op warns once (per op and format) and
 computes the reference result. A kernel that fails in any other way does the same, unless
@@ -30,6 +31,7 @@ QCOMPILE_STRICT=1 (the test suite's setting): then its exception propagates.
 """
 from __future__ import annotations
 
+import functools
 import json
 import linecache
 import os
@@ -50,20 +52,27 @@ def qtensor_meta(q: QTensor) -> str:
                        "axis": q.axis, "block": q.block, "side": list(q.side)})
 
 
-def qtensor_from(codes, scales, side, meta: str) -> QTensor:
+@functools.lru_cache(maxsize=4096)
+def _parse_meta(meta: str) -> tuple:
+    """Each meta string is parsed once: compiled graphs pass the same strings on every call."""
     m = json.loads(meta)
-    return QTensor(formats.get(m["fmt"]), codes, scales, torch.Size(m["shape"]),
-                   _DTYPES[m["dtype"]], m["axis"], m["block"], dict(zip(m["side"], side)))
+    return (formats.get(m["fmt"]), torch.Size(m["shape"]), _DTYPES[m["dtype"]], m["axis"],
+            m["block"], tuple(m["side"]))
 
 
-IMPLS = ("reference", "triton", "auto")
+def qtensor_from(codes, scales, side, meta: str) -> QTensor:
+    fmt, shape, dtype, axis, block, names = _parse_meta(meta)
+    return QTensor(fmt, codes, scales, shape, dtype, axis, block, dict(zip(names, side)))
+
+
+IMPLS = config.KERNELS
 
 
 def _resolve(impl: str, t: torch.Tensor) -> str:
     if impl not in IMPLS:
         raise ValueError(f"qcompile ops: unknown impl {impl!r}; choose one of {', '.join(IMPLS)}")
     if impl == "auto":
-        return "triton" if t.is_cuda else "reference"
+        return "triton" if t.is_cuda else "cpu"
     return impl
 
 
@@ -105,20 +114,21 @@ def no_kernel_by_design(err: BaseException) -> bool:
     return linecache.getline(path, tb.tb_lineno).lstrip().startswith("raise")
 
 
-def _fallback(op: str, key: str, err: Exception):
+def _fallback(op: str, key: str, err: Exception, kind: str = "Triton"):
     """In strict mode re-raise a kernel failure; else warn once per (op, format) that the
-    reference runs instead of a generated kernel. Call it inside the ``except`` block."""
+    reference runs instead of a generated (``kind``: Triton or CPU) kernel. Call it inside the
+    ``except`` block."""
     first = str(err).splitlines()[0] if str(err) else ""
     if no_kernel_by_design(err):
-        message = (f"qcompile::{op}: no generated Triton kernel for {key} "
+        message = (f"qcompile::{op}: no generated {kind} kernel for {key} "
                    f"({type(err).__name__}: {first}); using the reference implementation")
     elif config.strict():
         raise err
     else:
-        message = (f"qcompile::{op}: the generated Triton kernel for {key} failed "
+        message = (f"qcompile::{op}: the generated {kind} kernel for {key} failed "
                    f"({type(err).__name__}: {first}); using the reference implementation "
                    "instead (QCOMPILE_STRICT=1 makes this an error)")
-    config.warn(message, once=("qcompile.ops", op, key))
+    config.warn(message, once=("qcompile.ops", op, key, kind))
 
 
 def _contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -132,12 +142,19 @@ def _contiguous(t: torch.Tensor) -> torch.Tensor:
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, side: list[torch.Tensor], meta: str,
                impl: str = "reference") -> torch.Tensor:
     q = qtensor_from(codes, scales, side, meta)
-    if _resolve(impl, codes) == "triton":
+    where = _resolve(impl, codes)
+    if where == "triton":
         try:
             _launchable(codes)
             return _contiguous(api.dequantize(q, impl="triton"))
         except Exception as err:  # no kernel here (or, unless strict, one failed): the reference
             _fallback("dequantize", q.fmt.key, err)
+    elif where == "cpu" and len(q.shape) == 2:
+        try:
+            from qcompile.codegen import cpu
+            return cpu.dequantize(q)
+        except Exception as err:
+            _fallback("dequantize", q.fmt.key, err, "CPU")
     return _contiguous(api.dequantize(q))
 
 
@@ -211,12 +228,19 @@ def linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, side: lis
            meta: str, act_fmt: str, bias: torch.Tensor | None,
            impl: str = "reference") -> torch.Tensor:
     q = qtensor_from(codes, scales, side, meta)
-    if _resolve(impl, x) == "triton":
+    where = _resolve(impl, x)
+    if where == "triton":
         try:
             from qcompile.codegen.linear import linear as fused
             return _contiguous(fused(x, q, act_fmt or None, bias))
         except Exception as err:
             _fallback("linear", q.fmt.key + (f" x {act_fmt}" if act_fmt else ""), err)
+    elif where == "cpu":
+        try:
+            from qcompile.codegen import cpu
+            return cpu.linear(x, q, act_fmt or None, bias)
+        except Exception as err:
+            _fallback("linear", q.fmt.key + (f" x {act_fmt}" if act_fmt else ""), err, "CPU")
     w = api.dequantize(q)
     if act_fmt and x.numel():
         x = api.fake_quantize_values(x, act_fmt, axis=-1)

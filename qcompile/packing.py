@@ -13,14 +13,15 @@ def packed_length(n_codes: int, bits: int) -> int:
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """int codes [..., L] -> uint8 [..., packed_length(L, bits)]."""
+    """int codes [..., L] -> uint8 [..., packed_length(L, bits)], contiguous (kernels read the
+    bytes in memory order)."""
     lead, n = codes.shape[:-1], codes.shape[-1]
     c = codes.to(torch.int64)
     pad = -n % 8
     if pad:
         c = torch.nn.functional.pad(c, (0, pad))
     if bits == 8:
-        return c.to(torch.uint8)
+        return c.to(torch.uint8).contiguous()
     groups = c.reshape(*lead, c.shape[-1] // 8, 8)
     shifts = torch.arange(7, -1, -1, device=c.device) * bits
     word = (groups << shifts).sum(-1, keepdim=True)  # 8 * bits <= 56 bits

@@ -50,7 +50,7 @@ def quantize(x: torch.Tensor, fmt: Format, axis: int) -> QTensor:
     else:
         codes = fmt.element.encode(n)
     packed = pack(codes.reshape(*lead, n_blocks * block), fmt.element.bits)
-    return QTensor(fmt, packed, scales, x.shape, x.dtype, axis, block, side)
+    return QTensor(fmt, packed, scales.contiguous(), x.shape, x.dtype, axis, block, side)
 
 
 def dequantize(q: QTensor) -> torch.Tensor:

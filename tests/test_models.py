@@ -4,7 +4,7 @@ place, so ``generate`` runs compiled too), against the independent emulation in 
 Each model gets a policy anchored at its root (``lm_head``, ``model.layers.0.*``, a ``re:`` rule
 for one layer's MLP, a None rule, a default), so a name that does not equal
 ``model.named_modules()`` shows up as a wrong format. ``explain(model)`` must list exactly the
-expected first-match table. With ``lowering="eager"`` the compiled model equals the emulation
+expected first-match table. With ``lowering="eager", kernels="reference"`` the compiled model equals the emulation
 bit for bit (forward with a padded batch, and ``generate`` with a KV cache); with Inductor it
 stays within float32 reordering error (weight-only policies: docs/architecture.md).
 """
@@ -101,7 +101,7 @@ def test_eager_lowering_is_the_emulation_bit_for_bit(arch):
     model = build(arch)
     rules, default = rules_for(arch)
     ref = emulate(model, rules, default)
-    qcompile.compile(model, policy(rules, default), lowering="eager", fullgraph=True)
+    qcompile.compile(model, policy(rules, default), lowering="eager", kernels="reference", fullgraph=True)
     ids, mask = batch(arch)
     got, want = logits(model, ids, mask), logits(ref, ids, mask)
     assert torch.equal(got, want)
@@ -134,7 +134,7 @@ def test_half_precision_models(arch, dtype):
     model = build(arch, dtype)
     rules, default = rules_for(arch)
     ref = emulate(model, rules, default)
-    qcompile.compile(model, policy(rules, default), lowering="eager", fullgraph=True)
+    qcompile.compile(model, policy(rules, default), lowering="eager", kernels="reference", fullgraph=True)
     ids, mask = batch(arch)
     got = logits(model, ids, mask)
     assert got.dtype == dtype and torch.equal(got, logits(ref, ids, mask))
@@ -144,7 +144,7 @@ def test_dynamic_shapes_two_lengths():
     model = build("llama")
     rules, default = rules_for("llama")
     ref = emulate(model, rules, default)
-    qcompile.compile(model, policy(rules, default), lowering="eager", dynamic=True,
+    qcompile.compile(model, policy(rules, default), lowering="eager", kernels="reference", dynamic=True,
                      fullgraph=True)
     for n in (5, 11):
         ids, mask = batch("llama", n)
@@ -185,7 +185,7 @@ def test_sequential_mlp():
     rules = [("0", ("mxint8", "mxfp8_e4m3")), ("2", ("int4[block_size=32]", "nvfp4")),
              ("4", None)]
     ref = emulate(model, rules, None)
-    qcompile.compile(model, policy(rules, None), lowering="eager", fullgraph=True)
+    qcompile.compile(model, policy(rules, None), lowering="eager", kernels="reference", fullgraph=True)
     x = torch.randn(3, 64)
     with torch.no_grad():
         assert torch.equal(model(x), ref(x))

@@ -74,7 +74,7 @@ def test_names_do_not_depend_on_the_root(root):
     global G_MODEL
     model = llama(tied=True)
     ref = emulate(model, RULES, DEFAULT)
-    opts = {"policy": policy(RULES, DEFAULT), "lowering": "eager"}
+    opts = {"policy": policy(RULES, DEFAULT), "lowering": "eager", "kernels": "reference"}
     if root == "self":
         run = torch.compile(model, backend="blockquant", options=opts)
     elif root == "forward":
@@ -93,7 +93,7 @@ def test_names_do_not_depend_on_the_root(root):
         model.compile(backend="blockquant", options=opts)
         run = model
     else:
-        run = qcompile.compile(model, opts["policy"], lowering="eager")
+        run = qcompile.compile(model, opts["policy"], lowering="eager", kernels="reference")
     assert torch.equal(out(run), out(ref))
     want = expected_table(model, RULES, DEFAULT)
     assert newest_rows() == want and want["lm_head"] == ("int8", "-")
@@ -147,7 +147,7 @@ def test_frames_of_submodules_are_named_in_the_model(make):
     net = make().eval()
     ref = emulate(net, NET_RULES, ("nf4", None))
     x = torch.randn(4, 32)
-    qcompile.compile(net, policy(NET_RULES, ("nf4", None)), lowering="eager")
+    qcompile.compile(net, policy(NET_RULES, ("nf4", None)), lowering="eager", kernels="reference")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         got = out(net, x)
@@ -164,7 +164,7 @@ def test_regional_compilation_of_decoder_layers():
     ref = emulate(model, rules, None)
     pol = policy(rules, None)
     for layer in model.model.layers:
-        layer.compile(backend="blockquant", options={"policy": pol, "lowering": "eager"})
+        layer.compile(backend="blockquant", options={"policy": pol, "lowering": "eager", "kernels": "reference"})
     assert torch.equal(out(model), out(ref))
 
 
@@ -184,7 +184,7 @@ class Hidden(nn.Module):
 def test_a_layer_that_runs_eagerly_is_said_loudly():
     torch.manual_seed(0)
     net = Hidden().eval()
-    qcompile.compile(net, Policy({}, default=LayerSpec(weight="int8")), lowering="eager")
+    qcompile.compile(net, Policy({}, default=LayerSpec(weight="int8")), lowering="eager", kernels="reference")
     with pytest.warns(RuntimeWarning, match="layer 'fc' ran eagerly, in full precision"):
         out(net, torch.randn(2, 16))
 
@@ -194,7 +194,7 @@ def test_a_layer_that_runs_eagerly_is_said_loudly():
 @pytest.mark.parametrize("change", ["load_state_dict", "in-place", "data"])
 def test_changed_weights_are_quantised_again(change):
     model, other = llama(), llama(seed=1)
-    qcompile.compile(model, policy(RULES, DEFAULT), lowering="eager")
+    qcompile.compile(model, policy(RULES, DEFAULT), lowering="eager", kernels="reference")
     out(model)
     if change == "load_state_dict":
         model.load_state_dict(other.state_dict())
@@ -235,7 +235,7 @@ def test_explain_many_times_then_compile():
         assert explained_table(qcompile.explain(model, pol, IDS)) == \
                expected_table(model, RULES, DEFAULT)
     ref = emulate(model, RULES, DEFAULT)
-    f = torch.compile(model, backend="blockquant", options={"policy": pol, "lowering": "eager"})
+    f = torch.compile(model, backend="blockquant", options={"policy": pol, "lowering": "eager", "kernels": "reference"})
     assert torch.equal(out(f), out(ref))
     assert explained_table(qcompile.explain(f)) == expected_table(model, RULES, DEFAULT)
 
@@ -256,7 +256,7 @@ def test_recompile_limit_is_said_loudly():
     net = nn.Sequential(nn.Linear(16, 8)).eval()
     f = torch.compile(net, backend="blockquant", dynamic=False,
                       options={"policy": Policy({}, default=LayerSpec(weight="int8")),
-                               "lowering": "eager"})
+                               "lowering": "eager", "kernels": "reference"})
     with torch._dynamo.config.patch(recompile_limit=2, automatic_dynamic_shapes=False):
         with pytest.warns(RuntimeWarning, match="recompile limit.*full precision"):
             for n in range(1, 6):
@@ -272,7 +272,7 @@ def test_fake_quantize_model_unties_and_equals_the_eager_lowering(arch):
     emb = model.get_input_embeddings().weight.detach().clone()
     fq = qcompile.fake_quantize_model_(copy.deepcopy(model), pol)
     assert torch.equal(fq.get_input_embeddings().weight, emb)  # the embedding keeps its table
-    qcompile.compile(model, pol, lowering="eager", fullgraph=True)
+    qcompile.compile(model, pol, lowering="eager", kernels="reference", fullgraph=True)
     assert torch.equal(out(model), out(fq))
 
 
@@ -282,7 +282,7 @@ def test_module_compile_in_place_runs_generate_through_the_backend():
     model = llama()
     ref = emulate(model, RULES, DEFAULT)
     model.compile(backend="blockquant",
-                  options={"policy": policy(RULES, DEFAULT), "lowering": "eager"})
+                  options={"policy": policy(RULES, DEFAULT), "lowering": "eager", "kernels": "reference"})
     kw = dict(max_new_tokens=4, do_sample=False, use_cache=True)
     with torch.no_grad():
         assert torch.equal(model.generate(IDS, **kw), ref.generate(IDS, **kw))
@@ -314,7 +314,7 @@ def test_compiled_fused_encoder_layer_says_which_layers_stay_in_full_precision()
     layer = nn.TransformerEncoderLayer(32, 2, 64, batch_first=True).eval()
     x = torch.randn(2, 5, 32)
     pol = Policy({}, default=LayerSpec(weight="int8"))
-    f = torch.compile(layer, backend="blockquant", options={"policy": pol, "lowering": "eager"})
+    f = torch.compile(layer, backend="blockquant", options={"policy": pol, "lowering": "eager", "kernels": "reference"})
     with pytest.warns(UserWarning, match="'linear1' stays in full precision") as caught:
         out(f, x)
     said = " ".join(str(w.message) for w in caught)
@@ -334,7 +334,7 @@ def test_weight_norm_parametrization_is_quantised_on_every_call():
     pol = Policy({}, default=LayerSpec(weight="int4[block_size=32]"))
     eager = qcompile.fake_quantize_model_(copy.deepcopy(net), pol)
     with pytest.warns(UserWarning, match="computed in the graph"):
-        qcompile.compile(net, pol, lowering="eager")
+        qcompile.compile(net, pol, lowering="eager", kernels="reference")
         got = out(net, x)
     assert torch.equal(got, want) and torch.equal(out(eager, x), want)
 
@@ -362,7 +362,7 @@ def test_no_policy_warning_points_at_the_users_line():
     net = nn.Sequential(nn.Linear(16, 8)).eval()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        torch.compile(net, backend="blockquant", options={"lowering": "eager"})(torch.randn(2, 16))
+        torch.compile(net, backend="blockquant", options={"lowering": "eager", "kernels": "reference"})(torch.randn(2, 16))
     (w,) = [w for w in caught if "no policy given" in str(w.message)]
     assert w.filename == __file__
 
@@ -387,7 +387,7 @@ def test_explain_keeps_a_modules_two_matmuls_apart():
     q, k, v = (torch.randn(2, 8, 32) for _ in range(3))
     traced = qcompile.explain(Attn(), pol, q, k, v)
     m = Attn()
-    qcompile.compile(m, pol, lowering="eager")
+    qcompile.compile(m, pol, lowering="eager", kernels="reference")
     out_ = m(q, k, v)
     compiled = qcompile.explain(m)
     for e in (traced, compiled):
@@ -398,7 +398,7 @@ def test_explain_keeps_a_modules_two_matmuls_apart():
 
 def test_a_deep_copy_of_a_model_compiled_in_place_is_its_own_model():
     model = llama()
-    qcompile.compile(model, policy(RULES, DEFAULT), lowering="eager")
+    qcompile.compile(model, policy(RULES, DEFAULT), lowering="eager", kernels="reference")
     twin = copy.deepcopy(model)
     with torch.no_grad():
         for p in twin.parameters():

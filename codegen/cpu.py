@@ -1,0 +1,319 @@
+"""CPU kernels: build, cache, choice of instruction set, launch (the C++ is in cpu_source.py).
+
+``linear(x, q, act_fmt, bias)`` computes ``fq(x) @ W^T (+ bias)`` for a packed QTensor W
+without writing W out: for M <= GEMV_MAX_M rows the C++ kernel decodes each weight row in
+registers and accumulates in float32; for more rows it decodes panels of weight rows
+(cache-sized, never the whole weight) and multiplies each with torch's GEMM, so the decode cost
+is spread over M. ``dequantize(q)`` decodes with the same code: the reference's values, bit for
+bit.
+
+Build: the one translation unit is compiled by the system C++ compiler (``$CXX``, else g++)
+into a shared library with a C interface, once per instruction set, and cached in the kernel
+cache folder (codegen/cache.py: private, checked) under a name holding the hash of the source,
+the flags and the compiler's version. A sidecar ``.json`` records that hash and the SHA-256 of
+the library's bytes: a library is loaded only if its bytes match (a damaged file never reaches
+dlopen) and, once loaded, it must report the same source hash (``qc_source_hash``); anything
+else is rebuilt. Builds go to a private temporary file that is loaded, checked, then renamed
+into place, so processes building at once never see half a file.
+
+Instruction set: AVX-512 where torch reports it, else AVX2, else scalar; ``QCOMPILE_CPU_ISA``
+forces one (an ISA the machine lacks is an error, not a crash).
+
+Formats: every element of 2..8 bits and every scale kind (E8M0, float32 absmax, NVFP4), OPQ
+outliers added after the kernel. Models in float32; other dtypes (whose reference rounds the
+decoded weight to bf16/fp16) are not covered yet: NotImplementedError, so the op falls back to
+the reference with one warning.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+import threading
+
+import torch
+
+from qcompile import config
+
+from . import cpu_source
+from .cache import cache_dir, write_atomically
+
+GEMV_MAX_M = 16
+ISAS = ("avx512", "avx2", "scalar")
+_ISA_NUMBER = {"avx512": 2, "avx2": 1, "scalar": 0}
+_ISA_FLAGS = {"avx512": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mfma",
+                         "-mavx2"],
+              "avx2": ["-mavx2", "-mfma"], "scalar": []}
+_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off"]
+
+
+class _Args(ctypes.Structure):
+    """Mirror of ``struct Args`` in cpu_source.py."""
+    _fields_ = [("x", ctypes.c_void_p), ("M", ctypes.c_int64), ("ldx", ctypes.c_int64),
+                ("codes", ctypes.c_void_p), ("row_bytes", ctypes.c_int64),
+                ("scales", ctypes.c_void_p), ("n_blocks", ctypes.c_int64),
+                ("block", ctypes.c_int64), ("table", ctypes.c_void_p),
+                ("mult_table", ctypes.c_void_p), ("maxv", ctypes.c_float),
+                ("step", ctypes.c_float), ("bias", ctypes.c_void_p), ("y", ctypes.c_void_p),
+                ("N", ctypes.c_int64)]
+
+
+# -- instruction set -----------------------------------------------------------------------
+
+def machine_isa() -> str:
+    """The best instruction set torch's CPU dispatch finds on this machine."""
+    cap = torch.backends.cpu.get_cpu_capability().upper()
+    return "avx512" if "AVX512" in cap else "avx2" if "AVX2" in cap else "scalar"
+
+
+def chosen_isa() -> str:
+    forced = config.cpu_isa()
+    have = machine_isa()
+    if forced is None:
+        return have
+    if ISAS.index(forced) < ISAS.index(have):
+        raise RuntimeError(f"QCOMPILE_CPU_ISA={forced}, but this CPU (torch reports "
+                           f"{torch.backends.cpu.get_cpu_capability()}) has only {have}; choose "
+                           f"one of {', '.join(ISAS[ISAS.index(have):])}")
+    return forced
+
+
+# -- build and load --------------------------------------------------------------------------
+
+_LIBS: dict[str, ctypes.CDLL] = {}
+_LOCK = threading.Lock()
+
+
+def _compiler() -> tuple[str, str]:
+    cxx = os.environ.get("CXX", "").strip() or "g++"
+    try:
+        out = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError) as err:
+        raise NotImplementedError(f"qcompile CPU kernels need a C++ compiler: {cxx!r} does not "
+                                  f"run ({err}); set CXX, or use kernels='reference'") from err
+    return cxx, out.stdout.splitlines()[0] if out.stdout else cxx
+
+
+def _load(path: str, digest: str) -> ctypes.CDLL | None:
+    """The library at ``path`` if it was built from ``digest``, else None. A damaged file must
+    never reach dlopen (a truncated library can crash the process while it is mapped), so the
+    file's bytes are checked first against the SHA-256 its sidecar recorded at build time."""
+    try:
+        with open(path[:-3] + ".json", encoding="utf-8") as f:
+            record = json.load(f)
+        with open(path, "rb") as f:
+            data = f.read()
+    except (OSError, ValueError):
+        return None
+    if record.get("source") != digest or record.get("library") != hashlib.sha256(data).hexdigest():
+        return None
+    return _open(path, digest)
+
+
+def _open(path: str, digest: str) -> ctypes.CDLL | None:
+    try:
+        lib = ctypes.CDLL(path)
+        lib.qc_source_hash.restype = ctypes.c_char_p
+        return lib if lib.qc_source_hash().decode() == digest else None
+    except (OSError, AttributeError):
+        return None
+
+
+def library(isa: str | None = None) -> ctypes.CDLL:
+    """The compiled kernels for ``isa`` (default: chosen_isa()), built once and cached."""
+    isa = isa or chosen_isa()
+    with _LOCK:
+        if isa in _LIBS:
+            return _LIBS[isa]
+        cxx, version = _compiler()
+        source = cpu_source.source()
+        flags = _FLAGS + _ISA_FLAGS[isa] + [f"-DQC_ISA={_ISA_NUMBER[isa]}"]
+        digest = hashlib.sha256("\0".join([source, *flags, version]).encode()).hexdigest()
+        folder = cache_dir()
+        path = os.path.join(folder, f"qc_cpu_{isa}_{digest[:20]}.so")
+        lib = _load(path, digest) or _build(cxx, source, flags, digest, folder, path)
+        _LIBS[isa] = lib
+        return lib
+
+
+def _build(cxx, source, flags, digest, folder, path) -> ctypes.CDLL:
+    """Compile (the source from stdin: no file name ends up in the library), load the result
+    from its private temporary path, check it, record its hash, then rename it into place."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".qc_cpu_", suffix=".so")
+    os.close(fd)
+    try:
+        cmd = [cxx, *flags, f'-DQC_SOURCE_HASH="{digest}"', "-x", "c++", "-", "-o", tmp]
+        done = subprocess.run(cmd, input=source, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"qcompile CPU kernels: the C++ build failed ({' '.join(cmd)}):\n"
+                               f"{done.stderr[-3000:]}")
+        lib = _open(tmp, digest)  # a fresh path: never a library already loaded under `path`
+        if lib is None:
+            raise RuntimeError(f"qcompile CPU kernels: {tmp} was built but does not load")
+        with open(tmp, "rb") as f:
+            record = {"source": digest, "library": hashlib.sha256(f.read()).hexdigest()}
+        write_atomically(path[:-3] + ".json", json.dumps(record))
+        os.replace(tmp, path)  # for the next process; this one keeps its mapping
+        return lib
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# -- what a format needs: tables computed by the reference -----------------------------------
+
+class Plan:
+    """How one packed weight is read: the kernel's entry points and the tables it uses."""
+
+    def __init__(self, q):
+        fmt, el = q.fmt, q.fmt.element
+        if q.dtype != torch.float32:
+            raise NotImplementedError(f"qcompile CPU kernels cover float32 weights; this one is "
+                                      f"{q.dtype} (its reference rounds W to that dtype)")
+        if el.bits < 2 or el.bits > 8:
+            raise NotImplementedError(f"qcompile CPU kernels cover 2..8-bit codes, not {el.bits}")
+        self.bits, self.block = el.bits, q.block
+        codes = torch.arange(2**el.bits)
+        values = (el.decode(codes, q.side["codebook"]) if el.kind == "codebook"
+                  and el.data_dependent else el.decode(codes)).to(torch.float32)
+        self.table = torch.zeros(max(16, values.numel()), dtype=torch.float32)
+        self.table[:values.numel()] = values
+        self.step, self.dec = 0.0, 1 if el.bits > 4 else 0
+        if el.bits == 8:
+            signed = codes.to(torch.uint8).view(torch.int8).to(torch.float32)
+            step = values[1].item()
+            exact = step > 0 and torch.frexp(torch.tensor(step))[0].item() == 0.5
+            if exact and torch.equal((signed * step).view(torch.int32), values.view(torch.int32)):
+                self.dec, self.step = 2, step
+        if fmt.scale.kind == "absmax":
+            self.scale, self.maxv, self.mult_table = 1, float(el.max_value), None
+        else:
+            self.scale, self.maxv = 0, 1.0
+            every = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+            self.mult_table = fmt.scale.multiplier(every, el, q.side).to(torch.float32)
+        tag = cpu_source.tag(self.bits, self.scale, self.dec)
+        lib = library()
+        self.linear_fn, self.decode_fn = getattr(lib, f"qc_linear_{tag}"), getattr(lib, f"qc_decode_{tag}")
+        self.outliers = _outliers(q) if "outlier_index" in q.side else None
+
+    def args(self, q, x, y, bias) -> _Args:
+        n, n_blocks = q.scales.shape[0], q.scales.shape[-1]
+        return _Args(x=x.data_ptr() if x is not None else None, M=0, ldx=0,
+                     codes=q.codes.data_ptr(), row_bytes=q.codes.shape[-1],
+                     scales=q.scales.data_ptr(), n_blocks=n_blocks, block=q.block,
+                     table=self.table.data_ptr(),
+                     mult_table=self.mult_table.data_ptr() if self.mult_table is not None else None,
+                     maxv=self.maxv, step=self.step,
+                     bias=bias.data_ptr() if bias is not None else None,
+                     y=y.data_ptr() if y is not None else None, N=n)
+
+
+def _outliers(q):
+    """OPQ: (row n, column k, value - decoded value) of each outlier of the padded layout."""
+    from .linear import _codes_at
+    flat = q.side["outlier_index"].long()
+    r, c, decoded = _codes_at(q, flat)
+    return r, c, q.side["outlier_value"].to(torch.float32) - decoded.to(torch.float32)
+
+
+_PLANS: dict[tuple, Plan] = {}
+
+
+def plan(q) -> Plan:
+    """The Plan of a packed weight, kept while its codes tensor lives (compiled graphs call the
+    same weights over and over)."""
+    key = (q.codes.data_ptr(), q.scales.data_ptr(), q.fmt.key, tuple(q.shape), q.dtype,
+           config.cpu_isa())
+    hit = _PLANS.get(key)
+    if hit is None:
+        if len(_PLANS) > 4096:
+            _PLANS.clear()
+        hit = _PLANS[key] = Plan(q)
+    return hit
+
+
+def _check(q):
+    if q.codes.device.type != "cpu":
+        raise NotImplementedError("qcompile CPU kernels run on CPU tensors")
+    if len(q.shape) != 2 or q.axis not in (0, 1):
+        raise NotImplementedError("qcompile CPU kernels cover 2-d weights")
+    if not (q.codes.is_contiguous() and q.scales.is_contiguous()):
+        raise ValueError("qcompile CPU kernels read codes and scales in memory order: they must "
+                         "be contiguous (qcompile.quantize makes them so)")
+
+
+# -- entry points ----------------------------------------------------------------------------
+
+def decode_rows(q, p: Plan, n0: int, n1: int) -> torch.Tensor:
+    """Rows n0..n1 of the packed weight, decoded: float32 [n1 - n0, n_blocks * block]."""
+    out = torch.empty((n1 - n0, q.scales.shape[-1] * q.block), dtype=torch.float32)
+    a = p.args(q, None, None, None)
+    p.decode_fn(ctypes.byref(a), ctypes.c_int64(n0), ctypes.c_int64(n1),
+                ctypes.c_void_p(out.data_ptr()), ctypes.c_int(torch.get_num_threads()))
+    return out
+
+
+def dequantize(q) -> torch.Tensor:
+    """The weight a 2-d packed QTensor stands for: the reference's values, bit for bit."""
+    _check(q)
+    p = plan(q)
+    n, k = q.scales.shape[0], (q.shape[1] if q.axis == 1 else q.shape[0])
+    w = decode_rows(q, p, 0, n)
+    if p.outliers is not None:
+        r, c, delta = p.outliers
+        w[r, c] += delta
+    w = w[:, :k]
+    return (w if q.axis == 1 else w.t()).contiguous()
+
+
+def linear(x: torch.Tensor, q, act_fmt=None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """fq(x) @ W^T + bias for a packed weight (Conv1D [K, N] weights too: their codes are stored
+    K-last like nn.Linear's), in x's shape with the last axis N."""
+    _check(q)
+    if x.dtype != torch.float32 or (bias is not None and bias.dtype != torch.float32):
+        raise NotImplementedError(f"qcompile CPU kernels cover float32 models, not {x.dtype}")
+    p = plan(q)
+    k = q.shape[1] if q.axis == 1 else q.shape[0]
+    n, padded = q.scales.shape[0], q.scales.shape[-1] * q.block
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if act_fmt and x2.numel():
+        from qcompile import api
+        x2 = api.fake_quantize_values(x2, act_fmt, axis=-1)
+    m = x2.shape[0]
+    if padded != k:
+        x2 = torch.nn.functional.pad(x2, (0, padded - k))
+    x2 = x2.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    if m <= GEMV_MAX_M:
+        y = torch.empty((m, n), dtype=torch.float32)
+        if m:
+            a = p.args(q, x2, y, bias)
+            a.M, a.ldx = m, padded
+            p.linear_fn(ctypes.byref(a), ctypes.c_int(torch.get_num_threads()))
+    else:
+        y = _panels(x2, q, p, bias)
+    if p.outliers is not None and m:
+        r, c, delta = p.outliers
+        y.index_add_(1, r, x2[:, c] * delta)
+    return y.reshape(*lead, n)
+
+
+PANEL_BYTES = 1 << 20  # decoded weight rows per GEMM call: about L2-sized
+
+
+def _panels(x2, q, p: Plan, bias) -> torch.Tensor:
+    n, padded = q.scales.shape[0], x2.shape[1]
+    rows = max(16, PANEL_BYTES // (4 * padded))
+    y = torch.empty((x2.shape[0], n), dtype=torch.float32)
+    for n0 in range(0, n, rows):
+        n1 = min(n, n0 + rows)
+        w = decode_rows(q, p, n0, n1)
+        if bias is None:
+            y[:, n0:n1].copy_(x2 @ w.t())
+        else:
+            y[:, n0:n1].copy_(torch.addmm(bias[n0:n1], x2, w.t()))
+    return y

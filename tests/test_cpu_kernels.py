@@ -1,0 +1,249 @@
+"""The generated C++ CPU kernels (codegen/cpu.py): decoded weights equal the reference's bit for
+bit, for every format; the linear stays within the float32 bound of docs/architecture.md; each
+instruction set this machine has (AVX-512, AVX2, scalar: forced with QCOMPILE_CPU_ISA); the
+backend runs them by default on CPU tensors; the build cache rebuilds what it cannot trust."""
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import qcompile
+from qcompile import LayerSpec, Policy, formats
+from qcompile.codegen import cpu
+from qcompile.codegen.linear import gamma
+
+ISAS = [i for i in cpu.ISAS if cpu.ISAS.index(i) >= cpu.ISAS.index(cpu.machine_isa())]
+FORMATS = formats.names() + ["int2", "int5", "int7", "fp5_e2m2", "fp6_e3m2", "bfp5", "bl6",
+                             "dynexp4", "int4[block_size=None]", "nf4[block_size=16]",
+                             "mxint8[block_size=64]", "mxfp4[scale_rule=rceil]",
+                             "int4[opq=true]", "nf4[block_size=24]"]
+SETTINGS = settings(max_examples=6, suppress_health_check=[HealthCheck.too_slow,
+                                                       HealthCheck.function_scoped_fixture])
+SPECIALS = [0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1e-40, -3e-39, 3e38, 1e-30]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch):
+    monkeypatch.setenv("QCOMPILE_CPU_ISA", request.param)
+    return request.param
+
+
+@st.composite
+def weights(draw, specials=True):
+    """A weight [N, K] (or [K, N] for axis 0) with K not a multiple of the block, a few large
+    elements, an all-zero row and, optionally, special values."""
+    n, k = draw(st.integers(1, 40)), draw(st.integers(1, 150))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    w = torch.randn(n, k, generator=g) * draw(st.sampled_from([1.0, 1e-3, 300.0]))
+    w[torch.rand(n, k, generator=g) < 0.03] *= 40
+    w[0] = 0.0
+    if specials and draw(st.booleans()):
+        for v in draw(st.lists(st.sampled_from(SPECIALS), min_size=1, max_size=4)):
+            w[draw(st.integers(0, n - 1)), draw(st.integers(0, k - 1))] = v
+    axis = draw(st.sampled_from([1, 0]))
+    return (w if axis == 1 else w.T.contiguous()), axis
+
+
+def same_bits(a, b):
+    return a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@SETTINGS
+@given(case=weights())
+def test_decode_is_the_reference_bit_for_bit(fmt, case, isa):
+    w, axis = case
+    q = qcompile.quantize(w, fmt, axis=axis)
+    assert same_bits(cpu.dequantize(q), qcompile.dequantize(q))
+
+
+def assert_within_bound(y, x, w_nk, b, extra=0):
+    """|y - exact| <= gamma(K + 2 + extra) S elementwise, S = |x| |W|^T + |b| (float64); the
+    same NaN pattern."""
+    x64, w64 = x.double(), w_nk.double()
+    exact = x64 @ w64.T + (b.double() if b is not None else 0.0)
+    s = x64.abs() @ w64.abs().T + (b.double().abs() if b is not None else 0.0)
+    assert torch.equal(y.isnan(), exact.isnan())
+    ok = ((y.double() - exact).abs() <= gamma(w_nk.shape[1] + 2 + extra) * s) | exact.isnan()
+    assert ok.all()
+
+
+def w_nk(q):
+    w = qcompile.dequantize(q)
+    return w if q.axis == 1 else w.T
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "mxfp4", "mxint8", "int8", "mxfp8_e4m3", "int3",
+                                 "bfp6", "nvfp4", "quantile4", "int4[block_size=None]",
+                                 "nf4[block_size=24]", "fp5_e2m2"])
+@SETTINGS
+@given(case=weights(specials=False), m=st.sampled_from([1, 3, 5, 16, 17, 33]),
+       bias=st.booleans())
+def test_linear_within_the_float32_bound(fmt, case, m, bias, isa):
+    w, axis = case
+    q = qcompile.quantize(w, fmt, axis=axis)
+    n = q.scales.shape[0]
+    x = torch.randn(m, w.shape[axis])
+    b = torch.randn(n) if bias else None
+    y = cpu.linear(x, q, None, b)
+    assert y.shape == (m, n) and y.dtype == torch.float32
+    assert_within_bound(y, x, w_nk(q), b)
+
+
+@pytest.mark.parametrize("m", [1, 7, 24])
+def test_opq_outliers_and_activation_formats(m, isa):
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(48, 200, generator=g) * torch.rand(48, 200, generator=g) ** 6
+    q = qcompile.quantize(w, "bof4s_opq", axis=1)
+    per_row = torch.bincount(q.side["outlier_index"].long() // (q.scales.shape[-1] * q.block),
+                             minlength=48)
+    assert per_row.sum() > 0
+    x = torch.randn(m, 200, generator=g)
+    for act in (None, "mxint8", "nvfp4"):
+        y = cpu.linear(x, q, act)
+        xq = qcompile.fake_quantize(x, act, axis=-1) if act else x
+        assert_within_bound(y, xq, w_nk(q), None, extra=int(per_row.max()))
+
+
+def test_three_d_input_and_conv1d_layout():
+    x = torch.randn(2, 5, 64)
+    for axis in (1, 0):
+        w = torch.randn(24, 64) if axis == 1 else torch.randn(64, 24)
+        q = qcompile.quantize(w, "int4[block_size=32]", axis=axis)
+        y = cpu.linear(x, q)
+        assert y.shape == (2, 5, 24)
+        assert_within_bound(y.reshape(10, 24), x.reshape(10, 64), w_nk(q), None)
+
+
+def test_the_op_runs_the_cpu_kernels_by_default(monkeypatch):
+    calls = []
+    real = cpu.linear
+    monkeypatch.setattr(cpu, "linear", lambda *a: calls.append(1) or real(*a))
+    q = qcompile.quantize(torch.randn(16, 64), "nf4", axis=1)
+    x = torch.randn(3, 64)
+    y = torch.ops.qcompile.linear(x, q.codes, q.scales, [], qcompile.ops.qtensor_meta(q), "",
+                                  None, "auto")
+    assert calls and y.shape == (3, 16)
+    y_ref = torch.ops.qcompile.linear(x, q.codes, q.scales, [], qcompile.ops.qtensor_meta(q),
+                                      "", None, "reference")
+    assert len(calls) == 1 and torch.allclose(y, y_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_model_with_cpu_kernels_within_the_bound(monkeypatch):
+    """Inductor, kernels="auto" (the default): the CPU kernels run, and the logits stay within
+    float32 reordering error of the eager fake-quantised model."""
+    from emulation import emulate, policy
+    from test_models import batch, build, logits
+    calls = []
+    real = cpu.linear
+    monkeypatch.setattr(cpu, "linear", lambda *a: calls.append(1) or real(*a))
+    model = build("llama")
+    rules, default = [("lm_head", ("int8", None))], ("nf4", None)
+    ref = emulate(model, rules, default)
+    qcompile.compile(model, policy(rules, default))
+    ids, mask = batch("llama")
+    got, want = logits(model, ids, mask), logits(ref, ids, mask)
+    torch.testing.assert_close(got, want, rtol=0, atol=float(2e-5 * want.abs().max()))
+    assert len(calls) == 15  # every linear layer of the 2-layer model, once
+
+
+def test_half_precision_models_fall_back_to_the_reference_with_one_warning(monkeypatch):
+    monkeypatch.setattr(qcompile.config, "_said", set())
+    q = qcompile.quantize(torch.randn(16, 64).bfloat16(), "nf4", axis=1)
+    x = torch.randn(3, 64).bfloat16()
+    args = (q.codes, q.scales, [], qcompile.ops.qtensor_meta(q), "", None)
+    with pytest.warns(UserWarning, match="no generated CPU kernel for nf4"):
+        y = torch.ops.qcompile.linear(x, *args, "auto")
+    assert torch.equal(y, torch.ops.qcompile.linear(x, *args, "reference"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        torch.ops.qcompile.linear(x, *args, "auto")
+
+
+def test_instruction_set_choice(monkeypatch):
+    monkeypatch.setenv("QCOMPILE_CPU_ISA", "sse9")
+    with pytest.raises(ValueError, match="QCOMPILE_CPU_ISA.*avx512, avx2, scalar"):
+        cpu.chosen_isa()
+    monkeypatch.setenv("QCOMPILE_CPU_ISA", "avx512")
+    monkeypatch.setattr(cpu, "machine_isa", lambda: "avx2")
+    with pytest.raises(RuntimeError, match="has only avx2; choose one of avx2, scalar"):
+        cpu.chosen_isa()
+    monkeypatch.delenv("QCOMPILE_CPU_ISA")
+    assert cpu.chosen_isa() == "avx2"
+
+
+# -- the build cache ---------------------------------------------------------------------------
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    """An empty kernel cache folder and no library loaded in this process."""
+    monkeypatch.setenv("QCOMPILE_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cpu, "_LIBS", {})
+    monkeypatch.setattr(cpu, "_PLANS", {})
+    return tmp_path / "cache"
+
+
+def _library_file(folder, isa):
+    (path,) = [p for p in folder.iterdir() if p.name.startswith(f"qc_cpu_{isa}_")
+               and p.suffix == ".so"]
+    return path
+
+
+def test_a_damaged_library_is_rebuilt(fresh_cache):
+    isa = cpu.machine_isa()
+    cpu.library(isa)
+    path = _library_file(fresh_cache, isa)
+    size = path.stat().st_size
+    damaged = path.with_name("damaged")
+    damaged.write_bytes(path.read_bytes()[: size // 3])  # truncated, in a new file: the loaded
+    os.replace(damaged, path)                             # library's pages stay mapped
+    cpu._LIBS.clear()
+    lib = cpu.library(isa)  # the damaged file was never opened: its bytes fail the sidecar hash
+    assert path.stat().st_size == size and lib.qc_isa() == cpu._ISA_NUMBER[isa]
+
+
+def test_a_library_built_from_other_source_is_rebuilt(fresh_cache):
+    cpu.library("scalar")
+    cpu.library("avx2")
+    scalar, avx2 = _library_file(fresh_cache, "scalar"), _library_file(fresh_cache, "avx2")
+    impostor = scalar.with_name("impostor")
+    impostor.write_bytes(avx2.read_bytes())  # a valid library, not the one its name promises
+    os.replace(impostor, scalar)
+    cpu._LIBS.clear()
+    assert cpu.library("scalar").qc_isa() == 0  # the impostor was refused and rebuilt
+    assert scalar.read_bytes() != avx2.read_bytes()
+
+
+def test_processes_building_at_once_all_succeed(fresh_cache):
+    script = textwrap.dedent("""
+        import torch, qcompile
+        from qcompile.codegen import cpu
+        q = qcompile.quantize(torch.randn(8, 64), "nf4", axis=1)
+        assert torch.equal(cpu.dequantize(q), qcompile.dequantize(q))
+    """)
+    env = {**os.environ, "QCOMPILE_KERNEL_CACHE": str(fresh_cache)}
+    procs = [subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE)
+             for _ in range(3)]
+    for p in procs:
+        assert p.wait(timeout=600) == 0, p.stderr.read().decode()[-2000:]
+    libs = [p for p in fresh_cache.iterdir() if p.suffix == ".so"]
+    assert len(libs) == 1 and not [p for p in fresh_cache.iterdir() if p.name.startswith(".")]
+
+
+def test_a_missing_compiler_is_a_clear_error(fresh_cache, monkeypatch):
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    with pytest.raises(NotImplementedError, match="need a C\\+\\+ compiler.*CXX"):
+        cpu.library("scalar")
+    q = qcompile.quantize(torch.randn(8, 64), "nf4", axis=1)
+    x = torch.randn(2, 64)
+    args = (q.codes, q.scales, [], qcompile.ops.qtensor_meta(q), "", None)
+    monkeypatch.setattr(qcompile.config, "_said", set())
+    with pytest.warns(UserWarning, match="no generated CPU kernel"):  # by design, even strict
+        y = torch.ops.qcompile.linear(x, *args, "auto")
+    assert torch.equal(y, torch.ops.qcompile.linear(x, *args, "reference"))
