@@ -8,9 +8,10 @@
 original module, uncompiled; compiling in place compiles what ``generate`` calls too.
 
 Options: ``policy`` (a qcompile.Policy; default weight-only nf4, said once), ``lowering``
-("inductor" default, or "eager": bit-exact with ``fake_quantize_model_``), ``kernels`` ("auto":
-Triton on CUDA tensors, the reference on CPU ones; "triton"; "reference"; the environment
-variable QCOMPILE_KERNELS overrides it) and ``mode`` (Inductor's mode: torch.compile does not
+("inductor" default, or "eager"), ``kernels`` ("auto": the generated Triton kernels on CUDA
+tensors, the generated C++ kernels on CPU ones; "triton"; "cpu"; "reference": with the eager
+lowering, bit-exact with ``fake_quantize_model_``; the environment variable QCOMPILE_KERNELS
+overrides it) and ``mode`` (Inductor's mode: torch.compile does not
 take ``mode`` and ``options`` together, so it goes inside options).
 
 The backend validates the options, runs the passes in ``qcompile.passes`` (find -> plan ->
