@@ -196,8 +196,13 @@ class Plan:
             self.mult_table = fmt.scale.multiplier(every, el, q.side).to(torch.float32)
         tag = cpu_source.tag(self.bits, self.scale, self.dec)
         lib = library()
-        self.linear_fn, self.decode_fn = getattr(lib, f"qc_linear_{tag}"), getattr(lib, f"qc_decode_{tag}")
+        self.linear_fn = getattr(lib, f"qc_linear_{tag}")
+        self.decode_fn = getattr(lib, f"qc_decode_{tag}")
         self.outliers = _outliers(q) if "outlier_index" in q.side else None
+        self.k = q.shape[1] if q.axis == 1 else q.shape[0]
+        self.padded = q.scales.shape[-1] * q.block
+        self._gemv_args = None
+        self.linear_fn.argtypes = [ctypes.c_void_p, ctypes.c_int]
 
     def args(self, q, x, y, bias) -> _Args:
         n, n_blocks = q.scales.shape[0], q.scales.shape[-1]
@@ -209,6 +214,19 @@ class Plan:
                      maxv=self.maxv, step=self.step,
                      bias=bias.data_ptr() if bias is not None else None,
                      y=y.data_ptr() if y is not None else None, N=n)
+
+    def gemv(self, q, x2: torch.Tensor, bias) -> torch.Tensor:
+        """The GEMV kernel on contiguous float32 x2 [M, padded K]: y [M, N]. The argument block
+        is kept (codes, scales and tables do not move while the plan lives): a call only sets
+        the pointers of x, y and bias."""
+        a = self._gemv_args
+        if a is None:
+            a = self._gemv_args = self.args(q, None, None, None)
+        y = torch.empty((x2.shape[0], a.N), dtype=torch.float32)
+        a.x, a.y, a.M, a.ldx = x2.data_ptr(), y.data_ptr(), x2.shape[0], x2.shape[1]
+        a.bias = bias.data_ptr() if bias is not None else None
+        self.linear_fn(ctypes.byref(a), torch.get_num_threads())
+        return y
 
 
 def _outliers(q):
@@ -225,10 +243,11 @@ _PLANS: dict[tuple, Plan] = {}
 def plan(q) -> Plan:
     """The Plan of a packed weight, kept while its codes tensor lives (compiled graphs call the
     same weights over and over)."""
-    key = (q.codes.data_ptr(), q.scales.data_ptr(), q.fmt.key, tuple(q.shape), q.dtype,
-           config.cpu_isa())
+    key = (q.codes.data_ptr(), q.scales.data_ptr(), q.fmt.key, q.shape, q.dtype,
+           os.environ.get("QCOMPILE_CPU_ISA"))
     hit = _PLANS.get(key)
-    if hit is None:
+    if hit is None or not (q.codes.is_contiguous() and q.scales.is_contiguous()):
+        _check(q)
         if len(_PLANS) > 4096:
             _PLANS.clear()
         hit = _PLANS[key] = Plan(q)
@@ -258,7 +277,6 @@ def decode_rows(q, p: Plan, n0: int, n1: int) -> torch.Tensor:
 
 def dequantize(q) -> torch.Tensor:
     """The weight a 2-d packed QTensor stands for: the reference's values, bit for bit."""
-    _check(q)
     p = plan(q)
     n, k = q.scales.shape[0], (q.shape[1] if q.axis == 1 else q.shape[0])
     w = decode_rows(q, p, 0, n)
@@ -271,35 +289,32 @@ def dequantize(q) -> torch.Tensor:
 
 def linear(x: torch.Tensor, q, act_fmt=None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """fq(x) @ W^T + bias for a packed weight (Conv1D [K, N] weights too: their codes are stored
-    K-last like nn.Linear's), in x's shape with the last axis N."""
-    _check(q)
+    K-last like nn.Linear's), in x's shape with the last axis N. Kept short: decoding a model
+    calls this for every linear layer and token."""
     if x.dtype != torch.float32 or (bias is not None and bias.dtype != torch.float32):
         raise NotImplementedError(f"qcompile CPU kernels cover float32 models, not {x.dtype}")
     p = plan(q)
-    k = q.shape[1] if q.axis == 1 else q.shape[0]
-    n, padded = q.scales.shape[0], q.scales.shape[-1] * q.block
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
+    x2 = x if x.dim() == 2 else x.reshape(-1, p.k)
     if act_fmt and x2.numel():
         from qcompile import api
         x2 = api.fake_quantize_values(x2, act_fmt, axis=-1)
+    if p.padded != p.k:
+        x2 = torch.nn.functional.pad(x2, (0, p.padded - p.k))
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
     m = x2.shape[0]
-    if padded != k:
-        x2 = torch.nn.functional.pad(x2, (0, padded - k))
-    x2 = x2.contiguous()
-    bias = bias.contiguous() if bias is not None else None
-    if m <= GEMV_MAX_M:
-        y = torch.empty((m, n), dtype=torch.float32)
-        if m:
-            a = p.args(q, x2, y, bias)
-            a.M, a.ldx = m, padded
-            p.linear_fn(ctypes.byref(a), ctypes.c_int(torch.get_num_threads()))
+    if m == 0:
+        y = x2.new_empty((0, q.scales.shape[0]))
+    elif m <= GEMV_MAX_M:
+        y = p.gemv(q, x2, bias)
     else:
         y = _panels(x2, q, p, bias)
     if p.outliers is not None and m:
         r, c, delta = p.outliers
         y.index_add_(1, r, x2[:, c] * delta)
-    return y.reshape(*lead, n)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[1])
 
 
 PANEL_BYTES = 1 << 20  # decoded weight rows per GEMM call: about L2-sized
