@@ -33,6 +33,7 @@ import os
 import subprocess
 import tempfile
 import threading
+import weakref
 
 import torch
 
@@ -41,7 +42,8 @@ from qcompile import config
 from . import cpu_source
 from .cache import cache_dir, write_atomically
 
-GEMV_MAX_M = 16
+GEMV_MAX_M = 16  # M up to this runs the GEMV kernel; more rows: decoded panels and a GEMM
+PANEL_BYTES = 1 << 20  # decoded weight rows per GEMM call: about L2-sized
 ISAS = ("avx512", "avx2", "scalar")
 _ISA_NUMBER = {"avx512": 2, "avx2": 1, "scalar": 0}
 _ISA_FLAGS = {"avx512": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mfma",
@@ -139,13 +141,13 @@ def library(isa: str | None = None) -> ctypes.CDLL:
         return lib
 
 
-def _build(cxx, source, flags, digest, folder, path) -> ctypes.CDLL:
+def _build(cxx, source, flags, digest, folder, path, libs=()) -> ctypes.CDLL:
     """Compile (the source from stdin: no file name ends up in the library), load the result
     from its private temporary path, check it, record its hash, then rename it into place."""
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".qc_cpu_", suffix=".so")
     os.close(fd)
     try:
-        cmd = [cxx, *flags, f'-DQC_SOURCE_HASH="{digest}"', "-x", "c++", "-", "-o", tmp]
+        cmd = [cxx, *flags, f'-DQC_SOURCE_HASH="{digest}"', "-x", "c++", "-", "-o", tmp, *libs]
         done = subprocess.run(cmd, input=source, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"qcompile CPU kernels: the C++ build failed ({' '.join(cmd)}):\n"
@@ -161,6 +163,43 @@ def _build(cxx, source, flags, digest, folder, path) -> ctypes.CDLL:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+# -- the torch operator qcompile_cpu::linear ----------------------------------------------------
+
+_OP: list = []  # the loaded operator library (loaded at most once: it registers an operator)
+
+
+def op_library() -> ctypes.CDLL:
+    """The library defining ``torch.ops.qcompile_cpu.linear`` (built against this torch, once;
+    cached like the kernels). Its fake (shape) implementation is registered here too."""
+    with _LOCK:
+        if _OP:
+            return _OP[0]
+        from torch.utils import cpp_extension
+        cxx, version = _compiler()
+        source = cpu_source.op_source(GEMV_MAX_M, PANEL_BYTES)
+        flags = _FLAGS + [f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"] + [
+            f"-I{p}" for p in cpp_extension.include_paths()]
+        libs = [f"-L{p}" for p in cpp_extension.library_paths()] + ["-lc10", "-ltorch",
+                                                                    "-ltorch_cpu"]
+        digest = hashlib.sha256("\0".join([source, *flags, *libs, version,
+                                           torch.__version__]).encode()).hexdigest()
+        folder = cache_dir()
+        path = os.path.join(folder, f"qc_cpu_op_{digest[:20]}.so")
+        lib = _load(path, digest) or _build(cxx, source, flags, digest, folder, path, libs)
+        lib.qc_register.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 4 + [
+            ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_float]
+        torch.library.register_fake("qcompile_cpu::linear")(_linear_fake)
+        _OP.append(lib)
+        return lib
+
+
+def _linear_fake(x, codes, scales, bias, outlier_index, outlier_value, format, n, k, block):
+    # the sizes from the int arguments, never from the packed tensors: those are extra graph
+    # inputs, which Dynamo has no source for (a size read from them would become a guard)
+    torch._check(x.shape[-1] == k, lambda: f"qcompile_cpu::linear: x has K={x.shape[-1]}, not {k}")
+    return x.new_empty((*x.shape[:-1], n))
 
 
 # -- what a format needs: tables computed by the reference -----------------------------------
@@ -194,11 +233,20 @@ class Plan:
             self.scale, self.maxv = 0, 1.0
             every = torch.arange(256, dtype=torch.int32).to(torch.uint8)
             self.mult_table = fmt.scale.multiplier(every, el, q.side).to(torch.float32)
-        tag = cpu_source.tag(self.bits, self.scale, self.dec)
-        lib = library()
+        combo = (self.bits, self.scale, self.dec)
+        tag = cpu_source.tag(*combo)
+        isa = chosen_isa()
+        lib = library(isa)
         self.linear_fn = getattr(lib, f"qc_linear_{tag}")
         self.decode_fn = getattr(lib, f"qc_decode_{tag}")
+        self.values_fn = getattr(lib, f"qc_values_{tag}")
+        # the operator's name for this format: the same in every process (graphs cached on disk)
+        self.format_id = int.from_bytes(hashlib.sha256(f"{fmt.key}|{isa}".encode()).digest()[:8],
+                                        "little") >> 2
+        self.data_dependent = (el.kind == "codebook" and el.data_dependent) or \
+            fmt.scale.kind == "nvfp4"  # tables from the tensor's own side data
         self.outliers = _outliers(q) if "outlier_index" in q.side else None
+        self.codes, self.scales = weakref.ref(q.codes), weakref.ref(q.scales)
         self.k = q.shape[1] if q.axis == 1 else q.shape[0]
         self.padded = q.scales.shape[-1] * q.block
         self._gemv_args = None
@@ -229,6 +277,18 @@ class Plan:
         return y
 
 
+    def register(self) -> int:
+        """Hand this format's kernels and tables to the operator library (it copies the
+        tables); returns the format's id for ``qcompile_cpu::linear``."""
+        address = lambda fn: ctypes.cast(fn, ctypes.c_void_p).value  # noqa: E731
+        op_library().qc_register(
+            self.format_id, address(self.linear_fn), address(self.decode_fn),
+            address(self.values_fn), self.table.data_ptr(), self.table.numel(),
+            self.mult_table.data_ptr() if self.mult_table is not None else None, self.maxv,
+            self.step)
+        return self.format_id
+
+
 def _outliers(q):
     """OPQ: (row n, column k, value - decoded value) of each outlier of the padded layout."""
     from .linear import _codes_at
@@ -246,7 +306,9 @@ def plan(q) -> Plan:
     key = (q.codes.data_ptr(), q.scales.data_ptr(), q.fmt.key, q.shape, q.dtype,
            os.environ.get("QCOMPILE_CPU_ISA"))
     hit = _PLANS.get(key)
-    if hit is None or not (q.codes.is_contiguous() and q.scales.is_contiguous()):
+    # the same tensors, not others that reuse their memory
+    if hit is None or hit.codes() is not q.codes or hit.scales() is not q.scales or not (
+            q.codes.is_contiguous() and q.scales.is_contiguous()):
         _check(q)
         if len(_PLANS) > 4096:
             _PLANS.clear()
@@ -315,9 +377,6 @@ def linear(x: torch.Tensor, q, act_fmt=None, bias: torch.Tensor | None = None) -
         r, c, delta = p.outliers
         y.index_add_(1, r, x2[:, c] * delta)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[1])
-
-
-PANEL_BYTES = 1 << 20  # decoded weight rows per GEMM call: about L2-sized
 
 
 def _panels(x2, q, p: Plan, bias) -> torch.Tensor:

@@ -9,9 +9,12 @@
    ``qcompile::fake_quantize_act`` ops; packed tensors become extra graph inputs, listed in
    ``gm.meta["qcompile_extra_inputs"]``.
 5. ``fuse.fuse``: dequantize(W) [+ fake_quantize_act(x)] + matmul -> ``qcompile::linear``.
+6. ``cpu_kernels.use_cpu_kernels``: on CPU, without autograd, ``qcompile::linear`` ->
+   ``qcompile_cpu::linear`` (the same C++ kernels, called without Python).
 
 Set QCOMPILE_DEBUG=1 to print the graph after each pass.
 """
+from .cpu_kernels import use_cpu_kernels
 from .debug import debug_graph
 from .find import Site, find_quantisable
 from .fuse import fuse
@@ -20,4 +23,4 @@ from .quantize_weights import clear_cache, quantize_weights
 from .rewrite import rewrite
 
 __all__ = ["Site", "find_quantisable", "plan", "quantize_weights", "clear_cache", "rewrite",
-           "fuse", "debug_graph"]
+           "fuse", "use_cpu_kernels", "debug_graph"]

@@ -18,3 +18,26 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 
 def placeholders(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def add_input(gm: fx.GraphModule, name: str, tensor) -> fx.Node:
+    """A new placeholder after the last one, fed with ``tensor``: packed weights and kernel
+    tables enter a graph as extra inputs, listed in ``gm.meta["qcompile_extra_inputs"]`` (in
+    placeholder order) for the caller to pass after the graph's own inputs."""
+    g = gm.graph
+    phs = placeholders(gm)
+    if phs:
+        with g.inserting_after(phs[-1]):
+            ph = g.placeholder(name)
+    else:
+        with g.inserting_before(next(iter(g.nodes))):
+            ph = g.placeholder(name)
+    ph.meta["qcompile_extra"] = True
+    gm.meta.setdefault("qcompile_extra_inputs", []).append(tensor)
+    return ph
+
+
+def input_values(gm: fx.GraphModule, example_inputs) -> dict:
+    """{placeholder: its real value}: the graph's own inputs, then the extra inputs."""
+    values = list(example_inputs) + list(gm.meta.get("qcompile_extra_inputs", ()))
+    return dict(zip(placeholders(gm), values))

@@ -17,7 +17,7 @@ from torch import fx
 from qcompile import ops  # noqa: F401  (registers torch.ops.qcompile.*)
 from qcompile.ops import qtensor_meta
 
-from .graph import placeholders
+from .graph import add_input as add_graph_input
 from .plan import planned
 
 DEQUANT = torch.ops.qcompile.dequantize.default
@@ -26,23 +26,11 @@ FQ_ACT = torch.ops.qcompile.fake_quantize_act.default
 
 def rewrite(gm: fx.GraphModule, impl: str = "reference") -> fx.GraphModule:
     g = gm.graph
-    extra = list(gm.meta.get("qcompile_extra_inputs", []))
+    gm.meta["qcompile_extra_inputs"] = list(gm.meta.get("qcompile_extra_inputs", []))
     packed_nodes = {}  # id(QTensor) -> (codes, scales, [side]) placeholder nodes
-    phs = placeholders(gm)
-    last = phs[-1] if phs else None
 
     def add_input(name, tensor):
-        nonlocal last
-        if last is None:
-            with g.inserting_before(next(iter(g.nodes))):
-                ph = g.placeholder(name)
-        else:
-            with g.inserting_after(last):
-                ph = g.placeholder(name)
-        ph.meta["qcompile_extra"] = True
-        last = ph
-        extra.append(tensor)
-        return ph
+        return add_graph_input(gm, name, tensor)
 
     for node, site, spec in planned(gm):
         q = node.meta.get("qcompile_qtensor")
@@ -67,5 +55,4 @@ def rewrite(gm: fx.GraphModule, impl: str = "reference") -> fx.GraphModule:
             node.replace_input_with(site.x, xq)
     g.lint()
     gm.recompile()
-    gm.meta["qcompile_extra_inputs"] = extra
     return gm

@@ -115,15 +115,18 @@ def run_passes(gm, example_inputs, policy: Policy, impl: str = "auto", names=Non
     planned = planned_sites(gm)
     passes.debug_graph(gm, "plan")
     _set_impl(gm, impl)
-    if not planned:
-        return gm, planned, site_rows(gm)
-    passes.quantize_weights(gm, example_inputs)
-    rows = site_rows(gm)  # after quantising: explain counts the bytes stored
-    passes.debug_graph(gm, "quantize_weights")
-    passes.rewrite(gm, impl=impl)
-    passes.debug_graph(gm, "rewrite")
-    passes.fuse(gm)
-    passes.debug_graph(gm, "fuse")
+    rows = site_rows(gm)
+    if planned:
+        passes.quantize_weights(gm, example_inputs)
+        rows = site_rows(gm)  # after quantising: explain counts the bytes stored
+        passes.debug_graph(gm, "quantize_weights")
+        passes.rewrite(gm, impl=impl)
+        passes.debug_graph(gm, "rewrite")
+        passes.fuse(gm)
+        passes.debug_graph(gm, "fuse")
+    if _has_qcompile_ops(gm):
+        passes.use_cpu_kernels(gm, example_inputs)
+        passes.debug_graph(gm, "use_cpu_kernels")
     return gm, planned, rows
 
 
@@ -161,18 +164,23 @@ def _lower(gm, inputs, lowering, mode="default"):
 
 
 def _inductor_cache_tag():
-    """Inductor's on-disk graph cache does not hash a custom op's fake implementation: tag our
-    graphs with the ops' source, so a new version of the ops is never served an old graph."""
+    """Inductor's on-disk graph cache does not hash a custom op's fake implementation nor a C++
+    operator's schema: tag our graphs with the source of the ops (qcompile/ops.py and the CPU
+    operator's codegen/cpu*.py), so a new version of them is never served an old graph."""
     cfg = getattr(torch.compiler, "config", None)
     if cfg is None or not hasattr(cfg, "cache_key_tag"):
         return contextlib.nullcontext()
+    from qcompile.codegen import cpu, cpu_source
     from . import ops
-    digest = hashlib.sha256(open(ops.__file__, "rb").read()).hexdigest()[:16]
-    return cfg.patch(cache_key_tag=f"{cfg.cache_key_tag}|qcompile-ops-{digest}")
+    digest = hashlib.sha256()
+    for module in (ops, cpu, cpu_source):
+        with open(module.__file__, "rb") as f:
+            digest.update(f.read())
+    return cfg.patch(cache_key_tag=f"{cfg.cache_key_tag}|qcompile-ops-{digest.hexdigest()[:16]}")
 
 
 def _has_qcompile_ops(gm) -> bool:
-    return any(n.op == "call_function" and str(n.target).startswith("qcompile.")
+    return any(n.op == "call_function" and str(n.target).startswith(("qcompile.", "qcompile_cpu."))
                for n in gm.graph.nodes)
 
 

@@ -135,22 +135,53 @@ def test_the_op_runs_the_cpu_kernels_by_default(monkeypatch):
     assert len(calls) == 1 and torch.allclose(y, y_ref, rtol=1e-5, atol=1e-6)
 
 
-def test_compiled_model_with_cpu_kernels_within_the_bound(monkeypatch):
-    """Inductor, kernels="auto" (the default): the CPU kernels run, and the logits stay within
-    float32 reordering error of the eager fake-quantised model."""
+@pytest.mark.parametrize("lowering", ["inductor", "eager"])
+def test_compiled_model_with_cpu_kernels_within_the_bound(lowering):
+    """kernels="auto" (the default), no grad: every linear layer runs the C++ operator
+    qcompile_cpu::linear, and the logits stay within float32 reordering error of the eager
+    fake-quantised model. Activation formats only with the eager lowering: after Inductor's
+    reordered norms an activation can land on the neighbouring code (docs/architecture.md)."""
     from emulation import emulate, policy
     from test_models import batch, build, logits
-    calls = []
-    real = cpu.linear
-    monkeypatch.setattr(cpu, "linear", lambda *a: calls.append(1) or real(*a))
+    from qcompile.backend import compiled_variants
     model = build("llama")
-    rules, default = [("lm_head", ("int8", None))], ("nf4", None)
+    act = "mxint8" if lowering == "eager" else None
+    rules, default = [("lm_head", ("int8", None)), ("*.mlp.*", ("mxint8", act))], ("nf4", None)
     ref = emulate(model, rules, default)
-    qcompile.compile(model, policy(rules, default))
+    qcompile.compile(model, policy(rules, default), lowering=lowering)
     ids, mask = batch("llama")
     got, want = logits(model, ids, mask), logits(ref, ids, mask)
-    torch.testing.assert_close(got, want, rtol=0, atol=float(2e-5 * want.abs().max()))
-    assert len(calls) == 15  # every linear layer of the 2-layer model, once
+    torch.testing.assert_close(got, want, rtol=0, atol=float(3e-5 * want.abs().max()))
+    targets = [str(n.target) for n in compiled_variants()[0].gm.graph.nodes]
+    assert targets.count("qcompile_cpu.linear.default") == 15  # 2 layers x 7 + lm_head
+    assert "qcompile.linear.default" not in targets
+
+
+def test_the_operator_is_the_python_path_bit_for_bit():
+    """qcompile_cpu::linear runs the same kernels as codegen.cpu.linear, without Python."""
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(40, 100, generator=g) * torch.rand(40, 100, generator=g) ** 5
+    for fmt in ("nf4", "mxint8", "bof4s_opq", "int3", "mxfp8_e4m3"):
+        q = qcompile.quantize(w, fmt, axis=1)
+        p = cpu.plan(q)
+        for m in (1, 6, 40):
+            x, b = torch.randn(3, m, 100, generator=g), torch.randn(40, generator=g)
+            y = torch.ops.qcompile_cpu.linear(x, q.codes, q.scales, b,
+                                              q.side.get("outlier_index"),
+                                              q.side.get("outlier_value"), p.register(), 40,
+                                              100, q.block)
+            assert same_bits(y, cpu.linear(x, q, None, b))
+
+
+def test_grad_mode_graphs_keep_the_op_with_autograd():
+    from qcompile.backend import compiled_variants
+    net = torch.nn.Sequential(torch.nn.Linear(64, 32)).eval()
+    qcompile.compile(net, Policy({}, default=LayerSpec(weight="nf4")))
+    x = torch.randn(2, 64, requires_grad=True)
+    net(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    targets = [str(n.target) for n in compiled_variants()[0].gm.graph.nodes]
+    assert "qcompile.linear.default" in targets and "qcompile_cpu.linear.default" not in targets
 
 
 def test_half_precision_models_fall_back_to_the_reference_with_one_warning(monkeypatch):
@@ -247,3 +278,18 @@ def test_a_missing_compiler_is_a_clear_error(fresh_cache, monkeypatch):
     with pytest.warns(UserWarning, match="no generated CPU kernel"):  # by design, even strict
         y = torch.ops.qcompile.linear(x, *args, "auto")
     assert torch.equal(y, torch.ops.qcompile.linear(x, *args, "reference"))
+
+
+def test_dynamic_shapes_with_the_cpu_operator():
+    """Sizes the operator's fake reports come from its int arguments, never from the packed
+    tensors (extra graph inputs Dynamo has no source for: a guard on them broke compiling)."""
+    from emulation import emulate, policy
+    from test_models import batch, build, logits, rules_for
+    model = build("llama")
+    rules, default = rules_for("llama", weight_only=True)
+    ref = emulate(model, rules, default)
+    qcompile.compile(model, policy(rules, default), dynamic=True)
+    for n in (5, 9):
+        ids, mask = batch("llama", n)
+        got, want = logits(model, ids, mask), logits(ref, ids, mask)
+        torch.testing.assert_close(got, want, rtol=0, atol=float(3e-5 * want.abs().max()))
