@@ -5,6 +5,7 @@ Configurations (each on its own copy of the model):
 * eager fp32: the model as loaded;
 * eager fake-quant <fmt>: weights replaced by ``qcompile.fake_quantize`` of themselves (the
   reference definition; float32 weights, so float32 speed and memory);
+  every linear layer (lm_head too) gets <fmt>;
 * torch.compile fp32: ``torch.compile(model)`` (Inductor);
 * blockquant <fmt>: ``qcompile.quantize_model_`` (packed weights only) then
   ``qcompile.compile(model, policy, lowering=...)`` (in place, as the README does it).
@@ -27,8 +28,8 @@ import torch
 from tqdm import tqdm
 
 import qcompile
+from qcompile import LayerSpec, Policy
 
-from .perplexity import weight_only
 
 
 @torch.no_grad()
@@ -47,6 +48,12 @@ def generate_timed(fn, prompt: torch.Tensor, decode: int) -> tuple[float, list[f
     return prefill, steps
 
 
+def every_linear(fmt: str) -> Policy:
+    """``fmt`` on the weights of every linear layer, lm_head included (a tied lm_head gets its
+    own packed copy; the embedding keeps its float32 table): the setting the speed goals name."""
+    return Policy({}, default=LayerSpec(weight=fmt))
+
+
 def configurations(model, w8: str, w4: str, lowering: str = "inductor"):
     """(label, kind, builder) triples; a builder returns (callable, model it runs)."""
     def eager():
@@ -54,7 +61,7 @@ def configurations(model, w8: str, w4: str, lowering: str = "inductor"):
 
     def fake(fmt):
         def build():
-            m = qcompile.fake_quantize_model_(copy.deepcopy(model), weight_only(fmt))
+            m = qcompile.fake_quantize_model_(copy.deepcopy(model), every_linear(fmt))
             return m, m
         return build
 
@@ -64,7 +71,7 @@ def configurations(model, w8: str, w4: str, lowering: str = "inductor"):
 
     def blockquant(fmt):
         def build():
-            policy = weight_only(fmt)
+            policy = every_linear(fmt)
             m = qcompile.quantize_model_(copy.deepcopy(model), policy)
             return qcompile.compile(m, policy, lowering=lowering), m
         return build
