@@ -60,6 +60,7 @@ constexpr int W = 16;
 typedef __m512 F;
 typedef __m512i I;
 inline F vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, F a) { _mm512_storeu_ps(p, a); }
 inline F vset(float a) { return _mm512_set1_ps(a); }
 inline F vzero() { return _mm512_setzero_ps(); }
 inline F vmul(F a, F b) { return _mm512_mul_ps(a, b); }
@@ -85,6 +86,7 @@ constexpr int W = 8;
 typedef __m256 F;
 typedef __m256i I;
 inline F vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, F a) { _mm256_storeu_ps(p, a); }
 inline F vset(float a) { return _mm256_set1_ps(a); }
 inline F vzero() { return _mm256_setzero_ps(); }
 inline F vmul(F a, F b) { return _mm256_mul_ps(a, b); }
@@ -119,6 +121,7 @@ constexpr int W = 1;
 typedef float F;
 typedef int32_t I;
 inline F vload(const float* p) { return *p; }
+inline void vstore(float* p, F a) { *p = a; }
 inline F vset(float a) { return a; }
 inline F vzero() { return 0.0f; }
 inline F vmul(F a, F b) { return a * b; }
@@ -226,8 +229,85 @@ void row_dot(const Args& a, int64_t n, int64_t m0, uint8_t* unpacked) {
         a.y[(m0 + m) * a.N + n] = vsum(acc[m]) + tail[m] + (a.bias ? a.bias[n] : 0.0f);
 }
 
+#if QC_ISA == 2
+// 4-bit codes, AVX-512: 64 bytes (128 codes) per load, as 16 dwords; shifting them by 4j puts
+// nibble j of every dword in its low 4 bits, which is all a permute reads, so one shift and one
+// permute decode 16 weights. Nibble j of dword d is element 8d + E[j] of the group (the high
+// nibble of a byte comes first), so x is rearranged to that order once per call. Eight
+// consecutive elements share a lane, hence a block, when the block is a multiple of 8.
+constexpr int E[8] = {1, 0, 3, 2, 5, 4, 7, 6};
+
+template <int MB>
+void group_dot(const Args& a, int64_t n, int64_t m0, const float* xr, int64_t groups,
+               const float* lane_mult) {
+    const uint8_t* row = a.codes + n * a.row_bytes;
+    const F lut = _mm512_loadu_ps(a.table);
+    F acc[MB];
+    for (int m = 0; m < MB; ++m) acc[m] = vzero();
+    for (int64_t g = 0; g < groups; ++g) {
+        const int64_t left = a.row_bytes - g * 64;
+        const I v = left >= 64 ? _mm512_loadu_si512(row + g * 64)
+                               : _mm512_maskz_loadu_epi8((__mmask64)((1ull << left) - 1), row + g * 64);
+        // sum x * element over the group's 8 nibbles, then one multiply by the lane
+        // multipliers (the block factors out: within the float32 bound of the docs)
+        F t[MB];
+        for (int m = 0; m < MB; ++m) t[m] = vzero();
+        for (int j = 0; j < 8; ++j) {
+            const F w = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4 * j), lut);
+            for (int m = 0; m < MB; ++m)
+                t[m] = vfma(vload(xr + (((m0 + m) * groups + g) * 8 + j) * 16), w, t[m]);
+        }
+        const F vm = vload(lane_mult + g * 16);
+        for (int m = 0; m < MB; ++m) acc[m] = vfma(t[m], vm, acc[m]);
+    }
+    for (int m = 0; m < MB; ++m)
+        a.y[(m0 + m) * a.N + n] = vsum(acc[m]) + (a.bias ? a.bias[n] : 0.0f);
+}
+
+template <int SCALE>
+void linear4(const Args& a, int threads) {
+    const int64_t kp = a.n_blocks * a.block, groups = (kp + 127) / 128;
+    std::vector<float> xr(a.M * groups * 128);
+    for (int64_t m = 0; m < a.M; ++m)
+        for (int64_t g = 0; g < groups; ++g)
+            for (int j = 0; j < 8; ++j)
+                for (int d = 0; d < 16; ++d) {
+                    const int64_t k = g * 128 + 8 * d + E[j];
+                    xr[((m * groups + g) * 8 + j) * 16 + d] = k < kp ? a.x[m * a.ldx + k] : 0.0f;
+                }
+    // lane d of group g holds elements g*128 + 8d .. +7: one block (lanes past the row: a 0)
+    std::vector<int32_t> lane_block(groups * 16);
+    for (int64_t g = 0; g < groups; ++g)
+        for (int d = 0; d < 16; ++d) {
+            const int64_t k = g * 128 + 8 * d;
+            lane_block[g * 16 + d] = (int32_t)(k < kp ? k / a.block : a.n_blocks);
+        }
+    #pragma omp parallel num_threads(threads)
+    {
+        std::vector<float> block_mult(a.n_blocks + 1, 0.0f), lane_mult(groups * 16);
+        #pragma omp for schedule(static)
+        for (int64_t n = 0; n < a.N; ++n) {
+            for (int64_t b = 0; b < a.n_blocks; ++b) block_mult[b] = multiplier<SCALE>(a, n, b);
+            for (int64_t i = 0; i < groups * 16; ++i) lane_mult[i] = block_mult[lane_block[i]];
+            const float* lm = lane_mult.data();
+            int64_t m = 0;
+            for (; m + 4 <= a.M; m += 4) group_dot<4>(a, n, m, xr.data(), groups, lm);
+            switch (a.M - m) {
+                case 3: group_dot<3>(a, n, m, xr.data(), groups, lm); break;
+                case 2: group_dot<2>(a, n, m, xr.data(), groups, lm); break;
+                case 1: group_dot<1>(a, n, m, xr.data(), groups, lm); break;
+                default: break;
+            }
+        }
+    }
+}
+#endif
+
 template <int BITS, int SCALE, int DEC>
 void linear(const Args& a, int threads) {
+#if QC_ISA == 2
+    if (BITS == 4 && DEC == 0 && a.block % 8 == 0) return linear4<SCALE>(a, threads);
+#endif
     #pragma omp parallel num_threads(threads)
     {
         std::vector<uint8_t> buffer(BITS == 8 ? 0 : a.block + W);  // one block's codes
@@ -246,18 +326,37 @@ void linear(const Args& a, int threads) {
     }
 }
 
-// Rows n0..n1 of the weight, decoded: out[(n - n0) * n_blocks * block + k], float32.
+// Rows n0..n1 of the weight, decoded: out[(n - n0) * n_blocks * block + k], float32; each
+// value is element * multiplier, the reference's, bit for bit (vectorised for 4 and 8 bits).
 template <int BITS, int SCALE, int DEC>
 void decode(const Args& a, int64_t n0, int64_t n1, float* out, int threads) {
     const int64_t len = a.n_blocks * a.block;
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = n0; n < n1; ++n) {
         const uint8_t* row = a.codes + n * a.row_bytes;
+        const Table16 t16(a.table);
         float* o = out + (n - n0) * len;
         for (int64_t b = 0; b < a.n_blocks; ++b) {
             const float mult = multiplier<SCALE>(a, n, b);
-            for (int64_t k = b * a.block; k < (b + 1) * a.block; ++k)
-                o[k] = element<BITS, DEC>(a, code_at<BITS>(row, k)) * mult;
+            const F vm = vset(mult);
+            int64_t k = b * a.block;
+            const int64_t end = k + a.block;
+            if (BITS == 4 && (a.block & 1) == 0) {
+                for (; k + 2 * W <= end; k += 2 * W) {
+                    I cs = bytes_u8(row + k / 2);
+                    F w0, w1;
+                    interleave(vmul(decode_vec<BITS, DEC>(a, t16, hi4(cs)), vm),
+                               vmul(decode_vec<BITS, DEC>(a, t16, lo4(cs)), vm), w0, w1);
+                    vstore(o + k, w0);
+                    vstore(o + k + W, w1);
+                }
+            } else if (BITS == 8) {
+                for (; k + W <= end; k += W) {
+                    I c = DEC == 2 ? bytes_s8(row + k) : bytes_u8(row + k);
+                    vstore(o + k, vmul(decode_vec<BITS, DEC>(a, t16, c), vm));
+                }
+            }
+            for (; k < end; ++k) o[k] = element<BITS, DEC>(a, code_at<BITS>(row, k)) * mult;
         }
     }
 }
