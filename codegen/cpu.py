@@ -44,6 +44,10 @@ from .cache import cache_dir, write_atomically
 
 GEMV_MAX_M = 16  # M up to this runs the GEMV kernel; more rows: decoded panels and a GEMM
 PANEL_BYTES = 1 << 20  # decoded weight rows per GEMM call: about L2-sized
+# a weight up to this size decoded is one panel: one GEMM, which beats several panels' GEMMs
+# (measured on SmolLM2's layers at M=512); bigger ones (lm_head) go in L2-sized panels, which
+# also beat one float32 GEMM over the whole 113 MB table
+WHOLE_BYTES = 16 << 20
 ISAS = ("avx512", "avx2", "scalar")
 _ISA_NUMBER = {"avx512": 2, "avx2": 1, "scalar": 0}
 _ISA_FLAGS = {"avx512": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mfma",
@@ -178,7 +182,7 @@ def op_library() -> ctypes.CDLL:
             return _OP[0]
         from torch.utils import cpp_extension
         cxx, version = _compiler()
-        source = cpu_source.op_source(GEMV_MAX_M, PANEL_BYTES)
+        source = cpu_source.op_source(GEMV_MAX_M, PANEL_BYTES, WHOLE_BYTES)
         flags = _FLAGS + [f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"] + [
             f"-I{p}" for p in cpp_extension.include_paths()]
         libs = [f"-L{p}" for p in cpp_extension.library_paths()] + ["-lc10", "-ltorch",
@@ -381,6 +385,9 @@ def linear(x: torch.Tensor, q, act_fmt=None, bias: torch.Tensor | None = None) -
 
 def _panels(x2, q, p: Plan, bias) -> torch.Tensor:
     n, padded = q.scales.shape[0], x2.shape[1]
+    if 4 * n * padded <= WHOLE_BYTES:
+        w = decode_rows(q, p, 0, n)
+        return x2 @ w.t() if bias is None else torch.addmm(bias, x2, w.t())
     rows = max(16, PANEL_BYTES // (4 * padded))
     y = torch.empty((x2.shape[0], n), dtype=torch.float32)
     for n0 in range(0, n, rows):

@@ -445,6 +445,7 @@ std::unordered_map<int64_t, Format> g_formats;
 std::mutex g_lock;
 constexpr int64_t kGemvMaxM = QC_GEMV_MAX_M;
 constexpr int64_t kPanelBytes = QC_PANEL_BYTES;
+constexpr int64_t kWholeBytes = QC_WHOLE_BYTES;
 
 const Format& lookup(int64_t id) {
     std::lock_guard<std::mutex> guard(g_lock);
@@ -486,6 +487,10 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor
         a.bias = b.defined() ? b.data_ptr<float>() : nullptr;
         a.y = y.data_ptr<float>();
         f.linear(&a, threads);
+    } else if (4 * n * padded <= kWholeBytes) {  // a small weight: one panel, one GEMM
+        at::Tensor w = at::empty({n, padded}, x.options());
+        f.decode(&a, 0, n, w.data_ptr<float>(), threads);
+        y = b.defined() ? at::addmm(b, x2, w.t()) : at::mm(x2, w.t());
     } else {  // decoded panels of weight rows and torch's GEMM: the decode cost spread over m
         const int64_t rows = std::max<int64_t>(16, kPanelBytes / (4 * padded));
         at::Tensor panel = at::empty({rows, padded}, x.options());
@@ -532,6 +537,7 @@ void qc_register(int64_t id, void* linear, void* decode, void* values, const flo
 """
 
 
-def op_source(gemv_max_m: int, panel_bytes: int) -> str:
+def op_source(gemv_max_m: int, panel_bytes: int, whole_bytes: int) -> str:
     return (OP_SOURCE.replace("QC_ARGS", ARGS).replace("QC_GEMV_MAX_M", str(gemv_max_m))
-            .replace("QC_PANEL_BYTES", str(panel_bytes)))
+            .replace("QC_PANEL_BYTES", str(panel_bytes))
+            .replace("QC_WHOLE_BYTES", str(whole_bytes)))

@@ -12,20 +12,23 @@ from .names import ModuleNames, names_for, text_name
 LINEAR_TARGETS = (torch._C._nn.linear, torch.nn.functional.linear)
 ADDMM_TARGETS = (torch.addmm,)
 MATMUL_TARGETS = (torch.matmul, operator.matmul, torch.bmm, torch.Tensor.matmul)
+EMBEDDING_TARGETS = (torch.nn.functional.embedding,)
 
 
 @dataclass
 class Site:
     """One quantisable op. ``weight_axis`` is the K axis of the static operand: 1 for an
     nn.Linear weight [N, K], 0 for a GPT-2 Conv1D weight [K, N] (addmm), -2 for the right-hand
-    operand of a matmul."""
-    kind: str  # "linear" (linear and addmm) or "matmul"
-    target: str  # "linear", "addmm" or "matmul"
+    operand of a matmul, 1 (the hidden axis) for an embedding table [vocab, hidden], whose
+    ``x`` is the token ids."""
+    kind: str  # "linear" (linear and addmm), "matmul" or "embedding"
+    target: str  # "linear", "addmm", "matmul" or "embedding"
     fqn: str
     x: fx.Node
     weight: fx.Node
     bias: fx.Node | None
     weight_axis: int
+    tied: tuple = ()  # the other modules holding the same weight (a tied embedding / lm_head)
 
 
 def _is_real(t) -> bool:
@@ -56,7 +59,7 @@ def site_name(node: fx.Node, weight: torch.Tensor | None, names: ModuleNames) ->
     linear-like module holding its weight (tied weights: the one that ran the op), else the
     module that ran it."""
     ran = names.module(node)
-    holders = names.weight_holders(weight)
+    holders = names.weight_holders(weight, embedding=node.target in EMBEDDING_TARGETS)
     if holders:
         return ran if ran in holders else holders[0]
     if ran is not None and names.root is not None:
@@ -64,7 +67,7 @@ def site_name(node: fx.Node, weight: torch.Tensor | None, names: ModuleNames) ->
     return text_name(node)
 
 
-def _site(node: fx.Node, with_matmul: bool) -> Site | None:
+def _site(node: fx.Node, kinds) -> Site | None:
     """The Site of a quantisable node (its name still empty), or None."""
     if node.op != "call_function" and not (node.op == "call_method" and node.target == "matmul"):
         return None
@@ -80,23 +83,41 @@ def _site(node: fx.Node, with_matmul: bool) -> Site | None:
         if len(node.args) == 3 and not node.kwargs and all(isinstance(a, fx.Node) for a in node.args):
             b, x, w = node.args
             return Site("linear", "addmm", "", x, w, b, 0)
-    elif with_matmul and (t in MATMUL_TARGETS or node.op == "call_method"):
+    elif "matmul" in kinds and (t in MATMUL_TARGETS or node.op == "call_method"):
         if len(node.args) == 2 and all(isinstance(a, fx.Node) for a in node.args):
             return Site("matmul", "matmul", "", node.args[0], node.args[1], None, -2)
+    elif "embedding" in kinds and t in EMBEDDING_TARGETS:
+        args = list(node.args) + [None] * 2
+        ids, w = node.kwargs.get("input", args[0]), node.kwargs.get("weight", args[1])
+        if isinstance(ids, fx.Node) and isinstance(w, fx.Node):
+            return Site("embedding", "embedding", "", ids, w, None, 1)
     return None
 
 
-def find_quantisable(gm: fx.GraphModule, with_matmul: bool = False, example_inputs=None,
+def embedding_options(node: fx.Node) -> dict:
+    """The F.embedding arguments after the table (padding_idx, max_norm, ...) by name."""
+    names = ("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
+    given = dict(zip(names, node.args[2:]))
+    given.update({k: v for k, v in node.kwargs.items() if k in names})
+    return given
+
+
+def find_quantisable(gm: fx.GraphModule, kinds=("linear",), example_inputs=None,
                      names: ModuleNames | None = None) -> fx.GraphModule:
-    """Mark each linear (torch._C._nn.linear), GPT-2 Conv1D (torch.addmm) and, with
-    ``with_matmul``, matmul/bmm node with ``node.meta["qcompile_site"]``, named by ``names``
-    (the frame's model, see names.py; computed here when not given)."""
+    """Mark each linear (torch._C._nn.linear) and GPT-2 Conv1D (torch.addmm) node and, when
+    ``kinds`` (the op kinds a policy may quantise: ``Policy.op_kinds()``) has them, each
+    matmul/bmm and embedding node with ``node.meta["qcompile_site"]``, named by ``names`` (the
+    frame's model, see names.py; computed here when not given)."""
     names = names_for(gm) if names is None else names
     for node in gm.graph.nodes:
-        site = _site(node, with_matmul)
+        site = _site(node, kinds)
         if site is not None:
-            weight = real_input(gm, site.weight, example_inputs) if site.kind == "linear" else None
+            weight = (real_input(gm, site.weight, example_inputs)
+                      if site.kind != "matmul" else None)
             site.fqn = site_name(node, weight, names)
+            if weight is not None:
+                site.tied = tuple(dict.fromkeys(n for n, _, _ in names.holders.get(id(weight), ())
+                                                if n != site.fqn))
             node.meta["qcompile_site"] = site
         else:
             node.meta.pop("qcompile_site", None)

@@ -125,12 +125,14 @@ class ModuleNames:
         except AttributeError:
             return None
 
-    def weight_holders(self, weight: torch.Tensor | None) -> list[str]:
-        """Names of the linear-like modules holding ``weight`` as their ``weight``."""
+    def weight_holders(self, weight: torch.Tensor | None, embedding: bool = False) -> list[str]:
+        """Names of the linear-like modules (with ``embedding``: the nn.Embedding modules)
+        holding ``weight`` as their ``weight``."""
         if weight is None:
             return []
+        kind = (lambda m: isinstance(m, torch.nn.Embedding)) if embedding else linear_like
         return [name for name, mod, pname in self.holders.get(id(weight), ())
-                if pname == "weight" and linear_like(mod)]
+                if pname == "weight" and kind(mod)]
 
 
 def read_by_parent(mod, parent) -> str | None:

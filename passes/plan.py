@@ -9,7 +9,7 @@ from torch import fx
 from qcompile import config
 from qcompile.policy import Policy
 
-from .find import real_input, sites
+from .find import embedding_options, real_input, sites
 from .graph import placeholders
 from .names import ModuleNames, linear_like
 
@@ -57,6 +57,10 @@ def plan(gm: fx.GraphModule, policy: Policy, example_inputs=None,
         reason = names.read_by_parent(site.fqn) if names is not None else None
         if reason is not None and site.kind == "linear":
             skipped.append(_skip(site.fqn, example_value(site.weight), rule, spec, reason))
+            continue
+        if site.kind == "embedding" and embedding_options(node).get("max_norm") is not None:
+            skipped.append(_skip(site.fqn, example_value(site.weight), rule, spec,
+                                 "an embedding with max_norm renormalises its table in place"))
             continue
         if spec.weight is not None and not _float(site.weight):
             continue  # non-float weight: leave alone
@@ -122,11 +126,15 @@ def warn_unmatched(policy: Policy, matched: set[int], names: ModuleNames | None 
     op of this graph."""
     if names is not None and names.root is not None:
         modules = list(names.root.named_modules())
-        linear = [n for n, m in modules if linear_like(m) or getattr(m, "quantised_linear", False)]
-        every = [n for n, _ in modules]
+        candidates = {
+            "linear": [n for n, m in modules
+                       if linear_like(m) or getattr(m, "quantised_linear", False)],
+            "embedding": [n for n, m in modules if isinstance(m, torch.nn.Embedding)
+                          or getattr(m, "quantised_embedding", False)],
+            "matmul": [n for n, _ in modules]}
         for rule in policy.rules:
-            kind = "matmul" if rule.spec is not None and rule.spec.op == "matmul" else "linear"
-            if not any(rule.matches(n, kind) for n in (every if kind == "matmul" else linear)):
+            kind = (rule.spec.op if rule.spec is not None else None) or "linear"
+            if not any(rule.matches(n, kind) for n in candidates[kind]):
                 config.warn(f"blockquant: policy rule {rule.describe()} matches no layer of the "
                             f"{type(names.root).__name__} model",
                             once=("unmatched", repr(policy), rule.index))

@@ -39,6 +39,11 @@ class Row:
 def site_rows(gm) -> list[Row]:
     """A Row for every found site of ``gm`` (planned or not), then one per skipped layer."""
     rows, seen = [], {}
+    readers: dict[int, list[str]] = {}  # id(packed weight) -> the modules whose ops read it
+    for node, site in sites(gm):
+        q = node.meta.get("qcompile_qtensor")
+        if q is not None:
+            readers.setdefault(id(q), []).append(site.fqn)
     for node, site in sites(gm):
         spec = node.meta.get("qcompile_spec")
         rule = node.meta.get("qcompile_rule")
@@ -46,7 +51,7 @@ def site_rows(gm) -> list[Row]:
         shape = tuple(int(s) for s in w.shape) if isinstance(w, torch.Tensor) else ()
         wf = spec.weight if spec is not None else None
         q = node.meta.get("qcompile_qtensor")
-        note = node.meta.get("qcompile_note", "")
+        note = node.meta.get("qcompile_note", "") or _tied_note(site, q, readers)
         nominal = False
         if q is not None:
             bits = q.bits_per_element
@@ -64,3 +69,16 @@ def site_rows(gm) -> list[Row]:
         rows.append(Row(s.fqn, "-", s.weight_shape, s.rule, "-", "-", float(s.bits),
                         note=f"skipped: {s.reason}"))
     return rows
+
+
+def _tied_note(site, q, readers) -> str:
+    """For a weight shared with other modules: whether its packed tensor is shared too."""
+    if not site.tied:
+        return ""
+    others = ", ".join(site.tied)
+    if q is None:
+        return f"tied to {others}"
+    sharing = [n for n in readers.get(id(q), ()) if n != site.fqn]
+    if sharing:
+        return f"one packed table with {', '.join(sharing)}"
+    return f"tied to {others}: its own packed copy"

@@ -3,7 +3,8 @@
 For a site with a packed weight, the weight operand becomes
 ``qcompile::dequantize(codes, scales, side, meta)`` whose tensors are new graph inputs (appended
 after the existing placeholders; their values are listed in ``gm.meta["qcompile_extra_inputs"]``
-for the caller to pass). A weight that is not a graph input (a matmul operand, a weight
+for the caller to pass); an embedding with a packed table becomes
+``qcompile::embedding(ids, codes, scales, side, meta)``, which decodes only the rows it gathers. A weight that is not a graph input (a matmul operand, a weight
 computed by a parametrization) becomes ``qcompile::fake_quantize_act(w, fmt, K axis)``,
 quantised on every call. For a site with an activation format, the activation operand becomes
 ``qcompile::fake_quantize_act(x, fmt, -1)``. The result runs eagerly and equals the
@@ -22,6 +23,7 @@ from .plan import planned
 
 DEQUANT = torch.ops.qcompile.dequantize.default
 FQ_ACT = torch.ops.qcompile.fake_quantize_act.default
+EMBEDDING = torch.ops.qcompile.embedding.default
 
 
 def rewrite(gm: fx.GraphModule, impl: str = "reference") -> fx.GraphModule:
@@ -34,13 +36,22 @@ def rewrite(gm: fx.GraphModule, impl: str = "reference") -> fx.GraphModule:
 
     for node, site, spec in planned(gm):
         q = node.meta.get("qcompile_qtensor")
-        if site.kind == "linear" and q is not None:
+        if q is not None:
             if id(q) not in packed_nodes:
                 stem = f"qc_w{len(packed_nodes)}"
                 packed_nodes[id(q)] = (add_input(f"{stem}_codes", q.codes),
                                        add_input(f"{stem}_scales", q.scales),
                                        [add_input(f"{stem}_{k}", t) for k, t in q.side.items()])
             codes, scales, side = packed_nodes[id(q)]
+            if site.kind == "embedding":
+                with g.inserting_before(node):
+                    rows = g.call_function(EMBEDDING, (site.x, codes, scales, side,
+                                                       qtensor_meta(q), impl))
+                rows.meta.update({k: v for k, v in node.meta.items()
+                                  if not k.startswith("qcompile")})
+                node.replace_all_uses_with(rows)
+                g.erase_node(node)
+                continue
             with g.inserting_before(node):
                 deq = g.call_function(DEQUANT, (codes, scales, side, qtensor_meta(q), impl))
             node.replace_input_with(site.weight, deq)

@@ -108,7 +108,7 @@ def run_passes(gm, example_inputs, policy: Policy, impl: str = "auto", names=Non
     names = names_for(gm) if names is None else names
     gm = copy_graph_module(gm)
     passes.debug_graph(gm, "dynamo")
-    passes.find_quantisable(gm, policy.wants("matmul"), example_inputs, names)
+    passes.find_quantisable(gm, policy.op_kinds(), example_inputs, names)
     passes.debug_graph(gm, "find_quantisable")
     passes.plan(gm, policy, example_inputs, names)
     warn_unmatched(policy, gm.meta["qcompile_matched_rules"], names)

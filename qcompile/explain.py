@@ -29,7 +29,7 @@ from qcompile.passes.names import names_for, remember_root
 from qcompile.passes.report import Row, site_rows
 
 from .backend import compiled_variants
-from .layers import QuantLinear, resident_weight_bytes, skipped_layers
+from .layers import QuantEmbedding, QuantLinear, resident_weight_bytes, skipped_layers
 from .policy import Policy, default_policy
 
 
@@ -38,13 +38,24 @@ class Explanation:
     rows: list[Row] = field(default_factory=list)
     resident_weight_bytes: int = 0  # measured: the model's parameters and buffers, now
 
+    def _stored(self) -> list[Row]:
+        """The rows, a packed tensor that several ops read (a tied embedding / lm_head given
+        one format) counted once."""
+        seen, rows = set(), []
+        for r in self.rows:
+            key = id(r.qtensor.codes) if r.qtensor is not None else None
+            if key is None or key not in seen:
+                rows.append(r)
+                seen.add(key)
+        return rows
+
     @property
     def total_weights(self) -> int:
-        return sum(r.numel for r in self.rows)
+        return sum(r.numel for r in self._stored())
 
     @property
     def total_bits(self) -> float:
-        return sum(r.numel * r.bits for r in self.rows)
+        return sum(r.numel * r.bits for r in self._stored())
 
     @property
     def avg_bits(self) -> float:
@@ -78,11 +89,19 @@ class Explanation:
 def _module_rows(model) -> list[Row]:
     """Rows for the layers ``quantize_model_`` swapped (they hold packed weights and appear in
     graphs as qcompile ops, not as linears) and for the layers it had to skip."""
-    rows = []
+    rows, readers = [], {}
     for name, mod in model.named_modules():
-        if isinstance(mod, QuantLinear):
-            rows.append(Row(name, "qcompile.linear", mod.weight_shape, "quantize_model_",
-                            mod.fmt_key, mod.act or "-", mod.qtensor().bits_per_element))
+        if isinstance(mod, (QuantLinear, QuantEmbedding)):
+            readers.setdefault(id(mod.codes), []).append(name)
+    for name, mod in model.named_modules():
+        if isinstance(mod, (QuantLinear, QuantEmbedding)):
+            q = mod.qtensor()
+            sharing = [n for n in readers[id(mod.codes)] if n != name]
+            op = "qcompile.linear" if isinstance(mod, QuantLinear) else "qcompile.embedding"
+            rows.append(Row(name, op, mod.weight_shape, "quantize_model_", mod.fmt_key,
+                            getattr(mod, "act", "") or "-", q.bits_per_element,
+                            note=f"one packed table with {', '.join(sharing)}" if sharing else "",
+                            qtensor=q))
     for name, mod, reason in skipped_layers(model):
         w = mod.weight
         rows.append(Row(name, "-", tuple(w.shape), "quantize_model_", "-", "-",
@@ -119,7 +138,7 @@ class _Recorder:
             return
         self.seen.add(key)
         g = copy_graph_module(self.gm)
-        find_quantisable(g, self.policy.wants("matmul"), args, names)
+        find_quantisable(g, self.policy.op_kinds(), args, names)
         plan(g, self.policy, args, names)
         self.rows.extend(site_rows(g))
 

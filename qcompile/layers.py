@@ -1,14 +1,16 @@
 """Policies applied to a model's modules, without compiling: ``quantize_model_`` (linear layers
-swapped for ``QuantLinear``, which holds only the packed weight) and ``fake_quantize_model_``
-(the eager model a compiled one is checked against).
+swapped for ``QuantLinear`` and embeddings for ``QuantEmbedding``, which hold only the packed
+weight) and ``fake_quantize_model_`` (the eager model a compiled one is checked against).
 
-One iterator, ``linear_layers``, decides for both which layers a policy quantises, with the
-same rules as the backend:
+Two iterators, ``linear_layers`` and ``embedding_layers``, decide for both which layers a
+policy quantises, with the same rules as the backend:
 - linear layers are nn.Linear (weight [N, K], blocks along axis 1) and GPT-2's Conv1D
   (weight [K, N], blocks along axis 0); the first matching rule wins;
-- a weight shared with another module (a tied embedding / lm_head) is quantised for the linear
-  layer only: the linear gets its own quantised copy, the other holders keep the full-precision
-  tensor (the backend does the same: only the linear op reads the packed weight);
+- embeddings (nn.Embedding [vocab, hidden], blocks along axis 1) only by a rule whose spec has
+  ``op="embedding"``;
+- a weight shared between modules (a tied embedding / lm_head) is quantised for each holder the
+  policy quantises, and one packed tensor serves the holders given the same format (the backend
+  does the same); a holder the policy keeps in full precision keeps the original tensor;
 - a layer whose parent reads its ``.weight`` directly instead of calling it
   (``nn.MultiheadAttention``'s ``out_proj``) cannot be swapped or quantised by the backend: it
   is skipped with a warning, and ``explain`` shows why.
@@ -57,9 +59,7 @@ def linear_layers(model: torch.nn.Module, policy: Policy, who: str):
     spec; ``tied``: its weight is shared with another module. Skipped layers are marked (for
     explain) and said once."""
     conv1d = conv1d_class()
-    holders: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        holders[id(p)] = holders.get(id(p), 0) + 1
+    holders = _holder_counts(model)
     parents = {f"{pn}.{cn}" if pn else cn: pm for pn, pm in model.named_modules()
                for cn, _ in pm.named_children()}
     for name, mod in list(model.named_modules()):
@@ -78,23 +78,47 @@ def linear_layers(model: torch.nn.Module, policy: Policy, who: str):
         yield name, mod, spec, 0 if is_conv1d else 1, holders.get(id(mod.weight), 1) > 1
 
 
-class QuantLinear(torch.nn.Module):
-    """A linear layer (nn.Linear [N, K] or GPT-2 Conv1D [K, N]) whose weight is held only as a
-    packed QTensor (buffers) and which runs ``qcompile::linear``; made by ``quantize_model_``."""
+def embedding_layers(model: torch.nn.Module, policy: Policy, who: str):
+    """Yield ``(name, module, spec, tied)`` for every nn.Embedding a policy rule gives a spec
+    with ``op="embedding"``; ``tied``: its table is shared with another module. An embedding
+    with ``max_norm`` (which renormalises its table in place) is skipped and said once."""
+    holders = _holder_counts(model)
+    for name, mod in list(model.named_modules()):
+        if not isinstance(mod, torch.nn.Embedding):
+            continue
+        rule, spec = policy.match(name, "embedding")
+        if spec is None:
+            continue
+        reason = ("an embedding with max_norm renormalises its table in place"
+                  if mod.max_norm is not None else None)
+        if reason is None and not mod.weight.dtype.is_floating_point:
+            reason = f"its weight is {mod.weight.dtype}, not a float tensor"
+        if reason is not None:
+            setattr(mod, SKIP_REASON_ATTR, reason)
+            config.warn(f"{who}: embedding {name!r} left in full precision: {reason}",
+                        once=(who, id(mod)))
+            continue
+        yield name, mod, spec, holders.get(id(mod.weight), 1) > 1
 
-    quantised_linear = True  # the backend's passes recognise swapped layers by this mark
 
-    def __init__(self, q, bias, act, conv1d: bool, impl: str = "auto"):
+def _holder_counts(model) -> dict[int, int]:
+    holders: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        holders[id(p)] = holders.get(id(p), 0) + 1
+    return holders
+
+
+class _Packed(torch.nn.Module):
+    """A module holding one packed QTensor as buffers (codes, scales, side data)."""
+
+    def __init__(self, q, impl: str):
         super().__init__()
         self.register_buffer("codes", q.codes)
         self.register_buffer("scales", q.scales)
         self.side_names = list(q.side)
         for k, t in q.side.items():
             self.register_buffer(f"side_{k}", t)
-        self.bias = bias
         self.meta = qtensor_meta(q)
-        self.act = act.key if act is not None else ""
-        self.conv1d = conv1d
         self.impl = impl
         self.fmt_key = q.fmt.key
 
@@ -102,17 +126,51 @@ class QuantLinear(torch.nn.Module):
     def weight_shape(self) -> tuple:
         return tuple(json.loads(self.meta)["shape"])
 
+    def side(self) -> list:
+        return [getattr(self, f"side_{k}") for k in self.side_names]
+
     def qtensor(self):
-        return qtensor_from(self.codes, self.scales,
-                            [getattr(self, f"side_{k}") for k in self.side_names], self.meta)
+        return qtensor_from(self.codes, self.scales, self.side(), self.meta)
+
+
+class QuantLinear(_Packed):
+    """A linear layer (nn.Linear [N, K] or GPT-2 Conv1D [K, N]) whose weight is held only as a
+    packed QTensor (buffers) and which runs ``qcompile::linear``; made by ``quantize_model_``."""
+
+    quantised_linear = True  # the backend's passes recognise swapped layers by this mark
+
+    def __init__(self, q, bias, act, conv1d: bool, impl: str = "auto"):
+        super().__init__(q, impl)
+        self.bias = bias
+        self.act = act.key if act is not None else ""
+        self.conv1d = conv1d
 
     def forward(self, x):
-        side = [getattr(self, f"side_{k}") for k in self.side_names]
-        return torch.ops.qcompile.linear(x, self.codes, self.scales, side, self.meta, self.act,
-                                         self.bias, self.impl)
+        return torch.ops.qcompile.linear(x, self.codes, self.scales, self.side(), self.meta,
+                                         self.act, self.bias, self.impl)
 
     def extra_repr(self):
         return f"weight={self.fmt_key}, act={self.act or '-'}, conv1d={self.conv1d}"
+
+
+class QuantEmbedding(_Packed):
+    """An nn.Embedding whose table [vocab, hidden] is held only as a packed QTensor (blocks
+    along the hidden axis); ``qcompile::embedding`` decodes the rows it gathers. Made by
+    ``quantize_model_``; shares its buffers with a tied lm_head given the same format."""
+
+    quantised_embedding = True
+
+    def __init__(self, q, padding_idx=None, impl: str = "auto"):
+        super().__init__(q, impl)
+        self.num_embeddings, self.embedding_dim = q.shape
+        self.padding_idx = padding_idx
+
+    def forward(self, ids):
+        return torch.ops.qcompile.embedding(ids, self.codes, self.scales, self.side(),
+                                            self.meta, self.impl)
+
+    def extra_repr(self):
+        return f"{self.num_embeddings}, {self.embedding_dim}, weight={self.fmt_key}"
 
 
 def _set_child(model, name: str, new: torch.nn.Module):
@@ -127,15 +185,27 @@ def quantize_model_(model: torch.nn.Module, policy: Policy | None = None) -> tor
     full-precision copy of it. Returns the model. Compile it afterwards as usual (the backend
     finds the qcompile ops already in place) or run it eagerly. A tied weight stays in place
     for its other holders (the embedding) and the linear layer gets its packed copy. The
-    swapped layers are frozen: the model is for inference."""
+    swapped layers are frozen: the model is for inference. Embeddings that a rule gives
+    ``LayerSpec(weight=..., op="embedding")`` become ``QuantEmbedding``; a tied embedding and
+    lm_head given the same format share one packed table."""
     policy = _check_policy(policy, "quantize_model_")
-    swaps = []
+    swaps, packed = [], {}
+
+    def quantise(w, fmt, axis):  # one packed tensor per (weight, format, axis)
+        key = (id(w), fmt.key, axis)
+        if key not in packed:
+            with torch.no_grad():
+                packed[key] = api.quantize(w.detach(), fmt, axis=axis)
+        return packed[key]
+
     for name, mod, spec, axis, _ in linear_layers(model, policy, "quantize_model_"):
         if spec.weight is None:
             continue  # act-only: the backend quantises the activations when compiled
-        with torch.no_grad():
-            q = api.quantize(mod.weight.detach(), spec.weight, axis=axis)
+        q = quantise(mod.weight, spec.weight, axis)
         swaps.append((name, QuantLinear(q, mod.bias, spec.act, axis == 0)))
+    for name, mod, spec, _ in embedding_layers(model, policy, "quantize_model_"):
+        swaps.append((name, QuantEmbedding(quantise(mod.weight, spec.weight, 1),
+                                           mod.padding_idx)))
     for name, new in swaps:
         _set_child(model, name, new)
     return model
@@ -160,9 +230,10 @@ def _act_hook(fmt):
 
 def fake_quantize_model_(model: torch.nn.Module, policy: Policy | None = None) -> torch.nn.Module:
     """Fake-quantise, in place, the weights (and, by hooks, the inputs) of every linear layer
-    ``policy`` (None: the backend default) quantises: the eager model that a compiled model with
-    ``lowering="eager"`` equals bit for bit. A tied weight is untied first: the linear layer gets
-    a fake-quantised copy and the other holders keep the original. Returns the model."""
+    and embedding table ``policy`` (None: the backend default) quantises: the eager model that
+    a compiled model with ``lowering="eager"`` equals bit for bit. A tied weight is untied
+    first: each quantised holder gets its own fake-quantised copy, the others keep the original.
+    Returns the model."""
     from torch.nn.utils import parametrize
     policy = _check_policy(policy, "fake_quantize_model_")
     for name, mod, spec, axis, tied in linear_layers(model, policy, "fake_quantize_model_"):
@@ -179,6 +250,14 @@ def fake_quantize_model_(model: torch.nn.Module, policy: Policy | None = None) -
                     w.data = fq
         if spec.act is not None:
             mod.register_forward_pre_hook(_act_hook(spec.act))
+    for name, mod, spec, tied in embedding_layers(model, policy, "fake_quantize_model_"):
+        w = mod.weight
+        with torch.no_grad():
+            fq = api.fake_quantize(w.detach(), spec.weight, axis=1)
+        if tied:
+            mod.weight = torch.nn.Parameter(fq, requires_grad=w.requires_grad)
+        else:
+            w.data = fq
     return model
 
 

@@ -9,6 +9,9 @@
   fake-quantise x (if ``act_fmt``), dequantise the weight, then the same matmul the original
   graph did: ``F.linear(x, W, bias)`` for an [N, K] weight (axis 1), ``addmm(bias, x, W)`` for
   a GPT-2 Conv1D [K, N] weight (axis 0; x of more than two dims is flattened to [M, K] first).
+* ``qcompile::embedding(ids, codes, scales, side, meta, impl)`` -> ``F.embedding(ids, W)`` for a
+  packed table W [vocab, hidden] (blocks along the hidden axis): only the rows gathered are
+  decoded (``reference.dequantize_rows``), so the table is never materialised.
 
 Outputs are contiguous tensors (row-major, whatever the input's strides), and each op's fake
 (meta) implementation describes exactly that, so Dynamo, AOTAutograd and Inductor can trace it.
@@ -17,7 +20,7 @@ Autograd (weights frozen, activations straight through): ``linear`` gives x the 
 grad_y @ W (W the dequantised weight; with ``act_fmt`` the activation quantiser is a
 straight-through estimator) and the bias grad_y summed over the leading dims; the packed
 tensors get none. ``fake_quantize_act`` is straight through (identity gradient);
-``dequantize`` gives no gradient.
+``dequantize`` and ``embedding`` give no gradient.
 
 The bodies dispatch on ``impl``: "reference" runs qcompile's reference implementation (the
 definition of each format); "triton" runs the generated Triton kernels of qcompile.codegen
@@ -310,3 +313,41 @@ def _linear_backward(ctx, grad):
 
 torch.library.register_autograd("qcompile::linear", _linear_backward,
                                 setup_context=_linear_setup)
+
+
+# -- qcompile::embedding ------------------------------------------------------------------------
+
+@_define("embedding(Tensor ids, Tensor codes, Tensor scales, Tensor[] side, str meta, "
+         "str impl='reference') -> Tensor")
+def embedding(ids: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+              side: list[torch.Tensor], meta: str, impl: str = "reference") -> torch.Tensor:
+    # every impl gathers through the reference: a decoding step reads one row per token, and
+    # a prefill a few hundred, so the decode is cheap next to the model
+    _resolve(impl, codes)
+    q = qtensor_from(codes, scales, side, meta)
+    vocab = q.shape[0]
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+        raise IndexError(f"qcompile::embedding: token id {bad} is out of range for a table of "
+                         f"{vocab} rows")
+    from .reference import dequantize_rows
+    return _contiguous(dequantize_rows(q, ids))
+
+
+@torch.library.register_fake("qcompile::embedding")
+def _(ids, codes, scales, side, meta, impl="reference"):
+    m = json.loads(meta)
+    return codes.new_empty((*ids.shape, m["shape"][1]), dtype=_DTYPES[m["dtype"]])
+
+
+def _embedding_setup(ctx, inputs, output):
+    ctx.n_side = len(inputs[3])
+
+
+def _embedding_backward(ctx, grad):
+    # token ids have no gradient and the packed table is frozen
+    return _grads(ctx, None, None, None, [None] * ctx.n_side, None, None)
+
+
+torch.library.register_autograd("qcompile::embedding", _embedding_backward,
+                                setup_context=_embedding_setup)

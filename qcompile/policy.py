@@ -6,7 +6,8 @@ name (``"transformer.h.0.mlp.c_fc"``); a pattern starting with ``re:`` is a regu
 that must match the whole name. ``None`` as a spec keeps the layer in full precision.
 
 Rules and the default apply to linear ops (nn.Linear, GPT-2's Conv1D). Other matmuls (attention
-scores, ...) are quantised only by a rule whose spec names them: ``LayerSpec(..., op="matmul")``.
+scores, ...) and embedding tables (nn.Embedding) are quantised only by a rule whose spec names
+them: ``LayerSpec(..., op="matmul")``, ``LayerSpec(weight=..., op="embedding")``.
 Everything is validated when the policy is built, before any compile work.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from . import formats
 from .formats import Format
 
-OP_KINDS = ("linear", "matmul")
+OP_KINDS = ("linear", "matmul", "embedding")
 
 
 class PolicyError(ValueError):
@@ -41,7 +42,8 @@ class LayerSpec:
     along K) and ``act`` (the activation operand, quantised dynamically per token in blocks
     along K). Either may be None (kept in full precision), not both. ``op`` restricts the spec
     to an op kind: None or "linear" for linear layers, "matmul" for other matmuls (whose second
-    operand then gets the ``weight`` format, dynamically)."""
+    operand then gets the ``weight`` format, dynamically), "embedding" for embedding tables
+    (``weight`` only, blocks along the hidden axis; rows are gathered and decoded on the fly)."""
 
     __slots__ = ("weight", "act", "op")
 
@@ -54,11 +56,15 @@ class LayerSpec:
         if self.weight is None and self.act is None:
             raise PolicyError("LayerSpec with neither weight nor act format quantises nothing; "
                               "use None as the rule's spec to keep a layer in full precision")
+        if op == "embedding" and (self.weight is None or self.act is not None):
+            raise PolicyError("LayerSpec(op='embedding') takes a weight format and no act format "
+                              "(an embedding's input is token ids, not activations), got "
+                              f"weight={weight!r}, act={act!r}")
 
     def applies_to(self, op_kind: str) -> bool:
-        if op_kind == "matmul":
-            return self.op == "matmul"
-        return self.op in (None, "linear")
+        if op_kind == "linear":
+            return self.op in (None, "linear")
+        return self.op == op_kind
 
     def _key(self):
         return (self.weight.key if self.weight else None, self.act.key if self.act else None,
@@ -167,9 +173,9 @@ class Policy:
         if default is not None and not isinstance(default, LayerSpec):
             raise PolicyError(f"default must be a qcompile.LayerSpec or None, got "
                               f"{type(default).__name__} {default!r}")
-        if default is not None and default.op == "matmul":
-            raise PolicyError("the default applies to linear layers; name matmuls in a rule "
-                              "with LayerSpec(..., op='matmul')")
+        if default is not None and default.op not in (None, "linear"):
+            raise PolicyError(f"the default applies to linear layers; name {default.op} ops in "
+                              f"a rule with LayerSpec(..., op={default.op!r})")
         self.default = default
         self._warned_unmatched: set[int] = set()
 
@@ -183,10 +189,15 @@ class Policy:
         return None, (self.default if op_kind == "linear" else None)
 
     def wants(self, op_kind: str) -> bool:
-        """Whether any rule could quantise ops of this kind (matmuls are found only if so)."""
+        """Whether any rule could quantise ops of this kind (matmuls and embeddings are found
+        only if so)."""
         if op_kind == "linear":
             return True
         return any(r.spec is not None and r.spec.applies_to(op_kind) for r in self.rules)
+
+    def op_kinds(self) -> tuple[str, ...]:
+        """The op kinds this policy may quantise: what the find pass looks for."""
+        return tuple(k for k in OP_KINDS if self.wants(k))
 
     def formats(self) -> list[Format]:
         specs = [r.spec for r in self.rules] + [self.default]

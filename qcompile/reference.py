@@ -66,6 +66,42 @@ def dequantize(q: QTensor) -> torch.Tensor:
     return out.movedim(-1, q.axis).to(q.dtype)
 
 
+def dequantize_rows(q: QTensor, rows: torch.Tensor) -> torch.Tensor:
+    """``dequantize(q)[rows]`` for a 2-d QTensor with blocks along its last axis (an embedding
+    table [vocab, hidden]), decoding only the rows asked for. A value depends only on its
+    block, so the gathered rows' codes and scales dequantise to exactly those rows; OPQ
+    outliers (flat positions, ascending, in the padded [rows, n_blocks * block] layout) are
+    moved to the gathered rows' positions."""
+    if len(q.shape) != 2 or q.axis not in (1, -1):
+        raise ValueError(f"dequantize_rows: a 2-d QTensor with blocks along axis 1 is needed, got "
+                         f"shape {tuple(q.shape)} and axis {q.axis}")
+    flat = rows.reshape(-1).long()
+    side = dict(q.side)
+    if "outlier_index" in side:
+        side["outlier_index"], side["outlier_value"] = _outliers_of_rows(
+            side["outlier_index"], side["outlier_value"], flat, q.scales.shape[-1] * q.block)
+    sub = QTensor(q.fmt, q.codes.index_select(0, flat), q.scales.index_select(0, flat),
+                  torch.Size([flat.numel(), q.shape[1]]), q.dtype, 1, q.block, side)
+    return dequantize(sub).reshape(*rows.shape, q.shape[1])
+
+
+def _outliers_of_rows(index, value, rows, row_len: int):
+    """The outliers of ``rows`` (in that order, repeats included), renumbered for a table made
+    of those rows. ``index`` ascends (quantize takes it from ``nonzero``), so each row's
+    outliers are one run, found by binary search."""
+    index = index.long()
+    starts = torch.searchsorted(index, rows * row_len)
+    counts = torch.searchsorted(index, (rows + 1) * row_len) - starts
+    total = int(counts.sum())
+    owner = torch.repeat_interleave(torch.arange(rows.numel(), device=rows.device), counts,
+                                    output_size=total)
+    first = torch.repeat_interleave(starts - torch.cumsum(counts, 0) + counts, counts,
+                                    output_size=total)
+    taken = first + torch.arange(total, device=rows.device)  # positions in index
+    new_index = owner * row_len + index[taken] % row_len
+    return new_index, value[taken]
+
+
 def decode_elements(q: QTensor, n_codes: int) -> torch.Tensor:
     """The element values of the first n_codes codes of each packed row, float32.
 

@@ -147,7 +147,7 @@ def test_passes_find_plan_rewrite_fuse_on_gpt2():
     from qcompile.passes.graph import copy_graph_module
     from qcompile.passes.names import ModuleNames
     gm = copy_graph_module(gm)
-    find_quantisable(gm, False, ex, ModuleNames(model))  # outside a backend: the model given
+    find_quantisable(gm, ("linear",), ex, ModuleNames(model))  # outside a backend: the model given
     found = {s.fqn: s.target for _, s in sites(gm)}
     assert found["transformer.h.1.mlp.c_fc"] == "addmm" and found["lm_head"] == "linear"
     assert len(found) == 9  # 4 Conv1D per block x 2 + lm_head

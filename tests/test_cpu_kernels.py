@@ -173,6 +173,24 @@ def test_the_operator_is_the_python_path_bit_for_bit():
             assert same_bits(y, cpu.linear(x, q, None, b))
 
 
+def test_a_weight_bigger_than_one_panel_runs_in_panels():
+    """Above cpu.WHOLE_BYTES decoded (lm_head-sized) the prefill path decodes row panels."""
+    g = torch.Generator().manual_seed(4)
+    k = 1024
+    n = cpu.WHOLE_BYTES // (4 * k) + 37  # one panel more than fits, and a ragged last one
+    w = torch.randn(n, k, generator=g)
+    x, b = torch.randn(20, k, generator=g), torch.randn(n, generator=g)
+    for fmt in ("nf4", "bof4s_opq"):
+        q = qcompile.quantize(w, fmt, axis=1)
+        y = cpu.linear(x, q, None, b)
+        rows = q.side["outlier_index"].long() // k if fmt == "bof4s_opq" else torch.zeros(1)
+        assert_within_bound(y, x, w_nk(q), b, extra=int(torch.bincount(rows.long()).max()))
+        op = torch.ops.qcompile_cpu.linear(x, q.codes, q.scales, b, q.side.get("outlier_index"),
+                                           q.side.get("outlier_value"), cpu.plan(q).register(),
+                                           n, k, q.block)
+        assert same_bits(op, y)
+
+
 def test_grad_mode_graphs_keep_the_op_with_autograd():
     from qcompile.backend import compiled_variants
     net = torch.nn.Sequential(torch.nn.Linear(64, 32)).eval()
