@@ -173,6 +173,20 @@ def test_the_operator_is_the_python_path_bit_for_bit():
             assert same_bits(y, cpu.linear(x, q, None, b))
 
 
+@pytest.mark.parametrize("fmt", ["mxint8", "int8"])
+def test_int8_blocks_with_tiny_or_zero_multipliers(fmt, isa):
+    """The factored int8 path (sum x*code, times multiplier*step) hands a block whose product
+    would be subnormal to the per-weight decode; all-zero blocks give zeros."""
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(24, 160, generator=g)
+    w[:8] *= 2.0**-122  # E8M0 multipliers near 2^-128: times 2^-6, subnormal
+    w[8:12, :64] = 0.0
+    q = qcompile.quantize(w, fmt, axis=1)
+    for m in (1, 2, 5):
+        x = torch.randn(m, 160, generator=g) * 2.0**20
+        assert_within_bound(cpu.linear(x, q), x, w_nk(q), None)
+
+
 def test_a_weight_bigger_than_one_panel_runs_in_panels():
     """Above cpu.WHOLE_BYTES decoded (lm_head-sized) the prefill path decodes row panels."""
     g = torch.Generator().manual_seed(4)
