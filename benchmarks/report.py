@@ -17,9 +17,15 @@ GOALS_DOC = [
     ("w6a6", "bfp6 W6A6 within 3% of full-precision perplexity"),
     ("bof4_ppl", "perplexity: bof4s_opq <= bof4s <= nf4"),
     ("bof4_mse", "weight MSE (MiniLM): bof4s_opq <= bof4s <= nf4"),
-    ("prefill", "blockquant W8 and 4-bit no slower than eager fp32 on the prefill"),
-    ("memory", "resident weight memory <= 0.3x float32 for the 4-bit policy"),
+    ("decode4", "4-bit decode >= 4x the tokens/s of eager fp32 and >= 2x torch.compile fp32"),
+    ("decode8", "W8 decode >= 2.5x the tokens/s of eager fp32"),
+    ("prefill", "blockquant W8 and 4-bit prefill no slower than torch.compile fp32"),
+    ("memory", "resident weight memory <= 0.2x float32 for the 4-bit policy"),
+    ("gemv", "CPU GEMV at M=1 (4096x4096, 11008x4096) >= 70% of a streaming read's bandwidth"),
+    ("peers", "blockquant 4-bit decodes faster than every installed peer (llama.cpp, torchao)"),
 ]
+GEMV_TARGET = 70.0  # % of the streaming read, the issue's target
+GEMV_GOAL_SHAPES = {(4096, 4096), (11008, 4096)}
 
 
 def _ok(rows) -> list[dict]:
@@ -28,6 +34,20 @@ def _ok(rows) -> list[dict]:
 
 def _failures(rows) -> list[str]:
     return [f"- `{r['label']}` failed: {r['error'][:500]}" for r in rows or [] if "error" in r]
+
+
+def _measured(rows) -> list[dict]:
+    """Rows with numbers: not failed, not skipped (a peer that is not installed)."""
+    return [r for r in _ok(rows) if "skipped" not in r]
+
+
+def _gemv_goal_rows(rows) -> list[dict]:
+    """The rows the GEMV goal judges: the operator compiled graphs call where a format has one,
+    else the Python entry; failed rows count (as misses)."""
+    rows = [r for r in rows or [] if (r["N"], r["K"]) in GEMV_GOAL_SHAPES and r.get("M", 1) == 1]
+    ops = {(r["format"], r["N"], r["K"]) for r in rows if r["kernel"] == "qcompile_cpu::linear"}
+    return [r for r in rows if r["kernel"] == "qcompile_cpu::linear"
+            or (r["format"], r["N"], r["K"]) not in ops]
 
 
 def _fmt_bytes(n: int) -> str:
@@ -62,23 +82,52 @@ def goals(results: dict) -> list[tuple[str, str, str]]:
             a, b, c = (emb[k]["mse"] for k in ("bof4s_opq", "bof4s", "nf4"))
             status = "met" if a <= b <= c else "missed"
             evidence = f"{a:.3e} / {b:.3e} / {c:.3e}"
-        elif key == "prefill" and speed:
+        elif key in ("decode4", "decode8") and speed:
+            fmt = w4 if key == "decode4" else w8
             eager = next((r for r in speed if r["label"] == "eager fp32"), None)
+            comp = next((r for r in speed if r["label"].startswith("torch.compile fp32")), None)
+            bq = next((r for r in speed if r["label"].startswith(f"blockquant {fmt} ")), None)
+            if eager and bq and (comp or key == "decode8"):
+                vs_eager = bq["decode_tok_s"] / eager["decode_tok_s"]
+                ok = vs_eager >= (4.0 if key == "decode4" else 2.5)
+                evidence = f"{fmt}: {vs_eager:.2f}x eager fp32"
+                if key == "decode4":
+                    vs_comp = bq["decode_tok_s"] / comp["decode_tok_s"]
+                    ok = ok and vs_comp >= 2.0
+                    evidence += f", {vs_comp:.2f}x torch.compile fp32"
+                status = "met" if ok else "missed"
+        elif key == "prefill" and speed:
+            comp = next((r for r in speed if r["label"].startswith("torch.compile fp32")), None)
             bq = [r for r in speed if r["label"].startswith("blockquant")]
-            if eager and bq:
-                ratios = {r["label"]: r["prefill_s"] / eager["prefill_s"] for r in bq}
+            if comp and bq:
+                ratios = {r["label"]: r["prefill_s"] / comp["prefill_s"] for r in bq}
                 status = "met" if all(v <= 1.0 for v in ratios.values()) else "missed"
-                evidence = ", ".join(f"{k}: {v:.2f}x eager fp32 latency" for k, v in ratios.items())
+                evidence = ", ".join(f"{k}: {v:.2f}x the latency of torch.compile fp32"
+                                     for k, v in ratios.items())
         elif key == "memory" and speed:
             r = next((r for r in speed if r["label"].startswith(f"blockquant {w4}")), None)
             if r:
                 whole = r["resident_bytes"] / r["fp32_bytes"]
                 layers = (r["quantised_layer_bytes"] / r["quantised_layer_fp32_bytes"]
                           if r["quantised_layer_fp32_bytes"] else float("nan"))
-                status = "met" if whole <= 0.3 else "missed"
+                status = "met" if whole <= 0.2 else "missed"
                 evidence = (f"whole model {whole:.3f}x ({_fmt_bytes(r['resident_bytes'])} vs "
-                            f"{_fmt_bytes(r['fp32_bytes'])}); quantised linears alone "
-                            f"{layers:.3f}x; the tied embedding stays float32")
+                            f"{_fmt_bytes(r['fp32_bytes'])}); quantised layers alone "
+                            f"{layers:.3f}x")
+        elif key == "gemv" and _gemv_goal_rows(results.get("gemv")):
+            rows = _gemv_goal_rows(results["gemv"])
+            status = "met" if all("error" not in r and r["pct_stream"] >= GEMV_TARGET
+                                  for r in rows) else "missed"
+            evidence = ", ".join(f"{r['format']} {r['N']}x{r['K']}: " + (
+                "failed" if "pct_stream" not in r else f"{r['pct_stream']:.0f}%" +
+                (" (wrong result)" if "error" in r else "")) for r in rows)
+        elif key == "peers" and speed and _measured(results.get("peers")):
+            r = next((r for r in speed if r["label"].startswith(f"blockquant {w4}")), None)
+            if r:
+                ps = _measured(results["peers"])
+                status = "met" if all(r["decode_ms"] < p["decode_ms"] for p in ps) else "missed"
+                evidence = ", ".join(f"{r['decode_ms'] / p['decode_ms']:.2f}x the latency of "
+                                     f"{p['label']}" for p in ps)
         out.append((text, status, evidence))
     return out
 
@@ -136,30 +185,96 @@ def markdown(results: dict, images: dict[str, str]) -> str:
             lines.append(f"| `{r['format']}` | {r['bits']:.3f} | {r['mse']:.3e} | "
                          f"{r['sqnr_db']:.2f} | {r['cos_mean']:.5f} | {r['cos_min']:.5f} |")
         lines += ["", f"![weight error per format]({images['weights']})", ""]
-    if _ok(results.get("speed")):
-        sp = _ok(results["speed"])
+    if _ok(results.get("speed")) or _measured(results.get("peers")):
+        sp = _ok(results.get("speed")) + _measured(results.get("peers"))
         e = next((r for r in sp if r["label"] == "eager fp32"), sp[0])
         lines += ["## Speed and memory, compiled vs eager", "",
                   f"Prefill: one {s['prefill']}-token prompt with a KV cache; decode: "
-                  f"{s['decode']} greedy steps with `past_key_values` after it. Medians over "
+                  f"{s['decode']} greedy steps with `past_key_values` after a "
+                  f"{s.get('decode_prompt', s['prefill'])}-token prompt. Medians over "
                   f"{s['repeats']} runs after a warm-up run; compile = warm-up wall time minus "
                   "the same work warm. Resident: bytes of the parameters and buffers the "
-                  "model holds. Quantised: every linear layer, lm_head too (a tied lm_head gets "
-                  "its own packed copy; the embedding table stays float32).", "",
+                  "model holds. Quantised: every linear layer, lm_head too, and the embedding "
+                  "table (a tied embedding / lm_head pair shares one packed table).", "",
                   "| configuration | prefill (s) | prefill vs eager | decode (ms/token) | "
                   "tokens/s | compile (s) | resident | vs fp32 |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in sp:
+            comp = "-" if r.get("compile_s") is None else f"{r['compile_s']:.1f}"
             lines.append(f"| {r['label']} | {r['prefill_s']:.3f} | "
                          f"{r['prefill_s'] / e['prefill_s']:.2f}x | {r['decode_ms']:.1f} | "
-                         f"{r['decode_tok_s']:.1f} | {r['compile_s']:.1f} | "
+                         f"{r['decode_tok_s']:.1f} | {comp} | "
                          f"{_fmt_bytes(r['resident_bytes'])} | "
                          f"{r['resident_bytes'] / r['fp32_bytes']:.3f}x |")
-        lines += ["", *_failures(results.get("speed")),
-                  "", f"![speed compiled vs eager]({images['speed']})", ""]
+        lines += ["", *_failures(results.get("speed")), *peer_notes(results), "",
+                  f"![speed compiled vs eager]({images['speed']})", ""]
+    if results.get("gemv"):
+        lines += gemv_section(results["gemv"], images.get("gemv"))
     lines += ["## Goals", "", "| goal | status | evidence |", "|---|---|---|"]
     lines += [f"| {g} | {st} | {ev} |" for g, st, ev in goals(results)]
     return "\n".join(lines) + "\n"
+
+
+def peer_notes(results: dict) -> list[str]:
+    """What the peer rows are, which peers are missing (with the install command) or failed."""
+    if "peers" not in results:
+        return ["- Peers (llama.cpp, torchao) were not run (`--no-peers`)."] \
+            if _ok(results.get("speed")) else []
+    lines = ["", "Peers (same process, threads and prompts): llama.cpp runs the packaged GGUF "
+             "as shipped (Q4_1) through llama-cpp-python's `Llama.eval` on the same token ids; "
+             "its resident size is the GGUF file's (llama.cpp maps the file). torchao rows are "
+             "`quantize_` on a copy of the model (every nn.Linear, lm_head included; the "
+             "embedding stays float32) then `torch.compile` (Inductor). Top-1: agreement of the "
+             "next-token predictions over the decode prompt with eager fp32's.", ""]
+    for r in results["peers"]:
+        if "skipped" in r:
+            lines.append(f"- `{r['label']}`: {r['skipped']}")
+        elif "error" in r:
+            lines.append(f"- `{r['label']}` failed: {r['error'][:500]}")
+        else:
+            extra = f", {r['quantised_linears']} linears quantised" \
+                if "quantised_linears" in r else ""
+            lines.append(f"- `{r['label']}` (version {r.get('version', '?')}): top-1 "
+                         f"{100 * r['top1_vs_fp32']:.1f}% vs fp32{extra}")
+    return lines
+
+
+def gemv_section(rows: list[dict], image: str | None) -> list[str]:
+    ok = [r for r in rows if "us" in r]
+    lines = ["## CPU GEMV against memory bandwidth (M=1)", ""]
+    if ok:
+        r0 = ok[0]
+        lines += [f"Each kernel call against a streaming read of the same bytes (codes + scales "
+                  f"+ x + y), timed call by call in one process, {r0['threads']} torch threads; "
+                  f"medians. Every timed thing rotates over distinct copies of its data so that "
+                  f"more than twice the L3 ({_fmt_bytes(r0['l3_bytes'])}) is read between two "
+                  "uses of one copy: DRAM, not cache, bandwidth (rows marked `cached` could not). "
+                  "A pass whose call times spread (90th / 10th percentile) more than 2x, or in "
+                  "which a small parallel probe took over 1 ms (the VM's CPUs descheduled), is "
+                  "measured again, up to 3 passes, the quietest kept; `noisy`: even that one "
+                  "was (the CPU was busy elsewhere: rerun). "
+                  "Streaming read: the fastest of `torch.sum`, `torch.amax` and `torch.dot(b, b)` "
+                  "over a float32 buffer. fp32: `F.linear` on the float32 weight, GB/s of its "
+                  "4 N K bytes. "
+                  "Error: against `x @ dequantize(q).T`, and as a fraction of the float32 bound "
+                  f"(a row above 1 fails). Target: {GEMV_TARGET:.0f}% of the streaming read.", "",
+                  "| format | N x K | kernel | time (us) | bytes read | GB/s | streaming GB/s | "
+                  "% of streaming | fp32 F.linear GB/s | max abs err | err / bound | status |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in ok:
+            status = ("FAILED (wrong result)" if "error" in r else "ok") + (
+                "" if r["from_dram"] else ", cached") + (
+                ", noisy" if r["noisy"] else "")
+            lines.append(f"| `{r['format']}` | {r['N']}x{r['K']} | `{r['kernel']}` | "
+                         f"{r['us']:.1f} | {_fmt_bytes(r['bytes'])} | {r['gbs']:.1f} | "
+                         f"{r['stream_gbs']:.1f} ({r['stream']}) | {r['pct_stream']:.1f}% | "
+                         f"{r['fp32_gbs']:.1f} | {r['max_abs_err']:.2e} | "
+                         f"{r['err_vs_bound']:.4f} | {status} |")
+    lines += [""] + [f"- `{r['format']}` {r['N']}x{r['K']} `{r['kernel']}` failed: "
+                     f"{r['error'][:500]}" for r in rows if "error" in r]
+    if image:
+        lines += ["", f"![GEMV bandwidth]({image})"]
+    return lines + [""]
 
 
 def _spread_labels(ax, rows, step=1.075):
@@ -227,11 +342,12 @@ def plots(results: dict, out: Path) -> dict[str, str]:
         fig.savefig(out / "weight_error.png", dpi=90)
         plt.close(fig)
         files["weights"] = "weight_error.png"
-    if _ok(results.get("speed")):
-        rows = _ok(results["speed"])
+    if _ok(results.get("speed")) or _measured(results.get("peers")):
+        rows = _ok(results.get("speed")) + _measured(results.get("peers"))
         names = [r["label"] for r in rows]
-        colors = ["tab:gray" if r["kind"] == "eager" else "tab:green" for r in rows]
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 0.4 * len(rows) + 1.4), sharey=True)
+        colors = [{"eager": "tab:gray", "peer": "tab:purple"}.get(r["kind"], "tab:green")
+                  for r in rows]
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 0.4 * len(rows) + 1.4), sharey=True)
         a1.barh(names, [r["prefill_s"] for r in rows], color=colors)
         a1.set_xlabel(f"prefill latency, {results['settings']['prefill']} tokens (s)")
         a2.barh(names, [r["decode_ms"] for r in rows], color=colors)
@@ -242,12 +358,32 @@ def plots(results: dict, out: Path) -> dict[str, str]:
         a1.invert_yaxis()
         for a in (a1, a2):
             a.tick_params(labelsize=7)
+            a.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # labels overlapped
             a.grid(axis="x", alpha=0.3)
-        fig.suptitle("compiled (green) vs eager (grey); lower is better", fontsize=10)
+        fig.suptitle("compiled (green) vs eager (grey), peers (purple); lower is better",
+                     fontsize=10)
         fig.tight_layout()
-        fig.savefig(out / "speed.png", dpi=90)
+        fig.savefig(out / "speed.png", dpi=90, bbox_inches="tight")  # long labels were cut
         plt.close(fig)
         files["speed"] = "speed.png"
+    gem = [r for r in results.get("gemv") or [] if "us" in r]
+    if gem:
+        names = [f"{r['format']} {r['N']}x{r['K']} {r['kernel']}" for r in gem]
+        colors = ["tab:red" if "error" in r else "tab:green" for r in gem]
+        fig, ax = plt.subplots(figsize=(7.5, 0.35 * len(gem) + 1.4))
+        ax.barh(names, [r["pct_stream"] for r in gem], color=colors)
+        ax.axvline(GEMV_TARGET, color="grey", ls="--", lw=1, label=f"target {GEMV_TARGET:.0f}%")
+        ax.set_xlabel("GEMV bandwidth, % of a streaming read of the same bytes")
+        ax.invert_yaxis()
+        ax.tick_params(labelsize=7)
+        ax.grid(axis="x", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.suptitle("CPU GEMV (M=1) vs memory bandwidth; higher is better (red: wrong result)",
+                     fontsize=10)
+        fig.tight_layout()
+        fig.savefig(out / "gemv.png", dpi=90)
+        plt.close(fig)
+        files["gemv"] = "gemv.png"
     return files
 
 

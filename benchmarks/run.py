@@ -13,7 +13,10 @@ Three measurements, one results folder (report.md, results.json, PNG plots):
    on all-MiniLM-L6-v2 (real float32 weights);
 3. speed and memory: eager fp32, eager fake-quantised, torch.compile (Inductor) fp32 and the
    blockquant backend for a W8 and a 4-bit weight-only policy; prefill, decode with a KV cache,
-   compile time, resident weight bytes.
+   compile time, resident weight bytes; beside them the peers when installed (llama.cpp on the
+   packaged GGUF, torchao's CPU int4 / int8 weight-only: benchmarks/peers.py), and the CPU GEMV
+   kernels against a streaming read of the same bytes (benchmarks/gemv.py; section "gemv"
+   runs that alone).
 """
 from __future__ import annotations
 
@@ -28,9 +31,9 @@ from pathlib import Path
 
 import torch
 
-from . import embeddings, perplexity, report, speed
+from . import embeddings, gemv, peers, perplexity, report, speed
 
-SECTIONS = ("ppl", "weights", "speed")
+SECTIONS = ("ppl", "weights", "speed", "gemv")  # "speed" runs "gemv" too
 #: --quick: a few policies and formats, a small token budget, eager lowering everywhere.
 QUICK_POLICIES = ["mxint8", "bfp6", "nf4", "bof4s", "bof4s_opq", "bfp6 W6A6"]
 QUICK_FORMATS = ["mxint8", "bfp6", "nf4", "bof4s", "bof4s_opq", "mxfp4"]
@@ -73,7 +76,9 @@ def parser() -> argparse.ArgumentParser:
                     help="sentences for the embedding cosine (default 256; --quick 64)")
     ap.add_argument("--formats", nargs="+", default=None,
                     help="formats of the weight section (default: the weight-only sweep + bfp4)")
-    ap.add_argument("--prefill", type=int, default=512, help="prompt tokens for the speed runs")
+    ap.add_argument("--prefill", type=int, default=512, help="prompt tokens of the timed prefill (default 512)")
+    ap.add_argument("--decode-prompt", type=int, default=128,
+                    help="prompt tokens before the timed decode steps (default 128)")
     ap.add_argument("--decode", type=int, default=None,
                     help="decode steps per speed run (default 4; --quick 2)")
     ap.add_argument("--repeats", type=int, default=None,
@@ -81,7 +86,21 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--w8", default="mxint8", help="the W8 format of the speed runs")
     ap.add_argument("--w4", default="nf4", help="the 4-bit format of the speed runs")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--no-peers", action="store_true",
+                    help="skip llama.cpp and torchao beside the speed rows")
+    ap.add_argument("--gemv-shapes", nargs="+", type=_shape, default=gemv.SHAPES, metavar="NxK",
+                    help="weight shapes of the GEMV section (default 4096x4096 11008x4096)")
     return ap
+
+
+def _shape(text: str) -> tuple[int, int]:
+    try:
+        n, k = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape NxK, e.g. 4096x4096") from None
+    if n < 1 or k < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: both sizes must be positive")
+    return n, k
 
 
 def settle(args, ap) -> argparse.Namespace:
@@ -100,7 +119,7 @@ def settle(args, ap) -> argparse.Namespace:
         args.formats = QUICK_FORMATS if q else perplexity.WEIGHT_ONLY + ["bfp4"]
     for name, v, low in (("--tokens", args.tokens, 2), ("--window", args.window, 2),
                          ("--sentences", args.sentences, 1), ("--batch", args.batch, 1),
-                         ("--prefill", args.prefill, 1),
+                         ("--prefill", args.prefill, 1), ("--decode-prompt", args.decode_prompt, 1),
                          ("--decode", args.decode, 1), ("--repeats", args.repeats, 1)):
         if v < low:
             ap.error(f"{name} must be at least {low}, got {v}")
@@ -195,6 +214,11 @@ def estimate(model, windows, args) -> float:
         fwd = t_win * args.prefill / args.window + args.decode * 0.05
         est += 4 * runs * fwd + 2 * runs * (args.decode + 1) * (t_q + 0.05) + 2 * t_q
         est += 3 * (180 if args.speed_lowering == "inductor" else 30)
+        if not args.no_peers:  # llama.cpp: seconds; torchao: two Inductor compiles, and its
+            # int4 CPU kernel on float32 activations prefills ~50x slower than eager fp32
+            est += 10 + 2 * 180 + runs * fwd * (50 + 1)
+    if "speed" in args.sections or "gemv" in args.sections:
+        est += 8 * sum(n * k for n, k in args.gemv_shapes) / 4096**2
     return est
 
 
@@ -210,13 +234,14 @@ def main(argv=None) -> Path:
     text = args.text.read_text(encoding="utf-8") if args.text else wiki_text()
     model, tok = load_causal_lm(args.model)
     model_name = str(args.model) if args.model else "SmolLM2-135M-Instruct (packaged GGUF, Q4_1)"
-    ids = tokens_of(tok, text, max(args.tokens, args.prefill))
+    ids = tokens_of(tok, text, max(args.tokens, args.prefill, args.decode_prompt))
     try:
         windows = perplexity.token_windows(ids, args.window, args.tokens)
     except ValueError as e:
         ap.error(str(e))
-    if ids.numel() < args.prefill:
-        ap.error(f"the text has {ids.numel()} tokens, fewer than --prefill {args.prefill}")
+    for flag, need in (("--prefill", args.prefill), ("--decode-prompt", args.decode_prompt)):
+        if ids.numel() < need:
+            ap.error(f"the text has {ids.numel()} tokens, fewer than {flag} {need}")
     est = estimate(model, windows, args)
     sweep = (f"{len(args.sweep)} perplexity policies on {len(windows)} windows of {args.window} "
              f"tokens; " if "ppl" in args.sections else "")
@@ -229,7 +254,8 @@ def main(argv=None) -> Path:
                 "206 English Wikipedia pages from gensim's test data (CC BY-SA 3.0)",
                 "window": args.window, "windows": len(windows), "batch": args.batch,
                 "lowering": args.lowering, "speed_lowering": args.speed_lowering,
-                "prefill": args.prefill, "decode": args.decode, "repeats": args.repeats,
+                "prefill": args.prefill, "decode_prompt": args.decode_prompt,
+                "decode": args.decode, "repeats": args.repeats,
                 "w8": args.w8, "w4": args.w4,
                 "encoder": str(args.encoder) if args.encoder else None, "estimate_s": est}
     results = {"started": started, "machine": machine(), "settings": settings}
@@ -243,7 +269,17 @@ def main(argv=None) -> Path:
         report.save_json(results, args.out)
     if "speed" in args.sections:
         results["speed"] = speed.measure(model, ids[None, :args.prefill], args.decode,
-                                         args.repeats, args.w8, args.w4, args.speed_lowering)
+                                         args.repeats, args.w8, args.w4, args.speed_lowering,
+                                         ids[None, :args.decode_prompt])
+    if "speed" in args.sections and not args.no_peers:
+        # the same prompts as the speed rows, so the peers sit beside them
+        gguf = peers.packaged_gguf() if args.model is None else None
+        results["peers"] = peers.measure(model, ids[None, :args.prefill],
+                                         ids[None, :args.decode_prompt], args.decode,
+                                         args.repeats, gguf)
+    if "speed" in args.sections or "gemv" in args.sections:
+        report.save_json(results, args.out)
+        results["gemv"] = gemv.measure(args.w8, args.w4, args.gemv_shapes)
     results["total_s"] = time.perf_counter() - t0
     path = report.write(results, args.out)
     print(path.read_text())

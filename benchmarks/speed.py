@@ -5,17 +5,17 @@ Configurations (each on its own copy of the model):
 * eager fp32: the model as loaded;
 * eager fake-quant <fmt>: weights replaced by ``qcompile.fake_quantize`` of themselves (the
   reference definition; float32 weights, so float32 speed and memory);
-  every linear layer (lm_head too) gets <fmt>;
+  every linear layer (lm_head too) and the embedding get <fmt>;
 * torch.compile fp32: ``torch.compile(model)`` (Inductor);
 * blockquant <fmt>: ``qcompile.quantize_model_`` (packed weights only) then
   ``qcompile.compile(model, policy, lowering=...)`` (in place, as the README does it).
 
-Per configuration: a warm-up generation (which compiles: the prefill graph, the first decode
-step and the dynamic-shape decode graph), then ``repeats`` timed generations of a
-``prefill``-token prompt followed by ``decode`` greedy steps with the KV cache
-(``past_key_values``). Reported: median prefill latency, median per-token decode latency and its
-tokens/s, compile time (warm-up wall time minus what the same work takes warm) and the bytes of
-parameters and buffers the model holds.
+Per configuration: a warm-up (which compiles: the prefill graphs, the first decode step and
+the dynamic-shape decode graph), then ``repeats`` timed rounds of: the prefill of a long prompt
+(512 tokens by default), and a short prompt (128 tokens) followed by ``decode`` greedy steps
+with the KV cache (``past_key_values``). Reported: median prefill latency, median per-token
+decode latency and its tokens/s, compile time (warm-up wall time minus what the same work takes
+warm) and the bytes of parameters and buffers the model holds.
 """
 from __future__ import annotations
 
@@ -49,9 +49,10 @@ def generate_timed(fn, prompt: torch.Tensor, decode: int) -> tuple[float, list[f
 
 
 def every_linear(fmt: str) -> Policy:
-    """``fmt`` on the weights of every linear layer, lm_head included (a tied lm_head gets its
-    own packed copy; the embedding keeps its float32 table): the setting the speed goals name."""
-    return Policy({}, default=LayerSpec(weight=fmt))
+    """``fmt`` on the weights of every linear layer, lm_head included, and on every embedding
+    table (a tied embedding / lm_head pair shares one packed table): the setting the speed
+    goals name."""
+    return Policy({"*": LayerSpec(weight=fmt, op="embedding")}, default=LayerSpec(weight=fmt))
 
 
 def configurations(model, w8: str, w4: str, lowering: str = "inductor"):
@@ -86,11 +87,14 @@ def configurations(model, w8: str, w4: str, lowering: str = "inductor"):
 
 
 def quantised_layer_bytes(model) -> tuple[int, int]:
-    """(bytes the QuantLinear layers hold, float32 bytes of the weights they replaced)."""
-    from qcompile.layers import QuantLinear
+    """(bytes the QuantLinear / QuantEmbedding layers hold, float32 bytes of the weights they
+    replaced), a packed tensor that two layers share (a tied embedding / lm_head) counted once."""
+    from qcompile.layers import QuantEmbedding, QuantLinear
     held = fp32 = 0
+    seen = set()
     for m in model.modules():
-        if isinstance(m, QuantLinear):
+        if isinstance(m, (QuantLinear, QuantEmbedding)) and id(m.codes) not in seen:
+            seen.add(id(m.codes))
             held += sum(b.untyped_storage().nbytes() for b in m.buffers())
             n = 1
             for s in json.loads(m.meta)["shape"]:
@@ -100,14 +104,19 @@ def quantised_layer_bytes(model) -> tuple[int, int]:
 
 
 def measure(model, prompt: torch.Tensor, decode: int = 4, repeats: int = 3,
-            w8: str = "mxint8", w4: str = "nf4", lowering: str = "inductor") -> list[dict]:
+            w8: str = "mxint8", w4: str = "nf4", lowering: str = "inductor",
+            decode_prompt: torch.Tensor | None = None) -> list[dict]:
+    """Rows for every configuration: ``prompt`` [1, P] times the prefill, ``decode_prompt``
+    (default: ``prompt``) starts the timed decoding."""
     fp32_bytes = qcompile.resident_weight_bytes(model)
+    decode_prompt = prompt if decode_prompt is None else decode_prompt
     rows = []
     configs = configurations(model, w8, w4, lowering)
     for label, kind, build in tqdm(configs, desc="speed", unit="config"):
         torch._dynamo.reset()
         try:
-            rows.append(_one(label, kind, build, prompt, decode, repeats, fp32_bytes))
+            rows.append(_one(label, kind, build, (prompt, decode_prompt), decode, repeats,
+                             fp32_bytes))
         except Exception as e:  # one failing configuration must not lose the others
             rows.append({"label": label, "kind": kind, "error": f"{type(e).__name__}: {e}"})
             tqdm.write(f"  {label:<40} FAILED: {rows[-1]['error'][:300]}")
@@ -115,25 +124,35 @@ def measure(model, prompt: torch.Tensor, decode: int = 4, repeats: int = 3,
     return rows
 
 
-def _one(label, kind, build, prompt, decode, repeats, fp32_bytes) -> dict:
+def timed_rounds(fn, prompts, decode: int, repeats: int, desc: str):
+    """``repeats`` rounds of (prefill of prompts[0], decoding after prompts[1]):
+    (prefill seconds, seconds per decode step), each list over all rounds."""
+    prompt, decode_prompt = prompts
+    prefills, steps = [], []
+    for _ in tqdm(range(repeats), desc=desc, leave=False, unit="run"):
+        prefills.append(generate_timed(fn, prompt, 0)[0])
+        steps += generate_timed(fn, decode_prompt, decode)[1]
+    return prefills, steps
+
+
+def _one(label, kind, build, prompts, decode, repeats, fp32_bytes) -> dict:
     """Build one configuration, warm it up (compiling), time it."""
+    prompt = prompts[0]
     start = time.perf_counter()
     fn, held = build()
     build_s = time.perf_counter() - start
     start = time.perf_counter()
-    generate_timed(fn, prompt, decode)  # warm-up; compiles the compiled configurations
+    timed_rounds(fn, prompts, decode, 1, "warm-up")  # compiles the compiled configurations
     warm_s = time.perf_counter() - start
-    prefills, steps = [], []
-    for _ in tqdm(range(repeats), desc=label, leave=False, unit="run"):
-        p, s = generate_timed(fn, prompt, decode)
-        prefills.append(p)
-        steps += s
+    prefills, steps = timed_rounds(fn, prompts, decode, repeats, label)
     prefill_s, step_s = statistics.median(prefills), statistics.median(steps)
     qheld, qfp32 = quantised_layer_bytes(held)
     row = {"label": label, "kind": kind, "prefill_s": prefill_s,
            "prefill_tok_s": prompt.shape[1] / prefill_s,
            "decode_ms": 1e3 * step_s, "decode_tok_s": 1 / step_s,
-           "compile_s": max(warm_s - prefill_s - decode * step_s, 0.0)
+           # the short prompt's prefill estimated from the long one's, by length
+           "compile_s": max(warm_s - prefill_s * (1 + prompts[1].shape[1] / prompt.shape[1])
+                            - decode * step_s, 0.0)
            if kind == "compiled" else 0.0,
            "build_s": build_s, "resident_bytes": qcompile.resident_weight_bytes(held),
            "fp32_bytes": fp32_bytes, "quantised_layer_bytes": qheld,
