@@ -80,9 +80,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--decode-prompt", type=int, default=128,
                     help="prompt tokens before the timed decode steps (default 128)")
     ap.add_argument("--decode", type=int, default=None,
-                    help="decode steps per speed run (default 4; --quick 2)")
+                    help="decode steps per speed run (default 16; --quick 2)")
     ap.add_argument("--repeats", type=int, default=None,
-                    help="timed speed runs, median reported (default 3; --quick 1)")
+                    help="timed speed runs, median reported (default 5; --quick 1)")
     ap.add_argument("--w8", default="mxint8", help="the W8 format of the speed runs")
     ap.add_argument("--w4", default="nf4", help="the 4-bit format of the speed runs")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -110,8 +110,8 @@ def settle(args, ap) -> argparse.Namespace:
     args.tokens = args.tokens if args.tokens is not None else (1024 if q else 2048)
     args.batch = args.batch if args.batch is not None else (1 if q else 2)
     args.sentences = args.sentences if args.sentences is not None else (64 if q else 256)
-    args.decode = args.decode if args.decode is not None else (2 if q else 4)
-    args.repeats = args.repeats if args.repeats is not None else (1 if q else 3)
+    args.decode = args.decode if args.decode is not None else (2 if q else 16)
+    args.repeats = args.repeats if args.repeats is not None else (1 if q else 5)
     args.speed_lowering = args.speed_lowering or ("eager" if q else "inductor")
     if args.policies is None and q:
         args.policies = QUICK_POLICIES

@@ -341,6 +341,24 @@ def decode_rows(q, p: Plan, n0: int, n1: int) -> torch.Tensor:
     return out
 
 
+def gather_rows(q, ids: torch.Tensor) -> torch.Tensor:
+    """Rows ``ids`` of a packed table [vocab, hidden] (blocks along axis 1), each decoded by the
+    kernels: the reference's values, bit for bit. For a few rows (a decoding step); the
+    reference's gather serves many rows as fast and keeps OPQ tables."""
+    if q.axis != 1 or q.dtype != torch.float32:
+        raise NotImplementedError("qcompile CPU kernels gather rows of float32 tables with "
+                                  "blocks along axis 1")
+    p = plan(q)
+    if p.outliers is not None:
+        raise NotImplementedError("tables with OPQ outliers are gathered by the reference")
+    k = q.shape[1]
+    rows = ids.reshape(-1).tolist()
+    out = torch.empty((len(rows), k), dtype=torch.float32)
+    for i, r in enumerate(rows):
+        out[i] = decode_rows(q, p, r, r + 1)[0, :k]
+    return out.reshape(*ids.shape, k)
+
+
 def dequantize(q) -> torch.Tensor:
     """The weight a 2-d packed QTensor stands for: the reference's values, bit for bit."""
     p = plan(q)

@@ -317,19 +317,25 @@ torch.library.register_autograd("qcompile::linear", _linear_backward,
 
 # -- qcompile::embedding ------------------------------------------------------------------------
 
+EMBEDDING_KERNEL_ROWS = 16  # up to this many ids the CPU kernels decode row by row
+
 @_define("embedding(Tensor ids, Tensor codes, Tensor scales, Tensor[] side, str meta, "
          "str impl='reference') -> Tensor")
 def embedding(ids: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
               side: list[torch.Tensor], meta: str, impl: str = "reference") -> torch.Tensor:
-    # every impl gathers through the reference: a decoding step reads one row per token, and
-    # a prefill a few hundred, so the decode is cheap next to the model
-    _resolve(impl, codes)
     q = qtensor_from(codes, scales, side, meta)
     vocab = q.shape[0]
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
         bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
         raise IndexError(f"qcompile::embedding: token id {bad} is out of range for a table of "
                          f"{vocab} rows")
+    # a decoding step gathers a row per token: the CPU kernels decode it in microseconds; many
+    # rows (a prefill) and other devices go through the reference's gather, as fast per row
+    if _resolve(impl, codes) == "cpu" and ids.numel() <= EMBEDDING_KERNEL_ROWS:
+        try:
+            return _cpu().gather_rows(q, ids)
+        except Exception as err:
+            _fallback("embedding", q.fmt.key, err, "CPU")
     from .reference import dequantize_rows
     return _contiguous(dequantize_rows(q, ids))
 

@@ -46,6 +46,24 @@ def test_gathered_rows_equal_the_dequantised_table_bit_for_bit(fmt):
     assert torch.equal(got.view(torch.int32), want.view(torch.int32))
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_the_cpu_kernels_gather_the_same_rows(fmt):
+    w = table(40, 80)
+    q = qcompile.quantize(w, fmt, axis=1)
+    ids = torch.tensor([[3, 0, 0, 39]])
+    want = qcompile.fake_quantize(w, fmt, axis=1)[ids]
+    args = (q.codes, q.scales, list(q.side.values()), qcompile.ops.qtensor_meta(q), "cpu")
+    if fmt.endswith("opq") or "opq=true" in fmt:  # gathered by the reference, said once
+        with pytest.warns(UserWarning, match="no generated CPU kernel .*OPQ"):
+            got = torch.ops.qcompile.embedding(ids, *args)
+    else:
+        got = torch.ops.qcompile.embedding(ids, *args)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    many = torch.arange(40).repeat(2)[None]  # more rows than the kernels take: the reference
+    assert torch.equal(torch.ops.qcompile.embedding(many, *args), qcompile.fake_quantize(
+        w, fmt, axis=1)[many])
+
+
 @settings(max_examples=25)
 @given(vocab=st.integers(1, 30), hidden=st.integers(1, 70), n=st.integers(0, 12),
        fmt=st.sampled_from(["bof4s_opq", "nf4", "mxint8", "int4[opq=true]", "nvfp4"]),
