@@ -13,6 +13,7 @@ import qcompile
 from qcompile import LayerSpec, Policy, config, formats
 from qcompile.policy import PolicyError
 from qcompile.reference import dequantize_rows
+from test_reliability import llama as reliability_llama
 
 transformers = pytest.importorskip("transformers")
 logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -109,13 +110,8 @@ def test_policy_errors_for_embedding_specs():
     assert p.op_kinds() == ("linear", "embedding")
 
 
-def llama(tied=True, seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
-                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=96,
-                                   max_position_embeddings=64, tie_word_embeddings=tied,
-                                   bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    return transformers.LlamaForCausalLM(cfg).eval()
+def llama(tied=True):
+    return reliability_llama(tied=tied)  # a 2-layer Llama with a vocabulary of 128
 
 
 IDS = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(5))
