@@ -76,7 +76,8 @@ def parser() -> argparse.ArgumentParser:
                     help="sentences for the embedding cosine (default 256; --quick 64)")
     ap.add_argument("--formats", nargs="+", default=None,
                     help="formats of the weight section (default: the weight-only sweep + bfp4)")
-    ap.add_argument("--prefill", type=int, default=512, help="prompt tokens of the timed prefill (default 512)")
+    ap.add_argument("--prefill", type=int, default=512,
+                    help="prompt tokens of the timed prefill (default 512)")
     ap.add_argument("--decode-prompt", type=int, default=128,
                     help="prompt tokens before the timed decode steps (default 128)")
     ap.add_argument("--decode", type=int, default=None,

@@ -79,9 +79,10 @@ class PackedWeight:
 def quantize_weights(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
     """Set ``node.meta["qcompile_qtensor"]`` on every planned linear or embedding site whose
     spec has a weight format (a tied embedding / lm_head pair given one format gets one packed
-    tensor: the cache key is the parameter, the format and the axis), and list them in ``gm.meta["qcompile_packed"]`` (PackedWeight). A weight
-    computed in the graph (a parametrization such as weight_norm, a hook) cannot be quantised
-    ahead of time: rewrite quantises it on every call instead, said once per layer."""
+    tensor: the cache key is the parameter, the format and the axis), and list them in
+    ``gm.meta["qcompile_packed"]`` (PackedWeight). A weight computed in the graph (a
+    parametrization such as weight_norm, a hook) cannot be quantised ahead of time: rewrite
+    quantises it on every call instead, said once per layer."""
     index = {n: i for i, n in enumerate(placeholders(gm))}
     packed: dict[int, PackedWeight] = {}
     for node, site, spec in planned(gm):

@@ -4,8 +4,9 @@ For a site with a packed weight, the weight operand becomes
 ``qcompile::dequantize(codes, scales, side, meta)`` whose tensors are new graph inputs (appended
 after the existing placeholders; their values are listed in ``gm.meta["qcompile_extra_inputs"]``
 for the caller to pass); an embedding with a packed table becomes
-``qcompile::embedding(ids, codes, scales, side, meta)``, which decodes only the rows it gathers. A weight that is not a graph input (a matmul operand, a weight
-computed by a parametrization) becomes ``qcompile::fake_quantize_act(w, fmt, K axis)``,
+``qcompile::embedding(ids, codes, scales, side, meta)``, which decodes only the rows it
+gathers. A weight that is not a graph input (a matmul operand, a weight computed by a
+parametrization) becomes ``qcompile::fake_quantize_act(w, fmt, K axis)``,
 quantised on every call. For a site with an activation format, the activation operand becomes
 ``qcompile::fake_quantize_act(x, fmt, -1)``. The result runs eagerly and equals the
 fake-quantised model.

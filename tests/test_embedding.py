@@ -70,7 +70,8 @@ def test_the_cpu_kernels_gather_the_same_rows(fmt):
        fmt=st.sampled_from(["bof4s_opq", "nf4", "mxint8", "int4[opq=true]", "nvfp4"]),
        seed=st.integers(0, 2**16))
 def test_gathered_rows_property(vocab, hidden, n, fmt, seed):
-    w = table(vocab, hidden, seed) * torch.rand(vocab, 1, generator=torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed)
+    w = table(vocab, hidden, seed) * torch.rand(vocab, 1, generator=g)  # rows of every size
     q = qcompile.quantize(w, fmt, axis=1)
     rows = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed + 1))
     want = qcompile.fake_quantize(w, fmt, axis=1)[rows]
@@ -103,7 +104,8 @@ def test_policy_errors_for_embedding_specs():
         Policy({}, default=LayerSpec(weight="nf4", op="embedding"))
     with pytest.raises(PolicyError, match="one of \\('linear', 'matmul', 'embedding'\\)"):
         LayerSpec(weight="nf4", op="embed")
-    p = Policy({"*embed*": LayerSpec(weight="nf4", op="embedding")}, default=LayerSpec(weight="int8"))
+    p = Policy({"*embed*": LayerSpec(weight="nf4", op="embedding")},
+               default=LayerSpec(weight="int8"))
     assert p.match("model.embed_tokens", "embedding")[1].weight.key == "nf4"
     assert p.match("model.embed_tokens", "linear")[1].weight.key == "int8"  # the default
     assert p.match("lm_head", "embedding") == (None, None)  # the default is for linears only
