@@ -13,6 +13,8 @@ LINEAR_TARGETS = (torch._C._nn.linear, torch.nn.functional.linear)
 ADDMM_TARGETS = (torch.addmm,)
 MATMUL_TARGETS = (torch.matmul, operator.matmul, torch.bmm, torch.Tensor.matmul)
 EMBEDDING_TARGETS = (torch.nn.functional.embedding,)
+# why an embedding with max_norm stays in full precision (the backend and quantize_model_ say it)
+MAX_NORM_REASON = "an embedding with max_norm renormalises its table in place"
 
 
 @dataclass

@@ -9,7 +9,7 @@ from torch import fx
 from qcompile import config
 from qcompile.policy import Policy
 
-from .find import embedding_options, real_input, sites
+from .find import MAX_NORM_REASON, embedding_options, real_input, sites
 from .graph import placeholders
 from .names import ModuleNames, linear_like
 
@@ -60,7 +60,7 @@ def plan(gm: fx.GraphModule, policy: Policy, example_inputs=None,
             continue
         if site.kind == "embedding" and embedding_options(node).get("max_norm") is not None:
             skipped.append(_skip(site.fqn, example_value(site.weight), rule, spec,
-                                 "an embedding with max_norm renormalises its table in place"))
+                                 MAX_NORM_REASON))
             continue
         if spec.weight is not None and not _float(site.weight):
             continue  # non-float weight: leave alone

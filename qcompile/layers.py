@@ -23,6 +23,7 @@ import torch
 
 from . import api, config
 from .ops import qtensor_from, qtensor_meta
+from .passes.find import MAX_NORM_REASON
 from .passes.names import read_by_parent
 from .policy import Policy, PolicyError, default_policy
 
@@ -89,8 +90,7 @@ def embedding_layers(model: torch.nn.Module, policy: Policy, who: str):
         rule, spec = policy.match(name, "embedding")
         if spec is None:
             continue
-        reason = ("an embedding with max_norm renormalises its table in place"
-                  if mod.max_norm is not None else None)
+        reason = MAX_NORM_REASON if mod.max_norm is not None else None
         if reason is None and not mod.weight.dtype.is_floating_point:
             reason = f"its weight is {mod.weight.dtype}, not a float tensor"
         if reason is not None:

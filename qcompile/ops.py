@@ -325,8 +325,9 @@ def embedding(ids: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
               side: list[torch.Tensor], meta: str, impl: str = "reference") -> torch.Tensor:
     q = qtensor_from(codes, scales, side, meta)
     vocab = q.shape[0]
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
-        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+    low, high = (int(v) for v in torch.aminmax(ids)) if ids.numel() else (0, 0)
+    if low < 0 or high >= vocab:
+        bad = low if low < 0 else high
         raise IndexError(f"qcompile::embedding: token id {bad} is out of range for a table of "
                          f"{vocab} rows")
     # a decoding step gathers a row per token: the CPU kernels decode it in microseconds; many

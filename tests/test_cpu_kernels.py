@@ -81,7 +81,7 @@ def w_nk(q):
 
 @pytest.mark.parametrize("fmt", ["nf4", "mxfp4", "mxint8", "int8", "mxfp8_e4m3", "int3",
                                  "bfp6", "nvfp4", "quantile4", "int4[block_size=None]",
-                                 "nf4[block_size=24]", "fp5_e2m2"])
+                                 "nf4[block_size=24]", "nf4[block_size=8]", "fp5_e2m2"])
 @SETTINGS
 @given(case=weights(specials=False), m=st.sampled_from([1, 3, 5, 16, 17, 33]),
        bias=st.booleans())

@@ -3,6 +3,7 @@ on the fly, equal to ``qcompile.fake_quantize`` of the table row by row; a tied 
 lm_head pair given one format shares one packed table."""
 import copy
 import logging
+import warnings
 
 import pytest
 import torch
@@ -57,8 +58,10 @@ def test_the_cpu_kernels_gather_the_same_rows(fmt):
     if fmt.endswith("opq") or "opq=true" in fmt:  # gathered by the reference, said once
         with pytest.warns(UserWarning, match="no generated CPU kernel .*OPQ"):
             got = torch.ops.qcompile.embedding(ids, *args)
-    else:
-        got = torch.ops.qcompile.embedding(ids, *args)
+    else:  # the kernels ran: no fallback warning
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = torch.ops.qcompile.embedding(ids, *args)
     assert torch.equal(got.view(torch.int32), want.view(torch.int32))
     many = torch.arange(40).repeat(2)[None]  # more rows than the kernels take: the reference
     assert torch.equal(torch.ops.qcompile.embedding(many, *args), qcompile.fake_quantize(
