@@ -7,8 +7,9 @@ from .policy import LayerSpec, Policy
 from .layers import fake_quantize_model_, quantize_model_, resident_weight_bytes
 from .backend import compile
 from .explain import explain
+from .serialize import load_quantized, save_quantized
 
 __all__ = ["formats", "Format", "QTensor", "quantize", "dequantize", "fake_quantize", "Policy",
            "LayerSpec", "compile", "explain", "quantize_model_", "resident_weight_bytes",
-           "fake_quantize_model_"]
+           "fake_quantize_model_", "save_quantized", "load_quantized"]
 __version__ = "0.1.0"

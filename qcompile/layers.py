@@ -28,6 +28,7 @@ from .passes.names import read_by_parent
 from .policy import Policy, PolicyError, default_policy
 
 SKIP_REASON_ATTR = "_qcompile_skipped"
+POLICIES_ATTR = "_qcompile_policies"  # the policies quantize_model_ applied, in order (saved)
 
 
 def conv1d_class():
@@ -208,6 +209,7 @@ def quantize_model_(model: torch.nn.Module, policy: Policy | None = None) -> tor
                                            mod.padding_idx)))
     for name, new in swaps:
         _set_child(model, name, new)
+    setattr(model, POLICIES_ATTR, (*getattr(model, POLICIES_ATTR, ()), policy))
     return model
 
 

@@ -13,6 +13,7 @@ Everything is validated when the policy is built, before any compile work.
 from __future__ import annotations
 
 import fnmatch
+import json
 import re
 from collections.abc import ItemsView
 from collections.abc import Set as AbcSet
@@ -214,6 +215,120 @@ class Policy:
     def __repr__(self):
         rules = ", ".join(f"{r.pattern!r}: {r.spec!r}" for r in self.rules)
         return f"Policy({{{rules}}}, default={self.default!r})"
+
+    def to_json(self) -> str:
+        """The policy as a JSON document (format keys, patterns as written, rules in order) that
+        ``Policy.from_json`` turns back into an equal policy."""
+        return json.dumps({"format": POLICY_JSON_FORMAT, "version": POLICY_JSON_VERSION,
+                           "rules": [{"pattern": r.pattern, "spec": _spec_to_json(r.spec)}
+                                     for r in self.rules],
+                           "default": _spec_to_json(self.default)}, indent=1)
+
+    @classmethod
+    def from_json(cls, text) -> "Policy":
+        """The policy ``to_json`` wrote. Refuses, with a PolicyError naming the problem,
+        malformed JSON, unknown or missing fields, unknown format keys and newer versions."""
+        if isinstance(text, (bytes, bytearray)):
+            text = text.decode("utf-8", errors="replace")
+        if not isinstance(text, str):
+            raise PolicyError(f"Policy.from_json takes the JSON text (a str), got "
+                              f"{type(text).__name__}")
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PolicyError(f"policy JSON is malformed: {e}") from None
+        # the format and version first: a newer version may have fields this one does not know
+        _check_fields(doc, "policy JSON", ("format", "version"), POLICY_JSON_FIELDS, strict=False)
+        if doc["format"] != POLICY_JSON_FORMAT:
+            raise PolicyError(f"policy JSON: 'format' is {doc['format']!r}, not "
+                              f"{POLICY_JSON_FORMAT!r}: not a blockquant policy")
+        version = doc["version"]
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise PolicyError(f"policy JSON: 'version' must be a positive integer, got "
+                              f"{version!r}")
+        if version > POLICY_JSON_VERSION:
+            raise PolicyError(f"policy JSON version {version} was written by a newer blockquant; "
+                              f"this one reads versions up to {POLICY_JSON_VERSION}: upgrade "
+                              "blockquant to read it")
+        _check_fields(doc, "policy JSON", POLICY_JSON_FIELDS, POLICY_JSON_FIELDS)
+        if not isinstance(doc["rules"], list):
+            raise PolicyError(f"policy JSON: 'rules' must be a list of {{'pattern': ..., "
+                              f"'spec': ...}} objects, got {type(doc['rules']).__name__}")
+        rules = []
+        for i, rule in enumerate(doc["rules"]):
+            _check_fields(rule, f"policy JSON rules[{i}]", RULE_FIELDS, RULE_FIELDS)
+            where = f"policy JSON rules[{i}] ({rule['pattern']!r})"
+            rules.append((rule["pattern"], _spec_from_json(rule["spec"], where)))
+        return cls(rules, default=_spec_from_json(doc["default"], "policy JSON default"))
+
+    def to_python(self) -> str:
+        """Python source that rebuilds the policy (binds it to ``policy``)."""
+        rules = "".join(f"    ({r.pattern!r}, {r.spec!r}),\n" for r in self.rules)
+        return (f"from qcompile import LayerSpec, Policy\n\npolicy = Policy([\n{rules}], "
+                f"default={self.default!r})\n")
+
+
+# -- JSON: {"format", "version", "rules": [{"pattern", "spec"}], "default"}; a spec is null or
+# {"weight", "act", "op"} with format keys (formats.get rebuilds each) --------------------------
+
+POLICY_JSON_FORMAT = "blockquant.policy"
+POLICY_JSON_VERSION = 1
+POLICY_JSON_FIELDS = ("format", "version", "rules", "default")
+RULE_FIELDS = ("pattern", "spec")
+SPEC_FIELDS = ("weight", "act", "op")
+FORMAT_HINT = ("qcompile.formats.names() lists the presets; a key with options reads e.g. "
+               "'int4[block_size=128]' (docs/formats.md)")
+
+
+def _check_fields(obj, what: str, required, known, strict: bool = True):
+    """``obj`` is a JSON object holding the ``required`` fields and (if ``strict``) no field
+    outside ``known``."""
+    if not isinstance(obj, dict):
+        raise PolicyError(f"{what} must be a JSON object with fields {list(known)}, got "
+                          f"{type(obj).__name__} {obj!r}")
+    unknown = sorted(set(obj) - set(known)) if strict else []
+    if unknown:
+        raise PolicyError(f"{what}: unknown field(s) {unknown}; known: {list(known)}")
+    missing = [k for k in required if k not in obj]
+    if missing:
+        raise PolicyError(f"{what}: missing field(s) {missing}")
+
+
+def _key_of(fmt: Format | None) -> str | None:
+    """A format's key, checked to rebuild the same format (a Format built by hand may not)."""
+    if fmt is None:
+        return None
+    try:
+        same = formats.get(fmt.key) == fmt
+    except (ValueError, TypeError):
+        same = False
+    if not same:
+        raise PolicyError(f"format {fmt.name!r} has no key that qcompile.formats.get rebuilds "
+                          f"(its key is {fmt.key!r}), so the policy cannot be written as JSON")
+    return fmt.key
+
+
+def _spec_to_json(spec: LayerSpec | None):
+    if spec is None:
+        return None
+    return {"weight": _key_of(spec.weight), "act": _key_of(spec.act), "op": spec.op}
+
+
+def _spec_from_json(obj, where: str) -> LayerSpec | None:
+    if obj is None:
+        return None
+    _check_fields(obj, f"{where} spec", (), SPEC_FIELDS)
+    for name in ("weight", "act"):
+        value = obj.get(name)
+        if value is not None and not isinstance(value, str):
+            raise PolicyError(f"{where} spec {name!r} must be a format key (a string) or null, "
+                              f"got {value!r}; {FORMAT_HINT}")
+    try:
+        return LayerSpec(weight=obj.get("weight"), act=obj.get("act"), op=obj.get("op"))
+    except PolicyError as e:
+        bad_format = str(e).startswith(("LayerSpec weight format", "LayerSpec act format"))
+        hint = f"; {FORMAT_HINT}" if bad_format else ""
+        raise PolicyError(f"{where}: {e}{hint}") from None
 
 
 #: What the backend applies when no policy is given: weight-only NF4 (blocks of 64 along K,

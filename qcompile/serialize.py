@@ -1,0 +1,511 @@
+"""Quantised models as files: ``save_quantized(model, path)`` writes a model that
+``quantize_model_`` quantised to one safetensors file; ``load_quantized(path, model)`` puts it
+back into a freshly built float model of the same architecture, which may live on the meta
+device (no float copy of the quantised layers is ever made).
+
+The file holds every parameter and buffer of the model once (non-persistent buffers too, so a
+meta-device model is complete after loading) and, as safetensors string metadata under the key
+"blockquant", a JSON document (docs/saving.md):
+
+    {"format": "blockquant.quantized_model", "version": 1,
+     "policies": [the policy JSON of each quantize_model_ call, in order],
+     "packed":   {owner: {"fmt", "shape", "dtype", "axis", "block", "side", "digest"}},
+     "modules":  {name: {"kind": "linear" | "conv1d" | "embedding", "packed": owner, "impl",
+                         "act", "bias" (linear, conv1d) | "padding_idx" (embedding)}},
+     "parameters": {name: requires_grad}, "buffers": [name, ...],
+     "aliases":  {name: the name it shares a tensor with},
+     "tensors":  {name: [dtype, shape]}}
+
+A packed QTensor is stored as "<owner>.codes", "<owner>.scales" and "<owner>.side_<name>", the
+owner being the first module holding it; modules sharing it (a tied embedding / lm_head given one
+format) name the same owner and share it again after loading. Each tensor is checked against the
+metadata and the layout its format implies before it is used, and "digest" (a hash of the format
+description and the packed bytes) makes sure bytes are never read as another format, even one
+with the same layout.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+
+import torch
+
+from . import config, formats
+from .layers import POLICIES_ATTR, QuantEmbedding, QuantLinear, _set_child, conv1d_class
+from .packing import packed_length
+from .policy import Policy, PolicyError
+from .qtensor import QTensor
+
+FILE_FORMAT = "blockquant.quantized_model"
+VERSION = 1
+METADATA_KEY = "blockquant"
+DOC_FIELDS = ("format", "version", "policies", "packed", "modules", "parameters", "buffers",
+              "aliases", "tensors")
+PACKED_FIELDS = ("fmt", "shape", "dtype", "axis", "block", "side", "digest")
+MODULE_FIELDS = {"linear": ("kind", "packed", "impl", "act", "bias"),
+                 "conv1d": ("kind", "packed", "impl", "act", "bias"),
+                 "embedding": ("kind", "packed", "impl", "padding_idx")}
+AXIS_OF_KIND = {"linear": 1, "conv1d": 0, "embedding": 1}
+WEIGHT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+class QuantizedFileError(ValueError):
+    """A file ``load_quantized`` refuses, or a model ``save_quantized`` cannot write."""
+
+
+# -- saving -----------------------------------------------------------------------------------
+
+def save_quantized(model: torch.nn.Module, path) -> None:
+    """Write ``model`` (after ``qcompile.quantize_model_``) to ``path``: one safetensors file
+    holding every tensor once and the metadata ``load_quantized`` needs."""
+    from safetensors.torch import save_file
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    tensors, packed, modules, owners = {}, {}, {}, {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        if not isinstance(mod, (QuantLinear, QuantEmbedding)):
+            continue
+        q = mod.qtensor()
+        key = (mod.meta, *(id(t) for t in q.tensors().values()))
+        if key not in owners:
+            owners[key] = name
+            _check_key(q.fmt)
+            parts = {leaf: t.detach().cpu().contiguous() for leaf, t in _packed_parts(q)}
+            tensors.update({f"{name}.{leaf}": t for leaf, t in parts.items()})
+            desc = _describe(q)
+            packed[name] = {**desc, "digest": _digest(desc, parts.values())}
+        modules[name] = _module_entry(mod, owners[key])
+    if not modules:
+        raise QuantizedFileError(
+            "save_quantized: the model has no quantised layer (QuantLinear / QuantEmbedding); "
+            "call qcompile.quantize_model_(model, policy) first (a model compiled by the "
+            "backend keeps its packed weights in the compiled code, not in its modules)")
+    parameters, buffers, aliases, seen, storages = {}, [], {}, {}, set()
+    for name, mod, leaf, t, role in _state(model):
+        if t.is_meta:
+            raise QuantizedFileError(f"save_quantized: {name} is on the meta device: there is "
+                                     "nothing to save")
+        if role == "parameter":
+            parameters[name] = t.requires_grad
+        else:
+            buffers.append(name)
+        # one tensor under several names (tied weights) of one role is saved once
+        view = (role, t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.dtype,
+                tuple(t.shape), t.stride()) if t.numel() else None
+        canonical = seen.get((role, id(t))) or seen.get(view)
+        if canonical is not None:
+            aliases[name] = canonical
+            continue
+        seen[(role, id(t))] = name
+        if view is not None:
+            seen[view] = name
+        data = t.detach().cpu().contiguous()
+        if view is not None:
+            storage = (t.device, view[2])
+            if storage in storages:  # part of a saved tensor's storage: saved as its own copy
+                data = data.clone()
+            storages.add(storage)
+        tensors[name] = data
+    doc = {"format": FILE_FORMAT, "version": VERSION,
+           "policies": [json.loads(p.to_json()) for p in getattr(model, POLICIES_ATTR, ())],
+           "packed": packed, "modules": modules, "parameters": parameters, "buffers": buffers,
+           "aliases": aliases,
+           "tensors": {n: [_dtype_name(t.dtype), list(t.shape)] for n, t in tensors.items()}}
+    save_file(tensors, os.fspath(path), metadata={METADATA_KEY: json.dumps(doc), "format": "pt"})
+
+
+def _check_key(fmt):
+    try:
+        same = formats.get(fmt.key) == fmt
+    except (ValueError, TypeError):
+        same = False
+    if not same:
+        raise QuantizedFileError(f"save_quantized: format {fmt.name!r} has no key that "
+                                 f"qcompile.formats.get rebuilds (its key is {fmt.key!r})")
+
+
+def _packed_parts(q: QTensor):
+    return [("codes", q.codes), ("scales", q.scales), *((f"side_{k}", v) for k, v in
+                                                        q.side.items())]
+
+
+def _describe(q: QTensor) -> dict:
+    return {"fmt": q.fmt.key, "shape": list(q.shape), "dtype": _dtype_name(q.dtype),
+            "axis": q.axis, "block": q.block, "side": list(q.side)}
+
+
+def _module_entry(mod, owner: str) -> dict:
+    if isinstance(mod, QuantLinear):
+        return {"kind": "conv1d" if mod.conv1d else "linear", "packed": owner, "impl": mod.impl,
+                "act": mod.act or None, "bias": mod.bias is not None}
+    return {"kind": "embedding", "packed": owner, "impl": mod.impl,
+            "padding_idx": mod.padding_idx}
+
+
+def _state(model):
+    """``(name, module, leaf, tensor, role)`` for every parameter and buffer, a shared one under
+    each of its names; the packed buffers of quantised modules are left out."""
+    for prefix, mod in model.named_modules(remove_duplicate=False):
+        skip = set()
+        if isinstance(mod, (QuantLinear, QuantEmbedding)):
+            skip = {"codes", "scales", *(f"side_{k}" for k in mod.side_names)}
+        for role, table in (("parameter", mod._parameters), ("buffer", mod._buffers)):
+            for leaf, t in table.items():
+                if t is not None and leaf not in skip:
+                    yield (f"{prefix}.{leaf}" if prefix else leaf), mod, leaf, t, role
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _digest(desc: dict, tensors) -> str:
+    """A hash of the format description and the packed bytes (CPU tensors, contiguous)."""
+    h = hashlib.blake2b(json.dumps(desc, sort_keys=True).encode(), digest_size=16)
+    for t in tensors:
+        h.update(f"{_dtype_name(t.dtype)}{list(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+# -- loading ----------------------------------------------------------------------------------
+
+def load_quantized(path, model: torch.nn.Module, device="cpu") -> torch.nn.Module:
+    """Load the file ``save_quantized`` wrote into ``model``, a freshly built float model of the
+    same architecture (on any device, the meta device included): its quantised layers are
+    swapped for the saved ``QuantLinear`` / ``QuantEmbedding`` modules and every tensor is
+    loaded (onto ``device``). Everything is checked before the model is changed; a file that
+    does not match raises QuantizedFileError naming the tensor and the problem."""
+    try:
+        return _load(path, model, device)
+    except QuantizedFileError as e:
+        raise QuantizedFileError(f"load_quantized({os.fspath(path)!r}): {e}") from None
+
+
+def saved_policies(path) -> list[Policy]:
+    """The policies recorded in a file ``save_quantized`` wrote (one per ``quantize_model_``
+    call, in order): compile the loaded model with the last one."""
+    try:
+        return _policies(_read(path)[0])
+    except QuantizedFileError as e:
+        raise QuantizedFileError(f"saved_policies({os.fspath(path)!r}): {e}") from None
+
+
+def _load(path, model, device):
+    from safetensors import safe_open
+    doc, keys = _read(path)
+    target = getattr(model, "_orig_mod", model)
+    _check_modules(doc, target)
+    _check_state(doc, target)
+    with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
+        loaded = {name: _checked_tensor(f, name, doc["tensors"][name]) for name in keys}
+    qtensors = {owner: _qtensor(owner, entry, loaded).to(device)
+                for owner, entry in doc["packed"].items()}
+    policies = _policies(doc)
+    # every check passed: change the model
+    fp = {}
+    for name, requires_grad in doc["parameters"].items():
+        if name not in doc["aliases"]:
+            fp[name] = torch.nn.Parameter(loaded[name].to(device), requires_grad=requires_grad)
+    fp.update({name: loaded[name].to(device) for name in doc["buffers"]
+               if name not in doc["aliases"]})
+    fp.update({name: fp[canonical] for name, canonical in doc["aliases"].items()})
+    for name, entry in doc["modules"].items():
+        _set_child(target, name, _build(entry, qtensors[entry["packed"]], fp.get(f"{name}.bias")))
+    for name, t in fp.items():
+        prefix, _, leaf = name.rpartition(".")
+        setattr(target.get_submodule(prefix) if prefix else target, leaf, t)
+    left = [name for name, _, _, t, _ in _state(target) if t.is_meta]  # a guard: checked above
+    if left:
+        raise QuantizedFileError(f"after loading, {left} are still on the meta device: the file "
+                                 "does not hold them")
+    setattr(target, POLICIES_ATTR, tuple(policies))
+    return model
+
+
+def _read(path) -> tuple[dict, set]:
+    """The checked metadata document and the names of the file's tensors."""
+    from safetensors import safe_open
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no file {path!r}")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta, keys = f.metadata() or {}, set(f.keys())
+    except Exception as e:  # safetensors' own error types differ between its versions
+        raise QuantizedFileError(f"not a safetensors file ({type(e).__name__}: {e})") from None
+    if METADATA_KEY not in meta:
+        raise QuantizedFileError(f"a safetensors file that blockquant did not write: its "
+                                 f"metadata has no {METADATA_KEY!r} entry (qcompile."
+                                 "save_quantized writes one)")
+    try:
+        doc = json.loads(meta[METADATA_KEY])
+    except json.JSONDecodeError as e:
+        raise QuantizedFileError(f"the {METADATA_KEY!r} metadata is not JSON ({e})") from None
+    _check_doc(doc)
+    listed = set(doc["tensors"])
+    if listed - keys:
+        raise QuantizedFileError(f"tensor(s) {sorted(listed - keys)} listed in the metadata are "
+                                 "missing from the file")
+    if keys - listed:
+        raise QuantizedFileError(f"the file holds tensor(s) {sorted(keys - listed)} that its "
+                                 "metadata does not list")
+    return doc, keys
+
+
+def _need(ok: bool, where: str, problem: str):
+    if not ok:
+        raise QuantizedFileError(f"damaged metadata: {where}: {problem}")
+
+
+def _fields(obj, where: str, fields):
+    _need(isinstance(obj, dict), where, f"expected a JSON object, got {obj!r}")
+    unknown, missing = sorted(set(obj) - set(fields)), [k for k in fields if k not in obj]
+    _need(not unknown, where, f"unknown field(s) {unknown}; known: {list(fields)}")
+    _need(not missing, where, f"missing field(s) {missing}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_shape(v) -> bool:
+    return isinstance(v, list) and all(_is_int(d) and d >= 0 for d in v)
+
+
+def _check_doc(doc):
+    """The document's structure: its version first (a newer one may differ in anything)."""
+    _need(isinstance(doc, dict), "the document", f"expected a JSON object, got {doc!r}")
+    if doc.get("format") != FILE_FORMAT:
+        raise QuantizedFileError(f"not a blockquant quantised model: its metadata format is "
+                                 f"{doc.get('format')!r}, not {FILE_FORMAT!r}")
+    version = doc.get("version")
+    _need(_is_int(version) and version >= 1, "version", f"expected a positive integer, got "
+                                                        f"{version!r}")
+    if version > VERSION:
+        raise QuantizedFileError(f"written by a newer blockquant (file format version {version}; "
+                                 f"this one reads versions up to {VERSION}): upgrade blockquant "
+                                 "to load it")
+    _fields(doc, "the document", DOC_FIELDS)
+    _need(isinstance(doc["policies"], list), "policies", "expected a list")
+    _need(isinstance(doc["packed"], dict), "packed", "expected a JSON object")
+    for owner, entry in doc["packed"].items():
+        where = f"packed[{owner!r}]"
+        _fields(entry, where, PACKED_FIELDS)
+        _need(isinstance(entry["fmt"], str), where, f"fmt {entry['fmt']!r} is not a format key")
+        _need(_is_shape(entry["shape"]) and len(entry["shape"]) == 2, where,
+              f"shape {entry['shape']!r} is not the shape of a 2-d weight")
+        _need(entry["dtype"] in WEIGHT_DTYPES, where,
+              f"dtype {entry['dtype']!r} is not one of {WEIGHT_DTYPES}")
+        _need(_is_int(entry["axis"]) and entry["axis"] in (0, 1), where,
+              f"axis {entry['axis']!r} is not 0 or 1")
+        _need(_is_int(entry["block"]) and entry["block"] >= 1, where,
+              f"block {entry['block']!r} is not a positive integer")
+        _need(isinstance(entry["side"], list) and all(isinstance(s, str) for s in entry["side"]),
+              where, f"side {entry['side']!r} is not a list of names")
+        _need(isinstance(entry["digest"], str), where, "digest is not a string")
+    _need(isinstance(doc["modules"], dict), "modules", "expected a JSON object")
+    for name, entry in doc["modules"].items():
+        where = f"modules[{name!r}]"
+        kind = entry.get("kind") if isinstance(entry, dict) else None
+        _need(kind in MODULE_FIELDS, where, f"kind {kind!r} is not one of {list(MODULE_FIELDS)}")
+        _fields(entry, where, MODULE_FIELDS[kind])
+        _need(isinstance(entry["packed"], str) and entry["packed"] in doc["packed"], where,
+              f"packed {entry['packed']!r} names no entry of 'packed'")
+        _need(doc["packed"][entry["packed"]]["axis"] == AXIS_OF_KIND[kind], where,
+              f"a {kind} is packed along axis {AXIS_OF_KIND[kind]}, its packed entry says "
+              f"{doc['packed'][entry['packed']]['axis']}")
+        _need(isinstance(entry["impl"], str) and entry["impl"] in config.KERNELS, where,
+              f"impl {entry['impl']!r} is not one of {config.KERNELS}")
+        if kind == "embedding":
+            _need(entry["padding_idx"] is None or _is_int(entry["padding_idx"]), where,
+                  f"padding_idx {entry['padding_idx']!r} is not an integer or null")
+        else:
+            _need(entry["act"] is None or isinstance(entry["act"], str), where,
+                  f"act {entry['act']!r} is not a format key or null")
+            _need(isinstance(entry["bias"], bool), where, f"bias {entry['bias']!r} is not a bool")
+    _need(isinstance(doc["parameters"], dict)
+          and all(isinstance(v, bool) for v in doc["parameters"].values()), "parameters",
+          "expected {name: requires_grad}")
+    _need(isinstance(doc["buffers"], list) and all(isinstance(v, str) for v in doc["buffers"]),
+          "buffers", "expected a list of names")
+    both = sorted(set(doc["parameters"]) & set(doc["buffers"]))
+    _need(not both, "buffers", f"{both} are listed as parameters too")
+    _need(isinstance(doc["aliases"], dict), "aliases", "expected a JSON object")
+    saved = (set(doc["parameters"]) | set(doc["buffers"])) - set(doc["aliases"])
+    for name, canonical in doc["aliases"].items():
+        _need(name in doc["parameters"] or name in doc["buffers"], "aliases",
+              f"{name!r} is neither a parameter nor a buffer")
+        _need(canonical in saved, "aliases", f"{name!r} shares {canonical!r}, which is not a "
+                                             "saved parameter or buffer")
+        _need((name in doc["parameters"]) == (canonical in doc["parameters"]), "aliases",
+              f"{name!r} and {canonical!r} are not both parameters or both buffers")
+    _need(isinstance(doc["tensors"], dict) and all(
+        isinstance(v, list) and len(v) == 2 and isinstance(v[0], str) and _is_shape(v[1])
+        for v in doc["tensors"].values()), "tensors", "expected {name: [dtype, shape]}")
+    packed = {f"{owner}.{leaf}" for owner, e in doc["packed"].items()
+              for leaf in ("codes", "scales", *(f"side_{k}" for k in e["side"]))}
+    unlisted, unknown = sorted((packed | saved) - set(doc["tensors"])), sorted(
+        set(doc["tensors"]) - packed - saved)
+    _need(not unlisted, "tensors", f"{unlisted} are not listed")
+    _need(not unknown, "tensors", f"{unknown} are listed but are neither packed nor saved "
+                                  "parameters or buffers")
+
+
+def _policies(doc) -> list[Policy]:
+    out = []
+    for i, p in enumerate(doc["policies"]):
+        try:
+            out.append(Policy.from_json(json.dumps(p)))
+        except PolicyError as e:
+            raise QuantizedFileError(f"damaged metadata: policies[{i}]: {e}") from None
+    return out
+
+
+def _kind_class(kind: str):
+    return {"linear": torch.nn.Linear, "conv1d": conv1d_class(),
+            "embedding": torch.nn.Embedding}[kind]
+
+
+def _check_modules(doc, model):
+    """Each quantised module of the file names a float layer of the model of the same kind and
+    weight shape (with a bias where the file has one)."""
+    for name, entry in doc["modules"].items():
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            raise QuantizedFileError(f"module {name!r} of the file is not in the model (a model "
+                                     "of another architecture or configuration?)") from None
+        kind, cls = entry["kind"], _kind_class(entry["kind"])
+        if entry.get("act"):
+            try:
+                formats.get(entry["act"])
+            except (ValueError, TypeError) as e:
+                raise QuantizedFileError(f"module {name!r}: act format key {entry['act']!r}: {e}"
+                                         ) from None
+        if isinstance(mod, (QuantLinear, QuantEmbedding)):
+            raise QuantizedFileError(f"module {name!r} of the model is quantised already: load "
+                                     "into a freshly built float model")
+        if cls is None or not isinstance(mod, cls):
+            raise QuantizedFileError(f"module {name!r}: the file holds a quantised {kind}, the "
+                                     f"model has a {type(mod).__name__}")
+        shape = doc["packed"][entry["packed"]]["shape"]
+        if list(mod.weight.shape) != shape:
+            raise QuantizedFileError(f"module {name!r}: the file's weight has shape {shape}, the "
+                                     f"model's {list(mod.weight.shape)}")
+        if kind == "embedding":
+            if mod.padding_idx != entry["padding_idx"]:
+                raise QuantizedFileError(f"module {name!r}: the file's embedding has padding_idx "
+                                         f"{entry['padding_idx']}, the model's {mod.padding_idx}")
+        elif (mod.bias is not None) != entry["bias"]:
+            has = "has" if entry["bias"] else "has no"
+            raise QuantizedFileError(f"module {name!r}: the file's layer {has} bias, the "
+                                     "model's does not match")
+
+
+def _check_state(doc, model):
+    """The model's parameters and buffers, once its quantised layers are swapped, are exactly the
+    file's, by name, role and shape."""
+    swapped = {f"{name}.weight" for name in doc["modules"]}
+    mine = {name: (role, t) for name, _, _, t, role in _state(model) if name not in swapped}
+    roles = {**{n: "parameter" for n in doc["parameters"]}, **{n: "buffer" for n in doc["buffers"]}}
+    for name in sorted(set(roles) - set(mine)):
+        raise QuantizedFileError(f"tensor {name!r} of the file names a parameter or buffer the "
+                                 "model does not have")
+    for name in sorted(set(mine) - set(roles)):
+        raise QuantizedFileError(f"the model's {mine[name][0]} {name!r} is not in the file")
+    for name, (role, t) in mine.items():
+        if role != roles[name]:
+            raise QuantizedFileError(f"{name!r} is a {roles[name]} in the file, a {role} in the "
+                                     "model")
+        saved = doc["tensors"][doc["aliases"].get(name, name)][1]
+        if list(t.shape) != saved:
+            raise QuantizedFileError(f"tensor {name!r}: the file holds shape {saved}, the model's "
+                                     f"is {list(t.shape)}")
+
+
+def _checked_tensor(f, name: str, listed) -> torch.Tensor:
+    t = f.get_tensor(name)
+    dtype, shape = listed
+    if _dtype_name(t.dtype) != dtype or list(t.shape) != shape:
+        raise QuantizedFileError(f"tensor {name!r}: the file holds {_dtype_name(t.dtype)} "
+                                 f"{list(t.shape)}, the metadata says {dtype} {shape}")
+    return t
+
+
+def packed_layout(fmt, shape, axis: int, block: int) -> dict:
+    """{leaf: (dtype, shape)} of the tensors ``quantize`` makes for a weight of ``shape`` with
+    blocks along ``axis`` (OPQ outlier lists: shape None, their length depends on the data)."""
+    k, lead = shape[axis], [d for i, d in enumerate(shape) if i != axis]
+    n_blocks = -(-k // block)
+    scale_dtype = {"pow2": torch.uint8, "absmax": torch.float32, "nvfp4": torch.uint8}
+    layout = {"codes": (torch.uint8, [*lead, packed_length(n_blocks * block, fmt.bits)]),
+              "scales": (scale_dtype[fmt.scale.kind], [*lead, n_blocks])}
+    if fmt.opq is not None:  # the order quantize puts side data in
+        padded = math.prod(lead) * n_blocks * block
+        layout["side_outlier_index"] = (torch.int32 if padded < 2**31 else torch.int64, None)
+        layout["side_outlier_value"] = (torch.bfloat16, None)
+    if fmt.scale.kind == "nvfp4":
+        layout["side_tensor_scale"] = (torch.float32, [1])
+    if fmt.element.kind == "codebook" and fmt.element.data_dependent:
+        layout["side_codebook"] = (torch.float32, [2**fmt.bits])
+    return layout
+
+
+def _qtensor(owner: str, entry: dict, loaded: dict) -> QTensor:
+    """The packed tensor of ``owner``, each part checked against what its format implies."""
+    try:
+        fmt = formats.get(entry["fmt"])
+    except (ValueError, TypeError) as e:
+        raise QuantizedFileError(f"packed weight {owner!r}: format key {entry['fmt']!r}: {e}; "
+                                 "qcompile.formats.names() lists the presets") from None
+    shape, axis = entry["shape"], entry["axis"]
+    if entry["block"] != fmt.block_for(shape[axis]):
+        raise QuantizedFileError(f"packed weight {owner!r}: block {entry['block']} does not match "
+                                 f"format {fmt.key!r}, whose block on rows of {shape[axis]} is "
+                                 f"{fmt.block_for(shape[axis])}")
+    layout = packed_layout(fmt, shape, axis, entry["block"])
+    sides = [f"side_{k}" for k in entry["side"]]
+    if sides != list(layout)[2:]:
+        raise QuantizedFileError(f"packed weight {owner!r}: format {fmt.key!r} has side data "
+                                 f"{[k[5:] for k in list(layout)[2:]]}, the metadata lists "
+                                 f"{entry['side']}")
+    parts = {leaf: loaded[f"{owner}.{leaf}"] for leaf in layout}
+    for leaf, (dtype, want) in layout.items():
+        t = parts[leaf]
+        if t.dtype != dtype or (want is not None and list(t.shape) != want) or (
+                want is None and t.dim() != 1):
+            need = f"{_dtype_name(dtype)} {want if want is not None else '[n]'}"
+            raise QuantizedFileError(
+                f"tensor {owner}.{leaf}: format {fmt.key!r} of a {shape} weight needs {need}, "
+                f"the file holds {_dtype_name(t.dtype)} {list(t.shape)}")
+    if fmt.opq is not None:
+        _check_outliers(owner, parts["side_outlier_index"], parts["side_outlier_value"],
+                        math.prod(layout["scales"][1]) * entry["block"])
+    desc = {k: entry[k] for k in PACKED_FIELDS if k != "digest"}
+    if _digest(desc, parts.values()) != entry["digest"]:
+        raise QuantizedFileError(
+            f"packed weight {owner!r}: its bytes do not match the format description of the "
+            f"metadata (format {fmt.key!r}, shape {shape}, axis {axis}): the digest differs, so "
+            "the metadata or the tensors were changed after saving")
+    side = {k: parts[f"side_{k}"] for k in entry["side"]}
+    return QTensor(fmt, parts["codes"], parts["scales"], torch.Size(shape),
+                   getattr(torch, entry["dtype"]), axis, entry["block"], side)
+
+
+def _check_outliers(owner: str, index: torch.Tensor, value: torch.Tensor, padded: int):
+    if index.numel() != value.numel():
+        raise QuantizedFileError(f"tensor {owner}.side_outlier_value: {value.numel()} outlier "
+                                 f"values for {index.numel()} outlier positions")
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= padded
+                          or not bool((index[1:] > index[:-1]).all())):
+        raise QuantizedFileError(f"tensor {owner}.side_outlier_index: positions must ascend "
+                                 f"within [0, {padded})")
+
+
+def _build(entry: dict, q: QTensor, bias):
+    if entry["kind"] == "embedding":
+        return QuantEmbedding(q, entry["padding_idx"], impl=entry["impl"])
+    act = formats.get(entry["act"]) if entry["act"] else None
+    return QuantLinear(q, bias, act, entry["kind"] == "conv1d", impl=entry["impl"])
