@@ -39,7 +39,9 @@ import torch
 
 from qcompile import config
 
-from . import cpu_source
+from qcompile import formats
+
+from . import cpu_int, cpu_int_source, cpu_source
 from .cache import cache_dir, write_atomically
 
 GEMV_MAX_M = 16  # M up to this runs the GEMV kernel; more rows: decoded panels and a GEMM
@@ -48,10 +50,10 @@ PANEL_BYTES = 1 << 20  # decoded weight rows per GEMM call: about L2-sized
 # (measured on SmolLM2's layers at M=512); bigger ones (lm_head) go in L2-sized panels, which
 # also beat one float32 GEMM over the whole 113 MB table
 WHOLE_BYTES = 16 << 20
-ISAS = ("avx512", "avx2", "scalar")
-_ISA_NUMBER = {"avx512": 2, "avx2": 1, "scalar": 0}
-_ISA_FLAGS = {"avx512": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mfma",
-                         "-mavx2"],
+ISAS = config.CPU_ISAS  # best first
+_ISA_NUMBER = {"avx512_vnni": 3, "avx512": 2, "avx2": 1, "scalar": 0}
+_AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mfma", "-mavx2"]
+_ISA_FLAGS = {"avx512_vnni": _AVX512 + ["-mavx512vnni"], "avx512": _AVX512,
               "avx2": ["-mavx2", "-mfma"], "scalar": []}
 _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off"]
 
@@ -70,9 +72,22 @@ class _Args(ctypes.Structure):
 # -- instruction set -----------------------------------------------------------------------
 
 def machine_isa() -> str:
-    """The best instruction set torch's CPU dispatch finds on this machine."""
+    """The best instruction set torch's CPU dispatch finds on this machine (and VNNI)."""
     cap = torch.backends.cpu.get_cpu_capability().upper()
-    return "avx512" if "AVX512" in cap else "avx2" if "AVX2" in cap else "scalar"
+    if "AVX512" in cap:
+        return "avx512_vnni" if _has_vnni() else "avx512"
+    return "avx2" if "AVX2" in cap else "scalar"
+
+
+def _has_vnni() -> bool:
+    probe = getattr(torch.cpu, "_is_vnni_supported", None)  # private: not in every torch
+    if probe is not None:
+        return bool(probe())
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return "avx512_vnni" in f.read().split()
+    except OSError:
+        return False
 
 
 def chosen_isa() -> str:
@@ -193,8 +208,12 @@ def op_library() -> ctypes.CDLL:
         path = os.path.join(folder, f"qc_cpu_op_{digest[:20]}.so")
         lib = _load(path, digest) or _build(cxx, source, flags, digest, folder, path, libs)
         lib.qc_register.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 4 + [
-            ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_float]
+            ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_float, ctypes.c_void_p,
+            ctypes.c_float]
+        lib.qc_register_act.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64] + [
+            ctypes.c_int32] * 6 + [ctypes.c_float, ctypes.c_float]
         torch.library.register_fake("qcompile_cpu::linear")(_linear_fake)
+        torch.library.register_fake("qcompile_cpu::int_linear")(_int_linear_fake)
         _OP.append(lib)
         return lib
 
@@ -203,6 +222,12 @@ def _linear_fake(x, codes, scales, bias, outlier_index, outlier_value, format, n
     # the sizes from the int arguments, never from the packed tensors: those are extra graph
     # inputs, which Dynamo has no source for (a size read from them would become a guard)
     torch._check(x.shape[-1] == k, lambda: f"qcompile_cpu::linear: x has K={x.shape[-1]}, not {k}")
+    return x.new_empty((*x.shape[:-1], n))
+
+
+def _int_linear_fake(x, codes, scales, bias, format, act, n, k, block):
+    torch._check(x.shape[-1] == k, lambda: f"qcompile_cpu::int_linear: x has K={x.shape[-1]}, "
+                                           f"not {k}")
     return x.new_empty((*x.shape[:-1], n))
 
 
@@ -240,7 +265,8 @@ class Plan:
         combo = (self.bits, self.scale, self.dec)
         tag = cpu_source.tag(*combo)
         isa = chosen_isa()
-        lib = library(isa)
+        lib = self.lib = library(isa)
+        self.fmt, self.isa = fmt, isa
         self.linear_fn = getattr(lib, f"qc_linear_{tag}")
         self.decode_fn = getattr(lib, f"qc_decode_{tag}")
         self.values_fn = getattr(lib, f"qc_values_{tag}")
@@ -284,13 +310,30 @@ class Plan:
     def register(self) -> int:
         """Hand this format's kernels and tables to the operator library (it copies the
         tables); returns the format's id for ``qcompile_cpu::linear``."""
-        address = lambda fn: ctypes.cast(fn, ctypes.c_void_p).value  # noqa: E731
+        el = self.fmt.element
+        int_fn = _address(getattr(self.lib, "qc_int_linear_" + cpu_int_source.tag(
+            self.bits, self.scale))) if el.kind == "int" else None
         op_library().qc_register(
-            self.format_id, address(self.linear_fn), address(self.decode_fn),
-            address(self.values_fn), self.table.data_ptr(), self.table.numel(),
+            self.format_id, _address(self.linear_fn), _address(self.decode_fn),
+            _address(self.values_fn), self.table.data_ptr(), self.table.numel(),
             self.mult_table.data_ptr() if self.mult_table is not None else None, self.maxv,
-            self.step)
+            self.step, int_fn, 2.0 ** -getattr(el, "frac_bits", 0))
         return self.format_id
+
+    def register_act(self, af) -> int:
+        """Hand an activation format of the integer path to the operator library; returns its
+        id for ``qcompile_cpu::int_linear`` (the same in every process)."""
+        act_id = int.from_bytes(hashlib.sha256(f"act|{af.key}|{self.isa}".encode()).digest()[:8],
+                                "little") >> 2
+        p = cpu_int.act_params(af, af.block_size)  # the format's fields (K set per call)
+        op_library().qc_register_act(
+            act_id, _address(self.lib.qc_act_quantize), af.block_size, p["scale"], p["rule"],
+            p["is_signed"], p["emax"], p["frac"], p["qmax"], p["maxv"], p["xstep"])
+        return act_id
+
+
+def _address(fn) -> int:
+    return ctypes.cast(fn, ctypes.c_void_p).value
 
 
 def _outliers(q):
@@ -379,6 +422,10 @@ def linear(x: torch.Tensor, q, act_fmt=None, bias: torch.Tensor | None = None) -
         raise NotImplementedError(f"qcompile CPU kernels cover float32 models, not {x.dtype}")
     p = plan(q)
     x2 = x if x.dim() == 2 else x.reshape(-1, p.k)
+    af = formats.get(act_fmt) if act_fmt else None
+    if cpu_int.applies(q, af):
+        y = cpu_int.linear(p, q, x2.contiguous(), af, _contiguous(bias))
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[1])
     if act_fmt and x2.numel():
         from qcompile import api
         x2 = api.fake_quantize_values(x2, act_fmt, axis=-1)
@@ -386,8 +433,7 @@ def linear(x: torch.Tensor, q, act_fmt=None, bias: torch.Tensor | None = None) -
         x2 = torch.nn.functional.pad(x2, (0, p.padded - p.k))
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    if bias is not None and not bias.is_contiguous():
-        bias = bias.contiguous()
+    bias = _contiguous(bias)
     m = x2.shape[0]
     if m == 0:
         y = x2.new_empty((0, q.scales.shape[0]))
@@ -399,6 +445,10 @@ def linear(x: torch.Tensor, q, act_fmt=None, bias: torch.Tensor | None = None) -
         r, c, delta = p.outliers
         y.index_add_(1, r, x2[:, c] * delta)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[1])
+
+
+def _contiguous(t):
+    return t if t is None or t.is_contiguous() else t.contiguous()
 
 
 def _panels(x2, q, p: Plan, bias) -> torch.Tensor:

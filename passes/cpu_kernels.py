@@ -8,15 +8,17 @@ the op would run the CPU kernels anyway and nothing is lost:
 - the weight is float32 and its format's tables depend on the format alone (not quantile
   codebooks nor NVFP4's tensor scale, which come from the tensor's side data).
 Anything else stays ``qcompile::linear``, which says itself what it cannot do. The format's
-element and multiplier tables are registered with the operator library (named by a format id);
-an activation format becomes a ``qcompile::fake_quantize_act`` node before the operator.
+element and multiplier tables are registered with the operator library (named by a format id).
+Int weights with int activations (codegen/cpu_int.py) become ``qcompile_cpu::int_linear``, which
+quantises the activations itself; another activation format becomes a
+``qcompile::fake_quantize_act`` node before ``qcompile_cpu::linear``.
 """
 from __future__ import annotations
 
 import torch
 from torch import fx
 
-from qcompile import ops
+from qcompile import formats, ops
 
 from .graph import input_values
 
@@ -40,7 +42,7 @@ def _on_cpu(node) -> bool:
 def use_cpu_kernels(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
     if torch.is_grad_enabled():
         return gm
-    from qcompile.codegen import cpu
+    from qcompile.codegen import cpu, cpu_int
     g, values = gm.graph, input_values(gm, example_inputs)
     changed = False
     for node in list(g.nodes):
@@ -59,13 +61,18 @@ def use_cpu_kernels(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
             continue
         side = dict(zip(q.side, a["side"]))
         fmt_id = plan.register()  # loads the operator library on first use
-        x = a["x"]
+        x, af = a["x"], formats.get(a["act_fmt"]) if a["act_fmt"] else None
         with g.inserting_before(node):
-            if a["act_fmt"]:
-                x = g.call_function(FQ_ACT, (x, a["act_fmt"], -1, a["impl"]))
-            new = g.call_function(torch.ops.qcompile_cpu.linear.default, (
-                x, a["codes"], a["scales"], a["bias"], side.get("outlier_index"),
-                side.get("outlier_value"), fmt_id, q.scales.shape[0], plan.k, q.block))
+            if cpu_int.applies(q, af):
+                new = g.call_function(torch.ops.qcompile_cpu.int_linear.default, (
+                    x, a["codes"], a["scales"], a["bias"], fmt_id, plan.register_act(af),
+                    q.scales.shape[0], plan.k, q.block))
+            else:
+                if af is not None:
+                    x = g.call_function(FQ_ACT, (x, a["act_fmt"], -1, a["impl"]))
+                new = g.call_function(torch.ops.qcompile_cpu.linear.default, (
+                    x, a["codes"], a["scales"], a["bias"], side.get("outlier_index"),
+                    side.get("outlier_value"), fmt_id, q.scales.shape[0], plan.k, q.block))
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         g.erase_node(node)

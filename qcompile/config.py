@@ -25,7 +25,7 @@ import warnings
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
 KERNELS = ("auto", "reference", "triton", "cpu")
-CPU_ISAS = ("avx512", "avx2", "scalar")
+CPU_ISAS = ("avx512_vnni", "avx512", "avx2", "scalar")
 
 
 def flag(name: str) -> bool:

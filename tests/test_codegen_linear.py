@@ -26,7 +26,7 @@ import qcompile  # noqa: E402
 from qcompile import LayerSpec, Policy, config, formats, ops  # noqa: E402
 import qcompile.codegen.cache  # noqa: E402
 from qcompile.codegen import linear as cg  # noqa: E402
-from qcompile.packing import unpack  # noqa: E402
+from int_formula import int_formula  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",
                                         "ignore:invalid value encountered:RuntimeWarning",
@@ -142,38 +142,6 @@ def test_empty_and_three_d_inputs():
 
 
 # ---- weight + activation ------------------------------------------------------------------
-
-def int_operands(q):
-    """Signed integer codes [rows, padded K] and a = multiplier * 2^-frac [rows, blocks], from a
-    reference QTensor (K last)."""
-    el = q.fmt.element
-    rows = q.scales.shape[0]
-    codes = unpack(q.codes.reshape(rows, -1), el.bits, q.scales.shape[-1] * q.block).long()
-    signed = torch.where(codes >= 2 ** (el.bits - 1), codes - 2**el.bits, codes)
-    a = q.fmt.scale.multiplier(q.scales, el, q.side) * 2.0 ** -el.frac_bits
-    return signed, a
-
-
-def int_formula(x, q, b, act):
-    """The integer path's result, independently: exact int64 tile dot products, float32 rest."""
-    af = formats.get(act)
-    qx = qcompile.quantize(x, af, axis=-1)
-    xi, ax = int_operands(qx)
-    wi, aw = int_operands(q)
-    if af.scale.kind == "pow2":  # the integers are exactly the reference fake-quantised operand
-        xq = qcompile.fake_quantize(x, af, axis=-1).double()
-        k = x.shape[1]
-        recon = xi[:, :k].double() * ax.double().repeat_interleave(af.block_size, 1)[:, :k]
-        assert torch.equal(recon, xq) or xq.isnan().any()
-    t_len, k = af.block_size, x.shape[1]
-    acc = torch.zeros(x.shape[0], wi.shape[0], dtype=torch.float32)
-    for t in range(-(-k // t_len)):
-        ks = slice(t * t_len, min((t + 1) * t_len, k))
-        d = xi[:, ks] @ wi[:, ks].T  # int64, exact
-        s = ax[:, t][:, None] * aw[:, (t * t_len) // q.block][None, :]  # float32
-        acc = acc + d.to(torch.float32) * s
-    return acc + b if b is not None else acc
-
 
 INT_PAIRS = [("mxint8", "mxint8"), ("int8", "mxint8"), ("bfp8", "bfp8"), ("int4", "mxint8"),
              ("mxint8[block_size=64]", "mxint8"), ("int4", "int8")]

@@ -137,8 +137,8 @@ def test_the_op_runs_the_cpu_kernels_by_default(monkeypatch):
 
 @pytest.mark.parametrize("lowering", ["inductor", "eager"])
 def test_compiled_model_with_cpu_kernels_within_the_bound(lowering):
-    """kernels="auto" (the default), no grad: every linear layer runs the C++ operator
-    qcompile_cpu::linear, and the logits stay within float32 reordering error of the eager
+    """kernels="auto" (the default), no grad: every linear layer runs a C++ operator
+    (qcompile_cpu::linear, or int_linear for int x int layers), and the logits stay within float32 reordering error of the eager
     fake-quantised model. Activation formats only with the eager lowering: after Inductor's
     reordered norms an activation can land on the neighbouring code (docs/architecture.md)."""
     from emulation import emulate, policy
@@ -153,7 +153,9 @@ def test_compiled_model_with_cpu_kernels_within_the_bound(lowering):
     got, want = logits(model, ids, mask), logits(ref, ids, mask)
     torch.testing.assert_close(got, want, rtol=0, atol=float(3e-5 * want.abs().max()))
     targets = [str(n.target) for n in compiled_variants()[0].gm.graph.nodes]
-    assert targets.count("qcompile_cpu.linear.default") == 15  # 2 layers x 7 + lm_head
+    integer = 6 if act else 0  # mxint8 x mxint8: the integer path (tests/test_cpu_int.py)
+    assert targets.count("qcompile_cpu.int_linear.default") == integer
+    assert targets.count("qcompile_cpu.linear.default") == 15 - integer  # 2 layers x 7 + lm_head
     assert "qcompile.linear.default" not in targets
 
 
