@@ -8,7 +8,8 @@ Configurations (each on its own copy of the model):
   every linear layer (lm_head too) and the embedding get <fmt>;
 * torch.compile fp32: ``torch.compile(model)`` (Inductor);
 * blockquant <fmt>: ``qcompile.quantize_model_`` (packed weights only) then
-  ``qcompile.compile(model, policy, lowering=...)`` (in place, as the README does it).
+  ``qcompile.compile(model, policy, lowering=...)`` (in place, as the README does it);
+* blockquant W8A8 <fmt>: the same with <fmt> on the linear layers' activations too.
 
 Per configuration: a warm-up (which compiles: the prefill graphs, the first decode step and
 the dynamic-shape decode graph), then ``repeats`` timed rounds of: the prefill of a long prompt
@@ -48,11 +49,12 @@ def generate_timed(fn, prompt: torch.Tensor, decode: int) -> tuple[float, list[f
     return prefill, steps
 
 
-def every_linear(fmt: str) -> Policy:
+def every_linear(fmt: str, act: str | None = None) -> Policy:
     """``fmt`` on the weights of every linear layer, lm_head included, and on every embedding
     table (a tied embedding / lm_head pair shares one packed table): the setting the speed
-    goals name."""
-    return Policy({"*": LayerSpec(weight=fmt, op="embedding")}, default=LayerSpec(weight=fmt))
+    goals name. ``act``: the linear layers' activation format too."""
+    return Policy({"*": LayerSpec(weight=fmt, op="embedding")},
+                  default=LayerSpec(weight=fmt, act=act))
 
 
 def configurations(model, w8: str, w4: str, lowering: str = "inductor"):
@@ -70,9 +72,9 @@ def configurations(model, w8: str, w4: str, lowering: str = "inductor"):
         backend = "inductor" if lowering == "inductor" else "eager"
         return torch.compile(model, backend=backend), model
 
-    def blockquant(fmt):
+    def blockquant(fmt, act=None):
         def build():
-            policy = every_linear(fmt)
+            policy = every_linear(fmt, act)
             m = qcompile.quantize_model_(copy.deepcopy(model), policy)
             return qcompile.compile(m, policy, lowering=lowering), m
         return build
@@ -83,7 +85,9 @@ def configurations(model, w8: str, w4: str, lowering: str = "inductor"):
             (f"eager fake-quant {w4}", "eager", fake(w4)),
             (f"torch.compile fp32 ({tag})", "compiled", compiled_fp32),
             (f"blockquant {w8} ({lowering})", "compiled", blockquant(w8)),
-            (f"blockquant {w4} ({lowering})", "compiled", blockquant(w4))]
+            (f"blockquant {w4} ({lowering})", "compiled", blockquant(w4)),
+            # int x int: the integer path (exact block dot products, activations quantised in C++)
+            (f"blockquant W8A8 {w8} ({lowering})", "compiled", blockquant(w8, w8))]
 
 
 def quantised_layer_bytes(model) -> tuple[int, int]:

@@ -178,8 +178,9 @@ def test_cli_writes_report_plots_and_consistent_numbers(tiny, tmp_path):
     assert set(emb) == {"nf4", "bof4s"}
     assert all(0.5 < r["cos_mean"] <= 1.0 + 1e-6 and r["mse"] > 0 for r in emb.values())
     speed = {r["label"]: r for r in res["speed"]}
-    assert len(speed) == 6 and all(r["prefill_s"] > 0 and r["decode_ms"] > 0
+    assert len(speed) == 7 and all(r["prefill_s"] > 0 and r["decode_ms"] > 0
                                    for r in speed.values())
+    assert "blockquant W8A8 mxint8 (eager)" in speed
     bq = speed["blockquant nf4 (eager)"]
     assert bq["resident_bytes"] < speed["eager fp32"]["resident_bytes"]
     assert bq["quantised_layer_bytes"] < 0.2 * bq["quantised_layer_fp32_bytes"]

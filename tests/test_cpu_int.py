@@ -175,9 +175,11 @@ def test_the_compiled_model_runs_the_integer_formula():
 
 def test_the_operator_is_the_python_path_bit_for_bit(isa):
     """qcompile_cpu::int_linear (called by compiled graphs) = cpu.linear, for 3-d inputs, many
-    rows (prefill), no bias, and a block longer than the row."""
+    rows (prefill), no bias, a block longer than the row, and rows of more than 64 blocks
+    (one row of x then goes 16 weight rows at a time, not row by row)."""
     g = torch.Generator().manual_seed(3)
-    for wfmt, act, k in [("mxint8", "mxint8", 200), ("int4", "int8", 96), ("bfp8", "bfp8", 10)]:
+    for wfmt, act, k in [("mxint8", "mxint8", 200), ("int4", "int8", 96), ("bfp8", "bfp8", 10),
+                         ("mxint8", "mxint8", 2200)]:
         w, b = torch.randn(37, k, generator=g), torch.randn(37, generator=g)
         q = qcompile.quantize(w, wfmt, axis=1)
         p = cpu.plan(q)
