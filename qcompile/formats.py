@@ -215,6 +215,15 @@ def _parse_value(option: str, text: str):
     return text  # scale_rule (checked with the others in _override); unknown options too
 
 
+def key_rebuilds(fmt: Format) -> bool:
+    """Whether ``get(fmt.key)`` gives ``fmt`` back (a Format built by hand may have no such key):
+    what a format must satisfy to be written to a file by its key."""
+    try:
+        return get(fmt.key) == fmt
+    except (ValueError, TypeError):
+        return False
+
+
 def get(name, **overrides) -> Format:
     """A Format by preset name, family name or key, with optional overrides
     (block_size=int >= 1|None, scale_rule='floor'|'ceil'|'rceil'|'even', opq=True|False|None|

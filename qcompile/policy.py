@@ -298,11 +298,7 @@ def _key_of(fmt: Format | None) -> str | None:
     """A format's key, checked to rebuild the same format (a Format built by hand may not)."""
     if fmt is None:
         return None
-    try:
-        same = formats.get(fmt.key) == fmt
-    except (ValueError, TypeError):
-        same = False
-    if not same:
+    if not formats.key_rebuilds(fmt):
         raise PolicyError(f"format {fmt.name!r} has no key that qcompile.formats.get rebuilds "
                           f"(its key is {fmt.key!r}), so the policy cannot be written as JSON")
     return fmt.key

@@ -116,11 +116,7 @@ def save_quantized(model: torch.nn.Module, path) -> None:
 
 
 def _check_key(fmt):
-    try:
-        same = formats.get(fmt.key) == fmt
-    except (ValueError, TypeError):
-        same = False
-    if not same:
+    if not formats.key_rebuilds(fmt):
         raise QuantizedFileError(f"save_quantized: format {fmt.name!r} has no key that "
                                  f"qcompile.formats.get rebuilds (its key is {fmt.key!r})")
 
