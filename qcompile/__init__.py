@@ -8,6 +8,16 @@ from .layers import fake_quantize_model_, quantize_model_, resident_weight_bytes
 from .backend import compile
 from .explain import explain
 from .serialize import load_quantized, save_quantized
+from . import hf_hook
+
+hf_hook.install()  # registers BlockQuantConfig once transformers' quantizer registry loads
+
+
+def __getattr__(name):  # the transformers integration imports transformers: only when used
+    if name in ("BlockQuantConfig", "BlockQuantHfQuantizer"):
+        from . import hf
+        return getattr(hf, name)
+    raise AttributeError(f"module 'qcompile' has no attribute {name!r}")
 
 __all__ = ["formats", "Format", "QTensor", "quantize", "dequantize", "fake_quantize", "Policy",
            "LayerSpec", "compile", "explain", "quantize_model_", "resident_weight_bytes",

@@ -62,20 +62,7 @@ def save_quantized(model: torch.nn.Module, path) -> None:
     holding every tensor once and the metadata ``load_quantized`` needs."""
     from safetensors.torch import save_file
     model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
-    tensors, packed, modules, owners = {}, {}, {}, {}
-    for name, mod in model.named_modules(remove_duplicate=False):
-        if not isinstance(mod, (QuantLinear, QuantEmbedding)):
-            continue
-        q = mod.qtensor()
-        key = (mod.meta, *(id(t) for t in q.tensors().values()))
-        if key not in owners:
-            owners[key] = name
-            _check_key(q.fmt)
-            parts = {leaf: t.detach().cpu().contiguous() for leaf, t in _packed_parts(q)}
-            tensors.update({f"{name}.{leaf}": t for leaf, t in parts.items()})
-            desc = _describe(q)
-            packed[name] = {**desc, "digest": _digest(desc, parts.values())}
-        modules[name] = _module_entry(mod, owners[key])
+    tensors, packed, modules = packed_state(model)
     if not modules:
         raise QuantizedFileError(
             "save_quantized: the model has no quantised layer (QuantLinear / QuantEmbedding); "
@@ -113,6 +100,26 @@ def save_quantized(model: torch.nn.Module, path) -> None:
            "aliases": aliases,
            "tensors": {n: [_dtype_name(t.dtype), list(t.shape)] for n, t in tensors.items()}}
     save_file(tensors, os.fspath(path), metadata={METADATA_KEY: json.dumps(doc), "format": "pt"})
+
+
+def packed_state(model: torch.nn.Module):
+    """``(tensors, packed, modules)`` of the quantised layers: each packed QTensor's parts once
+    (CPU, under its owner's name) and the "packed" and "modules" entries of the metadata."""
+    tensors, packed, modules, owners = {}, {}, {}, {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        if not isinstance(mod, (QuantLinear, QuantEmbedding)):
+            continue
+        q = mod.qtensor()
+        key = (mod.meta, *(id(t) for t in q.tensors().values()))
+        if key not in owners:
+            owners[key] = name
+            _check_key(q.fmt)
+            parts = {leaf: t.detach().cpu().contiguous() for leaf, t in _packed_parts(q)}
+            tensors.update({f"{name}.{leaf}": t for leaf, t in parts.items()})
+            desc = _describe(q)
+            packed[name] = {**desc, "digest": _digest(desc, parts.values())}
+        modules[name] = _module_entry(mod, owners[key])
+    return tensors, packed, modules
 
 
 def _check_key(fmt):
@@ -270,12 +277,12 @@ def _is_shape(v) -> bool:
     return isinstance(v, list) and all(_is_int(d) and d >= 0 for d in v)
 
 
-def _check_doc(doc):
+def _check_doc(doc, file_format: str = FILE_FORMAT):
     """The document's structure: its version first (a newer one may differ in anything)."""
     _need(isinstance(doc, dict), "the document", f"expected a JSON object, got {doc!r}")
-    if doc.get("format") != FILE_FORMAT:
+    if doc.get("format") != file_format:
         raise QuantizedFileError(f"not a blockquant quantised model: its metadata format is "
-                                 f"{doc.get('format')!r}, not {FILE_FORMAT!r}")
+                                 f"{doc.get('format')!r}, not {file_format!r}")
     version = doc.get("version")
     _need(_is_int(version) and version >= 1, "version", f"expected a positive integer, got "
                                                         f"{version!r}")

@@ -1,0 +1,315 @@
+"""The transformers integration (docs/saving.md): ``BlockQuantConfig(policy=...)`` as the
+``quantization_config`` of ``from_pretrained`` quantises a model while it loads, exactly as
+``quantize_model_`` would; ``save_pretrained`` writes the packed weights and the config (the
+policy as its JSON) to config.json; ``from_pretrained`` loads them back, checked.
+
+Quantising while loading: each weight of a layer the policy quantises is packed as soon as it is
+read (transformers' on-the-fly quantisation hook, one float layer at a time) and its layer keeps
+a weightless meta stand-in until loading ends, when the layers are swapped (model code such as
+GPT-2's weight init still reads ``.weight`` while loading). Weights that transformers ties after
+loading (an embedding and its lm_head) are packed after loading with ``quantize_model_``, which
+keeps the sharing rules of docs/policies.md.
+
+Loading a saved model: the packed layers are swapped for placeholders holding buffers of the
+saved shapes before the weights load; after loading each packed weight is checked against its
+format and digest (serialize.py) and the placeholders become QuantLinear / QuantEmbedding.
+Importing this module imports transformers and registers both classes (qcompile/hf_hook.py).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import torch
+from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING,
+                                          AUTO_QUANTIZER_MAPPING, register_quantization_config,
+                                          register_quantizer)
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from . import api, serialize
+from .layers import (POLICIES_ATTR, QuantEmbedding, QuantLinear, _set_child, embedding_layers,
+                     linear_layers, quantize_model_)
+from .policy import Policy, PolicyError
+from .serialize import METADATA_KEY, QuantizedFileError
+
+QUANT_METHOD = "blockquant"
+CHECKPOINT_FORMAT = "blockquant.hf_checkpoint"  # the safetensors metadata of save_pretrained
+WHO = "from_pretrained(quantization_config=BlockQuantConfig)"
+
+
+def _as_policy(policy) -> Policy:
+    if isinstance(policy, Policy):
+        return policy
+    if policy is None:
+        raise ValueError("BlockQuantConfig needs a policy: BlockQuantConfig(policy=qcompile."
+                         "Policy(...)); a config.json quantization_config with quant_method "
+                         "'blockquant' must have a 'policy' field (the policy JSON)")
+    if isinstance(policy, dict):  # config.json holds the policy JSON as an object
+        policy = json.dumps(policy)
+    if not isinstance(policy, str):
+        raise PolicyError(f"BlockQuantConfig: policy must be a qcompile.Policy or its JSON, got "
+                          f"{type(policy).__name__}")
+    try:
+        return Policy.from_json(policy)
+    except PolicyError as e:
+        raise PolicyError(f"BlockQuantConfig: quantization_config 'policy' is not a blockquant "
+                          f"policy: {e}") from None
+
+
+class BlockQuantConfig(QuantizationConfigMixin):
+    """The ``quantization_config`` of ``from_pretrained`` for blockquant: the policy decides
+    which layers get which formats, as in ``qcompile.quantize_model_(model, policy)``."""
+
+    def __init__(self, policy=None, quant_method: str = QUANT_METHOD, **kwargs):
+        if quant_method != QUANT_METHOD:
+            raise ValueError(f"BlockQuantConfig: quant_method is {quant_method!r}, not "
+                             f"{QUANT_METHOD!r}")
+        if kwargs:  # a newer blockquant's field, or a typo: never ignored
+            raise ValueError(f"BlockQuantConfig: unknown field(s) {sorted(kwargs)}; known: "
+                             "['quant_method', 'policy']")
+        self.quant_method = QUANT_METHOD
+        self.policy = _as_policy(policy)
+
+    def to_dict(self) -> dict:
+        return {"quant_method": QUANT_METHOD, "policy": json.loads(self.policy.to_json())}
+
+    def __iter__(self):
+        yield from self.to_dict().items()
+
+    def __deepcopy__(self, memo):  # from_pretrained copies configs; a Policy is not changed
+        return BlockQuantConfig(self.policy)
+
+
+class BlockQuantHfQuantizer(HfQuantizer):
+    """transformers' side of BlockQuantConfig (the HfQuantizer hooks of transformers 5)."""
+
+    requires_calibration = False
+
+    def __init__(self, quantization_config, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        self.stream: dict[str, tuple] = {}  # layers packed as their weight loads
+        self.packed: dict[str, object] = {}  # their QTensors, until loading ends
+        self.doc: dict | None = None  # a saved model's metadata
+
+    @property
+    def policy(self) -> Policy:
+        return self.quantization_config.policy
+
+    def validate_environment(self, *args, device_map=None, **kwargs):
+        if isinstance(device_map, dict) and "disk" in device_map.values():
+            raise ValueError("BlockQuantConfig: disk offloading (device_map with 'disk') is not "
+                             "supported")
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        if self.pre_quantized:
+            self._prepare_saved(model, checkpoint_files)
+            return model
+        tied = {k.removesuffix(".weight") for kv in model.all_tied_weights_keys.items()
+                for k in kv}
+        self.stream = {name: entry for name, entry in _plan(model, self.policy).items()
+                       if name not in tied}
+        return model
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        return (not self.pre_quantized and param_name.endswith(".weight")
+                and param_name.removesuffix(".weight") in self.stream)
+
+    def get_quantize_ops(self):
+        return _quantize_op()(self)
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        if self.pre_quantized:
+            self._finish_saved(model)
+        else:
+            for name, q in self.packed.items():
+                kind, spec, axis = self.stream[name]
+                mod = model.get_submodule(name)
+                _set_child(model, name, QuantLinear(q, mod.bias, spec.act, axis == 0)
+                           if kind == "linear" else QuantEmbedding(q, mod.padding_idx))
+            self.packed.clear()
+            # the tied weights, and any layer whose weight the checkpoint did not hold
+            quantize_model_(model, self.policy)
+            _untie(model, {n for n, m in model.named_modules()
+                           if isinstance(m, (QuantLinear, QuantEmbedding))})
+        return model
+
+    # -- saving -------------------------------------------------------------------------------
+
+    def get_state_dict_and_metadata(self, model):
+        if getattr(model, POLICIES_ATTR, ()) != (self.policy,):
+            raise QuantizedFileError(
+                "save_pretrained: the model was quantised again after loading (its policies: "
+                f"{getattr(model, POLICIES_ATTR, ())}), config.json can name one policy: use "
+                "qcompile.save_quantized")
+        tensors, packed, modules = serialize.packed_state(model)
+        state = model.state_dict()
+        for name, mod in model.named_modules():
+            if isinstance(mod, (QuantLinear, QuantEmbedding)):
+                for leaf in mod._buffers:
+                    state.pop(f"{name}.{leaf}", None)
+        state.update(tensors)  # each packed weight once, under its owner's name
+        doc = {"format": CHECKPOINT_FORMAT, "version": serialize.VERSION,
+               "policies": [json.loads(self.policy.to_json())], "packed": packed,
+               "modules": modules, "parameters": {}, "buffers": [], "aliases": {},
+               "tensors": {n: [serialize._dtype_name(t.dtype), list(t.shape)]
+                           for n, t in tensors.items()}}
+        return state, {METADATA_KEY: json.dumps(doc)}
+
+    def is_serializable(self, *args, **kwargs):
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+    # -- loading a saved model ----------------------------------------------------------------
+
+    def _prepare_saved(self, model, checkpoint_files):
+        doc = _read_doc(checkpoint_files)
+        saved = serialize._policies(doc)
+        if saved != [self.policy]:
+            raise QuantizedFileError(
+                f"the checkpoint's weights were packed with the policy {saved}, its config.json "
+                f"quantization_config names {self.policy!r}: config.json was changed after "
+                "saving")
+        serialize._check_modules(doc, model)
+        for name, entry in doc["modules"].items():
+            packed_from = doc["packed"][entry["packed"]]["dtype"]
+            dtype = serialize._dtype_name(model.get_submodule(name).weight.dtype)
+            if packed_from != dtype:  # the packed layers would compute in another dtype
+                raise QuantizedFileError(
+                    f"layer {name!r} was packed from {packed_from} weights, the model is built "
+                    f"in {dtype}: load with dtype=torch.{packed_from}")
+        _untie(model, set(doc["modules"]))
+        for name, entry in doc["modules"].items():
+            mod = model.get_submodule(name)
+            holder = torch.nn.Module()  # the saved buffers load into it by name
+            holder.weight = _stand_in(mod.weight)  # not a parameter: no key to load
+            if entry["kind"] != "embedding":
+                holder.bias = mod.bias
+            if entry["packed"] == name:
+                for key, (dtype, shape) in doc["tensors"].items():
+                    if key.rpartition(".")[0] == name:
+                        holder.register_buffer(key.rpartition(".")[2], torch.empty(
+                            shape, dtype=getattr(torch, dtype), device="meta"))
+            _set_child(model, name, holder)
+        self.doc = doc
+
+    def _finish_saved(self, model):
+        doc, loaded = self.doc, {}
+        for owner in doc["packed"]:
+            for leaf, t in model.get_submodule(owner)._buffers.items():
+                if t.is_meta:
+                    raise QuantizedFileError(f"tensor {owner}.{leaf} is not in the checkpoint")
+                loaded[f"{owner}.{leaf}"] = t
+        qtensors = {owner: serialize._qtensor(owner, entry, loaded)
+                    for owner, entry in doc["packed"].items()}
+        for name, entry in doc["modules"].items():
+            bias = model.get_submodule(name)._parameters.get("bias")
+            _set_child(model, name, serialize._build(entry, qtensors[entry["packed"]], bias))
+        setattr(model, POLICIES_ATTR, (self.policy,))
+
+
+def _untie(model, swapped: set):
+    """transformers' tie map without the weights the packed layers no longer have (it would tie
+    them after loading, or when the model is tied again)."""
+    for target, source in list(model.all_tied_weights_keys.items()):
+        if {target.removesuffix(".weight"), source.removesuffix(".weight")} & swapped:
+            del model.all_tied_weights_keys[target]
+
+
+def _stand_in(weight, parameter: bool = False) -> torch.Tensor:
+    """A meta tensor for a packed layer's weight until loading ends, marked so that
+    transformers' weight init leaves it alone."""
+    t = torch.empty(weight.shape, dtype=weight.dtype, device="meta")
+    if parameter:
+        t = torch.nn.Parameter(t, requires_grad=False)
+    t._is_hf_initialized = True
+    return t
+
+
+def _plan(model, policy: Policy) -> dict[str, tuple]:
+    """{name: (kind, spec, axis)} of the layers ``quantize_model_`` would swap."""
+    plan = {name: ("linear", spec, axis)
+            for name, _, spec, axis, _ in linear_layers(model, policy, WHO)
+            if spec.weight is not None}  # act-only layers stay nn.Linear
+    plan.update({name: ("embedding", spec, 1)
+                 for name, _, spec, _ in embedding_layers(model, policy, WHO)})
+    return plan
+
+
+def _read_doc(checkpoint_files) -> dict:
+    from safetensors import safe_open
+    files = [os.fspath(f) for f in checkpoint_files or ()]
+    if not files or not files[0].endswith(".safetensors"):
+        raise QuantizedFileError(f"a blockquant checkpoint loads from safetensors files, got "
+                                 f"{files or 'none'}")
+    with safe_open(files[0], framework="pt", device="cpu") as f:
+        meta = f.metadata() or {}
+    if METADATA_KEY not in meta:
+        raise QuantizedFileError(
+            f"{files[0]}: config.json says quant_method 'blockquant' but the weights have no "
+            f"{METADATA_KEY!r} metadata (save_pretrained of a model loaded with "
+            "BlockQuantConfig writes it)")
+    try:
+        doc = json.loads(meta[METADATA_KEY])
+    except json.JSONDecodeError as e:
+        raise QuantizedFileError(f"{files[0]}: the {METADATA_KEY!r} metadata is not JSON ({e})"
+                                 ) from None
+    serialize._check_doc(doc, CHECKPOINT_FORMAT)
+    return doc
+
+
+_OP = None
+
+
+def _quantize_op():
+    """The conversion op class, made on first use: transformers.core_model_loading is not
+    importable while the registry module (which imports this one) is still executing."""
+    global _OP
+    if _OP is None:
+        from transformers.core_model_loading import ConversionOps
+
+        class BlockQuantize(ConversionOps):
+            """Packs one weight as it loads and swaps its layer, as quantize_model_ does."""
+
+            def __init__(self, quantizer):
+                self.quantizer = quantizer
+
+            def convert(self, input_dict, model=None, missing_keys=None, **kwargs):
+                out, stream = {}, self.quantizer.stream
+                for key, value in input_dict.items():
+                    value = value[0] if isinstance(value, list) else value
+                    name = key.removesuffix(".weight")
+                    if not key.endswith(".weight") or name not in stream:
+                        out[key] = value  # not a weight the policy packs: loaded as usual
+                        continue
+                    kind, spec, axis = stream[name]
+                    mod = model.get_submodule(name)
+                    with torch.no_grad():  # in the model's dtype, as plain loading casts it
+                        q = api.quantize(value.to(mod.weight.dtype), spec.weight, axis=axis)
+                    self.quantizer.packed[name] = q
+                    mod.weight = _stand_in(mod.weight, parameter=True)
+                    if missing_keys is not None:
+                        missing_keys.discard(key)
+                return out
+
+        _OP = BlockQuantize
+    return _OP
+
+
+def _register():
+    """Register both classes once (a second import, e.g. importlib.reload, finds them)."""
+    if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is None:
+        register_quantization_config(QUANT_METHOD)(BlockQuantConfig)
+    if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is None:
+        register_quantizer(QUANT_METHOD)(BlockQuantHfQuantizer)
+
+
+_register()

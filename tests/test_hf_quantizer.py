@@ -1,0 +1,290 @@
+"""The transformers integration (qcompile/hf.py): from_pretrained(quantization_config=
+BlockQuantConfig(policy)) against the oracle "load in float, then quantize_model_" bit for bit,
+save_pretrained -> from_pretrained (in a fresh process too), compiling the loaded model, and
+the errors for bad configs and damaged checkpoints."""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForCausalLM
+
+import qcompile
+from qcompile import LayerSpec, Policy, hf
+from qcompile.backend import compiled_variants
+from qcompile.layers import POLICIES_ATTR, QuantEmbedding, QuantLinear
+from qcompile.policy import PolicyError
+from qcompile.serialize import QuantizedFileError
+
+ROOT = Path(__file__).resolve().parents[1]
+LLAMA = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=128)
+IDS = torch.tensor([[1, 5, 9, 2, 77, 3, 120]])
+MIXED = Policy({"model.embed_tokens": LayerSpec(weight="nf4", op="embedding"),  # shared with
+                "lm_head": LayerSpec(weight="nf4"),                          # the tied lm_head
+                "*.mlp.down_proj": LayerSpec(weight="bof4s_opq"),           # outlier side data
+                "re:.*self_attn\\.[qk]_proj": LayerSpec(weight="mxint8", act="mxint8")},
+               default=LayerSpec(weight="int4"))
+
+
+def save_llama(folder, tie=True, seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(**LLAMA, tie_word_embeddings=tie)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+    return folder
+
+
+def save_gpt2(folder):
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=128, n_positions=16,
+                                  bos_token_id=0, eos_token_id=0)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(folder)
+    return folder
+
+
+def reference(folder, policy, **kwargs):
+    """The oracle: plain float loading, then quantize_model_ (no BlockQuantConfig involved)."""
+    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
+    return qcompile.quantize_model_(model, policy)
+
+
+def with_config(folder, policy, **kwargs):
+    cfg = qcompile.BlockQuantConfig(policy=policy)
+    return AutoModelForCausalLM.from_pretrained(folder, quantization_config=cfg, **kwargs).eval()
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def state(model) -> dict:
+    return {**dict(model.named_parameters(remove_duplicate=False)),
+            **dict(model.named_buffers(remove_duplicate=False))}
+
+
+def sharing(model) -> list:
+    """Which names share one tensor (tied tables, a packed table shared by two layers)."""
+    groups = {}
+    for name, t in state(model).items():
+        groups.setdefault(id(t), []).append(name)
+    return sorted(g for g in groups.values() if len(g) > 1)
+
+
+def assert_same(got, want):
+    assert {n: type(m) for n, m in got.named_modules()} == {
+        n: type(m) for n, m in want.named_modules()}
+    quantised = [n for n, m in want.named_modules() if isinstance(m, (QuantLinear,
+                                                                          QuantEmbedding))]
+    assert quantised
+    for name in quantised:
+        g, w = got.get_submodule(name), want.get_submodule(name)
+        assert (g.meta, g.impl, getattr(g, "act", None)) == (w.meta, w.impl, getattr(w, "act",
+                                                                                      None))
+    sg, sw = state(got), state(want)
+    assert sorted(sg) == sorted(sw)
+    for name, t in sw.items():
+        assert sg[name].dtype == t.dtype and torch.equal(sg[name], t), name
+    assert sharing(got) == sharing(want)
+    assert getattr(got, POLICIES_ATTR) == getattr(want, POLICIES_ATTR)
+    assert torch.equal(logits(got), logits(want))
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_quantised_while_loading_equals_quantize_model_(tmp_path, monkeypatch, caplog, tie):
+    folder = save_llama(tmp_path / "float", tie=tie)
+    policy = MIXED if tie else Policy({"model.embed_tokens": LayerSpec(weight="int8",
+                                                                       op="embedding")},
+                                      default=LayerSpec(weight="nf4"))
+    left = []  # what the policy still quantises once the weights are loaded
+
+    def after_loading(model, policy):
+        left.extend(sorted(hf._plan(model, policy)))
+        return qcompile.quantize_model_(model, policy)
+    monkeypatch.setattr(hf, "quantize_model_", after_loading)
+    got = with_config(folder, policy)
+    monkeypatch.undo()
+    assert "LOAD REPORT" not in caplog.text  # no missing, unexpected or mismatched key
+    # every layer was packed as its weight loaded, except a pair that transformers ties later
+    assert left == (["lm_head", "model.embed_tokens"] if tie else [])
+    assert_same(got, reference(folder, policy))
+    if tie:
+        assert got.lm_head.codes is got.model.embed_tokens.codes  # one packed table
+        assert isinstance(got.model.layers[0].mlp.down_proj, QuantLinear)
+        assert got.model.layers[0].self_attn.q_proj.act == "mxint8"
+    else:
+        assert isinstance(got.model.embed_tokens, QuantEmbedding)
+
+
+def test_gpt2_conv1d_while_loading(tmp_path):
+    folder = save_gpt2(tmp_path / "gpt2")
+    policy = Policy({"transformer.wte": LayerSpec(weight="int8", op="embedding"),
+                     "*.mlp.*": LayerSpec(weight="nf4")}, default=LayerSpec(weight="mxfp4"))
+    got = with_config(folder, policy)
+    assert got.transformer.h[0].attn.c_attn.conv1d
+    want = reference(folder, policy)
+    assert_same(got, want)
+    got.save_pretrained(tmp_path / "q")  # GPT-2's init reads c_proj.weight while loading
+    assert_same(AutoModelForCausalLM.from_pretrained(tmp_path / "q"), want)
+
+
+@pytest.mark.filterwarnings("ignore:.*no generated CPU kernel:UserWarning")  # bf16: reference
+def test_while_loading_in_bfloat16(tmp_path):
+    folder = save_llama(tmp_path / "float", tie=False)
+    got = with_config(folder, MIXED, dtype=torch.bfloat16)
+    assert got.model.layers[0].mlp.up_proj.qtensor().dtype == torch.bfloat16
+    assert_same(got, reference(folder, MIXED, dtype=torch.bfloat16))
+
+
+def test_config_json_holds_the_policy(tmp_path):
+    cfg = qcompile.BlockQuantConfig(policy=MIXED)
+    assert cfg.to_dict() == {"quant_method": "blockquant", "policy": json.loads(MIXED.to_json())}
+    from transformers.quantizers import AutoQuantizationConfig
+    rebuilt = AutoQuantizationConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert isinstance(rebuilt, qcompile.BlockQuantConfig) and rebuilt.policy == MIXED
+    model = with_config(save_llama(tmp_path / "float"), MIXED)
+    model.save_pretrained(tmp_path / "q")
+    saved = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert Policy.from_json(json.dumps(saved["policy"])) == MIXED
+
+
+def test_save_and_load_round_trip_in_a_fresh_process(tmp_path, caplog):
+    folder = save_llama(tmp_path / "float")
+    model = with_config(folder, MIXED)
+    model.save_pretrained(tmp_path / "q")
+    assert_same(AutoModelForCausalLM.from_pretrained(tmp_path / "q"), reference(folder, MIXED))
+    assert "LOAD REPORT" not in caplog.text
+    torch.save(IDS, tmp_path / "ids.pt")
+    script = (  # the registration must come from `import qcompile` alone, and stay lazy
+        "import sys, torch\n"
+        "import qcompile\n"
+        "assert 'transformers' not in sys.modules, 'import qcompile imported transformers'\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1] + '/q')\n"
+        "with torch.no_grad():\n"
+        "    y = m(torch.load(sys.argv[1] + '/ids.pt')).logits\n"
+        "torch.save({'logits': y, 'state': {**dict(m.named_parameters()),\n"
+        "            **dict(m.named_buffers())}}, sys.argv[1] + '/out.pt')\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = torch.load(tmp_path / "out.pt")
+    want = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    assert sorted(out["state"]) == sorted(want)
+    assert all(torch.equal(out["state"][k], v) for k, v in want.items())
+    assert torch.equal(out["logits"], logits(reference(folder, MIXED)))
+
+
+def test_loaded_model_compiles_like_the_quantised_one(tmp_path):
+    policy = Policy({"model.embed_tokens": LayerSpec(weight="nf4", op="embedding")},
+                    default=LayerSpec(weight="int4"))
+    folder = save_llama(tmp_path / "float")
+    with_config(folder, policy).save_pretrained(tmp_path / "q")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
+    in_memory = reference(folder, policy)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = qcompile.compile(in_memory, policy)(IDS).logits
+        got = qcompile.compile(loaded, policy)(IDS).logits
+    assert torch.equal(got, want)
+    assert any(v.model() is loaded for v in compiled_variants())  # the backend compiled it
+    eager = logits(reference(folder, policy))  # Inductor reorders float sums: close, not equal
+    torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_the_docs_example_runs_as_written():
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "saving.md").read_text(), re.S)
+    example = next(b for b in blocks if "BlockQuantConfig" in b)
+    done = subprocess.run([sys.executable, "-c", example], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "same output: True" in done.stdout
+    assert "compiled: torch.Size([1, 4, 128])" in done.stdout
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+def test_a_config_needs_a_policy():
+    with pytest.raises(ValueError, match="BlockQuantConfig needs a policy"):
+        qcompile.BlockQuantConfig()
+    with pytest.raises(PolicyError, match="must be a qcompile.Policy or its JSON, got int"):
+        qcompile.BlockQuantConfig(policy=4)
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['bits'\]"):
+        qcompile.BlockQuantConfig(policy=MIXED, bits=4)
+
+
+def edit_config(folder, edit):
+    path = Path(folder) / "config.json"
+    cfg = json.loads(path.read_text())
+    edit(cfg["quantization_config"])
+    path.write_text(json.dumps(cfg))
+
+
+@pytest.fixture
+def saved(tmp_path):
+    with_config(save_llama(tmp_path / "float"), MIXED).save_pretrained(tmp_path / "q")
+    return tmp_path / "q"
+
+
+def test_config_json_without_a_policy(saved):
+    edit_config(saved, lambda q: q.pop("policy"))
+    with pytest.raises(ValueError, match="must have a 'policy' field"):
+        AutoModelForCausalLM.from_pretrained(saved)
+
+
+def test_config_json_with_a_bad_policy(saved):
+    edit_config(saved, lambda q: q["policy"]["rules"][0]["spec"].update(weight="nf9"))
+    with pytest.raises(PolicyError, match=r"quantization_config 'policy' is not a blockquant "
+                                          r"policy: policy JSON rules\[0\].*'nf9'"):
+        AutoModelForCausalLM.from_pretrained(saved)
+    edit_config(saved, lambda q: q.update(policy="{not json"))
+    with pytest.raises(PolicyError, match="policy JSON is malformed"):
+        AutoModelForCausalLM.from_pretrained(saved)
+
+
+def test_config_json_with_another_policy(saved):
+    other = json.loads(Policy({}, default=LayerSpec(weight="int4")).to_json())
+    edit_config(saved, lambda q: q.update(policy=other))
+    with pytest.raises(QuantizedFileError, match="config.json was changed after saving"):
+        AutoModelForCausalLM.from_pretrained(saved)
+
+
+def test_changed_packed_bytes(saved):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    path = str(saved / "model.safetensors")
+    with safe_open(path, framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    tensors["model.layers.1.mlp.up_proj.codes"][0, 0] ^= 1
+    save_file(tensors, path, metadata=meta)
+    with pytest.raises(QuantizedFileError, match=r"packed weight 'model\.layers\.1\.mlp\.up_"
+                                                 r"proj'.*the digest differs"):
+        AutoModelForCausalLM.from_pretrained(saved)
+
+
+def test_weights_without_blockquant_metadata(saved, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    path = str(saved / "model.safetensors")
+    with safe_open(path, framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(QuantizedFileError, match="the weights have no 'blockquant' metadata"):
+        AutoModelForCausalLM.from_pretrained(saved)
+
+
+def test_saved_model_loaded_in_another_dtype(saved):
+    with pytest.raises(QuantizedFileError, match="'model.embed_tokens' was packed from float32 "
+                                                 "weights, the model is built in bfloat16"):
+        AutoModelForCausalLM.from_pretrained(saved, dtype=torch.bfloat16)
+
+
+def test_save_after_quantising_again(tmp_path):
+    model = with_config(save_llama(tmp_path / "float", tie=False), Policy({"lm_head": None}))
+    qcompile.quantize_model_(model, Policy({"lm_head": LayerSpec(weight="int8")}))
+    with pytest.raises(QuantizedFileError, match="quantised again after loading"):
+        model.save_pretrained(tmp_path / "q")
