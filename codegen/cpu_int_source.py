@@ -11,11 +11,11 @@ Triton integer path's formula (codegen/linear.py), the same on every instruction
 ``a = multiplier * 2^-frac`` (exact). The sum over tiles is sequential per output, so the kernels
 vectorise over weight rows: ``W`` rows at a time (16 with AVX-512), each lane one output.
 
-Integer dot products: with AVX-512 VNNI (its own build, QC_ISA 3), ``vpdpbusd`` multiplies unsigned by signed bytes, so a
-weight code w is offset to w + 128 and the activation block's code sum is subtracted times 128
-(exact: every partial sum is an int32); without VNNI (AVX2, AVX-512 without VNNI),
-``vpmaddubsw`` on |w| and x * sign(w) (|products| <= 2 * 127 * 127 fits int16), then
-``vpmaddwd``; the scalar build loops. Weight codes narrower than 8 bits are unpacked to signed
+Integer dot products: with AVX-512 VNNI (its own build, QC_ISA 3), ``vpdpbusd`` multiplies
+unsigned by signed bytes, so a weight code w is offset to w + 128 and the activation block's code
+sum is subtracted times 128 (exact: every partial sum is an int32); without VNNI (AVX2, AVX-512
+without VNNI), ``vpmaddubsw`` on |w| and x * sign(w) (|products| <= 2 * 127 * 127 fits int16),
+then ``vpmaddwd``; the scalar build loops. Weight codes narrower than 8 bits are unpacked to signed
 bytes for the row group first.
 """
 
@@ -93,7 +93,9 @@ void act_block(const ActArgs& a, const float* x, int64_t len, int8_t* q, float* 
             } else {
                 const int step = a.frac + a.emax;
                 const float m = amax * pow2i(-top);
-                e = top - a.emax + (std::nearbyint(m * std::ldexp(1.0f, step)) >= std::ldexp(1.0f, step + 1));
+                const bool carries = std::nearbyint(m * std::ldexp(1.0f, step)) >=
+                                     std::ldexp(1.0f, step + 1);
+                e = top - a.emax + carries;
             }
             e = std::min(std::max(e, -127), 127);
         }
@@ -138,27 +140,32 @@ inline __m256i load_part(const int8_t* p, int64_t n) {  // n < 32 bytes, the res
     std::memcpy(buf, p, n);
     return _mm256_load_si256((const __m256i*)buf);
 }
+// 8 vectors of 8 int32 lanes -> lane r = the sum of vector r
+inline __m256i reduce8(const __m256i* acc) {
+    const __m256i g0 = _mm256_hadd_epi32(_mm256_hadd_epi32(acc[0], acc[1]),
+                                         _mm256_hadd_epi32(acc[2], acc[3]));
+    const __m256i g1 = _mm256_hadd_epi32(_mm256_hadd_epi32(acc[4], acc[5]),
+                                         _mm256_hadd_epi32(acc[6], acc[7]));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(g0, g1, 0x20),
+                            _mm256_permute2x128_si256(g0, g1, 0x31));
+}
 inline void dots8(const int8_t* const* w, const int8_t* x, int64_t T, int32_t* D) {
     __m256i acc[8];
     for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_si256();
     const __m256i ones = _mm256_set1_epi16(1);
     for (int64_t c = 0; c < T; c += 32) {
         const int64_t n = std::min<int64_t>(32, T - c);
-        const __m256i xv = n == 32 ? _mm256_loadu_si256((const __m256i*)(x + c)) : load_part(x + c, n);
+        const __m256i xv = n == 32 ? _mm256_loadu_si256((const __m256i*)(x + c))
+                                   : load_part(x + c, n);
         for (int r = 0; r < 8; ++r) {
             const __m256i wv = n == 32 ? _mm256_loadu_si256((const __m256i*)(w[r] + c))
                                        : load_part(w[r] + c, n);
-            const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+            const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv),
+                                                   _mm256_sign_epi8(xv, wv));
             acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(p, ones));
         }
     }
-    // 8 vectors of 8 lanes -> lane r = the sum of vector r
-    const __m256i h0 = _mm256_hadd_epi32(acc[0], acc[1]), h1 = _mm256_hadd_epi32(acc[2], acc[3]);
-    const __m256i h2 = _mm256_hadd_epi32(acc[4], acc[5]), h3 = _mm256_hadd_epi32(acc[6], acc[7]);
-    const __m256i g0 = _mm256_hadd_epi32(h0, h1), g1 = _mm256_hadd_epi32(h2, h3);
-    const __m256i s = _mm256_add_epi32(_mm256_permute2x128_si256(g0, g1, 0x20),
-                                       _mm256_permute2x128_si256(g0, g1, 0x31));
-    _mm256_storeu_si256((__m256i*)D, s);
+    _mm256_storeu_si256((__m256i*)D, reduce8(acc));
 }
 #endif
 
@@ -171,7 +178,8 @@ inline __mmask32 chunk_mask(int64_t n) {
     return n >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << n) - 1);
 }
 inline __m512i weight_pair(const int8_t* const* w, int i, int64_t c, __mmask32 k) {
-    const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_maskz_loadu_epi8(k, w[LO[i]] + c)),
+    const __m256i lo = _mm256_maskz_loadu_epi8(k, w[LO[i]] + c);
+    const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(lo),
                                          _mm256_maskz_loadu_epi8(k, w[HI[i]] + c), 1);
     return _mm512_xor_si512(v, _mm512_set1_epi8((char)0x80));
 }
@@ -201,16 +209,14 @@ inline void row_dots_vnni(const int8_t* w, const int8_t* x, const int32_t* xsum,
             acc[j] = _mm256_setzero_si256();
             for (int64_t c = 0; j < tiles && c < T; c += 32) {
                 const int64_t k = (t + j) * T + c;
-                const __m256i wv = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(w + k)), flip);
-                acc[j] = _mm256_dpbusd_epi32(acc[j], wv, _mm256_loadu_si256((const __m256i*)(x + k)));
+                const __m256i wv = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(w + k)),
+                                                    flip);
+                const __m256i xv = _mm256_loadu_si256((const __m256i*)(x + k));
+                acc[j] = _mm256_dpbusd_epi32(acc[j], wv, xv);
             }
         }
-        const __m256i h0 = _mm256_hadd_epi32(acc[0], acc[1]), h1 = _mm256_hadd_epi32(acc[2], acc[3]);
-        const __m256i h2 = _mm256_hadd_epi32(acc[4], acc[5]), h3 = _mm256_hadd_epi32(acc[6], acc[7]);
-        const __m256i g0 = _mm256_hadd_epi32(h0, h1), g1 = _mm256_hadd_epi32(h2, h3);
         const __mmask8 k = (__mmask8)((1u << tiles) - 1);
-        const __m256i s = _mm256_add_epi32(_mm256_permute2x128_si256(g0, g1, 0x20),
-                                           _mm256_permute2x128_si256(g0, g1, 0x31));
+        const __m256i s = reduce8(acc);
         const __m256i off = _mm256_slli_epi32(_mm256_maskz_loadu_epi32(k, xsum + t), 7);
         _mm256_mask_storeu_epi32(D + t, k, _mm256_sub_epi32(s, off));
     }
@@ -232,7 +238,8 @@ template <int CH>
 void tile_vnni(const IntArgs& a, const int8_t* const* wt, int64_t t, F aw, float* acc) {
     __m512i wv[CH][8];
     for (int c = 0; c < CH; ++c)
-        for (int i = 0; i < 8; ++i) wv[c][i] = weight_pair(wt, i, 32 * c, chunk_mask(a.tile - 32 * c));
+        for (int i = 0; i < 8; ++i)
+            wv[c][i] = weight_pair(wt, i, 32 * c, chunk_mask(a.tile - 32 * c));
     for (int64_t m = 0; m < a.M; ++m) {
         const int8_t* x = a.xq + (m * a.n_tiles + t) * a.tile;
         __m512i v[8];
@@ -345,7 +352,8 @@ void int_linear(const IntArgs& a, int threads) {
                 if (BITS == 8) { w[r] = (const int8_t*)row; continue; }
                 int8_t* u = unpacked.data() + r * len;
                 const int half = 1 << (BITS - 1);
-                for (int64_t k = 0; k < len; ++k) u[k] = (int8_t)((code_at<BITS>(row, k) ^ half) - half);
+                for (int64_t k = 0; k < len; ++k)
+                    u[k] = (int8_t)((code_at<BITS>(row, k) ^ half) - half);
                 w[r] = u;
             }
             int_group<SCALE>(a, w, n0, awt.data(), acc.data(), rowD.data());
@@ -356,7 +364,9 @@ void int_linear(const IntArgs& a, int threads) {
 
 # per weight width and scale kind (the activation side is data: ActArgs)
 ENTRY = r"""
-void qc_int_linear_{tag}(const IntArgs* a, int threads) {{ int_linear<{bits}, {scale}>(*a, threads); }}
+void qc_int_linear_{tag}(const IntArgs* a, int threads) {{
+    int_linear<{bits}, {scale}>(*a, threads);
+}}
 """
 
 COMMON_ENTRY = r"""

@@ -25,12 +25,13 @@ tensors get none. ``fake_quantize_act`` is straight through (identity gradient);
 The bodies dispatch on ``impl``: "reference" runs qcompile's reference implementation (the
 definition of each format); "triton" runs the generated Triton kernels of qcompile.codegen
 (dequantise, quantise, the fused linear of codegen/linear.py); "cpu" the generated C++ kernels
-of codegen/cpu.py (the linear and the dequantise of 2-d weights; activations are quantised by
-the reference); "auto" is "triton" for CUDA tensors and "cpu" otherwise. Where no kernel exists for a format or input by design (qcompile's own
-checks raise NotImplementedError before anything is launched: a format codegen does not cover,
-CPU tensors without Triton's interpreter, ...) the op warns once (per op and format) and
-computes the reference result. A kernel that fails in any other way does the same, unless
-QCOMPILE_STRICT=1 (the test suite's setting): then its exception propagates.
+of codegen/cpu.py (the linear and the dequantise of 2-d weights; int x int layers quantise
+their activations in C++, other activation formats are quantised by the reference); "auto" is
+"triton" for CUDA tensors and "cpu" otherwise. Where no kernel exists for a format or input by
+design (qcompile's own checks raise NotImplementedError before anything is launched: a format
+codegen does not cover, CPU tensors without Triton's interpreter, ...) the op warns once (per op
+and format) and computes the reference result. A kernel that fails in any other way does the
+same, unless QCOMPILE_STRICT=1 (the test suite's setting): then its exception propagates.
 """
 from __future__ import annotations
 
