@@ -37,9 +37,7 @@ import weakref
 
 import torch
 
-from qcompile import config
-
-from qcompile import formats
+from qcompile import config, formats
 
 from . import cpu_int, cpu_int_source, cpu_source
 from .cache import cache_dir, write_atomically
