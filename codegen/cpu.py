@@ -16,8 +16,9 @@ dlopen) and, once loaded, it must report the same source hash (``qc_source_hash`
 else is rebuilt. Builds go to a private temporary file that is loaded, checked, then renamed
 into place, so processes building at once never see half a file.
 
-Instruction set: AVX-512 where torch reports it, else AVX2, else scalar; ``QCOMPILE_CPU_ISA``
-forces one (an ISA the machine lacks is an error, not a crash).
+Instruction set: AVX-512 where torch reports it (with VNNI where the CPU has it: its own build,
+used by the integer path of cpu_int.py), else AVX2, else scalar; ``QCOMPILE_CPU_ISA`` forces one
+(an ISA the machine lacks is an error, not a crash).
 
 Formats: every element of 2..8 bits and every scale kind (E8M0, float32 absmax, NVFP4), OPQ
 outliers added after the kernel. Models in float32; other dtypes (whose reference rounds the
