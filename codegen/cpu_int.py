@@ -43,13 +43,14 @@ class IntArgs(ctypes.Structure):
 
 
 def applies(q, af) -> bool:
-    if af is None or not int_path(q.fmt, af, "gemv"):
-        return False
-    return q.block % af.block_for(_k(q)) == 0  # each activation block inside one weight block
+    return af is not None and _pair(q.fmt, af, q.block, q.shape[1] if q.axis == 1 else q.shape[0])
 
 
-def _k(q) -> int:
-    return q.shape[1] if q.axis == 1 else q.shape[0]
+@functools.lru_cache(maxsize=1024)
+def _pair(wfmt, af, block: int, k: int) -> bool:
+    """Cached: the Python entry asks on every call of a layer."""
+    # each activation block inside one weight block
+    return int_path(wfmt, af, "gemv") and block % af.block_for(k) == 0
 
 
 @functools.lru_cache(maxsize=256)

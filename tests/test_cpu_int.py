@@ -136,6 +136,26 @@ def test_nan_blocks_give_nan_rows_and_columns(isa):
         assert same_bits(y[ok], want[ok])
 
 
+def binade_spread_input(k: int, rows: int = 3) -> torch.Tensor:
+    """Activations whose 32-element blocks span many binades: float32 accumulation of the
+    fake-quantised operands rounds differently from the integer formula here."""
+    g = torch.Generator().manual_seed(0)
+    scale = 2.0 ** torch.randint(-12, 12, (rows, k // 32), generator=g)
+    return torch.randn(rows, k, generator=g) * scale.repeat_interleave(32, 1)
+
+
+def test_the_python_entry_runs_the_integer_formula(isa):
+    """cpu.linear takes the integer path (not the float path, which this input tells apart)."""
+    x, w = binade_spread_input(1024), torch.randn(64, 1024)
+    q = qcompile.quantize(w, "mxint8", axis=1)
+    float_path = torch.nn.functional.linear(qcompile.fake_quantize(x, "mxint8", axis=-1),
+                                            qcompile.dequantize(q))
+    want = int_formula(x, q, None, "mxint8")
+    assert not torch.equal(float_path, want)
+    for m in (1, 3):
+        assert same_bits(cpu.linear(x[:m], q, "mxint8"), want[:m])
+
+
 def test_which_pairs_take_the_integer_path():
     w = torch.randn(8, 96)
     take = [("mxint8", "mxint8"), ("int4", "int8"), ("bfp8", "bfp8")]
@@ -159,7 +179,7 @@ def test_the_compiled_model_runs_the_integer_formula():
     model = torch.nn.Sequential(torch.nn.Linear(1024, 64), torch.nn.ReLU(),
                                 torch.nn.Linear(64, 32))
     policy = Policy(default=LayerSpec(weight="mxint8", act="mxint8"))
-    x = torch.randn(3, 1024) * 2.0 ** torch.randint(-12, 12, (3, 32)).repeat_interleave(32, 1)
+    x = binade_spread_input(1024)
     with torch.no_grad():
         fast = torch.compile(model, backend="blockquant", options={"policy": policy})
         y = fast(x)
