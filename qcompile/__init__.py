@@ -7,6 +7,7 @@ from .policy import LayerSpec, Policy
 from .layers import fake_quantize_model_, quantize_model_, resident_weight_bytes
 from .backend import compile
 from .explain import explain
+from .search import search_policy
 from .serialize import load_quantized, save_quantized
 from . import hf_hook
 
@@ -21,5 +22,5 @@ def __getattr__(name):  # the transformers integration imports transformers: onl
 
 __all__ = ["formats", "Format", "QTensor", "quantize", "dequantize", "fake_quantize", "Policy",
            "LayerSpec", "compile", "explain", "quantize_model_", "resident_weight_bytes",
-           "fake_quantize_model_", "save_quantized", "load_quantized"]
+           "fake_quantize_model_", "save_quantized", "load_quantized", "search_policy"]
 __version__ = "0.1.0"

@@ -1,0 +1,480 @@
+"""``qcompile.search_policy``: the per-layer policy that loses least under a bit budget.
+
+1. Bits: every searched layer is quantised once with every candidate; the packed QTensor's
+   stored bytes (codes, scales, padding, outliers) are its cost, exactly what ``explain``
+   counts after ``quantize_model_``; a layer left in full precision costs its float bits.
+2. Sensitivity: the KL divergence of the model's next-token distribution, against the
+   full-precision model on the calibration tokens, when that one layer alone runs with a
+   candidate (its weight swapped for the dequantised one, its input fake-quantised by a
+   forward pre-hook). Decoder blocks before the layer's block replay their recorded outputs,
+   so a pass runs only the blocks from the changed one on.
+3. Choice: minimise the summed sensitivities subject to the summed stored bits <= budget, a
+   multiple-choice knapsack solved exactly by dynamic programming (``solve_budget``).
+4. Check: all chosen layers at once, end to end (KL and top-1 agreement); a uniform candidate
+   that fits the budget and measures better is returned instead, and the result says so.
+
+docs/search.md explains the method and its resolution.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import api, config
+from .layers import linear_layers
+from .policy import LayerSpec, Policy, PolicyError
+
+#: Cost-axis cells of the dynamic programme (its memory: layers x cells x 2 bytes).
+MAX_UNITS = 1 << 17
+FULL_PRECISION = "full precision"
+
+
+def kl_and_top1(ref_logits: torch.Tensor, logits: torch.Tensor) -> tuple[float, float]:
+    """Mean KL(P_ref || P) of the next-token distributions (nats per position) and the fraction
+    of positions whose most likely token agrees, over every position of logits [..., vocab]."""
+    if ref_logits.shape != logits.shape:
+        raise ValueError(f"logits of shape {tuple(logits.shape)} do not match the reference's "
+                         f"{tuple(ref_logits.shape)}")
+    ref = ref_logits.reshape(-1, ref_logits.shape[-1]).float()
+    got = logits.reshape(-1, logits.shape[-1]).float()
+    lp, lq = F.log_softmax(ref, -1), F.log_softmax(got, -1)
+    kl = (lp.exp() * (lp - lq)).sum(-1)
+    top1 = (ref.argmax(-1) == got.argmax(-1)).double().mean()
+    return kl.double().mean().item(), top1.item()
+
+
+def solve_budget(sensitivity, cost, budget: int, max_units: int = MAX_UNITS) -> list[int]:
+    """The choice per layer minimising ``sum(sensitivity[i][c_i])`` subject to
+    ``sum(cost[i][c_i]) <= budget`` (integer costs), by dynamic programming over the cost
+    above each layer's cheapest choice. Costs are counted in cells of ``step`` units: their
+    greatest common divisor when the budget spans at most ``max_units`` of those (the solution
+    is then exact), else ``ceil(room / max_units)``, with every cost rounded up (the budget is
+    never exceeded; the answer is at least as good as the optimum under ``budget - layers *
+    step``). Ties go to the cheaper total, then to earlier candidates."""
+    sens = np.asarray(sensitivity, dtype=np.float64)
+    costs = [[int(c) for c in row] for row in cost]
+    base = [min(row) for row in costs]
+    room = int(budget) - sum(base)
+    if room < 0:
+        raise ValueError(f"no choice fits the budget: the cheapest choices cost {sum(base)}, "
+                         f"the budget is {budget}")
+    extra = [[c - b for c in row] for row, b in zip(costs, base)]
+    g = math.gcd(*[e for row in extra for e in row]) or 1
+    step = max(g, -(-room // max_units))
+    units = [[-(-e // step) for e in row] for row in extra]
+    cap = room // step
+    dp = np.full(cap + 1, np.inf)
+    dp[0] = 0.0
+    picks = np.empty((len(costs), cap + 1), dtype=np.int16)
+    for i, row in enumerate(units):
+        new, pick = np.full(cap + 1, np.inf), np.full(cap + 1, -1, dtype=np.int16)
+        for j, u in enumerate(row):
+            if u > cap:
+                continue
+            cand = np.full(cap + 1, np.inf)
+            cand[u:] = dp[: cap + 1 - u] + sens[i, j]
+            better = cand < new
+            new[better], pick[better] = cand[better], j
+        dp, picks[i] = new, pick
+    c = int(np.argmin(dp))  # the first minimum: the cheapest total among equal losses
+    choice = [0] * len(costs)
+    for i in reversed(range(len(costs))):
+        choice[i] = int(picks[i, c])
+        c -= units[i][choice[i]]
+    return choice
+
+
+@dataclass
+class Sensitivities:
+    """What the passes measured, reusable for other budgets (``search_policy(...,
+    sensitivities=result.sensitivities)``). ``kl[i][j]``: layer i alone with candidate j;
+    ``cost[i][j]``: its stored bits. Holds the packed weights of every (layer, candidate)."""
+    layers: list[str]
+    numel: list[int]
+    candidates: list  # LayerSpec or None
+    labels: list[str]
+    kl: np.ndarray
+    cost: list[list[int]]
+    packed: dict = field(repr=False, default_factory=dict)  # (i, j) -> QTensor
+    passes: int = 0
+    seconds: dict = field(default_factory=dict)
+
+
+@dataclass
+class LayerChoice:
+    name: str
+    choice: str
+    sensitivity: float
+    bits: float
+    numel: int
+
+
+@dataclass
+class SearchResult:
+    policy: Policy
+    bits: float  # stored bits per weight over the searched layers
+    budget: float
+    table: list[LayerChoice]
+    estimated_kl: float  # the sum of the chosen layers' sensitivities
+    kl: float  # measured on the calibration tokens, every chosen layer at once
+    top1: float
+    uniform: dict  # candidate label -> {"bits", "kl", "top1"} for uniform choices in budget
+    note: str
+    sensitivities: Sensitivities = field(repr=False)
+    seconds: dict = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        w = max(len(r.name) for r in self.table)
+        lines = [f"{'layer'.ljust(w)}  {'choice':<24} {'KL alone':>10} {'bits':>7}"]
+        lines += [f"{r.name.ljust(w)}  {r.choice:<24} {r.sensitivity:10.3e} {r.bits:7.3f}"
+                  for r in self.table]
+        lines.append(f"budget {self.budget:g} bits/weight: {self.bits:.4f} used; KL estimated "
+                     f"{self.estimated_kl:.4e} (sum), measured {self.kl:.4e}; top-1 agreement "
+                     f"{100 * self.top1:.2f}%")
+        lines += [f"uniform {k}: {u['bits']:.4f} bits, KL {u['kl']:.4e}, top-1 "
+                  f"{100 * u['top1']:.2f}%" for k, u in self.uniform.items()]
+        return "\n".join(lines + ([self.note] if self.note else []))
+
+
+# -- validation -------------------------------------------------------------------------------
+
+def _label(spec) -> str:
+    if spec is None:
+        return FULL_PRECISION
+    if spec.act is None:
+        return spec.weight.key
+    return f"{spec.weight.key if spec.weight else '-'} + act {spec.act.key}"
+
+
+def _candidates(candidates) -> list:
+    if isinstance(candidates, (str, LayerSpec)) or not hasattr(candidates, "__iter__"):
+        raise ValueError(f"candidates must be a list of format keys, LayerSpecs or None, got "
+                         f"{type(candidates).__name__} {candidates!r}")
+    out = []
+    for c in candidates:
+        if c is not None and not isinstance(c, LayerSpec):
+            c = LayerSpec(weight=c)  # PolicyError naming the format and the valid ones
+        if c is not None and c.op not in (None, "linear"):
+            raise PolicyError(f"candidate {c!r}: the search chooses formats of linear layers; "
+                              "op must be None or 'linear'")
+        if c not in out:
+            out.append(c)
+    if not out:
+        raise ValueError("candidates is empty: give format keys (e.g. 'nf4', 'mxint8', "
+                         "'int4[block_size=32]'), LayerSpecs or None (full precision); "
+                         "qcompile.formats.names() lists the presets")
+    return out
+
+
+def _batches(model, calibration) -> list[torch.Tensor]:
+    batches = [calibration] if isinstance(calibration, torch.Tensor) else calibration
+    hint = "calibration must be token ids: an integer tensor [batch, tokens] or a list of them"
+    if not isinstance(batches, (list, tuple)) or not batches:
+        raise ValueError(f"{hint}, got {type(calibration).__name__}")
+    table = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(table, "num_embeddings", None)
+    out = []
+    for b in batches:
+        if not isinstance(b, torch.Tensor):
+            raise ValueError(f"{hint}; an element is a {type(b).__name__}")
+        if b.dtype == torch.bool or b.dtype.is_floating_point or b.dtype.is_complex:
+            raise ValueError(f"{hint}; got a {b.dtype} tensor")
+        if b.dim() != 2 or b.numel() == 0:
+            raise ValueError(f"{hint}; got shape {tuple(b.shape)} (a single sequence is ids[None])")
+        if int(b.min()) < 0 or (vocab is not None and int(b.max()) >= vocab):
+            raise ValueError(f"calibration ids must lie in [0, {vocab}) (the model's vocabulary); "
+                             f"got {int(b.min())}..{int(b.max())}")
+        out.append(b.long())
+    return out
+
+
+def _budget(bits) -> Fraction:
+    if isinstance(bits, bool) or not isinstance(bits, (int, float)) or not math.isfinite(bits) \
+            or bits <= 0:
+        raise ValueError(f"bits must be a positive number of bits per weight, got {bits!r}")
+    return Fraction(bits)
+
+
+def _searched_layers(model, patterns, keep: Policy) -> list[tuple[str, torch.nn.Module, int]]:
+    """(name, module, axis) of the linear layers matched by ``patterns`` and by no keep rule."""
+    from torch.nn.utils import parametrize
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    chooser = Policy([(p, None) for p in patterns]) if patterns is not None else None
+    out = []
+    for name, mod, _, axis, _ in linear_layers(model, Policy({}, default=LayerSpec("int8")),
+                                               "search_policy"):
+        if keep.match(name)[0] is not None:
+            continue
+        if chooser is not None and chooser.match(name)[0] is None:
+            continue
+        if parametrize.is_parametrized(mod, "weight"):
+            config.warn(f"search_policy: layer {name!r} is not searched: its weight is computed "
+                        "by a parametrization", once=("search", id(mod)))
+            continue
+        out.append((name, mod, axis))
+    if not out:
+        raise ValueError(f"search_policy: the model has no quantisable layer to search "
+                         f"(nn.Linear or GPT-2 Conv1D, matched by patterns={patterns!r} and by no "
+                         f"keep rule)")
+    return out
+
+
+def _float_bits(w: torch.Tensor) -> int:
+    return torch.finfo(w.dtype).bits  # what explain counts for a full-precision weight
+
+
+def _check_nominal(layers, cands, budget: Fraction):
+    """Refuse a budget below the cheapest candidate's nominal bits (a lower bound of the stored
+    bits) before anything is quantised or run."""
+    def nominal(spec, mod, axis):
+        w = mod.weight
+        if spec is None or spec.weight is None:
+            return _float_bits(w)
+        return spec.weight.effective_bits(w.shape[axis])
+    total = sum(m.weight.numel() for _, m, _ in layers)
+    best = {_label(c): sum(nominal(c, m, a) * m.weight.numel() for _, m, a in layers) / total
+            for c in cands}
+    cheapest = min(best, key=best.get)
+    if best[cheapest] > budget:
+        raise ValueError(f"bits={float(budget):g} is below the cheapest candidate: "
+                         f"{cheapest} needs {best[cheapest]:.4f} bits per weight; candidates: "
+                         + ", ".join(f"{k} {v:.4f}" for k, v in best.items()))
+
+
+# -- running the model -----------------------------------------------------------------------
+
+def _blocks(model, names: list[str]):
+    """(prefix, ModuleList) of the list of blocks holding the most searched layers, or None."""
+    best, count = None, 0
+    for prefix, mod in model.named_modules():
+        if isinstance(mod, torch.nn.ModuleList) and len(mod) > 1 and prefix:
+            n = sum(1 for name in names if name.startswith(prefix + "."))
+            if n > count:
+                best, count = (prefix, mod), n
+    return best
+
+
+class _Runner:
+    """Runs the model on the calibration batches. With a list of decoder blocks found, the
+    full-precision pass records each block's output, and a later pass can start at block k:
+    blocks before it return their recorded outputs (checked once to give the same logits)."""
+
+    def __init__(self, model, batches, names):
+        self.model, self.batches = model, batches
+        params = inspect.signature(model.forward).parameters
+        self.kwargs = {"use_cache": False} if "use_cache" in params else {}
+        found = _blocks(model, names)
+        self.prefix, self.blocks = found if found else (None, None)
+        self.outputs = [[None] * len(self.blocks) for _ in batches] if self.blocks else None
+        self.ref = self._record()
+        if self.blocks is not None and not torch.equal(self.logits(len(self.blocks) - 1),
+                                                       self.ref):
+            config.warn("search_policy: replaying the recorded block outputs changed the logits; "
+                        "every pass runs the whole model", once=("search replay", id(model)))
+            self.blocks = None
+
+    def block_of(self, name: str) -> int:
+        """The first block a change to layer ``name`` affects (0: run everything)."""
+        if self.blocks is None or not name.startswith(self.prefix + "."):
+            return 0
+        return int(name[len(self.prefix) + 1:].split(".")[0])
+
+    def _record(self) -> torch.Tensor:
+        if self.blocks is None:
+            return self.logits(0)
+        order, hooks = [], []
+        for j, block in enumerate(self.blocks):
+            def hook(mod, args, out, j=j):
+                order.append(j)
+                self.outputs[self._batch][j] = out
+            hooks.append(block.register_forward_hook(hook))
+        try:
+            ref = self.logits(0)
+        finally:
+            for h in hooks:
+                h.remove()
+        if order != list(range(len(self.blocks))) * len(self.batches):
+            self.blocks = None  # blocks called out of order or more than once: no replay
+        return ref
+
+    def _replay(self, j):
+        def forward(*args, **kwargs):
+            out = self.outputs[self._batch][j]
+            return out.clone() if isinstance(out, torch.Tensor) else tuple(
+                o.clone() if isinstance(o, torch.Tensor) else o for o in out)
+        return forward
+
+    @torch.no_grad()
+    def logits(self, start: int = 0) -> torch.Tensor:
+        """Logits [positions, vocab] over every batch, blocks before ``start`` replayed."""
+        skipped = list(self.blocks[:start]) if self.blocks is not None else []
+        for j, block in enumerate(skipped):
+            block.forward = self._replay(j)
+        try:
+            out = []
+            for self._batch, ids in enumerate(self.batches):
+                r = self.model(ids.to(_device(self.model)), **self.kwargs)
+                r = r.logits if hasattr(r, "logits") else r[0] if isinstance(r, tuple) else r
+                out.append(r.reshape(-1, r.shape[-1]).float())
+            return torch.cat(out)
+        finally:
+            for block in skipped:
+                del block.forward
+
+
+def _device(model):
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _applied(mod, weight, act):
+    """The layer with ``weight`` (a tensor, or None: unchanged) and inputs fake-quantised to
+    ``act`` (None: unchanged); the original parameter object comes back afterwards (a tied
+    weight stays shared with its other holders)."""
+    orig = mod.weight
+    handle = None
+    try:
+        if weight is not None:
+            mod.weight = torch.nn.Parameter(weight, requires_grad=False)
+        if act is not None:
+            handle = mod.register_forward_pre_hook(
+                lambda m, args: (api.fake_quantize(args[0], act, axis=-1), *args[1:]))
+        yield
+    finally:
+        mod.weight = orig
+        if handle is not None:
+            handle.remove()
+
+
+# -- the search -------------------------------------------------------------------------------
+
+def _quantise(layers, cands, progress) -> Sensitivities:
+    """Every (layer, candidate) packed once: its stored bits, and the weight its passes use."""
+    n, m = len(layers), len(cands)
+    s = Sensitivities([x[0] for x in layers], [x[1].weight.numel() for x in layers], cands,
+                      [_label(c) for c in cands], np.zeros((n, m)), [[0] * m for _ in range(n)])
+    start = time.perf_counter()
+    for i, (name, mod, axis) in enumerate(tqdm(layers, desc="search: quantising", unit="layer",
+                                               disable=not progress, leave=False)):
+        w = mod.weight.detach()
+        for j, c in enumerate(cands):
+            if c is not None and c.weight is not None:
+                q = s.packed[i, j] = api.quantize(w, c.weight, axis=axis)
+                s.cost[i][j] = 8 * q.nbytes
+            else:
+                s.cost[i][j] = w.numel() * _float_bits(w)
+    s.seconds["quantise"] = time.perf_counter() - start
+    return s
+
+
+def _run_passes(runner, layers, s: Sensitivities, progress):
+    start = time.perf_counter()
+    todo = [(i, j) for i in range(len(layers)) for j, c in enumerate(s.candidates) if c is not None]
+    for i, j in tqdm(todo, desc="search: sensitivity", unit="pass", disable=not progress):
+        name, mod, _ = layers[i]
+        with _applied(mod, _weight(s, i, j), s.candidates[j].act):
+            kl, _ = kl_and_top1(runner.ref, runner.logits(runner.block_of(name)))
+        s.kl[i, j] = max(kl, 0.0)  # KL >= 0; a float32 rounding below it is noise
+    s.passes = len(todo)
+    s.seconds["sensitivity"] = time.perf_counter() - start
+
+
+def _weight(s: Sensitivities, i, j):
+    q = s.packed.get((i, j))
+    return api.dequantize(q) if q is not None else None
+
+
+def _measure_all(runner, layers, s: Sensitivities, choice) -> tuple[float, float]:
+    with contextlib.ExitStack() as stack:
+        for i, j in enumerate(choice):
+            if s.candidates[j] is not None:
+                stack.enter_context(_applied(layers[i][1], _weight(s, i, j),
+                                             s.candidates[j].act))
+        return kl_and_top1(runner.ref, runner.logits(0))
+
+
+def _exact(name: str) -> str:
+    """A policy pattern matching exactly this module name."""
+    return "re:" + re.escape(name) if any(ch in name for ch in "*?[]") else name
+
+
+def search_policy(model: torch.nn.Module, calibration, bits: float, candidates, *,
+                  patterns=None, keep=None, progress: bool = True,
+                  sensitivities: Sensitivities | None = None) -> SearchResult:
+    """The per-layer policy, one candidate per searched linear layer, that minimises the summed
+    single-layer KL divergences while the searched layers' stored bits per weight (as
+    ``qcompile.explain`` counts them after ``quantize_model_``) stay within ``bits``.
+
+    ``calibration``: token ids [batch, tokens] or a list of them; ``candidates``: format keys,
+    ``LayerSpec``s (weight and activation) or None (full precision); ``patterns``: policy
+    patterns restricting the searched layers; ``keep``: policy rules (a dict, a list of pairs or
+    a Policy, whose default is kept too) that stay as they are; their layers are not searched.
+    ``sensitivities``: a previous result's, to solve another budget without the passes."""
+    cands = _candidates(candidates)
+    budget = _budget(bits)
+    keep = keep if isinstance(keep, Policy) else Policy(keep or {})
+    batches = _batches(model, calibration)
+    layers = _searched_layers(model, patterns, keep)
+    _check_nominal(layers, cands, budget)
+    names = [x[0] for x in layers]
+    if sensitivities is not None and (sensitivities.layers != names
+                                      or sensitivities.candidates != cands):
+        raise ValueError("sensitivities were measured for other layers or candidates; measure "
+                         "again (sensitivities=None)")
+    was_training = model.training
+    model.eval()
+    try:
+        s = sensitivities or _quantise(layers, cands, progress)
+        total = sum(s.numel)
+        limit = math.floor(budget * total)
+        cheapest = sum(min(row) for row in s.cost)
+        if cheapest > limit:
+            raise ValueError(f"bits={float(budget):g} is below the cheapest choice: the searched "
+                             f"layers need at least {cheapest / total:.4f} bits per weight stored")
+        start = time.perf_counter()
+        runner = _Runner(model, batches, names)
+        reference_s = time.perf_counter() - start
+        if sensitivities is None:
+            _run_passes(runner, layers, s, progress)
+        start = time.perf_counter()
+        choice = solve_budget(s.kl, s.cost, limit)
+        solve_s = time.perf_counter() - start
+        start = time.perf_counter()
+        kl, top1 = _measure_all(runner, layers, s, choice)
+        note, uniform = "", {}
+        for j, label in enumerate(s.labels):
+            spent = sum(row[j] for row in s.cost)
+            if spent <= limit and s.candidates[j] is not None:
+                u_kl, u_top1 = _measure_all(runner, layers, s, [j] * len(layers))
+                uniform[label] = {"bits": spent / total, "kl": u_kl, "top1": u_top1}
+        best = min(uniform, key=lambda k: uniform[k]["kl"], default=None)
+        if best is not None and uniform[best]["kl"] < kl:
+            note = (f"note: the searched choice measured KL {kl:.4e} end to end, worse than "
+                    f"uniform {best} ({uniform[best]['kl']:.4e}) within the budget; the "
+                    "uniform choice is returned (the single-layer losses did not add up)")
+            choice = [s.labels.index(best)] * len(layers)
+            kl, top1 = uniform[best]["kl"], uniform[best]["top1"]
+        check_s = time.perf_counter() - start
+    finally:
+        model.train(was_training)
+    table = [LayerChoice(names[i], s.labels[j], float(s.kl[i, j]), s.cost[i][j] / s.numel[i],
+                         s.numel[i]) for i, j in enumerate(choice)]
+    rules = [(r.pattern, r.spec) for r in keep.rules]
+    rules += [(_exact(names[i]), s.candidates[j]) for i, j in enumerate(choice)]
+    seconds = {**s.seconds, "reference": reference_s, "solve": solve_s, "check": check_s}
+    return SearchResult(Policy(rules, default=keep.default),
+                        sum(s.cost[i][j] for i, j in enumerate(choice)) / total, float(budget),
+                        table, float(sum(s.kl[i, j] for i, j in enumerate(choice))), kl, top1,
+                        uniform, note, s, seconds)
