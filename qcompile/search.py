@@ -45,11 +45,15 @@ def kl_and_top1(ref_logits: torch.Tensor, logits: torch.Tensor) -> tuple[float, 
     if ref_logits.shape != logits.shape:
         raise ValueError(f"logits of shape {tuple(logits.shape)} do not match the reference's "
                          f"{tuple(ref_logits.shape)}")
-    ref = ref_logits.reshape(-1, ref_logits.shape[-1]).float()
-    got = logits.reshape(-1, logits.shape[-1]).float()
-    lp, lq = F.log_softmax(ref, -1), F.log_softmax(got, -1)
-    kl = (lp.exp() * (lp - lq)).sum(-1)
-    top1 = (ref.argmax(-1) == got.argmax(-1)).double().mean()
+    ref = F.log_softmax(ref_logits.reshape(-1, ref_logits.shape[-1]).float(), -1)
+    return _kl_top1(ref, ref.argmax(-1), logits)
+
+
+def _kl_top1(ref_logp, ref_top, logits) -> tuple[float, float]:
+    """kl_and_top1 against reference log-probabilities and top tokens computed once."""
+    lq = F.log_softmax(logits.reshape(-1, logits.shape[-1]).float(), -1)
+    kl = (ref_logp.exp() * (ref_logp - lq)).sum(-1)
+    top1 = (ref_top == lq.argmax(-1)).double().mean()
     return kl.double().mean().item(), top1.item()
 
 
@@ -277,12 +281,17 @@ class _Runner:
         found = _blocks(model, names)
         self.prefix, self.blocks = found if found else (None, None)
         self.outputs = [[None] * len(self.blocks) for _ in batches] if self.blocks else None
-        self.ref = self._record()
-        if self.blocks is not None and not torch.equal(self.logits(len(self.blocks) - 1),
-                                                       self.ref):
+        ref = self._record()
+        self.ref_logp = F.log_softmax(ref, -1)
+        self.ref_top = ref.argmax(-1)
+        if self.blocks is not None and not torch.equal(self.logits(len(self.blocks) - 1), ref):
             config.warn("search_policy: replaying the recorded block outputs changed the logits; "
                         "every pass runs the whole model", once=("search replay", id(model)))
             self.blocks = None
+
+    def compare(self, logits) -> tuple[float, float]:
+        """KL and top-1 agreement of ``logits`` against the full-precision model's."""
+        return _kl_top1(self.ref_logp, self.ref_top, logits)
 
     def block_of(self, name: str) -> int:
         """The first block a change to layer ``name`` affects (0: run everything)."""
@@ -385,7 +394,7 @@ def _run_passes(runner, layers, s: Sensitivities, progress):
     for i, j in tqdm(todo, desc="search: sensitivity", unit="pass", disable=not progress):
         name, mod, _ = layers[i]
         with _applied(mod, _weight(s, i, j), s.candidates[j].act):
-            kl, _ = kl_and_top1(runner.ref, runner.logits(runner.block_of(name)))
+            kl, _ = runner.compare(runner.logits(runner.block_of(name)))
         s.kl[i, j] = max(kl, 0.0)  # KL >= 0; a float32 rounding below it is noise
     s.passes = len(todo)
     s.seconds["sensitivity"] = time.perf_counter() - start
@@ -402,7 +411,7 @@ def _measure_all(runner, layers, s: Sensitivities, choice) -> tuple[float, float
             if s.candidates[j] is not None:
                 stack.enter_context(_applied(layers[i][1], _weight(s, i, j),
                                              s.candidates[j].act))
-        return kl_and_top1(runner.ref, runner.logits(0))
+        return runner.compare(runner.logits(0))
 
 
 def _exact(name: str) -> str:
