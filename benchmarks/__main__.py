@@ -4,12 +4,14 @@ weights  weight error of every format on all-MiniLM-L6-v2 (CPU)
 run      the main benchmark: perplexity, embeddings, speed and memory (`make main`)
 policy   SmolLM2-135M compiled with a mixed policy: explain totals, compile time, memory
 kernels  the fused Triton kernels against cuBLAS on Llama-7B shapes (GPU; --smoke on CPU)
+search   per-layer policies searched under bit budgets beside the uniform formats (SmolLM2)
 """
 import argparse
 import importlib
 import sys
 
-MODULES = {"weights": "weights", "run": "run", "policy": "policy_report", "kernels": "kernels"}
+MODULES = {"weights": "weights", "run": "run", "policy": "policy_report", "kernels": "kernels",
+           "search": "search"}
 
 
 def parser() -> argparse.ArgumentParser:

@@ -311,6 +311,14 @@ def plots(results: dict, out: Path) -> dict[str, str]:
                 ax.scatter([r["bits"] for r in pts], [r["ppl"] for r in pts], marker=marker,
                            label=name, zorder=3)
         _spread_labels(ax, [r for r in rows if r["label"] != "fp32"])
+        searched = _ok(results.get("search"))  # python -m benchmarks search
+        if searched:
+            ax.plot([r["bits"] for r in searched], [r["ppl"] for r in searched], "*-",
+                    color="tab:red", ms=11, lw=1, label="searched per-layer policy", zorder=4)
+            for r in searched:
+                ax.annotate(r["label"], (r["bits"], r["ppl"]), xytext=(-6, -12),
+                            textcoords="offset points", fontsize=6.5, color="tab:red",
+                            ha="right")
         ax.axhline(rows[0]["ppl"], color="grey", ls="--", lw=1,
                    label=f"fp32 ({rows[0]['ppl']:.2f})")
         ax.set_yscale("log")
