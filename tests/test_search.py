@@ -278,6 +278,8 @@ def guarded():
     (dict(candidates=[LayerSpec(weight="nf4", op="embedding")]), PolicyError, "linear layers"),
     (dict(bits=4.0, candidates=["nf4", "mxint8"]), ValueError,
      "below the cheapest candidate: nf4 needs 4.5000"),
+    # nominally 4.5 bits, but its outliers are stored too: refused once the bits are exact
+    (dict(bits=4.5, candidates=["bof4s_opq"]), ValueError, "at least 4.5[1-9]"),
     (dict(bits=0), ValueError, "positive number"),
     (dict(bits=float("nan")), ValueError, "positive number"),
     (dict(bits=True), ValueError, "positive number"),
@@ -321,3 +323,28 @@ def test_docs_example_runs_as_written():
                           timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     assert "policy = Policy([" in done.stdout and "budget 4.5 bits/weight" in done.stdout
+
+
+# -- the benchmark's judgement of the targets -------------------------------------------
+
+def test_benchmark_goals_judge_hand_built_results():
+    from benchmarks.search import goals
+
+    def results(searched_ppl):
+        uniform = [{"label": "fp32", "bits": 32.0, "ppl": 10.0},
+                   {"label": "nf4", "bits": 4.5, "ppl": 12.0, "kl": 0.2},
+                   {"label": "bof4s_opq", "bits": 4.54, "ppl": 11.5, "kl": 0.15},
+                   {"label": "mxint8", "bits": 8.25, "ppl": 10.02, "kl": 0.01}]
+        search = [{"label": "search 4.5", "budget": 4.5, "bits": 4.5, "ppl": searched_ppl,
+                   "kl": 0.1},
+                  {"label": "search 6", "budget": 6.0, "bits": 6.0, "ppl": 10.2, "kl": 0.02}]
+        return {"perplexity": uniform, "search": search}
+
+    good = {g: status for g, status, _ in goals(results(11.0))}
+    assert list(good.values()) == ["met", "missed", "met"]  # 10.2 is 2% above 10.0
+    bad = goals(results(11.7))  # worse than bof4s_opq (4.54 bits, above the searched 4.5)
+    assert [status for _, status, _ in bad] == ["missed", "missed", "met"]
+    assert "not beaten: bof4s_opq" in bad[0][2]
+    above = goals({**results(11.0), "search": [{"label": "search 5", "budget": 5.0, "bits": 5.0,
+                                                "ppl": 11.8, "kl": 0.1}]})
+    assert above[-1][1] == "missed" and "above bof4s_opq" in above[-1][2]
