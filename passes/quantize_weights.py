@@ -47,7 +47,7 @@ def quantise_cached(w: torch.Tensor, fmt, axis: int) -> QTensor:
         STATS["reused"] += 1
         return hit[2]
     with torch.no_grad():
-        q = api.quantize(w.detach(), fmt, axis=axis)
+        q = api.quantize_weight(w, fmt, axis)
     STATS["quantised"] += 1
     try:
         ref = weakref.ref(w, lambda _, key=key: _drop(key))

@@ -18,6 +18,9 @@ def __getattr__(name):  # the transformers integration imports transformers: onl
     if name in ("BlockQuantConfig", "BlockQuantHfQuantizer"):
         from . import hf
         return getattr(hf, name)
+    if name == "quantize_checkpoint":
+        from .stream import quantize_checkpoint
+        return quantize_checkpoint
     raise AttributeError(f"module 'qcompile' has no attribute {name!r}")
 
 __all__ = ["formats", "Format", "QTensor", "quantize", "dequantize", "fake_quantize", "Policy",

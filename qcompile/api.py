@@ -73,6 +73,41 @@ def quantize(x: torch.Tensor, fmt, *, axis: int = -1, impl: str = "reference") -
     return run(x, fmt, axis)
 
 
+ROW_SIDE = {"outlier_index", "outlier_value"}  # side data made row by row (OPQ)
+CHUNK_ELEMENTS = 1 << 22  # 16 MiB of float32 per piece
+
+
+def quantize_weight(w: torch.Tensor, fmt, axis: int) -> QTensor:
+    """``quantize(w, fmt, axis=axis)`` of a 2-D weight, bit for bit, made a few rows (rows
+    along the other axis) at a time: the reference's temporaries take about 8 times the float
+    tensor, so a large embedding quantised whole would need far more memory than the layer.
+    Formats whose side data describe the whole tensor (NVFP4's tensor scale, a quantile
+    codebook) are quantised whole."""
+    fmt, axis = _check_input(w, fmt, axis)
+    w = w.detach()
+    lead = 1 - axis
+    step = max(1, CHUNK_ELEMENTS // max(1, w.shape[axis]))
+    if w.dim() != 2 or w.shape[lead] <= step or w.numel() >= 2**31 \
+            or (fmt.element.kind == "codebook" and fmt.element.data_dependent):
+        return quantize(w, fmt, axis=axis)  # (from 2**31 elements on outlier_index is int64)
+    parts = [reference.quantize(piece, fmt, axis) for piece in w.split(step, dim=lead)]
+    if any(set(p.side) - ROW_SIDE for p in parts):
+        return quantize(w, fmt, axis=axis)
+    first = parts[0]
+    side = {}
+    if "outlier_index" in first.side:  # flat positions in the padded layout: shift each piece
+        row = first.scales.shape[-1] * first.block
+        offsets = [0]
+        for p in parts[:-1]:
+            offsets.append(offsets[-1] + p.scales.shape[0] * row)
+        side["outlier_index"] = torch.cat([p.side["outlier_index"] + o for p, o in
+                                           zip(parts, offsets)])
+        side["outlier_value"] = torch.cat([p.side["outlier_value"] for p in parts])
+    return QTensor(first.fmt, torch.cat([p.codes for p in parts]),
+                   torch.cat([p.scales for p in parts]), w.shape, w.dtype, axis, first.block,
+                   side)
+
+
 def dequantize(q: QTensor, *, impl: str = "reference") -> torch.Tensor:
     """The values a QTensor stands for, in its original shape and dtype."""
     if not isinstance(q, QTensor):

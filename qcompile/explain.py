@@ -86,7 +86,7 @@ class Explanation:
         return "\n".join(out)
 
 
-def _module_rows(model) -> list[Row]:
+def module_rows(model) -> list[Row]:
     """Rows for the layers ``quantize_model_`` swapped (they hold packed weights and appear in
     graphs as qcompile ops, not as linears) and for the layers it had to skip."""
     rows, readers = [], {}
@@ -160,7 +160,7 @@ def _explain_compiled(model) -> Explanation:
                 if key not in seen:
                     seen.add(key)
                     result.rows.append(row)
-    result.rows += _module_rows(model)
+    result.rows += module_rows(model)
     if not result.rows:
         raise RuntimeError("explain: this compiled model has no blockquant graph yet; call it "
                            "once first (torch.compile compiles lazily), or pass a policy and "
@@ -237,6 +237,6 @@ def explain(model, policy: Policy | None = None, *example_inputs, **example_kwar
     target = _compiled_module(model) or model
     remember_root(target)  # frames Dynamo compiles on their own are named inside it
     _trace(target, example_inputs, example_kwargs, capture)
-    result.rows += _module_rows(target)
+    result.rows += module_rows(target)
     result.resident_weight_bytes = resident_weight_bytes(target)
     return result

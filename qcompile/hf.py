@@ -108,7 +108,7 @@ class BlockQuantHfQuantizer(HfQuantizer):
             return model
         tied = {k.removesuffix(".weight") for kv in model.all_tied_weights_keys.items()
                 for k in kv}
-        self.stream = {name: entry for name, entry in _plan(model, self.policy).items()
+        self.stream = {name: entry for name, entry in layer_plan(model, self.policy).items()
                        if name not in tied}
         return model
 
@@ -123,11 +123,7 @@ class BlockQuantHfQuantizer(HfQuantizer):
         if self.pre_quantized:
             self._finish_saved(model)
         else:
-            for name, q in self.packed.items():
-                kind, spec, axis = self.stream[name]
-                mod = model.get_submodule(name)
-                _set_child(model, name, QuantLinear(q, mod.bias, spec.act, axis == 0)
-                           if kind == "linear" else QuantEmbedding(q, mod.padding_idx))
+            swap_packed(model, self.stream, self.packed)
             self.packed.clear()
             # the tied weights, and any layer whose weight the checkpoint did not hold
             quantize_model_(model, self.policy)
@@ -138,24 +134,7 @@ class BlockQuantHfQuantizer(HfQuantizer):
     # -- saving -------------------------------------------------------------------------------
 
     def get_state_dict_and_metadata(self, model):
-        if getattr(model, POLICIES_ATTR, ()) != (self.policy,):
-            raise QuantizedFileError(
-                "save_pretrained: the model was quantised again after loading (its policies: "
-                f"{getattr(model, POLICIES_ATTR, ())}), config.json can name one policy: use "
-                "qcompile.save_quantized")
-        tensors, packed, modules = serialize.packed_state(model)
-        state = model.state_dict()
-        for name, mod in model.named_modules():
-            if isinstance(mod, (QuantLinear, QuantEmbedding)):
-                for leaf in mod._buffers:
-                    state.pop(f"{name}.{leaf}", None)
-        state.update(tensors)  # each packed weight once, under its owner's name
-        doc = {"format": CHECKPOINT_FORMAT, "version": serialize.VERSION,
-               "policies": [json.loads(self.policy.to_json())], "packed": packed,
-               "modules": modules, "parameters": {}, "buffers": [], "aliases": {},
-               "tensors": {n: [serialize._dtype_name(t.dtype), list(t.shape)]
-                           for n, t in tensors.items()}}
-        return state, {METADATA_KEY: json.dumps(doc)}
+        return checkpoint_state(model, self.policy)
 
     def is_serializable(self, *args, **kwargs):
         return True
@@ -216,6 +195,40 @@ class BlockQuantHfQuantizer(HfQuantizer):
         setattr(model, POLICIES_ATTR, (self.policy,))
 
 
+def swap_packed(model, plan: dict, packed: dict):
+    """Swap each layer named in ``packed`` ({name: QTensor}) for its QuantLinear /
+    QuantEmbedding, as ``quantize_model_`` builds them (``plan`` from ``layer_plan``)."""
+    for name, q in packed.items():
+        kind, spec, axis = plan[name]
+        mod = model.get_submodule(name)
+        _set_child(model, name, QuantLinear(q, mod.bias, spec.act, axis == 0)
+                   if kind == "linear" else QuantEmbedding(q, mod.padding_idx))
+
+
+def checkpoint_state(model, policy: Policy) -> tuple[dict, dict]:
+    """(state dict, safetensors metadata) of a model that ``policy`` quantised once, as
+    ``save_pretrained`` writes it: each packed weight once, under its owner's name, and the
+    "blockquant.hf_checkpoint" document."""
+    if getattr(model, POLICIES_ATTR, ()) != (policy,):
+        raise QuantizedFileError(
+            "save_pretrained: the model was quantised again after loading (its policies: "
+            f"{getattr(model, POLICIES_ATTR, ())}), config.json can name one policy: use "
+            "qcompile.save_quantized")
+    tensors, packed, modules = serialize.packed_state(model)
+    state = model.state_dict()
+    for name, mod in model.named_modules():
+        if isinstance(mod, (QuantLinear, QuantEmbedding)):
+            for leaf in mod._buffers:
+                state.pop(f"{name}.{leaf}", None)
+    state.update(tensors)
+    doc = {"format": CHECKPOINT_FORMAT, "version": serialize.VERSION,
+           "policies": [json.loads(policy.to_json())], "packed": packed,
+           "modules": modules, "parameters": {}, "buffers": [], "aliases": {},
+           "tensors": {n: [serialize._dtype_name(t.dtype), list(t.shape)]
+                       for n, t in tensors.items()}}
+    return state, {METADATA_KEY: json.dumps(doc)}
+
+
 def _untie(model, swapped: set):
     """transformers' tie map without the weights the packed layers no longer have (it would tie
     them after loading, or when the model is tied again)."""
@@ -234,7 +247,7 @@ def _stand_in(weight, parameter: bool = False) -> torch.Tensor:
     return t
 
 
-def _plan(model, policy: Policy) -> dict[str, tuple]:
+def layer_plan(model, policy: Policy) -> dict[str, tuple]:
     """{name: (kind, spec, axis)} of the layers ``quantize_model_`` would swap."""
     plan = {name: ("linear", spec, axis)
             for name, _, spec, axis, _ in linear_layers(model, policy, WHO)
@@ -293,7 +306,8 @@ def _quantize_op():
                     kind, spec, axis = stream[name]
                     mod = model.get_submodule(name)
                     with torch.no_grad():  # in the model's dtype, as plain loading casts it
-                        q = api.quantize(value.to(mod.weight.dtype), spec.weight, axis=axis)
+                        q = api.quantize_weight(value.to(mod.weight.dtype), spec.weight,
+                                                axis)
                     self.quantizer.packed[name] = q
                     mod.weight = _stand_in(mod.weight, parameter=True)
                     if missing_keys is not None:

@@ -196,7 +196,7 @@ def quantize_model_(model: torch.nn.Module, policy: Policy | None = None) -> tor
         key = (id(w), fmt.key, axis)
         if key not in packed:
             with torch.no_grad():
-                packed[key] = api.quantize(w.detach(), fmt, axis=axis)
+                packed[key] = api.quantize_weight(w, fmt, axis)
         return packed[key]
 
     for name, mod, spec, axis, _ in linear_layers(model, policy, "quantize_model_"):

@@ -10,88 +10,19 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
 from transformers import AutoModelForCausalLM
 
 import qcompile
 from qcompile import LayerSpec, Policy, hf
 from qcompile.backend import compiled_variants
-from qcompile.layers import POLICIES_ATTR, QuantEmbedding, QuantLinear
+from qcompile.layers import QuantEmbedding, QuantLinear
 from qcompile.policy import PolicyError
 from qcompile.serialize import QuantizedFileError
 
+from hf_models import (IDS, MIXED, assert_same, logits, reference, save_gpt2,
+                       save_llama, with_config)
+
 ROOT = Path(__file__).resolve().parents[1]
-LLAMA = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-             num_key_value_heads=2, vocab_size=128)
-IDS = torch.tensor([[1, 5, 9, 2, 77, 3, 120]])
-MIXED = Policy({"model.embed_tokens": LayerSpec(weight="nf4", op="embedding"),  # shared with
-                "lm_head": LayerSpec(weight="nf4"),                          # the tied lm_head
-                "*.mlp.down_proj": LayerSpec(weight="bof4s_opq"),           # outlier side data
-                "re:.*self_attn\\.[qk]_proj": LayerSpec(weight="mxint8", act="mxint8")},
-               default=LayerSpec(weight="int4"))
-
-
-def save_llama(folder, tie=True, seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(**LLAMA, tie_word_embeddings=tie)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
-    return folder
-
-
-def save_gpt2(folder):
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=128, n_positions=16,
-                                  bos_token_id=0, eos_token_id=0)
-    transformers.GPT2LMHeadModel(cfg).save_pretrained(folder)
-    return folder
-
-
-def reference(folder, policy, **kwargs):
-    """The oracle: plain float loading, then quantize_model_ (no BlockQuantConfig involved)."""
-    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
-    return qcompile.quantize_model_(model, policy)
-
-
-def with_config(folder, policy, **kwargs):
-    cfg = qcompile.BlockQuantConfig(policy=policy)
-    return AutoModelForCausalLM.from_pretrained(folder, quantization_config=cfg, **kwargs).eval()
-
-
-def logits(model, ids=IDS):
-    with torch.no_grad():
-        return model(ids).logits
-
-
-def state(model) -> dict:
-    return {**dict(model.named_parameters(remove_duplicate=False)),
-            **dict(model.named_buffers(remove_duplicate=False))}
-
-
-def sharing(model) -> list:
-    """Which names share one tensor (tied tables, a packed table shared by two layers)."""
-    groups = {}
-    for name, t in state(model).items():
-        groups.setdefault(id(t), []).append(name)
-    return sorted(g for g in groups.values() if len(g) > 1)
-
-
-def assert_same(got, want):
-    assert {n: type(m) for n, m in got.named_modules()} == {
-        n: type(m) for n, m in want.named_modules()}
-    quantised = [n for n, m in want.named_modules() if isinstance(m, (QuantLinear,
-                                                                          QuantEmbedding))]
-    assert quantised
-    for name in quantised:
-        g, w = got.get_submodule(name), want.get_submodule(name)
-        assert (g.meta, g.impl, getattr(g, "act", None)) == (w.meta, w.impl, getattr(w, "act",
-                                                                                      None))
-    sg, sw = state(got), state(want)
-    assert sorted(sg) == sorted(sw)
-    for name, t in sw.items():
-        assert sg[name].dtype == t.dtype and torch.equal(sg[name], t), name
-    assert sharing(got) == sharing(want)
-    assert getattr(got, POLICIES_ATTR) == getattr(want, POLICIES_ATTR)
-    assert torch.equal(logits(got), logits(want))
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -103,7 +34,7 @@ def test_quantised_while_loading_equals_quantize_model_(tmp_path, monkeypatch, c
     left = []  # what the policy still quantises once the weights are loaded
 
     def after_loading(model, policy):
-        left.extend(sorted(hf._plan(model, policy)))
+        left.extend(sorted(hf.layer_plan(model, policy)))
         return qcompile.quantize_model_(model, policy)
     monkeypatch.setattr(hf, "quantize_model_", after_loading)
     got = with_config(folder, policy)
@@ -194,6 +125,36 @@ def test_loaded_model_compiles_like_the_quantised_one(tmp_path):
     assert any(v.model() is loaded for v in compiled_variants())  # the backend compiled it
     eager = logits(reference(folder, policy))  # Inductor reorders float sums: close, not equal
     torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-4)
+
+
+SMOLLM2_POLICY = Policy({"model.embed_tokens": LayerSpec(weight="nf4", op="embedding"),
+                         "*.mlp.*": LayerSpec(weight="bof4s_opq"),
+                         r"re:.*self_attn\.[qk]_proj": LayerSpec(weight="mxint8", act="mxint8")},
+                        default=LayerSpec(weight="nf4"))
+
+
+def test_smollm2_cut_to_two_layers_round_trips_and_compiles(tmp_path, caplog):
+    """The packaged SmolLM2-135M (real weights, tied embeddings) cut to 2 layers: quantised
+    while loading, saved, loaded again and compiled, it matches the model quantised in memory
+    and compiled the same way."""
+    data = pytest.importorskip("benchmarks.data")
+    try:
+        folder = data.smollm2_folder()
+    except SystemExit as e:  # the model package is not installed
+        pytest.skip(str(e))
+    cut = dict(num_hidden_layers=2, dtype=torch.float32)
+    with_config(folder, SMOLLM2_POLICY, **cut).save_pretrained(tmp_path / "q")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
+    in_memory = reference(folder, SMOLLM2_POLICY, **cut)
+    assert_same(loaded, in_memory)
+    assert loaded.lm_head.codes is loaded.model.embed_tokens.codes  # tied: one packed table
+    ids = torch.tensor([[1, 504, 3250, 314, 260, 1345, 28, 2]])
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = qcompile.compile(in_memory, SMOLLM2_POLICY)(ids).logits
+        got = qcompile.compile(loaded, SMOLLM2_POLICY)(ids).logits
+    assert torch.equal(got, want)
+    assert any(v.model() is loaded for v in compiled_variants())
 
 
 def test_the_docs_example_runs_as_written():
