@@ -2,7 +2,7 @@
 
     python -m benchmarks search [--bits 4.25 4.5 5 6] [--calib 2 128] [--tokens 2048]
                                 [--window 512] [--candidates KEY ...] [--uniform KEY ...]
-                                [--model FOLDER] [--out results/DIR]
+                                [--threads N] [--model FOLDER] [--out results/DIR]
 
 The evaluation text is the first --tokens tokens of the Wikipedia text (the windows `run`
 scores); the calibration tokens are the ones right after them, never evaluated. The search
@@ -54,6 +54,7 @@ def parser() -> argparse.ArgumentParser:
                          + " ".join(str(c).lower() for c in CANDIDATES) + ")")
     ap.add_argument("--uniform", nargs="+", default=perplexity.WEIGHT_ONLY, metavar="KEY",
                     help="uniform weight-only formats to compare with (default: run's sweep)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--model", type=Path, default=None, help="a Hugging Face causal-LM folder")
     ap.add_argument("--out", type=Path, default=None, help="results folder")
     return ap
@@ -175,6 +176,8 @@ def main(argv=None) -> Path:
             formats.get(key)
         except (ValueError, TypeError) as e:
             ap.error(f"unknown format {key!r}: {e}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = args.out or Path("results") / ("search-" + dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
     from .data import load_causal_lm, wiki_text
 
