@@ -142,7 +142,13 @@ def main(argv=None) -> str:
     parser.add_argument("--hbm-gbs", type=float, default=None,
                         help="peak HBM bandwidth in GB/s (default: known GPUs by name)")
     parser.add_argument("--out", type=Path, default=Path("results/kernels.md"))
+    parser.add_argument("--static", type=Path, default=None, metavar="DIR",
+                        help="no GPU needed: compile every generated GPU kernel for sm_90 and "
+                        "write its PTX, registers, spills and shared memory to DIR")
     args = parser.parse_args(argv)
+    if args.static is not None:
+        from .kernel_static import main as static_main
+        return static_main(args.static)
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     import torch

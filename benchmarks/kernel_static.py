@@ -1,0 +1,145 @@
+"""``python -m benchmarks kernels --static DIR``: what the generated GPU linear kernels compile
+to for sm_90 (H100/H200), without a GPU.
+
+Every kernel of the list below is compiled, for each of its autotune configs, with the
+installed Triton for sm_90 (Triton's own compiler and the ptxas it ships), specialised as a
+real launch: pointers and the sizes N, K, row_bytes, stride_xm divisible by 16 (as for a
+Llama-7B layer), and for the GEMV M = 1 (BLOCK_M 1) and M = 16 (BLOCK_M 16). For each, DIR gets
+the PTX file and one JSON line in DIR/kernels.jsonl: kernel kind, weight and activation format,
+variant, config, registers, spilled bytes, shared memory bytes, and counts read from the PTX
+(128-bit vector loads of global memory, byte loads, float divisions, integer divisions). The
+table printed at the end checks issue 11's static targets per kernel: every config within
+227 KB of shared memory (an H100's per-block limit) and without spills, packed weights loaded
+with 128-bit loads, no per-element division.
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+# (weight format, activation format, variant)
+STATIC_KERNELS = [(w, None, v) for w in ("nf4", "int4", "mxfp4", "mxint8")
+                  for v in ("gemv", "gemm")] + [("mxint8", "mxint8", "gemm"),
+                                                ("mxint8", "mxint8", "gemv")]
+SMEM_LIMIT = 227 * 1024  # bytes of shared memory one block may use on an H100 / H200
+DIVISIBLE = ("N", "K", "row_bytes", "stride_xm")  # sizes a real 4096-wide layer divides by 16
+PTX_COUNTS = {"vector_loads_128": r"ld\.global(?:\.[\w:]+)*\.v4\.|cp\.async\.c[ag]\.shared"
+                                  r"\.global(?:\.[\w:]+)* \[[^\]]+\], \[[^\]]+\], (?:16|0x10)\b",
+              "byte_loads": r"ld\.global(?:\.[\w:]+)*\.[bu]8\b",
+              "float_divisions": r"div\.(?:rn|full|approx)\.f32",
+              "int_divisions": r"(?:div|rem)\.[su](?:32|64)"}
+
+
+def _ptxas() -> Path:
+    import triton
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+
+
+def _resources(ptx_file: Path) -> dict:
+    """Registers, spills and stack from ptxas -v (the cubin Triton makes from the same PTX)."""
+    done = subprocess.run([str(_ptxas()), "-v", "--gpu-name", "sm_90a", str(ptx_file), "-o",
+                           str(ptx_file.with_suffix(".cubin"))], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"ptxas failed on {ptx_file}: {done.stderr[-2000:]}")
+    text = done.stderr + done.stdout
+    number = lambda pattern: int(re.search(pattern, text).group(1))
+    return {"registers": number(r"Used (\d+) registers"),
+            "spill_bytes": number(r"(\d+) bytes spill stores") + number(r"(\d+) bytes spill loads"),
+            "stack_bytes": number(r"(\d+) bytes stack frame")}
+
+
+def _signature(fn, fmt, dtype_name: str) -> tuple[dict, dict]:
+    """Triton's signature of the kernel and its divisibility attributes, as a launch gives."""
+    d = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[dtype_name]
+    ptrs = {"x_ptr": "*" + d, "codes_ptr": "*u8", "table_ptr": "*fp32",
+            "tensor_scale_ptr": "*fp32", "bias_ptr": "*" + d, "out_ptr": "*" + d,
+            "scales_ptr": "*fp32" if fmt.scale.kind == "absmax" else "*u8"}
+    sig = {n: ptrs.get(n, "constexpr" if n.isupper() and len(n) > 1 else "i32")
+           for n in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+             if n in ptrs or n in DIVISIBLE}
+    return sig, attrs
+
+
+def compile_all(out: Path, dtype_name: str = "float16", kernels=STATIC_KERNELS,
+                configs: int | None = None) -> list[dict]:
+    """Compile ``kernels`` (the first ``configs`` autotune configs of each; None: all)."""
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from qcompile import formats
+    from qcompile.codegen.dequant import load_kernel
+    from qcompile.codegen.linear import linear_source
+
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for wf, af, variant in kernels:
+        fmt = formats.get(wf)
+        tuner = load_kernel(linear_source(fmt, af, variant=variant, dtype=getattr(torch, dtype_name),
+                                          interpret=False), "linear_kernel")
+        sig, attrs = _signature(tuner.fn, fmt, dtype_name)
+        launches = [(1, {"M": 1, "BLOCK_M": 1}), (16, {"BLOCK_M": 16})] if variant == "gemv" \
+            else [(None, {})]
+        for i, cfg in enumerate(tuner.configs[:configs]):
+            for m, special in launches:
+                consts = {"HAS_BIAS": False, **cfg.kwargs, **special}
+                name = f"{wf}_{af or 'none'}_{variant}_{dtype_name}_c{i}" + (f"_m{m}" if m else "")
+                k = triton.compile(ASTSource(tuner.fn, {**sig, **({"M": "constexpr"} if "M" in
+                                                                   special else {})},
+                                             consts, attrs),
+                                   target=GPUTarget("cuda", 90, 32),
+                                   options={"num_warps": cfg.num_warps,
+                                            "num_stages": cfg.num_stages,
+                                            "enable_fp_fusion": False})
+                ptx_file = out / f"{name}.ptx"
+                ptx_file.write_text(k.asm["ptx"])
+                row = {"kernel": "linear", "weight": wf, "act": af, "variant": variant,
+                       "dtype": dtype_name, "M": m,
+                       "config": {**cfg.kwargs, "BLOCK_M": consts.get("BLOCK_M"),
+                                  "num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
+                       "shared_bytes": k.metadata.shared, **_resources(ptx_file),
+                       **{key: len(re.findall(p, k.asm["ptx"])) for key, p in PTX_COUNTS.items()},
+                       "ptx": ptx_file.name, "triton": triton.__version__}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    with open(out / "kernels.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return rows
+
+
+def summary(rows: list[dict]) -> str:
+    """One line per kernel: the worst config against each static target."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["weight"], r["act"] or "-", r["variant"]), []).append(r)
+    head = ["weight", "act", "variant", "configs", "max regs", "max spill B", "max smem KB",
+            "128-bit loads", "byte loads", "fp32 divs", "int divs", "targets"]
+    body = []
+    for (w, a, v), rs in groups.items():
+        ok = (all(r["shared_bytes"] <= SMEM_LIMIT and r["spill_bytes"] == 0 for r in rs)
+              and all(r["vector_loads_128"] > 0 and r["byte_loads"] == 0
+                      and r["float_divisions"] == 0 for r in rs))
+        body.append([w, a, v, len(rs), max(r["registers"] for r in rs),
+                     max(r["spill_bytes"] for r in rs),
+                     f"{max(r['shared_bytes'] for r in rs) / 1024:.0f}",
+                     min(r["vector_loads_128"] for r in rs), max(r["byte_loads"] for r in rs),
+                     max(r["float_divisions"] for r in rs), max(r["int_divisions"] for r in rs),
+                     "met" if ok else "missed"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(map(str, b)) + " |" for b in body]
+    return "\n".join(lines)
+
+
+def main(out: Path) -> str:
+    rows = compile_all(out)
+    text = (f"Static sm_90 analysis of {len(rows)} compiled kernels (see {out}/kernels.jsonl). "
+            "Targets: smem <= 227 KB and no spills in every config, packed weights loaded "
+            "with 128-bit loads (min over configs > 0, no byte loads), no float divisions.\n\n"
+            + summary(rows) + "\n")
+    (out / "summary.md").write_text(text)
+    print(text)
+    return text
