@@ -81,14 +81,18 @@ def compile_all(out: Path, dtype_name: str = "float16", kernels=STATIC_KERNELS,
         fmt = formats.get(wf)
         tuner = load_kernel(linear_source(fmt, af, variant=variant, dtype=getattr(torch, dtype_name),
                                           interpret=False), "linear_kernel")
-        sig, attrs = _signature(tuner.fn, fmt, dtype_name)
+        fn = tuner.fn
+        while not isinstance(fn, triton.runtime.JITFunction):  # under autotune, heuristics
+            fn = fn.fn
+        sig, attrs = _signature(fn, fmt, dtype_name)
         launches = [(1, {"M": 1, "BLOCK_M": 1}), (16, {"BLOCK_M": 16})] if variant == "gemv" \
             else [(None, {})]
         for i, cfg in enumerate(tuner.configs[:configs]):
             for m, special in launches:
-                consts = {"HAS_BIAS": False, **cfg.kwargs, **special}
+                consts = {"HAS_BIAS": False, "QBLOCK": fmt.block_size, "EVEN_K": True,
+                          **cfg.kwargs, **special}  # K = 4096 or 11008: whole K tiles
                 name = f"{wf}_{af or 'none'}_{variant}_{dtype_name}_c{i}" + (f"_m{m}" if m else "")
-                k = triton.compile(ASTSource(tuner.fn, {**sig, **({"M": "constexpr"} if "M" in
+                k = triton.compile(ASTSource(fn, {**sig, **({"M": "constexpr"} if "M" in
                                                                    special else {})},
                                              consts, attrs),
                                    target=GPUTarget("cuda", 90, 32),

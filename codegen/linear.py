@@ -147,6 +147,27 @@ def _act_lines(af, dtype: str, integer: bool) -> list[str]:
                     "xt = tl.where(x_ok, xt, 0.0)"]
 
 
+def _k_mask(name: str, other: str, k_test: str, shape: str) -> list[str]:
+    """``name = other & k_test``; without the K test where EVEN_K (K a multiple of BLOCK_K), so
+    that the mask is constant along K and the loads can be vector loads."""
+    return ["if EVEN_K:",
+            f"    {name} = tl.broadcast_to({other}, {shape})",
+            "else:",
+            f"    {name} = {other} & ({k_test})"]
+
+
+def _nibble_lines() -> list[str]:
+    """4-bit codes, two per byte (the first in the high nibble): each byte of the tile loaded
+    once, as a [BLOCK_K // 2, BLOCK_N] tile contiguous along K (vector loads on a GPU), then
+    split and interleaved into the [BLOCK_K, BLOCK_N] codes."""
+    return ["# 4-bit codes, big-endian within each byte: each byte loaded once",
+            "kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)",
+            *_k_mask("b_ok", "n_ok", "2 * kb[:, None] < K", "(BLOCK_K // 2, BLOCK_N)"),
+            "byte = tl.load(row_codes + kb[:, None], mask=b_ok, other=0).to(tl.int32)",
+            "code = tl.reshape(tl.permute(tl.join(byte >> 4, byte & 15), (0, 2, 1)), "
+            "(BLOCK_K, BLOCK_N))"]
+
+
 def linear_source(wfmt, act_fmt=None, *, variant: str = "gemm", dtype=torch.float32,
                   out_float32: bool = False, interpret: bool | None = None) -> str:
     """Readable Triton source of the fused linear kernel ``linear_kernel``.
@@ -173,7 +194,7 @@ def linear_source(wfmt, act_fmt=None, *, variant: str = "gemm", dtype=torch.floa
     if wfmt.scale.kind == "nvfp4":
         args.append("tensor_scale_ptr")
     args += ["bias_ptr", "out_ptr", "M", "N", "K", "M_KEY", "stride_xm", "row_bytes", "n_blocks",
-             "block", "HAS_BIAS: tl.constexpr", "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr",
+             "QBLOCK: tl.constexpr", "EVEN_K: tl.constexpr", "HAS_BIAS: tl.constexpr", "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr",
              "BLOCK_K: tl.constexpr"]
 
     body = ["pid_n = tl.program_id(0)" if gemv else "pid_m = tl.program_id(0)"]
@@ -191,7 +212,7 @@ def linear_source(wfmt, act_fmt=None, *, variant: str = "gemm", dtype=torch.floa
     ]
     loop = [
         "ks = k0 + tl.arange(0, BLOCK_K)",
-        "x_ok = m_ok & (ks[None, :] < K)",
+        *_k_mask("x_ok", "m_ok", "ks[None, :] < K", "(BLOCK_M, BLOCK_K)"),
         "xt = tl.load(x_rows + ks[None, :], mask=x_ok, other=0.0).to(tl.float32)",
     ]
     if af is not None:
@@ -199,14 +220,14 @@ def linear_source(wfmt, act_fmt=None, *, variant: str = "gemm", dtype=torch.floa
     loop += [
         f"# weight tile [BLOCK_K, BLOCK_N]: {el.describe()}, element k of weight row n",
         "cols = ks[:, None]",
-        "in_range = (cols < K) & n_ok",
-        *_unpack_lines(el.bits),
+        *_k_mask("in_range", "n_ok", "cols < K", "(BLOCK_K, BLOCK_N)"),
+        *(_nibble_lines() if el.bits == 4 else _unpack_lines(el.bits)),
     ]
     if integer:
         loop += [*int_code_lines(el, "code", "wi"),
                  "wi = tl.where(in_range, wi, 0)",
                  "# the tile lies inside one weight block: one multiplier per weight row",
-                 "sidx = rows.to(tl.int64) * n_blocks + k0 // block",
+                 "sidx = rows.to(tl.int64) * n_blocks + k0 // QBLOCK",
                  *_scale_lines(wfmt, mask="n_ok"),
                  f"aw = mult * {float(2.0 ** -el.frac_bits)!r}  # exact",
                  "# exact integer block dot product, then one float32 scaling per block pair"]
@@ -219,7 +240,7 @@ def linear_source(wfmt, act_fmt=None, *, variant: str = "gemm", dtype=torch.floa
         loop.append("acc += d.to(tl.float32) * (ax * aw)")
     else:
         loop += [*_element_lines(el, "code", "value"),
-                 "sidx = rows.to(tl.int64) * n_blocks + cols // block",
+                 "sidx = rows.to(tl.int64) * n_blocks + cols // QBLOCK",
                  *_scale_lines(wfmt),
                  "w = tl.where(in_range, value * mult, 0.0)  # the reference's float32 value",
                  *_round_lines("w", dname)]
@@ -264,6 +285,7 @@ def linear_source(wfmt, act_fmt=None, *, variant: str = "gemm", dtype=torch.floa
         "",
         "# autotuned once per (next power of two of M, N, K): M_KEY is only the tuning key",
         f'@triton.autotune(configs=CONFIGS, key=["M_KEY", "N", "K"])',
+        '@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})',
         "@triton.jit",
         "def linear_kernel(",
         *[f"        {', '.join(args[i:i + 6])}," for i in range(0, len(args), 6)],
@@ -361,10 +383,11 @@ def linear(x: torch.Tensor, q, act_fmt=None, bias: torch.Tensor | None = None) -
     out_arg = out.view(torch.int16) if out_dtype == torch.bfloat16 else out
     args += [bias if bias is not None else scales, out_arg, m_len, n_len, k_len,
              _next_pow2(m_len), x2.stride(0),
-             codes.shape[-1], scales.shape[-1], q.block]
+             codes.shape[-1], scales.shape[-1]]
     # no fused multiply-add contraction (acc + d * s): every float op rounds as written, so the
     # integer path's result is the documented formula on a GPU too
-    meta = {"HAS_BIAS": bias is not None, "enable_fp_fusion": False}
+    # the block length a constant: block indices are shifts, not integer divisions
+    meta = {"QBLOCK": q.block, "HAS_BIAS": bias is not None, "enable_fp_fusion": False}
     if variant == "gemv":
         meta["BLOCK_M"] = _next_pow2(m_len)
         def grid(m):

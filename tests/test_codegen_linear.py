@@ -441,10 +441,14 @@ for wf, af, variant, dtype in [("nf4", None, "gemm", "float16"), ("mxfp4", None,
     sig = {"x_ptr": "*" + d, "codes_ptr": "*u8", "table_ptr": "*fp32", "tensor_scale_ptr": "*fp32",
            "scales_ptr": "*fp32" if fmt.scale.kind == "absmax" else "*u8", "bias_ptr": "*" + d,
            "out_ptr": "*i16" if d == "bf16" else "*" + d}
-    sig = {n: sig.get(n, "constexpr" if n.isupper() and len(n) > 1 else "i32") for n in tuner.fn.arg_names}
+    fn = tuner.fn
+    while not isinstance(fn, triton.runtime.JITFunction):  # autotune(heuristics(jit))
+        fn = fn.fn
+    sig = {n: sig.get(n, "constexpr" if n.isupper() and len(n) > 1 else "i32") for n in fn.arg_names}
     for cfg in tuner.configs:
-        consts = {"HAS_BIAS": True, "BLOCK_M": 4, **cfg.kwargs}
-        k = triton.compile(ASTSource(tuner.fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+        consts = {"HAS_BIAS": True, "BLOCK_M": 4, "QBLOCK": fmt.block_size, "EVEN_K": False,
+                  **cfg.kwargs}
+        k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
                            options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
                                     "enable_fp_fusion": False})
         assert len(k.asm["cubin"]) > 0
