@@ -5,13 +5,14 @@ run      the main benchmark: perplexity, embeddings, speed and memory (`make mai
 policy   SmolLM2-135M compiled with a mixed policy: explain totals, compile time, memory
 kernels  the fused Triton kernels against cuBLAS on Llama-7B shapes (GPU; --smoke on CPU)
 search   per-layer policies searched under bit budgets beside the uniform formats (SmolLM2)
+loading  peak memory of quantising SmolLM2-135M while loading, by command, and of loading it
 """
 import argparse
 import importlib
 import sys
 
 MODULES = {"weights": "weights", "run": "run", "policy": "policy_report", "kernels": "kernels",
-           "search": "search"}
+           "search": "search", "loading": "loading"}
 
 
 def parser() -> argparse.ArgumentParser:

@@ -100,6 +100,8 @@ def multiplier_lines(fmt, sc: str, out: str) -> list[str]:
                 f"{out} = {out}_bits.to(tl.float32, bitcast=True)"]
     if kind == "absmax":
         mv = float(fmt.element.max_value)
+        if mv == 1.0:  # x / 1 is x exactly (NaN and infinities included)
+            return [f"{out} = {sc}  # float32 absmax / max_value (1.0)"]
         return [f"# float32 absmax / max_value ({mv!r}), correctly rounded as the reference",
                 f"{out} = tl.math.div_rn({sc}, tl.full({sc}.shape, {mv!r}, tl.float32))"]
     if kind == "nvfp4":

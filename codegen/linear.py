@@ -156,6 +156,29 @@ def _k_mask(name: str, other: str, k_test: str, shape: str) -> list[str]:
             f"    {name} = {other} & ({k_test})"]
 
 
+def _block_scale_lines(wfmt) -> list[str]:
+    """``w``: the decoded tile times its block multipliers, the reference's float32 values.
+    With a power-of-two block a tile holds whole blocks (SPB of them) or lies inside one, so
+    each multiplier is computed once per block and row and broadcast; other block lengths
+    (a row shorter than the block) take one multiplier per element."""
+    per_block = ["bidx = k0 // QBLOCK + tl.arange(0, SPB)[:, None]",
+                 "sidx = rows.to(tl.int64) * n_blocks + bidx",
+                 "s_ok = n_ok & (bidx < n_blocks)",
+                 *_scale_lines(wfmt, mask="s_ok"),
+                 "if SPB == 1:",
+                 "    w = tl.where(in_range, value * mult, 0.0)",
+                 "else:",
+                 "    w = tl.reshape(tl.reshape(value, (SPB, BLOCK_K // SPB, BLOCK_N)) "
+                 "* mult[:, None, :], (BLOCK_K, BLOCK_N))",
+                 "    w = tl.where(in_range, w, 0.0)"]
+    per_element = ["sidx = rows.to(tl.int64) * n_blocks + cols // QBLOCK",
+                   *_scale_lines(wfmt),
+                   "w = tl.where(in_range, value * mult, 0.0)"]
+    return (["if POW2_BLOCK:  # one multiplier per block and weight row"]
+            + ["    " + line for line in per_block] + ["else:"]
+            + ["    " + line for line in per_element])
+
+
 def _nibble_lines() -> list[str]:
     """4-bit codes, two per byte (the first in the high nibble): each byte of the tile loaded
     once, as a [BLOCK_K // 2, BLOCK_N] tile contiguous along K (vector loads on a GPU), then
@@ -194,7 +217,8 @@ def linear_source(wfmt, act_fmt=None, *, variant: str = "gemm", dtype=torch.floa
     if wfmt.scale.kind == "nvfp4":
         args.append("tensor_scale_ptr")
     args += ["bias_ptr", "out_ptr", "M", "N", "K", "M_KEY", "stride_xm", "row_bytes", "n_blocks",
-             "QBLOCK: tl.constexpr", "EVEN_K: tl.constexpr", "HAS_BIAS: tl.constexpr", "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr",
+             "QBLOCK: tl.constexpr", "EVEN_K: tl.constexpr", "POW2_BLOCK: tl.constexpr",
+             "SPB: tl.constexpr", "HAS_BIAS: tl.constexpr", "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr",
              "BLOCK_K: tl.constexpr"]
 
     body = ["pid_n = tl.program_id(0)" if gemv else "pid_m = tl.program_id(0)"]
@@ -239,10 +263,7 @@ def linear_source(wfmt, act_fmt=None, *, variant: str = "gemm", dtype=torch.floa
             loop.append("d = tl.dot(xi.to(tl.float16), wi.to(tl.float16))  # exact")
         loop.append("acc += d.to(tl.float32) * (ax * aw)")
     else:
-        loop += [*_element_lines(el, "code", "value"),
-                 "sidx = rows.to(tl.int64) * n_blocks + cols // QBLOCK",
-                 *_scale_lines(wfmt),
-                 "w = tl.where(in_range, value * mult, 0.0)  # the reference's float32 value",
+        loop += [*_element_lines(el, "code", "value"), *_block_scale_lines(wfmt),
                  *_round_lines("w", dname)]
         if gemv:
             loop.append("acc += tl.sum(xt[:, :, None] * w[None, :, :], axis=1)")
@@ -285,7 +306,11 @@ def linear_source(wfmt, act_fmt=None, *, variant: str = "gemm", dtype=torch.floa
         "",
         "# autotuned once per (next power of two of M, N, K): M_KEY is only the tuning key",
         f'@triton.autotune(configs=CONFIGS, key=["M_KEY", "N", "K"])',
-        '@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})',
+        "@triton.heuristics({",
+        '    "EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0,',
+        '    "POW2_BLOCK": lambda a: a["QBLOCK"] & (a["QBLOCK"] - 1) == 0,',
+        '    "SPB": lambda a: max(1, a["BLOCK_K"] // a["QBLOCK"]),  # scales per tile and row',
+        "})",
         "@triton.jit",
         "def linear_kernel(",
         *[f"        {', '.join(args[i:i + 6])}," for i in range(0, len(args), 6)],
