@@ -257,3 +257,21 @@ def test_the_docs_example_runs_as_written():
     loaded = AutoModelForCausalLM.from_pretrained("/tmp/packed-llama")
     assert isinstance(loaded.model.layers[1].mlp.up_proj, QuantLinear)
     assert loaded.model.layers[1].mlp.up_proj.fmt_key == "bof4s_opq"
+
+
+@pytest.mark.parametrize("mode", ["command", "saved"])
+def test_loading_benchmark_rows_on_a_tiny_llama(tmp_path, mode):
+    """benchmarks/loading.py's child, on a tiny Llama instead of SmolLM2: one JSON row each."""
+    folder = save_llama(tmp_path / "float", max_shard_size="50KB")
+    out = tmp_path / "packed"
+    if mode == "saved":
+        quantize_checkpoint(folder, out, MIXED, progress=False)
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "loading", "--one", mode, folder,
+                           out], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    assert row["mode"] == mode and 0 <= row["peak_above_start_mib"] < 200
+    if mode == "command":
+        assert row["on_disk_mib"] == round(os.path.getsize(out / "model.safetensors") / 2**20, 1)
+    else:
+        assert row["model_holds_mib"] > 0
