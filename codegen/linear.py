@@ -161,16 +161,19 @@ def _block_scale_lines(wfmt) -> list[str]:
     With a power-of-two block a tile holds whole blocks (SPB of them) or lies inside one, so
     each multiplier is computed once per block and row and broadcast; other block lengths
     (a row shorter than the block) take one multiplier per element."""
-    per_block = ["bidx = k0 // QBLOCK + tl.arange(0, SPB)[:, None]",
-                 "sidx = rows.to(tl.int64) * n_blocks + bidx",
-                 "s_ok = n_ok & (bidx < n_blocks)",
-                 *_scale_lines(wfmt, mask="s_ok"),
-                 "if SPB == 1:",
-                 "    w = tl.where(in_range, value * mult, 0.0)",
-                 "else:",
-                 "    w = tl.reshape(tl.reshape(value, (SPB, BLOCK_K // SPB, BLOCK_N)) "
-                 "* mult[:, None, :], (BLOCK_K, BLOCK_N))",
-                 "    w = tl.where(in_range, w, 0.0)"]
+    one = ["# the tile lies inside one block: a vector of BLOCK_N multipliers",
+           "sidx = offs_n.to(tl.int64) * n_blocks + k0 // QBLOCK",
+           *_scale_lines(wfmt, mask="offs_n < N"),
+           "w = tl.where(in_range, value * mult[None, :], 0.0)"]
+    several = ["# the tile holds SPB whole blocks",
+               "bidx = k0 // QBLOCK + tl.arange(0, SPB)[:, None]",
+               "sidx = rows.to(tl.int64) * n_blocks + bidx",
+               *_scale_lines(wfmt, mask="n_ok & (bidx < n_blocks)"),
+               "w = tl.reshape(tl.reshape(value, (SPB, BLOCK_K // SPB, BLOCK_N)) "
+               "* mult[:, None, :], (BLOCK_K, BLOCK_N))",
+               "w = tl.where(in_range, w, 0.0)"]
+    per_block = (["if SPB == 1:"] + ["    " + line for line in one] + ["else:"]
+                 + ["    " + line for line in several])
     per_element = ["sidx = rows.to(tl.int64) * n_blocks + cols // QBLOCK",
                    *_scale_lines(wfmt),
                    "w = tl.where(in_range, value * mult, 0.0)"]
@@ -266,13 +269,20 @@ def linear_source(wfmt, act_fmt=None, *, variant: str = "gemm", dtype=torch.floa
         loop += [*_element_lines(el, "code", "value"), *_block_scale_lines(wfmt),
                  *_round_lines("w", dname)]
         if gemv:
-            loop.append("acc += tl.sum(xt[:, :, None] * w[None, :, :], axis=1)")
+            loop += ["if BLOCK_M == 1:  # products summed per K lane, one reduction after the loop",
+                     "    acc_k += tl.trans(xt) * w",
+                     "else:",
+                     "    acc += tl.sum(xt[:, :, None] * w[None, :, :], axis=1)"]
         elif dname == "float32" or interpret:
             loop.append('acc += tl.dot(xt, w, input_precision="ieee")')
         else:
             t = {"float16": "tl.float16", "bfloat16": "tl.bfloat16"}[dname]
             loop.append(f"acc += tl.dot(xt.to({t}), w.to({t}))  # exact: both hold {dname} values")
     body += ["    " + line for line in loop]
+    if gemv and not integer:
+        body.insert(body.index("for k0 in range(0, K, BLOCK_K):"),
+                    "acc_k = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)  # M = 1")
+        body += ["if BLOCK_M == 1:", "    acc += tl.sum(acc_k, axis=0)[None, :]"]
     body += [
         "if HAS_BIAS:",
         "    acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]",
