@@ -18,7 +18,7 @@ codegen/quant.py (block scale, element code). Three kinds of kernel come out of 
   ``D_t = sum q_x q_w`` over tile t and ``s_t = fl32(a_x a_w)``, ``a = multiplier * 2^-frac``.
 
 Each kind has a GEMV-shaped variant (M <= 16: one program per BLOCK_N outputs, products reduced
-with tl.sum, BLOCK_M = next power of two of M) and a tiled GEMM (tl.dot). On a GPU both are
+with tl.sum, at M = 1 once after the K loop; BLOCK_M = next power of two of M) and a tiled GEMM (tl.dot). On a GPU both are
 autotuned over a few configs; under TRITON_INTERPRET=1 one large-tile config is generated (the
 interpreter cannot autotune over two or more). Float dots use fp16/bf16 operands for fp16/bf16
 models (the operands are exactly representable there, so products are exact) and IEEE float32
