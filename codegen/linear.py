@@ -18,9 +18,9 @@ codegen/quant.py (block scale, element code). Three kinds of kernel come out of 
   ``D_t = sum q_x q_w`` over tile t and ``s_t = fl32(a_x a_w)``, ``a = multiplier * 2^-frac``.
 
 Each kind has a GEMV-shaped variant (M <= 16: one program per BLOCK_N outputs, products reduced
-with tl.sum, at M = 1 once after the K loop; BLOCK_M = next power of two of M) and a tiled GEMM (tl.dot). On a GPU both are
-autotuned over a few configs; under TRITON_INTERPRET=1 one large-tile config is generated (the
-interpreter cannot autotune over two or more). Float dots use fp16/bf16 operands for fp16/bf16
+with tl.sum, at M = 1 once after the K loop; BLOCK_M = next power of two of M) and a tiled GEMM
+(tl.dot). On a GPU both are autotuned over a few configs; under TRITON_INTERPRET=1 one
+large-tile config is generated (the interpreter cannot autotune over two or more). Float dots use fp16/bf16 operands for fp16/bf16
 models (the operands are exactly representable there, so products are exact) and IEEE float32
 otherwise; the interpreter always dots in float32 (its bf16 tl.dot is broken).
 
@@ -221,8 +221,8 @@ def linear_source(wfmt, act_fmt=None, *, variant: str = "gemm", dtype=torch.floa
         args.append("tensor_scale_ptr")
     args += ["bias_ptr", "out_ptr", "M", "N", "K", "M_KEY", "stride_xm", "row_bytes", "n_blocks",
              "QBLOCK: tl.constexpr", "EVEN_K: tl.constexpr", "POW2_BLOCK: tl.constexpr",
-             "SPB: tl.constexpr", "HAS_BIAS: tl.constexpr", "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr",
-             "BLOCK_K: tl.constexpr"]
+             "SPB: tl.constexpr", "HAS_BIAS: tl.constexpr", "BLOCK_M: tl.constexpr",
+             "BLOCK_N: tl.constexpr", "BLOCK_K: tl.constexpr"]
 
     body = ["pid_n = tl.program_id(0)" if gemv else "pid_m = tl.program_id(0)"]
     body += [] if gemv else ["pid_n = tl.program_id(1)"]
