@@ -73,10 +73,28 @@ def _element_lines(el, code: str, out: str, mask: str = "in_range") -> list[str]
                 f"{out}_bits = tl.where({out}_mag == 0, 0, ({out}_mag + {127 - top}) << 23)",
                 f"{out}_bits = {out}_bits | (({code} >> {el.bits - 1}) << 31)  # sign",
                 f"{out} = {out}_bits.to(tl.float32, bitcast=True)"]
+    if isinstance(el, CodebookElement) and not el.data_dependent and el.bits <= 4:
+        return _select_tree_lines(el, code, out)
     if isinstance(el, CodebookElement):
         return [f"# {el.describe()}: table lookup (the table is a kernel argument)",
                 f"{out} = tl.load(table_ptr + {code}, mask={mask}, other=0.0)"]
     raise NotImplementedError(f"no decoder for element {el!r}")
+
+
+def _select_tree_lines(el, code: str, out: str) -> list[str]:
+    """A fixed codebook of at most 16 values decoded in registers: a tree of selects on the
+    code's bits, lowest bit first, over the float32 table values written as constants (no
+    gather from memory per element)."""
+    level = [repr(float(v)) for v in torch.tensor(el.values, dtype=torch.float32).tolist()]
+    lines = [f"# {el.describe()}: the table's float32 values, selected by the code's bits"]
+    for bit in range(el.bits):
+        names = [f"{out}_{bit}_{i}" for i in range(len(level) // 2)]
+        if len(names) == 1:
+            names = [out]
+        lines += [f"{name} = tl.where(({code} & {1 << bit}) != 0, {hi}, {lo})"
+                  for name, lo, hi in zip(names, level[0::2], level[1::2])]
+        level = names
+    return lines
 
 
 # ---- block multipliers: lines computing float32 `mult` from the loaded scale `sc` ----------
