@@ -4,7 +4,7 @@ to for sm_90 (H100/H200), without a GPU.
 Every kernel of the list below is compiled, for each of its autotune configs, with the
 installed Triton for sm_90 (Triton's own compiler and the ptxas it ships), specialised as a
 real launch: pointers and the sizes N, K, row_bytes, stride_xm divisible by 16 (as for a
-Llama-7B layer), and for the GEMV M = 1 (BLOCK_M 1) and M = 16 (BLOCK_M 16). For each, DIR gets
+Llama-7B layer), and for the GEMV (M = 1 only: M = 2..16 runs the GEMM's 16-row tiles) M = 1. For each, DIR gets
 the PTX file and one JSON line in DIR/kernels.jsonl: kernel kind, weight and activation format,
 variant, config, registers, spilled bytes, shared memory bytes, and counts read from the PTX
 (128-bit vector loads of global memory, byte loads, float divisions, integer divisions). The
@@ -85,8 +85,7 @@ def compile_all(out: Path, dtype_name: str = "float16", kernels=STATIC_KERNELS,
         while not isinstance(fn, triton.runtime.JITFunction):  # under autotune, heuristics
             fn = fn.fn
         sig, attrs = _signature(fn, fmt, dtype_name)
-        launches = [(1, {"M": 1, "BLOCK_M": 1}), (16, {"BLOCK_M": 16})] if variant == "gemv" \
-            else [(None, {})]
+        launches = [(1, {"M": 1, "BLOCK_M": 1})] if variant == "gemv" else [(None, {})]
         for i, cfg in enumerate(tuner.configs[:configs]):
             for m, special in launches:
                 consts = {"HAS_BIAS": False, "QBLOCK": fmt.block_size, "EVEN_K": True,

@@ -17,9 +17,9 @@ codegen/quant.py (block scale, element code). Three kinds of kernel come out of 
   ``y = fl32(...fl32(fl32(D_0 s_0) + fl32(D_1 s_1))... + b)``, tiles in K order, where
   ``D_t = sum q_x q_w`` over tile t and ``s_t = fl32(a_x a_w)``, ``a = multiplier * 2^-frac``.
 
-Each kind has a GEMV-shaped variant (M <= 16: one program per BLOCK_N outputs, products reduced
-with tl.sum, at M = 1 once after the K loop; BLOCK_M = next power of two of M) and a tiled GEMM
-(tl.dot). On a GPU both are autotuned over a few configs; under TRITON_INTERPRET=1 one
+Each kind has a GEMV-shaped variant (M = 1: one program per BLOCK_N outputs, products summed per
+K lane and reduced with tl.sum once after the K loop) and a tiled GEMM (tl.dot; its sweep has
+16-row tiles for M = 2..16). On a GPU both are autotuned over a few configs; under TRITON_INTERPRET=1 one
 large-tile config is generated (the interpreter cannot autotune over two or more). Float dots use fp16/bf16 operands for fp16/bf16
 models (the operands are exactly representable there, so products are exact) and IEEE float32
 otherwise; the interpreter always dots in float32 (its bf16 tl.dot is broken).
@@ -48,7 +48,7 @@ from . import quant as _quant
 from .dequant import (_SCALE_NAMES, _element_lines, _next_pow2, _scale_lines, _unpack_lines,
                       int_code_lines, load_kernel, multiplier_lines, triton_cdiv)
 
-GEMV_MAX_M = 16  # M up to this runs the GEMV-shaped kernel
+GEMV_MAX_M = 1  # M up to this runs the GEMV-shaped kernel; M = 2..16 a GEMM with BLOCK_M 16
 MAX_ACT_BLOCK = 256  # larger activation blocks are fake-quantised outside the kernel
 UNIT = 2.0**-23  # the bound's unit roundoff: covers round-to-nearest and truncating adders
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -116,7 +116,8 @@ def _configs(variant: str, fixed_k: int | None, k_multiple: int, interpret: bool
                        f'num_stages={s})' for n, k, w, s in tiles})
     tiles = [(64, 64, 64, 4, 1)] if interpret else [
         (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4),
-        (128, 256, 64, 8, 3), (64, 64, 128, 4, 3), (32, 64, 128, 4, 4)]
+        (128, 256, 64, 8, 3), (64, 64, 128, 4, 3), (32, 64, 128, 4, 4),
+        (16, 64, 128, 4, 3), (16, 128, 64, 4, 3)]  # M = 2..16: tl.dot on a 16-row tile
     return sorted({f'triton.Config({{"BLOCK_M": {m}, "BLOCK_N": {n}, "BLOCK_K": {bk(k)}}}, '
                    f'num_warps={w}, num_stages={s})' for m, n, k, w, s in tiles})
 
@@ -269,10 +270,7 @@ def linear_source(wfmt, act_fmt=None, *, variant: str = "gemm", dtype=torch.floa
         loop += [*_element_lines(el, "code", "value"), *_block_scale_lines(wfmt),
                  *_round_lines("w", dname)]
         if gemv:
-            loop += ["if BLOCK_M == 1:  # products summed per K lane, one reduction after the loop",
-                     "    acc_k += tl.trans(xt) * w",
-                     "else:",
-                     "    acc += tl.sum(xt[:, :, None] * w[None, :, :], axis=1)"]
+            loop.append("acc_k += tl.trans(xt) * w  # per K lane; one reduction after the loop")
         elif dname == "float32" or interpret:
             loop.append('acc += tl.dot(xt, w, input_precision="ieee")')
         else:
@@ -281,8 +279,8 @@ def linear_source(wfmt, act_fmt=None, *, variant: str = "gemm", dtype=torch.floa
     body += ["    " + line for line in loop]
     if gemv and not integer:
         body.insert(body.index("for k0 in range(0, K, BLOCK_K):"),
-                    "acc_k = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)  # M = 1")
-        body += ["if BLOCK_M == 1:", "    acc += tl.sum(acc_k, axis=0)[None, :]"]
+                    "acc_k = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)")
+        body.append("acc += tl.sum(acc_k, axis=0)[None, :]")
     body += [
         "if HAS_BIAS:",
         "    acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]",

@@ -57,7 +57,7 @@ def test_one_kernel_compiles_for_sm90(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "kernels.jsonl").read_text().splitlines()]
-    assert [r["M"] for r in rows] == [1, 16]  # the GEMV at M = 1 and at M = 16
+    assert [r["M"] for r in rows] == [1]  # the GEMV is specialised for M = 1
     for r in rows:
         ptx = (tmp_path / r["ptx"]).read_text()
         assert ".target sm_90" in ptx and ".entry linear_kernel" in ptx

@@ -153,7 +153,7 @@ INT_PAIRS = [("mxint8", "mxint8"), ("int8", "mxint8"), ("bfp8", "bfp8"), ("int4"
 def test_integer_w_a_path_is_bit_exact(wfmt, act, p):
     for m in (p["m_small"], p["m_large"]):
         x, q, b = make(p, m, wfmt)
-        variant = "gemv" if m <= 16 else "gemm"
+        variant = "gemv" if m <= cg.GEMV_MAX_M else "gemm"
         assert cg.int_path(q.fmt, formats.get(act), variant)
         y = fused(x, q, act, b)
         want = int_formula(x, q, b, act)
@@ -233,7 +233,7 @@ def test_source_readable_one_config_under_interpreter_and_dumped(monkeypatch, ca
     assert "tl.dot(xi.to(tl.float16), wi.to(tl.float16))" in cg.linear_source("bfp8", "bfp8")
     gemv = cg.linear_source(formats.get("mxint8"), "mxint8", variant="gemv")
     assert "tl.sum(xi[:, :, None] * wi[None, :, :], axis=1)" in gemv
-    # the block size is a runtime argument: one kernel per element and scale description
+    # the block length is a launch constant (QBLOCK): one source per element and scale
     assert cg.linear_source(formats.get("int4[block_size=32]")) == cg.linear_source(formats.get("int4"))
     monkeypatch.setattr(qcompile.codegen.cache, "_KERNELS", {})
     cg._kernel.cache_clear()
