@@ -225,8 +225,9 @@ def linear_source(wfmt, act_fmt=None, *, variant: str = "gemm", dtype=torch.floa
              "SPB: tl.constexpr", "HAS_BIAS: tl.constexpr", "BLOCK_M: tl.constexpr",
              "BLOCK_N: tl.constexpr", "BLOCK_K: tl.constexpr"]
 
-    body = ["pid_n = tl.program_id(0)" if gemv else "pid_m = tl.program_id(0)"]
-    body += [] if gemv else ["pid_n = tl.program_id(1)"]
+    body = (["tl.static_assert(BLOCK_M == 1)  # the GEMV serves M = 1",
+             "pid_n = tl.program_id(0)"] if gemv else
+            ["pid_m = tl.program_id(0)", "pid_n = tl.program_id(1)"])
     body += [
         "offs_m = " + ("tl.arange(0, BLOCK_M)" if gemv else "pid_m * BLOCK_M + tl.arange(0, BLOCK_M)"),
         "offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)",

@@ -34,17 +34,24 @@ def test_ptx_counts_on_known_instructions():
 
 
 def row(**kw):
-    base = {"weight": "nf4", "act": None, "variant": "gemv", "registers": 64, "spill_bytes": 0,
+    base = {"weight": "nf4", "act": None, "variant": "gemm", "registers": 64, "spill_bytes": 0,
             "shared_bytes": 1024, "vector_loads_128": 4, "byte_loads": 0, "float_divisions": 0,
-            "int_divisions": 0}
+            "int_divisions": 0, "config": {"BLOCK_N": 64}}
     return {**base, **kw}
 
 
 def test_summary_judges_the_worst_config():
     ok = ks.summary([row(), row(registers=128)])
-    assert "| nf4 | - | gemv | 2 | 128 |" in ok and ok.rstrip().endswith("met |")
-    for bad in (row(spill_bytes=8), row(shared_bytes=ks.SMEM_LIMIT + 1), row(byte_loads=1),
-                row(vector_loads_128=0), row(float_divisions=2)):
+    assert "| nf4 | - | gemm | 2 | 128 |" in ok and ok.rstrip().endswith("- | met |")
+    # the GEMV's M = 1 grid on N = 4096: 4096 / BLOCK_N programs, at least 4 x 132 wanted
+    assert ks.summary([row(variant="gemv", config={"BLOCK_N": 8})]).rstrip().endswith(
+        "| 512 | missed |")
+    assert ks.summary([row(variant="gemv", config={"BLOCK_N": 4})]).rstrip().endswith(
+        "| 1024 | met |")
+    per_block = ks.summary([row(byte_loads=1, float_divisions=2)])  # an E8M0 byte, a division
+    assert per_block.rstrip().endswith("met |")
+    for bad in (row(spill_bytes=8), row(shared_bytes=ks.SMEM_LIMIT + 1), row(byte_loads=16),
+                row(vector_loads_128=0), row(float_divisions=32), row(int_divisions=16)):
         assert ks.summary([row(), bad]).rstrip().endswith("missed |"), bad
 
 

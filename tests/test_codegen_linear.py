@@ -441,13 +441,14 @@ for wf, af, variant, dtype in [("nf4", None, "gemm", "float16"), ("mxfp4", None,
     sig = {"x_ptr": "*" + d, "codes_ptr": "*u8", "table_ptr": "*fp32", "tensor_scale_ptr": "*fp32",
            "scales_ptr": "*fp32" if fmt.scale.kind == "absmax" else "*u8", "bias_ptr": "*" + d,
            "out_ptr": "*i16" if d == "bf16" else "*" + d}
-    fn = tuner.fn
+    fn, heuristics = tuner.fn, {}
     while not isinstance(fn, triton.runtime.JITFunction):  # autotune(heuristics(jit))
+        heuristics.update(getattr(fn, "values", {}))
         fn = fn.fn
     sig = {n: sig.get(n, "constexpr" if n.isupper() and len(n) > 1 else "i32") for n in fn.arg_names}
     for cfg in tuner.configs:
-        consts = {"HAS_BIAS": True, "BLOCK_M": 4, "QBLOCK": fmt.block_size, "EVEN_K": False,
-                  **cfg.kwargs}
+        consts = {"HAS_BIAS": True, "BLOCK_M": 1, "QBLOCK": fmt.block_size, **cfg.kwargs}
+        consts.update({n: rule({"N": 4000, "K": 4000, **consts}) for n, rule in heuristics.items()})
         k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
                            options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
                                     "enable_fp_fusion": False})
