@@ -59,6 +59,7 @@ def _signature(fn, fmt, dtype_name: str) -> tuple[dict, dict]:
     d = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[dtype_name]
     ptrs = {"x_ptr": "*" + d, "codes_ptr": "*u8", "table_ptr": "*fp32",
             "tensor_scale_ptr": "*fp32", "bias_ptr": "*" + d, "out_ptr": "*" + d,
+            "ws_ptr": "*fp32",
             "scales_ptr": "*fp32" if fmt.scale.kind == "absmax" else "*u8"}
     sig = {n: ptrs.get(n, "constexpr" if n.isupper() and len(n) > 1 else "i32")
            for n in fn.arg_names}
@@ -111,6 +112,7 @@ def compile_all(out: Path, dtype_name: str = "float16", kernels=STATIC_KERNELS,
                 row = {"kernel": "linear", "weight": wf, "act": af, "variant": variant,
                        "dtype": dtype_name, "M": m,
                        "config": {**cfg.kwargs, "BLOCK_M": consts.get("BLOCK_M"),
+                                  "SPLIT_K": consts.get("SPLIT_K", 1),
                                   "num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
                        "shared_bytes": k.metadata.shared, **_resources(ptx_file),
                        **{key: len(re.findall(p, k.asm["ptx"])) for key, p in PTX_COUNTS.items()},
@@ -123,8 +125,9 @@ def compile_all(out: Path, dtype_name: str = "float16", kernels=STATIC_KERNELS,
 
 
 def m1_programs(row: dict, n: int = 4096) -> int:
-    """Programs the GEMV launches at M = 1 for N = 4096 (one per BLOCK_N outputs; no split-K)."""
-    return -(-n // row["config"]["BLOCK_N"])
+    """Programs the GEMV launches at M = 1 for N = K = 4096: one per BLOCK_N outputs and K
+    split."""
+    return -(-n // row["config"]["BLOCK_N"]) * row["config"].get("SPLIT_K", 1)
 
 
 def summary(rows: list[dict]) -> str:

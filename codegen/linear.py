@@ -37,6 +37,7 @@ twice that. The integer path is its formula above, bit for bit, and within gamma
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
 
@@ -195,6 +196,40 @@ def _nibble_lines() -> list[str]:
             "(BLOCK_K, BLOCK_N))"]
 
 
+MAX_SPLIT_K = 32  # rows of the float GEMV's workspace
+MIN_PROGRAMS = 4 * 132  # M = 1: several programs per SM of an H100
+
+
+def split_k(a) -> int:
+    """K splits of the M = 1 float GEMV (a heuristic of the generated kernel, which carries
+    this very source): enough programs for several per SM, each split at least 2 K tiles."""
+    programs = -(-a["N"] // a["BLOCK_N"])
+    return max(1, min(MAX_SPLIT_K, -(-MIN_PROGRAMS // programs), a["K"] // (2 * a["BLOCK_K"])))
+
+
+_SPLIT_K_SOURCE = [f"MAX_SPLIT_K = {MAX_SPLIT_K}", f"MIN_PROGRAMS = {MIN_PROGRAMS}", "", "",
+                   *inspect.getsource(split_k).splitlines(), "", ""]
+
+
+def _store_lines(out_name: str) -> list[str]:
+    """Add the bias, round to the output dtype, store."""
+    body = [
+        "if HAS_BIAS:",
+        "    acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]",
+        "out_ok = m_ok & n_ok",
+        "out_at = out_ptr + offs_m[:, None].to(tl.int64) * N + rows",
+    ]
+    if out_name == "bfloat16":  # stored through an int16 view: exact rounding on the bits
+        body += [*_round_lines("acc", "bfloat16"),
+                 "acc_hi = tl.where(acc != acc, 0x7FC0, acc.to(tl.int32, bitcast=True) >> 16)",
+                 "tl.store(out_at, acc_hi.to(tl.int16), mask=out_ok)"]
+    elif out_name == "float16":
+        body.append("tl.store(out_at, acc.to(tl.float16), mask=out_ok)")
+    else:
+        body.append("tl.store(out_at, acc, mask=out_ok)")
+    return body
+
+
 def linear_source(wfmt, act_fmt=None, *, variant: str = "gemm", dtype=torch.float32,
                   out_float32: bool = False, interpret: bool | None = None) -> str:
     """Readable Triton source of the fused linear kernel ``linear_kernel``.
@@ -220,10 +255,13 @@ def linear_source(wfmt, act_fmt=None, *, variant: str = "gemm", dtype=torch.floa
         args.append("table_ptr")
     if wfmt.scale.kind == "nvfp4":
         args.append("tensor_scale_ptr")
-    args += ["bias_ptr", "out_ptr", "M", "N", "K", "M_KEY", "stride_xm", "row_bytes", "n_blocks",
+    split = gemv and not integer  # split-K: the float GEMV only (the integer formula is ordered)
+    args += ["bias_ptr", "out_ptr", *(["ws_ptr"] if split else []), "M", "N", "K", "M_KEY",
+             "stride_xm", "row_bytes", "n_blocks",
              "QBLOCK: tl.constexpr", "EVEN_K: tl.constexpr", "POW2_BLOCK: tl.constexpr",
              "SPB: tl.constexpr", "HAS_BIAS: tl.constexpr", "BLOCK_M: tl.constexpr",
-             "BLOCK_N: tl.constexpr", "BLOCK_K: tl.constexpr"]
+             "BLOCK_N: tl.constexpr", "BLOCK_K: tl.constexpr",
+             *(["SPLIT_K: tl.constexpr"] if split else [])]
 
     body = (["tl.static_assert(BLOCK_M == 1)  # the GEMV serves M = 1",
              "pid_n = tl.program_id(0)"] if gemv else
@@ -237,7 +275,12 @@ def linear_source(wfmt, act_fmt=None, *, variant: str = "gemm", dtype=torch.floa
         "row_codes = codes_ptr + rows.to(tl.int64) * row_bytes",
         "x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm",
         "acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)",
-        "for k0 in range(0, K, BLOCK_K):",
+        *(["# split-K: program (n, s) sums K tiles [s * k_per, (s + 1) * k_per)",
+           "pid_k = tl.program_id(1)",
+           "k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K",
+           "acc_k = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)",
+           "for k0 in range(pid_k * k_per, tl.minimum(K, (pid_k + 1) * k_per), BLOCK_K):"]
+          if split else ["for k0 in range(0, K, BLOCK_K):"]),
     ]
     loop = [
         "ks = k0 + tl.arange(0, BLOCK_K)",
@@ -278,26 +321,14 @@ def linear_source(wfmt, act_fmt=None, *, variant: str = "gemm", dtype=torch.floa
             t = {"float16": "tl.float16", "bfloat16": "tl.bfloat16"}[dname]
             loop.append(f"acc += tl.dot(xt.to({t}), w.to({t}))  # exact: both hold {dname} values")
     body += ["    " + line for line in loop]
-    if gemv and not integer:
-        body.insert(body.index("for k0 in range(0, K, BLOCK_K):"),
-                    "acc_k = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)")
-        body.append("acc += tl.sum(acc_k, axis=0)[None, :]")
-    body += [
-        "if HAS_BIAS:",
-        "    acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]",
-        "out_ok = m_ok & n_ok",
-        "out_at = out_ptr + offs_m[:, None].to(tl.int64) * N + rows",
-    ]
-    if out_name == "bfloat16":  # stored through an int16 view: exact rounding on the bits
-        body += [*_round_lines("acc", "bfloat16"),
-                 "acc_hi = tl.where(acc != acc, 0x7FC0, acc.to(tl.int32, bitcast=True) >> 16)",
-                 "tl.store(out_at, acc_hi.to(tl.int16), mask=out_ok)"]
-    elif out_name == "float16":
-        body.append("tl.store(out_at, acc.to(tl.float16), mask=out_ok)")
+    if split:  # one partial sum per split; the launcher adds them and the bias, and rounds
+        body += ["acc += tl.sum(acc_k, axis=0)[None, :]",
+                 "tl.store(ws_ptr + pid_k.to(tl.int64) * N + rows, acc, mask=m_ok & n_ok)"]
     else:
-        body.append("tl.store(out_at, acc, mask=out_ok)")
+        body += _store_lines(out_name)
 
-    kind = "integer block dots" if integer else "float32 accumulation"
+    kind = ("float32 partial sums per K split" if split else
+            "integer block dots" if integer else "float32 accumulation")
     act = f", activations {af.key} fused" if af is not None else ", weight-only"
     configs = _configs(variant, af.block_size if integer else None,
                        af.block_size if af is not None else 16, interpret)
@@ -313,12 +344,14 @@ def linear_source(wfmt, act_fmt=None, *, variant: str = "gemm", dtype=torch.floa
         "]",
         "",
         "",
+        *(_SPLIT_K_SOURCE if split else []),
         "# autotuned once per (next power of two of M, N, K): M_KEY is only the tuning key",
         f'@triton.autotune(configs=CONFIGS, key=["M_KEY", "N", "K"])',
         "@triton.heuristics({",
         '    "EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0,',
         '    "POW2_BLOCK": lambda a: a["QBLOCK"] & (a["QBLOCK"] - 1) == 0,',
         '    "SPB": lambda a: max(1, a["BLOCK_K"] // a["QBLOCK"]),  # scales per tile and row',
+        *(['    "SPLIT_K": split_k,'] if split else []),
         "})",
         "@triton.jit",
         "def linear_kernel(",
@@ -413,23 +446,33 @@ def linear(x: torch.Tensor, q, act_fmt=None, bias: torch.Tensor | None = None) -
     if q.fmt.scale.kind == "nvfp4":
         args.append(q.side["tensor_scale"].to(torch.float32).contiguous())
     out_dtype = torch.float32 if opq else x.dtype
-    out = torch.empty((m_len, n_len), dtype=out_dtype, device=x.device)
-    out_arg = out.view(torch.int16) if out_dtype == torch.bfloat16 else out
-    args += [bias if bias is not None else scales, out_arg, m_len, n_len, k_len,
-             _next_pow2(m_len), x2.stride(0),
-             codes.shape[-1], scales.shape[-1]]
+    split = variant == "gemv" and not int_path(q.fmt, af, variant)  # as linear_source decides
+    if split:  # partial sums per K split, added below (rows past the split count stay zero)
+        ws = torch.zeros((MAX_SPLIT_K, m_len, n_len), dtype=torch.float32, device=x.device)
+        args += [bias if bias is not None else scales, ws, ws]
+    else:
+        out = torch.empty((m_len, n_len), dtype=out_dtype, device=x.device)
+        args += [bias if bias is not None else scales,
+                 out.view(torch.int16) if out_dtype == torch.bfloat16 else out]
+    args += [m_len, n_len, k_len, _next_pow2(m_len), x2.stride(0), codes.shape[-1],
+             scales.shape[-1]]
     # no fused multiply-add contraction (acc + d * s): every float op rounds as written, so the
     # integer path's result is the documented formula on a GPU too
     # the block length a constant: block indices are shifts, not integer divisions
     meta = {"QBLOCK": q.block, "HAS_BIAS": bias is not None, "enable_fp_fusion": False}
     if variant == "gemv":
-        meta["BLOCK_M"] = _next_pow2(m_len)
+        meta["BLOCK_M"] = 1
         def grid(m):
-            return (triton_cdiv(n_len, m["BLOCK_N"]),)
+            return (triton_cdiv(n_len, m["BLOCK_N"]), m.get("SPLIT_K", 1))
     else:
         def grid(m):
             return (triton_cdiv(m_len, m["BLOCK_M"]), triton_cdiv(n_len, m["BLOCK_N"]))
     kernel[grid](*args, **meta)
+    if split:  # the splits in order, then the bias (as the kernel would add it), then rounding
+        out = ws.sum(0)
+        if bias is not None:
+            out = out + bias.to(torch.float32)
+        out = out if opq else out.to(x.dtype)
 
     if opq:  # outliers: add x[:, k] * (v - decoded) for each, then round to the model dtype
         r, c, decoded = _codes_at(q, q.side["outlier_index"].long())

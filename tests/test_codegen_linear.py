@@ -112,6 +112,21 @@ def test_weight_only_within_float32_bound(wfmt, p):
         check(x, q, b)
 
 
+@pytest.mark.parametrize("wfmt", ["nf4", "bof4s_opq", "mxint8"])
+@pytest.mark.parametrize("k, axis", [(1024, 1), (1000, 0)])  # whole K tiles, and a ragged end
+def test_gemv_split_k_within_float32_bound(wfmt, k, axis):
+    """At M = 1 with a long K and few outputs the GEMV splits K (so the grid has enough
+    programs); the splits' sums, added by the launcher, stay within the bound."""
+    p = dict(k=k, n=40, bias=True, axis=axis, seed=7, scale=1.0)
+    x, q, b = make(p, 1, wfmt)
+    assert '"SPLIT_K": split_k' in cg.linear_source(q.fmt, variant="gemv")
+    assert 'triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}' in cg.linear_source(q.fmt, variant="gemv")
+    # min(32, ceil(528 / one program), K // (2 * 64)) splits under the interpreter's one config
+    assert cg.split_k({"N": 40, "K": k, "BLOCK_N": 64, "BLOCK_K": 64}) == k // 128 > 1
+    y = check(x, q, b)
+    assert y.shape == (1, 40)
+
+
 @pytest.mark.parametrize("wfmt", ["nvfp4", "bof4s_opq", "quantile4", "int3", "mxfp6_e3m2",
                                   formats.get("int4", block_size=None), "mxfp8_e5m2"],
                          ids=str)
@@ -440,7 +455,7 @@ for wf, af, variant, dtype in [("nf4", None, "gemm", "float16"), ("mxfp4", None,
     d = DT[dtype]
     sig = {"x_ptr": "*" + d, "codes_ptr": "*u8", "table_ptr": "*fp32", "tensor_scale_ptr": "*fp32",
            "scales_ptr": "*fp32" if fmt.scale.kind == "absmax" else "*u8", "bias_ptr": "*" + d,
-           "out_ptr": "*i16" if d == "bf16" else "*" + d}
+           "out_ptr": "*i16" if d == "bf16" else "*" + d, "ws_ptr": "*fp32"}
     fn, heuristics = tuner.fn, {}
     while not isinstance(fn, triton.runtime.JITFunction):  # autotune(heuristics(jit))
         heuristics.update(getattr(fn, "values", {}))
