@@ -4,8 +4,8 @@ to for sm_90 (H100/H200), without a GPU.
 Every kernel of the list below is compiled, for each of its autotune configs, with the
 installed Triton for sm_90 (Triton's own compiler and the ptxas it ships), specialised as a
 real launch: pointers and the sizes N, K, row_bytes, stride_xm divisible by 16 (as for a
-Llama-7B layer), and for the GEMV (M = 1 only: M = 2..16 runs the GEMM's 16-row tiles) M = 1. For each, DIR gets
-the PTX file and one JSON line in DIR/kernels.jsonl: kernel kind, weight and activation format,
+Llama-7B layer; N = K = 4096 for the kernels' heuristics), the GEMV at M = 1 (the only M it
+serves). For each, DIR gets the PTX file and one JSON line in DIR/kernels.jsonl: kernel kind, weight and activation format,
 variant, config, registers, spilled bytes, shared memory bytes, and counts read from the PTX
 (128-bit vector loads of global memory, byte loads, float divisions, integer divisions). The
 table printed at the end checks issue 11's static targets per kernel: every config within
@@ -84,8 +84,9 @@ def compile_all(out: Path, dtype_name: str = "float16", kernels=STATIC_KERNELS,
     rows = []
     for wf, af, variant in kernels:
         fmt = formats.get(wf)
-        tuner = load_kernel(linear_source(fmt, af, variant=variant, dtype=getattr(torch, dtype_name),
-                                          interpret=False), "linear_kernel")
+        src = linear_source(fmt, af, variant=variant, dtype=getattr(torch, dtype_name),
+                            interpret=False)
+        tuner = load_kernel(src, "linear_kernel")
         fn, heuristics = tuner.fn, {}
         while not isinstance(fn, triton.runtime.JITFunction):  # under autotune, heuristics
             heuristics.update(getattr(fn, "values", {}))

@@ -17,11 +17,11 @@ codegen/quant.py (block scale, element code). Three kinds of kernel come out of 
   ``y = fl32(...fl32(fl32(D_0 s_0) + fl32(D_1 s_1))... + b)``, tiles in K order, where
   ``D_t = sum q_x q_w`` over tile t and ``s_t = fl32(a_x a_w)``, ``a = multiplier * 2^-frac``.
 
-Each kind has a GEMV-shaped variant (M = 1: one program per BLOCK_N outputs, products summed per
-K lane and reduced with tl.sum once after the K loop) and a tiled GEMM (tl.dot; its sweep has
-16-row tiles for M = 2..16). On a GPU both are autotuned over a few configs; under TRITON_INTERPRET=1 one
-large-tile config is generated (the interpreter cannot autotune over two or more). Float dots use fp16/bf16 operands for fp16/bf16
-models (the operands are exactly representable there, so products are exact) and IEEE float32
+Each kind has a GEMV-shaped variant (M = 1: one program per BLOCK_N outputs and K split, products
+summed per K lane and reduced with tl.sum once after the K loop) and a tiled GEMM (tl.dot; its
+sweep has 16-row tiles for M = 2..16). On a GPU both are autotuned over a few configs; under
+TRITON_INTERPRET=1 one large-tile config is generated (the interpreter cannot autotune over two
+or more). Float dots use fp16/bf16 operands for fp16/bf16 models (the operands are exactly representable there, so products are exact) and IEEE float32
 otherwise; the interpreter always dots in float32 (its bf16 tl.dot is broken).
 
 Layouts: a QTensor stores its codes with the quantised axis last, so an nn.Linear weight [N, K]
