@@ -21,8 +21,9 @@ Each kind has a GEMV-shaped variant (M = 1: one program per BLOCK_N outputs and 
 summed per K lane and reduced with tl.sum once after the K loop) and a tiled GEMM (tl.dot; its
 sweep has 16-row tiles for M = 2..16). On a GPU both are autotuned over a few configs; under
 TRITON_INTERPRET=1 one large-tile config is generated (the interpreter cannot autotune over two
-or more). Float dots use fp16/bf16 operands for fp16/bf16 models (the operands are exactly representable there, so products are exact) and IEEE float32
-otherwise; the interpreter always dots in float32 (its bf16 tl.dot is broken).
+or more). Float dots use fp16/bf16 operands for fp16/bf16 models (the operands are exactly
+representable there, so products are exact) and IEEE float32 otherwise; the interpreter always
+dots in float32 (its bf16 tl.dot is broken).
 
 Layouts: a QTensor stores its codes with the quantised axis last, so an nn.Linear weight [N, K]
 (axis=1) and a GPT-2 Conv1D weight [K, N] (axis=0) both arrive as [N, packed K] rows: the same
