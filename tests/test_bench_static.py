@@ -59,15 +59,21 @@ def test_summary_judges_the_worst_config():
         assert ks.summary([row(), bad]).rstrip().endswith("missed |"), bad
 
 
-def test_one_kernel_compiles_for_sm90(tmp_path):
+def compile_in_subprocess(tmp_path, kernels, configs=None) -> list[dict]:
+    """kernel_static.compile_all in a fresh process without TRITON_INTERPRET (a real compile
+    for sm_90); its JSON rows."""
     script = ("import sys; from pathlib import Path; from benchmarks import kernel_static as ks\n"
-              "ks.compile_all(Path(sys.argv[1]), kernels=[('mxfp4', None, 'gemv')], configs=1)")
+              f"ks.compile_all(Path(sys.argv[1]), kernels={kernels!r}, configs={configs!r})")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["QCOMPILE_KERNEL_CACHE"] = str(tmp_path / "cache")
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = [json.loads(line) for line in (tmp_path / "kernels.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (tmp_path / "kernels.jsonl").read_text().splitlines()]
+
+
+def test_one_kernel_compiles_for_sm90(tmp_path):
+    rows = compile_in_subprocess(tmp_path, [("mxfp4", None, "gemv")], configs=1)
     assert [r["M"] for r in rows] == [1]  # the GEMV is specialised for M = 1
     for r in rows:
         ptx = (tmp_path / r["ptx"]).read_text()
@@ -81,15 +87,7 @@ def test_one_kernel_compiles_for_sm90(tmp_path):
 def test_weight_only_kernels_meet_the_static_targets(tmp_path):
     """Issue 11's static targets, read from the compiled files: every weight-only GEMV and GEMM
     of nf4, int4, mxfp4 and mxint8, in every autotune config (about 1.5 min)."""
-    kernels = [k for k in ks.STATIC_KERNELS if k[1] is None]
-    script = ("import sys; from pathlib import Path; from benchmarks import kernel_static as ks\n"
-              f"ks.compile_all(Path(sys.argv[1]), kernels={kernels!r})")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["QCOMPILE_KERNEL_CACHE"] = str(tmp_path / "cache")
-    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=1200)
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = [json.loads(line) for line in (tmp_path / "kernels.jsonl").read_text().splitlines()]
+    rows = compile_in_subprocess(tmp_path, [k for k in ks.STATIC_KERNELS if k[1] is None])
     for r in rows:  # the counts come from the files themselves
         assert count((tmp_path / r["ptx"]).read_text()) == {k: r[k] for k in ks.PTX_COUNTS}
     table = ks.summary(rows).splitlines()[2:]
