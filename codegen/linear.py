@@ -201,6 +201,11 @@ MAX_SPLIT_K = 32  # rows of the float GEMV's workspace
 MIN_PROGRAMS = 4 * 132  # M = 1: several programs per SM of an H100
 
 
+def splits_k(wfmt, af, variant: str) -> bool:
+    """Does the kernel split K? The float GEMV only: the integer formula fixes the tile order."""
+    return variant == "gemv" and not int_path(wfmt, af, variant)
+
+
 def split_k(a) -> int:
     """K splits of the M = 1 float GEMV (a heuristic of the generated kernel, which carries
     this very source): enough programs for several per SM, each split at least 2 K tiles."""
@@ -256,7 +261,7 @@ def linear_source(wfmt, act_fmt=None, *, variant: str = "gemm", dtype=torch.floa
         args.append("table_ptr")
     if wfmt.scale.kind == "nvfp4":
         args.append("tensor_scale_ptr")
-    split = gemv and not integer  # split-K: the float GEMV only (the integer formula is ordered)
+    split = splits_k(wfmt, af, variant)
     args += ["bias_ptr", "out_ptr", *(["ws_ptr"] if split else []), "M", "N", "K", "M_KEY",
              "stride_xm", "row_bytes", "n_blocks",
              "QBLOCK: tl.constexpr", "EVEN_K: tl.constexpr", "POW2_BLOCK: tl.constexpr",
@@ -447,7 +452,7 @@ def linear(x: torch.Tensor, q, act_fmt=None, bias: torch.Tensor | None = None) -
     if q.fmt.scale.kind == "nvfp4":
         args.append(q.side["tensor_scale"].to(torch.float32).contiguous())
     out_dtype = torch.float32 if opq else x.dtype
-    split = variant == "gemv" and not int_path(q.fmt, af, variant)  # as linear_source decides
+    split = splits_k(q.fmt, af, variant)
     if split:  # partial sums per K split, added below (rows past the split count stay zero)
         ws = torch.zeros((MAX_SPLIT_K, m_len, n_len), dtype=torch.float32, device=x.device)
         args += [bias if bias is not None else scales, ws, ws]

@@ -211,9 +211,9 @@ class Job:
         self.config.quantization_config = hf.BlockQuantConfig(self.policy)
         self.config.dtype = self.dtype
         self.config.save_pretrained(self.out_dir)
-        write_safetensors(self.out_dir / WEIGHTS, _deduplicated(model, state),
-                          {"format": "pt", **metadata})
-        held = sum(t.numel() * t.element_size() for t in state.values())
+        written = _deduplicated(model, state)
+        write_safetensors(self.out_dir / WEIGHTS, written, {"format": "pt", **metadata})
+        held = sum(t.numel() * t.element_size() for t in written.values())  # a tied one once
         return Quantized(Explanation(module_rows(model), held),
                          sum(os.path.getsize(p) for p, _, _ in self.headers),
                          os.path.getsize(self.out_dir / WEIGHTS), time.perf_counter() - start)
