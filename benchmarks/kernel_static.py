@@ -28,7 +28,8 @@ SMEM_LIMIT = 227 * 1024  # bytes of shared memory one block may use on an H100 /
 # these tiles); one made per block (an E8M0 scale byte, an absmax division) once or twice.
 PER_BLOCK = 2
 MIN_M1_PROGRAMS = 4 * 132  # M = 1, 4096 x 4096: several programs per SM of an H100
-DIVISIBLE = ("N", "K", "row_bytes", "stride_xm")  # sizes a real 4096-wide layer divides by 16
+# sizes a real 4096-wide layer divides by 16 (n_blocks: 4096 / 32 = 128 blocks per row)
+DIVISIBLE = ("N", "K", "row_bytes", "stride_xm", "n_blocks")
 PTX_COUNTS = {"vector_loads_128": r"ld\.global(?:\.[\w:]+)*\.v4\.|cp\.async\.c[ag]\.shared"
                                   r"\.global(?:\.[\w:]+)* \[[^\]]+\], \[[^\]]+\], (?:16|0x10)\b",
               "byte_loads": r"ld\.global(?:\.[\w:]+)*\.[bu]8\b",
@@ -57,7 +58,8 @@ def _resources(ptx_file: Path) -> dict:
 def _signature(fn, fmt, dtype_name: str) -> tuple[dict, dict]:
     """Triton's signature of the kernel and its divisibility attributes, as a launch gives."""
     d = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[dtype_name]
-    ptrs = {"x_ptr": "*" + d, "codes_ptr": "*u8", "table_ptr": "*fp32",
+    ptrs = {"x_ptr": "*" + d, "xq_ptr": "*i8", "ax_ptr": "*fp32", "codes_ptr": "*u8",
+            "table_ptr": "*fp32",
             "tensor_scale_ptr": "*fp32", "bias_ptr": "*" + d, "out_ptr": "*" + d,
             "ws_ptr": "*fp32",
             "scales_ptr": "*fp32" if fmt.scale.kind == "absmax" else "*u8"}
@@ -98,7 +100,7 @@ def compile_all(out: Path, dtype_name: str = "float16", kernels=STATIC_KERNELS,
                 consts = {"HAS_BIAS": False, "QBLOCK": fmt.block_size, **cfg.kwargs,
                           **special}
                 # the kernel's heuristics (EVEN_K, ...) as a Llama-7B launch computes them
-                consts.update({name: rule({"N": 4096, "K": 4096, **consts})
+                consts.update({name: rule({"M": 4096, "N": 4096, "K": 4096, **consts})
                                for name, rule in heuristics.items()})
                 name = f"{wf}_{af or 'none'}_{variant}_{dtype_name}_c{i}" + (f"_m{m}" if m else "")
                 k = triton.compile(ASTSource(fn, {**sig, **({"M": "constexpr"} if "M" in

@@ -10,6 +10,9 @@ else is an error that names the variable, never a silent guess):
   QCOMPILE_KERNELS=...     auto | reference | triton | cpu: overrides the backend's ``kernels``
                            option
   QCOMPILE_CPU_ISA=...     avx512 | avx2 | scalar: force the CPU kernels' instruction set
+  QCOMPILE_FLOAT32_DOTS=.. ieee (default) | tf32: the precision of the Triton GEMM's float
+                           dots in float32 models; tf32 is faster and widens the error bound
+                           (docs/architecture.md)
   QCOMPILE_DUMP_KERNELS=1  print each generated kernel's source when it is first built
   QCOMPILE_KERNEL_CACHE=D  the kernel cache folder (default: $XDG_CACHE_HOME/qcompile/kernels,
                            else ~/.cache/qcompile/kernels)
@@ -26,6 +29,7 @@ _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
 KERNELS = ("auto", "reference", "triton", "cpu")
 CPU_ISAS = ("avx512_vnni", "avx512", "avx2", "scalar")
+FLOAT32_DOTS = ("ieee", "tf32")
 
 
 def flag(name: str) -> bool:
@@ -71,6 +75,11 @@ def kernels_override() -> str | None:
 def cpu_isa() -> str | None:
     """QCOMPILE_CPU_ISA: force the CPU kernels' instruction set (None: the machine's best)."""
     return choice("QCOMPILE_CPU_ISA", CPU_ISAS)
+
+
+def float32_dots() -> str:
+    """QCOMPILE_FLOAT32_DOTS: tl.dot input precision of float32 models' GEMMs ("ieee" unset)."""
+    return choice("QCOMPILE_FLOAT32_DOTS", FLOAT32_DOTS) or "ieee"
 
 
 def triton_interpret() -> bool:

@@ -177,6 +177,103 @@ def test_integer_w_a_path_is_bit_exact(wfmt, act, p):
         assert_within_bound(y, xq, w_nk(q), b, depth=-(-p["k"] // formats.get(act).block_size) + 5)
 
 
+@pytest.mark.parametrize("wfmt", ["mxint8", "mxint8[block_size=64]", "mxint8[block_size=96]",
+                                  "int4"])
+@pytest.mark.parametrize("k", [256, 512, 200])
+def test_integer_path_whole_and_ragged_tiles(wfmt, k):
+    """Whole K tiles (EVEN_K: unmasked loads; 256 and 512 are multiples of the interpreter's
+    BLOCK_K, 128 for the GEMM and 256 for the GEMV) and a ragged end; weight blocks of 1, 2 and
+    3 activation blocks (96: not a power of two, one multiplier load per block); 256 rows
+    make four GEMM row tiles, so the GROUP_M program order groups them (GROUP_M = 4)."""
+    p = dict(k=k, n=70, bias=True, axis=1, seed=12, scale=1.0)
+    assert cg.group_m({"M": 256, "BLOCK_M": 64}) == 4
+    for m in (1, 256):
+        x, q, b = make(p, m, wfmt)
+        assert cg.int_path(q.fmt, formats.get("mxint8"), "gemv" if m == 1 else "gemm")
+        y = fused(x, q, "mxint8", b)
+        want = int_formula(x, q, b, "mxint8")
+        assert torch.equal(y.view(torch.int32), want.view(torch.int32))
+
+
+def test_integer_prologue_is_the_reference_quantize():
+    """The prologue kernel's int8 codes and block multipliers a = multiplier * 2^-frac are the
+    reference QTensor's (tests/int_formula.int_operands), zero codes past K; edge inputs: a
+    NaN, an Inf, zeros, subnormals, huge values, K not a multiple of the block."""
+    from int_formula import int_operands
+    g = torch.Generator().manual_seed(3)
+    for act in ("mxint8", "int8", "bfp8"):
+        x = torch.randn(11, 150, generator=g) * 10
+        x[1, 5], x[2, 70], x[3] = float("nan"), float("inf"), 0.0
+        x[4, :40] = torch.randn(40, generator=g) * 1e-40  # subnormal blocks
+        x[5, 100:] = 3e38
+        af = formats.get(act)
+        xq, ax = cg._int_operands(dev(x), af)
+        xq, ax = host(xq), host(ax)
+        want_i, want_a = int_operands(qcompile.quantize(x, af, axis=-1))
+        nb = want_a.shape[1]
+        assert xq.shape[1] % 16 == 0 and ax.shape == (xq.shape[1] // af.block_size, 11)
+        assert torch.equal(xq[:, :150].long(), want_i[:, :150]) and not xq[:, 150:].any()
+        assert torch.equal(ax[:nb].T.contiguous().view(torch.int32),
+                           want_a.to(torch.float32).contiguous().view(torch.int32))
+
+
+def test_gemm_program_order_groups_row_tiles():
+    """group_m: the largest power of two <= 8 dividing the row tiles (whole groups only)."""
+    assert [cg.group_m({"M": m, "BLOCK_M": 64}) for m in (1, 64, 128, 130, 256, 64 * 12,
+                                                          64 * 32)] == [1, 1, 2, 1, 4, 4, 8]
+    p = dict(k=100, n=70, bias=True, axis=1, seed=6, scale=1.0)
+    x, q, b = make(p, 256, "nf4")  # four row tiles in one group, two N tiles
+    check(x, q, b)
+
+
+def test_fixed_codebook_table_made_once_per_device(monkeypatch):
+    """A fixed codebook's table is made on the device once (cached), not copied per launch."""
+    p = dict(k=64, n=16, bias=False, axis=1, seed=1, scale=1.0)
+    x, q, b = make(p, 3, "nf4")
+    calls = []
+    real = type(q.fmt.element).table_tensor
+    monkeypatch.setattr(type(q.fmt.element), "table_tensor",
+                        lambda self, device=None: calls.append(device) or real(self, device))
+    cg._fixed_table.cache_clear()
+    ys = [fused(x, q, None, b) for _ in range(3)]  # (the reference decode makes tables too)
+    assert len(calls) == 1
+    assert all(torch.equal(y, check(x, q, b)) for y in ys)
+    el, d = q.fmt.element, dev(q).codes.device
+    assert cg._fixed_table(el, d) is cg._fixed_table(el, d)
+
+
+@cpu_only
+def test_float32_dots_option_reaches_the_source(monkeypatch):
+    """QCOMPILE_FLOAT32_DOTS=tf32 sets the float GEMM's dot precision of float32 models (the
+    source says so; speed and the wider bound need a GPU); the default is IEEE float32, and
+    half-precision models and the GEMV are unaffected; a bad value names the choices."""
+    monkeypatch.delenv("QCOMPILE_FLOAT32_DOTS", raising=False)
+    default = cg.linear_source("nf4", variant="gemm", interpret=False)
+    assert default == cg.linear_source("nf4", variant="gemm", interpret=False, float32_dots="ieee")
+    assert 'input_precision="ieee"' in default and "tf32" not in default
+    tf32 = cg.linear_source("nf4", variant="gemm", interpret=False, float32_dots="tf32")
+    assert tf32 == default.replace('input_precision="ieee"', 'input_precision="tf32"')
+    monkeypatch.setenv("QCOMPILE_FLOAT32_DOTS", "TF32")
+    assert cg.linear_source("nf4", variant="gemm", interpret=False) == tf32
+    assert "tf32" not in cg.linear_source("nf4", variant="gemm", dtype=torch.float16)
+    assert "tf32" not in cg.linear_source("nf4", variant="gemv")
+    # the launch builds its kernel from the option too (the interpreter's dot is float32)
+    p = dict(k=64, n=16, bias=False, axis=1, seed=1, scale=1.0)
+    x, q, b = make(p, 20, "int4")
+    sources = []
+    real_load = cg.load_kernel
+    monkeypatch.setattr(cg, "load_kernel", lambda src, name: sources.append(src)
+                        or real_load(src, name))
+    cg._kernel.cache_clear()
+    check(x, q, b)
+    assert len(sources) == 1 and 'input_precision="tf32"' in sources[0]
+    monkeypatch.setenv("QCOMPILE_FLOAT32_DOTS", "fast")
+    with pytest.raises(ValueError, match="QCOMPILE_FLOAT32_DOTS.*ieee, tf32"):
+        cg.linear(x, q)
+    with pytest.raises(ValueError, match="ieee, tf32"):
+        cg.linear_source("nf4", float32_dots="tf16")
+
+
 def test_integer_path_nan_blocks():
     g = torch.Generator().manual_seed(9)
     x, w = torch.randn(20, 96, generator=g), torch.randn(24, 96, generator=g)
@@ -243,11 +340,14 @@ def test_source_readable_one_config_under_interpreter_and_dumped(monkeypatch, ca
     gpu = cg.linear_source(formats.get("nf4"), variant="gemm", dtype=torch.float16, interpret=False)
     assert gpu.count("triton.Config(") > 1 and "tl.float16" in gpu
     both = cg.linear_source(formats.get("mxint8"), "mxint8", variant="gemm")
-    assert "out_dtype=tl.int32" in both and "fake-quantise the activation tile" in both
+    # the integer GEMM: int8 codes from the prologue kernel, one tl.dot per 32-element block
+    assert "out_dtype=tl.int32" in both and "tl.static_range(BLOCK_K // 32)" in both
+    assert "fake-quantise" not in both and "xq_ptr" in both
+    assert "fake-quantise the activation tile" in cg.act_quant_source("mxint8")
     # 16-element blocks: int8 tensor-core dots need K >= 32, so an exact float16 dot
     assert "tl.dot(xi.to(tl.float16), wi.to(tl.float16))" in cg.linear_source("bfp8", "bfp8")
     gemv = cg.linear_source(formats.get("mxint8"), "mxint8", variant="gemv")
-    assert "tl.sum(xi[:, :, None] * wi[None, :, :], axis=1)" in gemv
+    assert "prod = xi[:, None].to(tl.int32) * wi.to(tl.int32)" in gemv and "SPLIT_K" not in gemv
     # the block length is a launch constant (QBLOCK): one source per element and scale
     assert cg.linear_source(formats.get("int4[block_size=32]")) == cg.linear_source(formats.get("int4"))
     monkeypatch.setattr(qcompile.codegen.cache, "_KERNELS", {})
