@@ -39,6 +39,7 @@ import weakref
 import torch
 
 from qcompile import config, formats
+from qcompile.reference import kept_apart
 
 from . import cpu_int, cpu_int_source, cpu_source
 from .cache import cache_dir, write_atomically
@@ -274,7 +275,7 @@ class Plan:
                                         "little") >> 2
         self.data_dependent = (el.kind == "codebook" and el.data_dependent) or \
             fmt.scale.kind == "nvfp4"  # tables from the tensor's own side data
-        self.outliers = _outliers(q) if "outlier_index" in q.side else None
+        self.outliers = _outliers(q)
         self.codes, self.scales = weakref.ref(q.codes), weakref.ref(q.scales)
         self.k = q.shape[1] if q.axis == 1 else q.shape[0]
         self.padded = q.scales.shape[-1] * q.block
@@ -336,11 +337,14 @@ def _address(fn) -> int:
 
 
 def _outliers(q):
-    """OPQ: (row n, column k, value - decoded value) of each outlier of the padded layout."""
+    """(row n, column k, value - decoded value) of each weight kept apart from the blocks (OPQ
+    outliers, proxy columns) in the padded layout, or None."""
     from .linear import _codes_at
-    flat = q.side["outlier_index"].long()
-    r, c, decoded = _codes_at(q, flat)
-    return r, c, q.side["outlier_value"].to(torch.float32) - decoded.to(torch.float32)
+    apart = kept_apart(q)
+    if apart is None:
+        return None
+    r, c, decoded = _codes_at(q, apart[0])
+    return r, c, apart[1].to(torch.float32) - decoded.to(torch.float32)
 
 
 _PLANS: dict[tuple, Plan] = {}
@@ -392,7 +396,8 @@ def gather_rows(q, ids: torch.Tensor) -> torch.Tensor:
                                   "blocks along axis 1")
     p = plan(q)
     if p.outliers is not None:
-        raise NotImplementedError("tables with OPQ outliers are gathered by the reference")
+        raise NotImplementedError("tables with OPQ outliers or proxy columns are gathered by "
+                                  "the reference")
     k = q.shape[1]
     rows = ids.reshape(-1).tolist()
     out = torch.empty((len(rows), k), dtype=torch.float32)

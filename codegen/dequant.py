@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from qcompile.elements import CodebookElement, FloatElement, IntElement, LogElement
+from qcompile.reference import kept_apart
 from qcompile.scales import E4M3
 
 from .cache import load_kernel  # noqa: F401  (the cache lives in cache.py; quant.py and
@@ -216,9 +217,9 @@ def dequantize(q) -> torch.Tensor:
         load_kernel(dequant_source(fmt))[grid](
             *args, out, n_rows, row_len, codes.shape[-1], n_blocks, q.block,
             BLOCK_R=block_r, BLOCK_C=block_c)
-    if "outlier_index" in q.side:
-        out = out.flatten().index_put((q.side["outlier_index"].long(),),
-                                      q.side["outlier_value"].to(torch.float32))
+    apart = kept_apart(q)  # OPQ outliers and proxy columns
+    if apart is not None:
+        out = out.flatten().index_put((apart[0],), apart[1].to(torch.float32))
     out = out.reshape(*lead, row_len)[..., :k]
     return out.movedim(-1, q.axis).to(q.dtype)
 

@@ -57,8 +57,8 @@ def use_cpu_kernels(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
             plan = cpu.plan(q)
         except (KeyError, NotImplementedError, ValueError):
             continue  # not graph inputs, or no CPU kernel: the op says so when it runs
-        if plan.data_dependent:
-            continue
+        if plan.data_dependent or "proxy_index" in q.side:
+            continue  # the Python entry: tables from side data, proxy columns added there
         side = dict(zip(q.side, a["side"]))
         fmt_id = plan.register()  # loads the operator library on first use
         x, af = a["x"], formats.get(a["act_fmt"]) if a["act_fmt"] else None

@@ -23,6 +23,7 @@ Dynamo's path text, said once.
 from __future__ import annotations
 
 import builtins
+import copy
 import re
 import sys
 import weakref
@@ -67,6 +68,9 @@ class ModuleNames:
         self.by_id: dict[int, str] = {}  # the modules the graph was traced with, by id
         self.moved: tuple[str, str] | None = None  # (traced frame name, running frame name)
         self.holders: dict[int, list[tuple[str, torch.nn.Module, str]]] = {}
+        # {parameter name: tensor} of the instance running the graph where it is not ``root``
+        # itself (another instance that no known model holds): for reading its weights
+        self.weights: dict[str, torch.Tensor] | None = None
         if root is None:
             return
         for name, mod in root.named_modules(remove_duplicate=False):
@@ -112,7 +116,10 @@ class ModuleNames:
                     found = ModuleNames(model, running)
                     found.by_id, found.moved = self.by_id, (self.frame, running)
                     return found
-        return self
+        found = copy.copy(self)  # the same names; the running instance's own tensors
+        found.weights = {self.param_name(t): r for t, r in zip(traced_params, running_params)
+                         if self.param_name(t) is not None}
+        return found
 
     def read_by_parent(self, name: str) -> str | None:
         """read_by_parent() for the module called ``name`` in this model."""

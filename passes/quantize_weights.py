@@ -4,10 +4,13 @@ The backend receives the real parameters in ``example_inputs``; a weight is foun
 placeholder (or get_attr) feeding the op. Packed QTensors are cached on the parameter object's
 identity, its state (version counter, storage), the format key and the K axis, so recompiles
 (new sequence lengths, dynamic shapes) reuse them instead of quantising again, and a weight
-that changed (``load_state_dict``) is quantised anew.
+that changed (``load_state_dict``) is quantised anew. A proxy format's column scores come from
+the layers feeding the weight (qcompile.proxy), in the model the frame's names come from; they
+are part of the cache check and computed again whenever the weight is packed again.
 """
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass
 
@@ -21,7 +24,7 @@ from .find import real_input
 from .graph import placeholders
 from .plan import planned
 
-# (id(param), fmt key, axis) -> (weakref to param, weight_state(param), QTensor)
+# (id(param), fmt key, axis) -> (weakref to param, weight_state(param), proxy score, QTensor)
 _CACHE: dict[tuple, tuple] = {}
 STATS = {"quantised": 0, "reused": 0}
 
@@ -40,21 +43,34 @@ def weight_state(w: torch.Tensor) -> tuple:
     return (w._version, w.data_ptr(), w.dtype, tuple(w.shape))
 
 
-def quantise_cached(w: torch.Tensor, fmt, axis: int) -> QTensor:
+def quantise_cached(w: torch.Tensor, fmt, axis: int, score=None) -> QTensor:
     key = (id(w), fmt.key, axis)
     hit = _CACHE.get(key)
-    if hit is not None and hit[0]() is w and hit[1] == weight_state(w):
+    if hit is not None and hit[0]() is w and hit[1] == weight_state(w) and (
+            score is None or torch.equal(hit[2], score)):
         STATS["reused"] += 1
-        return hit[2]
+        return hit[3]
     with torch.no_grad():
-        q = api.quantize_weight(w, fmt, axis)
+        q = api.quantize_weight(w, fmt, axis, score)
     STATS["quantised"] += 1
     try:
         ref = weakref.ref(w, lambda _, key=key: _drop(key))
     except TypeError:
         return q
-    _CACHE[key] = (ref, weight_state(w), q)
+    _CACHE[key] = (ref, weight_state(w), score, q)
     return q
+
+
+def proxy_score(root: weakref.ref, fqn: str, weights=None) -> torch.Tensor:
+    """The proxy column scores of layer ``fqn`` of the model ``root`` refers to (``weights``:
+    the running instance's tensors by parameter name, where that is not the model itself)."""
+    from qcompile.proxy import input_scores
+    model = root()
+    if model is None:
+        raise ValueError(f"blockquant: layer {fqn!r} has a proxy format, whose column scores "
+                         "come from the layers feeding it, but the model compiled could not be "
+                         "found to read them from; give it a format without the proxy option")
+    return input_scores(model, [fqn], weights)[fqn]
 
 
 @dataclass
@@ -67,22 +83,27 @@ class PackedWeight:
     fmt: object
     axis: int
     q: QTensor
+    score: object = None  # a proxy format: the function giving its column scores
 
     def changed(self, t) -> bool:
         return self.source() is not t or self.state != weight_state(t)
 
     def requantise(self, t: torch.Tensor) -> None:
-        self.q = quantise_cached(t, self.fmt, self.axis)
+        score = self.score() if self.score is not None else None
+        self.q = quantise_cached(t, self.fmt, self.axis, score)
         self.source, self.state = weakref.ref(t), weight_state(t)
 
 
-def quantize_weights(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
+def quantize_weights(gm: fx.GraphModule, example_inputs, names=None) -> fx.GraphModule:
     """Set ``node.meta["qcompile_qtensor"]`` on every planned linear or embedding site whose
     spec has a weight format (a tied embedding / lm_head pair given one format gets one packed
     tensor: the cache key is the parameter, the format and the axis), and list them in
     ``gm.meta["qcompile_packed"]`` (PackedWeight). A weight computed in the graph (a
     parametrization such as weight_norm, a hook) cannot be quantised ahead of time: rewrite
-    quantises it on every call instead, said once per layer."""
+    quantises it on every call instead, said once per layer. ``names``: the frame's module names
+    (passes.names), whose model gives proxy formats their column scores."""
+    root = weakref.ref(names.root) if names is not None and names.root is not None \
+        else (lambda: None)
     index = {n: i for i, n in enumerate(placeholders(gm))}
     packed: dict[int, PackedWeight] = {}
     for node, site, spec in planned(gm):
@@ -97,10 +118,13 @@ def quantize_weights(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
                         "parameter, so it is quantised on every call instead of once ahead of "
                         "time", once=("computed weight", site.fqn))
             continue
-        q = quantise_cached(w, spec.weight, site.weight_axis)
+        score = None
+        if spec.weight.proxy is not None:
+            score = functools.partial(proxy_score, root, site.fqn, names.weights)
+        q = quantise_cached(w, spec.weight, site.weight_axis, score() if score else None)
         node.meta["qcompile_qtensor"] = q
         if id(q) not in packed and site.weight in index:
             packed[id(q)] = PackedWeight(index[site.weight], weakref.ref(w), weight_state(w),
-                                         spec.weight, site.weight_axis, q)
+                                         spec.weight, site.weight_axis, q, score)
     gm.meta["qcompile_packed"] = list(packed.values())
     return gm

@@ -37,6 +37,27 @@ def _check_input(x, fmt, axis) -> tuple[Format, int]:
     return fmt, axis % ndim
 
 
+def _check_proxy_score(x, fmt: Format, axis: int, score):
+    """A proxy format needs one score per position along ``axis``; other formats take none."""
+    if fmt.proxy is None:
+        if score is not None:
+            raise ValueError(f"proxy_score given, but format {fmt.key} keeps no proxy columns "
+                             "(add a proxy option, e.g. int3[proxy=0.02])")
+        return None
+    k = x.shape[axis] if x.dim() else 1
+    if not isinstance(score, torch.Tensor):
+        raise ValueError(
+            f"format {fmt.key} keeps the proxy columns with the highest scores: pass "
+            f"proxy_score=, a float tensor of {k} scores (one per position along axis {axis}; "
+            "qcompile.proxy.input_scores derives them from the previous layer's weights, "
+            "and quantize_model_ and the backend do so for every layer)")
+    if tuple(score.shape) != (k,) or not score.dtype.is_floating_point:
+        raise ValueError(f"proxy_score must be a float tensor of shape ({k},) (one score per "
+                         f"position along axis {axis}), got {score.dtype} "
+                         f"{tuple(score.shape)}")
+    return score.detach().to(device=x.device)
+
+
 def _check_triton_can_run(t: torch.Tensor, what: str):
     """impl="triton" runs generated Triton kernels: CUDA tensors, or CPU ones in Triton's
     interpreter. Checked before any work (before triton is even imported)."""
@@ -49,12 +70,26 @@ def _check_triton_can_run(t: torch.Tensor, what: str):
         "impl='reference' (the definition of each format, on any device)")
 
 
-def quantize(x: torch.Tensor, fmt, *, axis: int = -1, impl: str = "reference") -> QTensor:
+def quantize(x: torch.Tensor, fmt, *, axis: int = -1, impl: str = "reference",
+             proxy_score: torch.Tensor | None = None) -> QTensor:
     """Quantise ``x`` in blocks along ``axis`` to ``fmt`` (a preset name, key or Format).
-    ``x`` may require grad: its detached values are quantised (a QTensor has no gradient)."""
+    ``x`` may require grad: its detached values are quantised (a QTensor has no gradient).
+    ``proxy_score``: for a format with the proxy option, one score per position along ``axis``
+    (the highest-scoring positions are kept in bfloat16)."""
     fmt, axis = _check_input(x, fmt, axis)
     _check_impl(impl)
+    score = _check_proxy_score(x, fmt, axis, proxy_score)
     x = x.detach()
+    if score is not None:
+        if impl == "triton":
+            raise NotImplementedError(f"quantize(impl='triton') has no generated kernel for the "
+                                      f"proxy columns of {fmt.key}; use impl='reference' (weights "
+                                      "are quantised once, ahead of time)")
+        if x.dim() == 0:
+            q = reference.quantize(x.reshape(1), fmt, 0, score)
+            q.shape = x.shape
+            return q
+        return reference.quantize(x, fmt, axis, score)
     if impl == "triton":
         _check_triton_can_run(x, "quantize")
         from . import codegen
@@ -73,24 +108,28 @@ def quantize(x: torch.Tensor, fmt, *, axis: int = -1, impl: str = "reference") -
     return run(x, fmt, axis)
 
 
-ROW_SIDE = {"outlier_index", "outlier_value"}  # side data made row by row (OPQ)
+# side data made row by row (OPQ outliers, proxy values) or the same for every row (proxy index)
+ROW_SIDE = {"outlier_index", "outlier_value", "proxy_index", "proxy_value"}
 CHUNK_ELEMENTS = 1 << 22  # 16 MiB of float32 per piece
 
 
-def quantize_weight(w: torch.Tensor, fmt, axis: int) -> QTensor:
-    """``quantize(w, fmt, axis=axis)`` of a 2-D weight, bit for bit, made a few rows (rows
-    along the other axis) at a time: the reference's temporaries take about 8 times the float
-    tensor, so a large embedding quantised whole would need far more memory than the layer.
-    Formats whose side data describe the whole tensor (NVFP4's tensor scale, a quantile
-    codebook) are quantised whole."""
+def quantize_weight(w: torch.Tensor, fmt, axis: int,
+                    proxy_score: torch.Tensor | None = None) -> QTensor:
+    """``quantize(w, fmt, axis=axis, proxy_score=...)`` of a 2-D weight, bit for bit, made a
+    few rows (rows along the other axis) at a time: the reference's temporaries take about 8
+    times the float tensor, so a large embedding quantised whole would need far more memory
+    than the layer. Formats whose side data describe the whole tensor (NVFP4's tensor scale, a
+    quantile codebook) are quantised whole."""
     fmt, axis = _check_input(w, fmt, axis)
+    score = _check_proxy_score(w, fmt, axis, proxy_score)
     w = w.detach()
     lead = 1 - axis
     step = max(1, CHUNK_ELEMENTS // max(1, w.shape[axis]))
     if w.dim() != 2 or w.shape[lead] <= step or w.numel() >= 2**31 \
             or (fmt.element.kind == "codebook" and fmt.element.data_dependent):
-        return quantize(w, fmt, axis=axis)  # (from 2**31 elements on outlier_index is int64)
-    parts = [reference.quantize(piece, fmt, axis) for piece in w.split(step, dim=lead)]
+        # (from 2**31 elements on outlier_index is int64)
+        return quantize(w, fmt, axis=axis, proxy_score=score)
+    parts = [reference.quantize(piece, fmt, axis, score) for piece in w.split(step, dim=lead)]
     if any(set(p.side) - ROW_SIDE for p in parts):
         return quantize(w, fmt, axis=axis)
     first = parts[0]
@@ -103,6 +142,9 @@ def quantize_weight(w: torch.Tensor, fmt, axis: int) -> QTensor:
         side["outlier_index"] = torch.cat([p.side["outlier_index"] + o for p, o in
                                            zip(parts, offsets)])
         side["outlier_value"] = torch.cat([p.side["outlier_value"] for p in parts])
+    if "proxy_index" in first.side:  # the same columns in every piece
+        side = {"proxy_index": first.side["proxy_index"],
+                "proxy_value": torch.cat([p.side["proxy_value"] for p in parts]), **side}
     return QTensor(first.fmt, torch.cat([p.codes for p in parts]),
                    torch.cat([p.scales for p in parts]), w.shape, w.dtype, axis, first.block,
                    side)
@@ -124,7 +166,8 @@ def dequantize(q: QTensor, *, impl: str = "reference") -> torch.Tensor:
     return run(q)
 
 
-def fake_quantize(x: torch.Tensor, fmt, *, axis: int = -1, impl: str = "reference") -> torch.Tensor:
+def fake_quantize(x: torch.Tensor, fmt, *, axis: int = -1, impl: str = "reference",
+                  proxy_score: torch.Tensor | None = None) -> torch.Tensor:
     """dequantize(quantize(x)): x rounded to the format, in x's dtype.
 
     Differentiable as a straight-through estimator, for every format: when ``x`` requires grad
@@ -134,25 +177,27 @@ def fake_quantize(x: torch.Tensor, fmt, *, axis: int = -1, impl: str = "referenc
     _check_impl(impl)
     if impl == "triton":
         _check_triton_can_run(x, "fake_quantize")
+    _check_proxy_score(x, fmt, axis, proxy_score)
     if torch.is_grad_enabled() and x.requires_grad:
-        return _StraightThrough.apply(x, fmt, axis, impl)
-    return fake_quantize_values(x, fmt, axis=axis, impl=impl)
+        return _StraightThrough.apply(x, fmt, axis, impl, proxy_score)
+    return fake_quantize_values(x, fmt, axis=axis, impl=impl, proxy_score=proxy_score)
 
 
-def fake_quantize_values(x: torch.Tensor, fmt, *, axis: int = -1,
-                         impl: str = "reference") -> torch.Tensor:
+def fake_quantize_values(x: torch.Tensor, fmt, *, axis: int = -1, impl: str = "reference",
+                         proxy_score: torch.Tensor | None = None) -> torch.Tensor:
     """fake_quantize without autograd: the values of dequantize(quantize(x)) (what the ops and
     the straight-through estimator compute)."""
-    return dequantize(quantize(x, fmt, axis=axis, impl=impl), impl=impl)
+    return dequantize(quantize(x, fmt, axis=axis, impl=impl, proxy_score=proxy_score),
+                      impl=impl)
 
 
 class _StraightThrough(torch.autograd.Function):
     """Forward: fake_quantize_values(x); backward: the gradient unchanged (same shape, dtype)."""
 
     @staticmethod
-    def forward(ctx, x, fmt, axis, impl):
-        return fake_quantize_values(x, fmt, axis=axis, impl=impl)
+    def forward(ctx, x, fmt, axis, impl, proxy_score):
+        return fake_quantize_values(x, fmt, axis=axis, impl=impl, proxy_score=proxy_score)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None, None, None
+        return grad, None, None, None, None

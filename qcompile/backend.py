@@ -117,7 +117,7 @@ def run_passes(gm, example_inputs, policy: Policy, impl: str = "auto", names=Non
     _set_impl(gm, impl)
     rows = site_rows(gm)
     if planned:
-        passes.quantize_weights(gm, example_inputs)
+        passes.quantize_weights(gm, example_inputs, names)
         rows = site_rows(gm)  # after quantising: explain counts the bytes stored
         passes.debug_graph(gm, "quantize_weights")
         passes.rewrite(gm, impl=impl)

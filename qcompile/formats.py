@@ -7,6 +7,7 @@ through ``get``. The same description drives the reference, packing, docs and co
 """
 from __future__ import annotations
 
+import math
 import numbers
 import operator
 import re
@@ -18,7 +19,9 @@ from .elements import CodebookElement, Element, FloatElement, IntElement, LogEle
 from .scales import POW2_RULES, AbsmaxScale, NVFP4Scale, Pow2Scale, Scale
 
 OPQ_DEFAULT_Q = 0.95
-OVERRIDES = ("block_size", "scale_rule", "opq")
+OVERRIDES = ("block_size", "scale_rule", "opq", "proxy")
+PROXY_RANGE = ("a fraction of the input columns in (0, 1) (e.g. 0.02) or a count of columns "
+               "(an integer >= 1), or None (no proxy columns)")
 
 MX = "OCP Microscaling Formats (MX) v1.0"
 ZHANG = "Zhang et al., EMNLP 2023 (arXiv:2310.05079)"
@@ -35,6 +38,10 @@ class Format:
     source: str
     opq: float | None = None  # outlier-preserving quantisation quantile q (BOF4 paper), or None
     preset: str = ""  # the preset this came from, for the key
+    # proxy quantisation (Dettmers & Zettlemoyer): the input columns (positions along the
+    # quantised axis) that score highest, a fraction or a count, kept in bfloat16; the scores
+    # come from the previous layer's weights (qcompile.proxy), not from this tensor
+    proxy: float | int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "block_size", _check_block_size(self.block_size))
@@ -47,6 +54,7 @@ class Format:
             if not 0.0 < float(self.opq) < 1.0:
                 raise ValueError(f"opq quantile must lie in (0, 1), got {self.opq!r}")
             object.__setattr__(self, "opq", float(self.opq))
+        object.__setattr__(self, "proxy", _check_proxy(self.proxy))
         if self.scale.kind == "pow2" and self.element.kind == "codebook":
             raise ValueError("codebook elements need an absmax scale, not a power-of-two one")
 
@@ -60,12 +68,22 @@ class Format:
         k = max(int(row_length), 1)
         return min(self.block_size, k) if self.block_size is not None else k
 
+    def proxy_count(self, row_length: int) -> int:
+        """How many input columns of rows of ``row_length`` the proxy option keeps: a count as
+        given (at most the row), a fraction rounded up (at least that share, at least one)."""
+        k = max(int(row_length), 1)
+        if self.proxy is None:
+            return 0
+        if isinstance(self.proxy, int):
+            return min(self.proxy, k)
+        return min(k, max(1, math.ceil(round(self.proxy * k, 9))))  # 0.02 * 600 is 12, not 13
+
     def effective_bits(self, row_length: int | None = None) -> float:
         """Bits per element counting the block scale, for rows of ``row_length`` elements when
         given (a whole-row block, or a block longer than the row, holds one row: one scale per
         row); without it, at ``block_size`` (a whole-row block then counts no scale).
 
-        Data-dependent side data (OPQ outliers, a quantile table, NVFP4's tensor scale) is not in
+        Side data (OPQ outliers, proxy columns, a quantile table, NVFP4's tensor scale) is not in
         this nominal figure; QTensor.bits_per_element counts everything actually stored."""
         block = self.block_for(row_length) if row_length else self.block_size
         return self.element.bits + (self.scale.bits / block if block else 0.0)
@@ -80,6 +98,8 @@ class Format:
             diffs.append(f"scale_rule={self.scale.rule}")
         if base is None or base.opq != self.opq:
             diffs.append(f"opq={self.opq}")
+        if self.proxy is not None:
+            diffs.append(f"proxy={self.proxy}")
         return self.preset + (f"[{','.join(diffs)}]" if diffs else "")
 
     def __str__(self) -> str:
@@ -185,6 +205,18 @@ BLOCK_SIZE_RANGE = ("a positive integer (1 or more; a block longer than the row 
                     "the row) or None (one block per whole row)")
 
 
+def _check_proxy(p):
+    """proxy as stored: None, an int count >= 1, or a float fraction in (0, 1)."""
+    if p is None:
+        return None
+    if isinstance(p, numbers.Integral) and not isinstance(p, bool):
+        if p >= 1:
+            return operator.index(p)
+    elif isinstance(p, numbers.Real) and not isinstance(p, bool) and 0.0 < float(p) < 1.0:
+        return float(p)
+    raise ValueError(f"format option proxy must be {PROXY_RANGE}, got {p!r}")
+
+
 def _check_block_size(bs):
     """block_size as stored: a positive int (integer types such as numpy's become int), or
     None. Anything else (0, negatives, floats, strings, bools) is rejected with the range."""
@@ -212,6 +244,13 @@ def _parse_value(option: str, text: str):
         except ValueError:
             raise ValueError(f"format option opq={text!r}: expected true (q = {OPQ_DEFAULT_Q}), "
                              "false or none (no OPQ), or a quantile q in (0, 1)") from None
+    if option == "proxy":
+        if text == "none":
+            return None
+        try:
+            return int(text) if re.fullmatch(r"[+-]?[0-9]+", text) else float(text)
+        except ValueError:
+            raise ValueError(f"format option proxy={text!r}: expected {PROXY_RANGE}") from None
     return text  # scale_rule (checked with the others in _override); unknown options too
 
 
@@ -227,8 +266,9 @@ def key_rebuilds(fmt: Format) -> bool:
 def get(name, **overrides) -> Format:
     """A Format by preset name, family name or key, with optional overrides
     (block_size=int >= 1|None, scale_rule='floor'|'ceil'|'rceil'|'even', opq=True|False|None|
-    a quantile in (0, 1)). A key takes the same options as text: ``int4[block_size=128]``,
-    ``nf4[block_size=none]``, ``nf4[opq=true]``, ``mxfp4[scale_rule=ceil]``."""
+    a quantile in (0, 1), proxy=a fraction in (0, 1)|a count >= 1|None). A key takes the same
+    options as text: ``int4[block_size=128]``, ``nf4[block_size=none]``, ``nf4[opq=true]``,
+    ``mxfp4[scale_rule=ceil]``, ``int3[proxy=0.02]``."""
     if isinstance(name, str) and not overrides:
         return _get_key(name)
     return _build(name, **overrides)
@@ -302,6 +342,8 @@ def _override(fmt: Format, overrides: dict) -> Format:
             raise ValueError(f"format option opq={q!r}: expected True (q = {OPQ_DEFAULT_Q}), "
                              "False or None (no OPQ), or a quantile q in (0, 1)")
         fmt = replace(fmt, opq=q)
+    if "proxy" in overrides:
+        fmt = replace(fmt, proxy=overrides["proxy"])
     return fmt
 
 

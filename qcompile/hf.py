@@ -108,8 +108,11 @@ class BlockQuantHfQuantizer(HfQuantizer):
             return model
         tied = {k.removesuffix(".weight") for kv in model.all_tied_weights_keys.items()
                 for k in kv}
-        self.stream = {name: entry for name, entry in layer_plan(model, self.policy).items()
-                       if name not in tied}
+        plan = layer_plan(model, self.policy)
+        if any(spec.weight.proxy is not None for _, spec, _ in plan.values()):
+            plan = {}  # proxy columns are scored from other layers' full-precision weights:
+            # every weight loads first, then quantize_model_ packs them all
+        self.stream = {name: entry for name, entry in plan.items() if name not in tied}
         return model
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:

@@ -102,6 +102,14 @@ def embedding_layers(model: torch.nn.Module, policy: Policy, who: str):
         yield name, mod, spec, holders.get(id(mod.weight), 1) > 1
 
 
+def proxy_scores(model, layers) -> dict[str, torch.Tensor]:
+    """Proxy quantisation's column scores for the layers (``linear_layers`` tuples) whose weight
+    format has the proxy option, computed before any weight changes (qcompile.proxy)."""
+    from .proxy import input_scores
+    return input_scores(model, [name for name, _, spec, *_ in layers
+                                if spec.weight is not None and spec.weight.proxy is not None])
+
+
 def _holder_counts(model) -> dict[int, int]:
     holders: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
@@ -192,17 +200,19 @@ def quantize_model_(model: torch.nn.Module, policy: Policy | None = None) -> tor
     policy = _check_policy(policy, "quantize_model_")
     swaps, packed = [], {}
 
-    def quantise(w, fmt, axis):  # one packed tensor per (weight, format, axis)
+    def quantise(w, fmt, axis, score=None):  # one packed tensor per (weight, format, axis)
         key = (id(w), fmt.key, axis)
         if key not in packed:
             with torch.no_grad():
-                packed[key] = api.quantize_weight(w, fmt, axis)
+                packed[key] = api.quantize_weight(w, fmt, axis, score)
         return packed[key]
 
-    for name, mod, spec, axis, _ in linear_layers(model, policy, "quantize_model_"):
+    layers = list(linear_layers(model, policy, "quantize_model_"))
+    scores = proxy_scores(model, layers)
+    for name, mod, spec, axis, _ in layers:
         if spec.weight is None:
             continue  # act-only: the backend quantises the activations when compiled
-        q = quantise(mod.weight, spec.weight, axis)
+        q = quantise(mod.weight, spec.weight, axis, scores.get(name))
         swaps.append((name, QuantLinear(q, mod.bias, spec.act, axis == 0)))
     for name, mod, spec, _ in embedding_layers(model, policy, "quantize_model_"):
         swaps.append((name, QuantEmbedding(quantise(mod.weight, spec.weight, 1),
@@ -216,12 +226,12 @@ def quantize_model_(model: torch.nn.Module, policy: Policy | None = None) -> tor
 class _FakeQuantize(torch.nn.Module):
     """A parametrization: the weight, fake-quantised (for weights computed by another one)."""
 
-    def __init__(self, fmt, axis: int):
+    def __init__(self, fmt, axis: int, proxy_score=None):
         super().__init__()
-        self.fmt, self.axis = fmt, axis
+        self.fmt, self.axis, self.proxy_score = fmt, axis, proxy_score
 
     def forward(self, w):
-        return api.fake_quantize(w, self.fmt, axis=self.axis)
+        return api.fake_quantize(w, self.fmt, axis=self.axis, proxy_score=self.proxy_score)
 
 
 def _act_hook(fmt):
@@ -238,14 +248,18 @@ def fake_quantize_model_(model: torch.nn.Module, policy: Policy | None = None) -
     Returns the model."""
     from torch.nn.utils import parametrize
     policy = _check_policy(policy, "fake_quantize_model_")
-    for name, mod, spec, axis, tied in linear_layers(model, policy, "fake_quantize_model_"):
+    layers = list(linear_layers(model, policy, "fake_quantize_model_"))
+    scores = proxy_scores(model, layers)  # from the weights before any is changed
+    for name, mod, spec, axis, tied in layers:
         if spec.weight is not None:
             if parametrize.is_parametrized(mod, "weight"):  # e.g. weight_norm: stays computed
-                parametrize.register_parametrization(mod, "weight", _FakeQuantize(spec.weight, axis))
+                parametrize.register_parametrization(
+                    mod, "weight", _FakeQuantize(spec.weight, axis, scores.get(name)))
             else:
                 w = mod.weight
                 with torch.no_grad():
-                    fq = api.fake_quantize(w.detach(), spec.weight, axis=axis)
+                    fq = api.fake_quantize(w.detach(), spec.weight, axis=axis,
+                                           proxy_score=scores.get(name))
                 if tied:
                     mod.weight = torch.nn.Parameter(fq, requires_grad=w.requires_grad)
                 else:

@@ -57,6 +57,15 @@ class LayerSpec:
         if self.weight is None and self.act is None:
             raise PolicyError("LayerSpec with neither weight nor act format quantises nothing; "
                               "use None as the rule's spec to keep a layer in full precision")
+        if self.act is not None and self.act.proxy is not None:
+            raise PolicyError(f"LayerSpec act format {self.act.key}: the proxy option keeps "
+                              "weight columns chosen from the previous layer's weights; it is "
+                              "a weight option, not one for activations")
+        if op in ("embedding", "matmul") and self.weight is not None and \
+                self.weight.proxy is not None:
+            raise PolicyError(f"LayerSpec(op={op!r}) weight format {self.weight.key}: the proxy "
+                              "option applies to linear layers' weights (whose input columns "
+                              "a previous layer computes), not to this op")
         if op == "embedding" and (self.weight is None or self.act is not None):
             raise PolicyError("LayerSpec(op='embedding') takes a weight format and no act format "
                               "(an embedding's input is token ids, not activations), got "

@@ -1,11 +1,12 @@
 """The reference implementation: the definition of every format, in plain torch ops.
 
-quantize: move the axis last, pad the row with zeros to whole blocks (a block_size longer than the
-row is clamped to the row: the same values, without the padding), (OPQ: take outliers out),
-compute block scales, map each block onto the element grid, encode, pack.
+quantize: move the axis last, (proxy: take the kept columns out), pad the row with zeros to
+whole blocks (a block_size longer than the row is clamped to the row: the same values, without
+the padding), (OPQ: take outliers out), compute block scales, map each block onto the element
+grid, encode, pack.
 dequantize: unpack and decode (one lookup in a table of every code's value), multiply by the
-block multiplier, (OPQ: put outliers back), crop the padding, move the axis back, cast to the
-original dtype (round half to even).
+block multiplier, (OPQ: put outliers back), (proxy: put the kept columns back), crop the
+padding, move the axis back, cast to the original dtype (round half to even).
 """
 from __future__ import annotations
 
@@ -19,17 +20,26 @@ from .packing import pack, unpack
 from .qtensor import QTensor
 
 
-def quantize(x: torch.Tensor, fmt: Format, axis: int) -> QTensor:
+def quantize(x: torch.Tensor, fmt: Format, axis: int, proxy_score=None) -> QTensor:
+    """``proxy_score`` (a proxy format only): one score per position along ``axis``."""
     xm = x.movedim(axis, -1).to(torch.float32)
     lead, k = xm.shape[:-1], xm.shape[-1]
     block = fmt.block_for(k)  # block_size clamped to the row; None: the row
     n_blocks = -(-k // block)
-    blocks = torch.nn.functional.pad(xm, (0, n_blocks * block - k)).reshape(*lead, n_blocks, block)
-    valid = (torch.arange(n_blocks * block, device=x.device) < k).reshape(n_blocks, block)
-    bad = ~torch.isfinite(blocks).all(-1)  # a NaN/Inf anywhere makes the whole block NaN
+    valid = torch.arange(n_blocks * block, device=x.device) < k
     side = {}
+    if fmt.proxy is not None:  # kept columns: out of the blocks and their statistics
+        keep = proxy_columns(proxy_score, fmt.proxy_count(k))
+        side["proxy_index"] = keep.to(torch.int32)
+        side["proxy_value"] = xm.index_select(-1, keep).to(torch.bfloat16)
+        xm = xm.index_fill(-1, keep, 0.0)
+        valid = valid.index_fill(0, keep, False)
+    valid = valid.reshape(n_blocks, block)
+    blocks = torch.nn.functional.pad(xm, (0, n_blocks * block - k)).reshape(*lead, n_blocks, block)
+    bad = ~torch.isfinite(blocks).all(-1)  # a NaN/Inf anywhere makes the whole block NaN
     if fmt.opq is not None:
-        blocks, side = _take_outliers(blocks, valid, bad, fmt.opq)
+        blocks, outliers = _take_outliers(blocks, valid, bad, fmt.opq)
+        side.update(outliers)
     # a block_size longer than the row: the block is the row, its statistics those of the
     # zero-padded block of the definition; one +0 stands for that padding (only signed absmax
     # sees it: an all-zero row's tie goes to the +0)
@@ -62,8 +72,40 @@ def dequantize(q: QTensor) -> torch.Tensor:
     if "outlier_index" in q.side:
         out = out.flatten().index_put((q.side["outlier_index"].long(),),
                                       q.side["outlier_value"].to(torch.float32))
-    out = out.reshape(*lead, n_blocks * q.block)[..., :k]
-    return out.movedim(-1, q.axis).to(q.dtype)
+    out = out.reshape(*lead, n_blocks * q.block)
+    if "proxy_index" in q.side:
+        out = out.index_copy(-1, q.side["proxy_index"].long(),
+                             q.side["proxy_value"].to(torch.float32))
+    return out[..., :k].movedim(-1, q.axis).to(q.dtype)
+
+
+def proxy_columns(score, count: int) -> torch.Tensor:
+    """The ``count`` positions with the highest ``score`` (ties: the lower position first; NaN
+    scores last), ascending, int64."""
+    order = torch.argsort(-score.to(torch.float64), stable=True)  # NaN sorts last
+    return order[:count].sort().values
+
+
+def kept_apart(q: QTensor):
+    """Every weight a QTensor keeps apart from its blocks, OPQ outliers and proxy columns alike:
+    (flat positions in the padded [rows, n_blocks * block] layout, ascending, int64; their
+    values, bfloat16), or None. Kernels decode the blocks and add these afterwards."""
+    index, value = [], []
+    if "outlier_index" in q.side:
+        index.append(q.side["outlier_index"].long())
+        value.append(q.side["outlier_value"])
+    if "proxy_index" in q.side:
+        pv = q.side["proxy_value"]
+        rows = torch.arange(pv.numel() // max(pv.shape[-1], 1), device=pv.device)
+        row_len = q.scales.shape[-1] * q.block
+        index.append((rows[:, None] * row_len + q.side["proxy_index"].long()).flatten())
+        value.append(pv.flatten())
+    if not index:
+        return None
+    if len(index) == 1:
+        return index[0], value[0]
+    flat, order = torch.cat(index).sort()
+    return flat, torch.cat(value)[order]
 
 
 def dequantize_rows(q: QTensor, rows: torch.Tensor) -> torch.Tensor:
@@ -77,6 +119,8 @@ def dequantize_rows(q: QTensor, rows: torch.Tensor) -> torch.Tensor:
                          f"shape {tuple(q.shape)} and axis {q.axis}")
     flat = rows.reshape(-1).long()
     side = dict(q.side)
+    if "proxy_value" in side:
+        side["proxy_value"] = side["proxy_value"].index_select(0, flat)
     if "outlier_index" in side:
         side["outlier_index"], side["outlier_value"] = _outliers_of_rows(
             side["outlier_index"], side["outlier_value"], flat, q.scales.shape[-1] * q.block)

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from . import api, config
 from .layers import linear_layers
 from .policy import LayerSpec, Policy, PolicyError
+from .proxy import input_scores
 
 #: Cost-axis cells of the dynamic programme (its memory: layers x cells x 2 bytes).
 MAX_UNITS = 1 << 17
@@ -369,8 +370,9 @@ def _applied(mod, weight, act):
 
 # -- the search -------------------------------------------------------------------------------
 
-def _quantise(layers, cands, progress) -> Sensitivities:
-    """Every (layer, candidate) packed once: its stored bits, and the weight its passes use."""
+def _quantise(layers, cands, scores, progress) -> Sensitivities:
+    """Every (layer, candidate) packed once: its stored bits, and the weight its passes use.
+    ``scores``: proxy column scores by layer name (for candidates with the proxy option)."""
     n, m = len(layers), len(cands)
     s = Sensitivities([x[0] for x in layers], [x[1].weight.numel() for x in layers], cands,
                       [_label(c) for c in cands], np.zeros((n, m)), [[0] * m for _ in range(n)])
@@ -380,7 +382,8 @@ def _quantise(layers, cands, progress) -> Sensitivities:
         w = mod.weight.detach()
         for j, c in enumerate(cands):
             if c is not None and c.weight is not None:
-                q = s.packed[i, j] = api.quantize(w, c.weight, axis=axis)
+                score = scores[name] if c.weight.proxy is not None else None
+                q = s.packed[i, j] = api.quantize(w, c.weight, axis=axis, proxy_score=score)
                 s.cost[i][j] = 8 * q.nbytes
             else:
                 s.cost[i][j] = w.numel() * _float_bits(w)
@@ -438,6 +441,9 @@ def search_policy(model: torch.nn.Module, calibration, bits: float, candidates, 
     layers = _searched_layers(model, patterns, keep)
     _check_nominal(layers, cands, budget)
     names = [x[0] for x in layers]
+    proxied = any(c is not None and c.weight is not None and c.weight.proxy is not None
+                  for c in cands)
+    scores = input_scores(model, names) if proxied and sensitivities is None else {}
     if sensitivities is not None and (sensitivities.layers != names
                                       or sensitivities.candidates != cands):
         raise ValueError("sensitivities were measured for other layers or candidates; measure "
@@ -445,7 +451,7 @@ def search_policy(model: torch.nn.Module, calibration, bits: float, candidates, 
     was_training = model.training
     model.eval()
     try:
-        s = sensitivities or _quantise(layers, cands, progress)
+        s = sensitivities or _quantise(layers, cands, scores, progress)
         total = sum(s.numel)
         limit = math.floor(budget * total)
         cheapest = sum(min(row) for row in s.cost)

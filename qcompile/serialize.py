@@ -445,7 +445,11 @@ def packed_layout(fmt, shape, axis: int, block: int) -> dict:
     scale_dtype = {"pow2": torch.uint8, "absmax": torch.float32, "nvfp4": torch.uint8}
     layout = {"codes": (torch.uint8, [*lead, packed_length(n_blocks * block, fmt.bits)]),
               "scales": (scale_dtype[fmt.scale.kind], [*lead, n_blocks])}
-    if fmt.opq is not None:  # the order quantize puts side data in
+    if fmt.proxy is not None:  # the order quantize puts side data in
+        kept = fmt.proxy_count(k)
+        layout["side_proxy_index"] = (torch.int32, [kept])
+        layout["side_proxy_value"] = (torch.bfloat16, [*lead, kept])
+    if fmt.opq is not None:
         padded = math.prod(lead) * n_blocks * block
         layout["side_outlier_index"] = (torch.int32 if padded < 2**31 else torch.int64, None)
         layout["side_outlier_value"] = (torch.bfloat16, None)
@@ -483,6 +487,8 @@ def _qtensor(owner: str, entry: dict, loaded: dict) -> QTensor:
             raise QuantizedFileError(
                 f"tensor {owner}.{leaf}: format {fmt.key!r} of a {shape} weight needs {need}, "
                 f"the file holds {_dtype_name(t.dtype)} {list(t.shape)}")
+    if fmt.proxy is not None:
+        _check_proxy(owner, parts["side_proxy_index"], shape[axis])
     if fmt.opq is not None:
         _check_outliers(owner, parts["side_outlier_index"], parts["side_outlier_value"],
                         math.prod(layout["scales"][1]) * entry["block"])
@@ -495,6 +501,13 @@ def _qtensor(owner: str, entry: dict, loaded: dict) -> QTensor:
     side = {k: parts[f"side_{k}"] for k in entry["side"]}
     return QTensor(fmt, parts["codes"], parts["scales"], torch.Size(shape),
                    getattr(torch, entry["dtype"]), axis, entry["block"], side)
+
+
+def _check_proxy(owner: str, index: torch.Tensor, k: int):
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= k
+                          or not bool((index[1:] > index[:-1]).all())):
+        raise QuantizedFileError(f"tensor {owner}.side_proxy_index: columns must ascend "
+                                 f"within [0, {k})")
 
 
 def _check_outliers(owner: str, index: torch.Tensor, value: torch.Tensor, padded: int):

@@ -247,6 +247,14 @@ def prepare(model_dir, out_dir, policy: Policy, dtype: torch.dtype | None = None
     if not plan:
         raise PolicyError(f"quantize_checkpoint: the policy quantises no layer of this "
                           f"{type(model).__name__}: {policy!r}")
+    proxied = [n for n, (_, spec, _) in plan.items() if spec.weight.proxy is not None]
+    if proxied:
+        raise PolicyError(
+            f"quantize_checkpoint: {proxied[0]!r} gets {plan[proxied[0]][1].weight.key}, whose "
+            "proxy columns are scored from other layers' full-precision weights, which a "
+            "stream of one tensor at a time does not hold; load the model with "
+            "from_pretrained(..., quantization_config=qcompile.BlockQuantConfig(policy)) and "
+            "save_pretrained it instead")
     slots = _slots(model)
 
     headers, unknown, covered = [], [], set()
