@@ -3,10 +3,12 @@ to for sm_90 (H100/H200), without a GPU.
 
 Every kernel of the list below is compiled, for each of its autotune configs, with the
 installed Triton for sm_90 (Triton's own compiler and the ptxas it ships), specialised as a
-real launch: pointers and the sizes N, K, row_bytes, stride_xm divisible by 16 (as for a
-Llama-7B layer; N = K = 4096 for the kernels' heuristics), the GEMV at M = 1 (the only M it
-serves). For each, DIR gets the PTX file and one JSON line in DIR/kernels.jsonl: kernel kind, weight and activation format,
-variant, config, registers, spilled bytes, shared memory bytes, and counts read from the PTX
+real launch: pointers and the sizes N, K, row_bytes, stride_xm, n_blocks divisible by 16 (as
+for a Llama-7B layer; M = N = K = 4096 for the kernels' heuristics), the GEMV at M = 1 (the
+only M it serves). The W8A8 kernels read the int8 codes their prologue kernel wrote. For each,
+DIR gets the PTX file and one JSON line in DIR/kernels.jsonl: kernel kind, weight and
+activation format, variant, config, registers, spilled bytes, shared memory bytes, and counts
+read from the PTX
 (128-bit vector loads of global memory, byte loads, float divisions, integer divisions). The
 table printed at the end checks issue 11's static targets per kernel: every config within
 227 KB of shared memory (an H100's per-block limit) and without spills, 128-bit loads, no

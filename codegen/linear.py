@@ -10,20 +10,25 @@ codegen/quant.py (block scale, element code). Three kinds of kernel come out of 
   block along K, bit for bit as ``qcompile.fake_quantize`` (formats codegen/quant.supported()
   covers with int or minifloat elements and a block that is a power of two), then as above;
 * weight + activation, integer (int/mxint/bfp elements on both sides, the weight block a
-  multiple of the activation block): each K tile is one activation block, its integer dot
-  product is exact (an int8 dot into int32; for 16-element blocks a float16 dot, exact because
-  codes and every partial sum are integers below 2^24), then scaled by the pair of block
-  multipliers:
-  ``y = fl32(...fl32(fl32(D_0 s_0) + fl32(D_1 s_1))... + b)``, tiles in K order, where
-  ``D_t = sum q_x q_w`` over tile t and ``s_t = fl32(a_x a_w)``, ``a = multiplier * 2^-frac``.
+  multiple of the activation block): the activations are quantised once per call by a prologue
+  kernel (``act_quant_source``: int8 codes and block multipliers), then each activation block's
+  integer dot product is exact (an int8 dot into int32; for 16-element blocks a float16 dot,
+  exact because codes and every partial sum are integers below 2^24), then scaled by the pair
+  of block multipliers:
+  ``y = fl32(...fl32(fl32(D_0 s_0) + fl32(D_1 s_1))... + b)``, blocks in K order, where
+  ``D_t = sum q_x q_w`` over activation block t and ``s_t = fl32(a_x a_w)``,
+  ``a = multiplier * 2^-frac``. A K tile of 128-1024 elements holds several blocks, handled
+  one after another.
 
 Each kind has a GEMV-shaped variant (M = 1: one program per BLOCK_N outputs and K split, products
-summed per K lane and reduced with tl.sum once after the K loop) and a tiled GEMM (tl.dot; its
+summed per K lane and reduced with tl.sum once after the K loop; the integer GEMV does not split
+K but takes 2-4 outputs per program) and a tiled GEMM (tl.dot, GROUP_M program order; its
 sweep has 16-row tiles for M = 2..16). On a GPU both are autotuned over a few configs; under
 TRITON_INTERPRET=1 one large-tile config is generated (the interpreter cannot autotune over two
 or more). Float dots use fp16/bf16 operands for fp16/bf16 models (the operands are exactly
-representable there, so products are exact) and IEEE float32 otherwise; the interpreter always
-dots in float32 (its bf16 tl.dot is broken).
+representable there, so products are exact) and IEEE float32 otherwise (TF32 with
+QCOMPILE_FLOAT32_DOTS=tf32, off by default: a wider bound); the interpreter always dots in
+float32 (its bf16 tl.dot is broken).
 
 Layouts: a QTensor stores its codes with the quantised axis last, so an nn.Linear weight [N, K]
 (axis=1) and a GPT-2 Conv1D weight [K, N] (axis=0) both arrive as [N, packed K] rows: the same
@@ -33,7 +38,8 @@ Bound (derived in docs/architecture.md): with u = 2^-23 and S = |fq(x)| @ |W|^T 
 kernels give |y - y_exact| <= gamma(K + 2 + c) S elementwise, gamma(n) = n u / (1 - n u), c the
 OPQ outliers in the weight row; against the reference F.linear (which has its own float32 error)
 twice that. The integer path is its formula above, bit for bit, and within gamma(n_t + 5) S
-(n_t = number of K tiles).
+(n_t = number of activation blocks along K). TF32 dots: (e + (1 + e) gamma(K + 2 + c)) S,
+e = 2^-9 + 2^-20.
 """
 from __future__ import annotations
 
@@ -361,7 +367,7 @@ def _int_gemm_lines(wfmt, af) -> list[str]:
             *_k_mask("a_ok", "(offs_m < M)", f"k0 + j * {ab} < K", "(BLOCK_M,)"),
             "ax = tl.load(ax_at, mask=a_ok, other=0.0)",
             "ax_at += M  # the next block's multipliers",
-            "if POW2_BLOCK:  # column (j * AB) // QBLOCK of the tile's multipliers (+ zeros: exact)",
+            "if POW2_BLOCK:  # column (j * AB) // QBLOCK of the tile's multipliers (exact: + 0s)",
             f"    aw = tl.sum(tl.where(tl.arange(0, SPB)[None, :] == (j * {ab}) // QBLOCK, "
             "aw_tile, 0.0), axis=1)",
             "else:",

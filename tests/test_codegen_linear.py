@@ -553,7 +553,8 @@ for wf, af, variant, dtype in [("nf4", None, "gemm", "float16"), ("mxfp4", None,
     tuner = load_kernel(linear_source(fmt, af, variant=variant, dtype=getattr(torch, dtype),
                                       interpret=False), "linear_kernel")
     d = DT[dtype]
-    sig = {"x_ptr": "*" + d, "codes_ptr": "*u8", "table_ptr": "*fp32", "tensor_scale_ptr": "*fp32",
+    sig = {"x_ptr": "*" + d, "xq_ptr": "*i8", "ax_ptr": "*fp32", "codes_ptr": "*u8",
+           "table_ptr": "*fp32", "tensor_scale_ptr": "*fp32",
            "scales_ptr": "*fp32" if fmt.scale.kind == "absmax" else "*u8", "bias_ptr": "*" + d,
            "out_ptr": "*i16" if d == "bf16" else "*" + d, "ws_ptr": "*fp32"}
     fn, heuristics = tuner.fn, {}
@@ -563,19 +564,31 @@ for wf, af, variant, dtype in [("nf4", None, "gemm", "float16"), ("mxfp4", None,
     sig = {n: sig.get(n, "constexpr" if n.isupper() and len(n) > 1 else "i32") for n in fn.arg_names}
     for cfg in tuner.configs:
         consts = {"HAS_BIAS": True, "BLOCK_M": 1, "QBLOCK": fmt.block_size, **cfg.kwargs}
-        consts.update({n: rule({"N": 4000, "K": 4000, **consts}) for n, rule in heuristics.items()})
+        consts.update({n: rule({"M": 4000, "N": 4000, "K": 4000, **consts})
+                       for n, rule in heuristics.items()})
         k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
                            options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
                                     "enable_fp_fusion": False})
         assert len(k.asm["cubin"]) > 0
     print("compiled", wf, af, variant, dtype, len(tuner.configs), "configs", flush=True)
+from qcompile.codegen.linear import ACT_QUANT_TILE, act_quant_source
+for af, dtype in [("mxint8", "bfloat16"), ("int8", "float16"), ("bfp8", "float32")]:
+    fn = load_kernel(act_quant_source(af, getattr(torch, dtype)), "act_quant_kernel")
+    sig = {n: {"x_ptr": "*" + DT[dtype], "xq_ptr": "*i8", "ax_ptr": "*fp32"}.get(
+        n, "constexpr" if n.startswith("BLOCK") else "i32") for n in fn.arg_names}
+    consts = dict(zip(("BLOCK_M", "BLOCK_K"), ACT_QUANT_TILE))
+    k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+                       options={"enable_fp_fusion": False})
+    assert len(k.asm["cubin"]) > 0
+    print("compiled the prologue", af, dtype, flush=True)
 '''
 
 
 @pytest.mark.slow
 def test_gpu_sources_compile_for_sm90_without_a_gpu(tmp_path):
-    """The GPU variants (every autotune config, fp16/bf16/fp32 dots, int8 dots) go through
-    Triton's real compiler down to a cubin for sm_90 (ptxas ships with the triton wheel)."""
+    """The GPU variants (every autotune config, fp16/bf16/fp32 dots, int8 dots) and the integer
+    path's prologue kernel go through Triton's real compiler down to a cubin for sm_90 (ptxas
+    ships with the triton wheel)."""
     import subprocess
     import sys
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -583,4 +596,4 @@ def test_gpu_sources_compile_for_sm90_without_a_gpu(tmp_path):
     done = subprocess.run([sys.executable, "-c", AOT_SCRIPT], env=env, capture_output=True,
                           text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("compiled") == 7
+    assert done.stdout.count("compiled") == 7 + 3
