@@ -146,6 +146,18 @@ def test_more_weight_formats(wfmt, m):
         check(x, q, b)
 
 
+def test_proxy_columns_have_no_fused_kernel():
+    """Weights with proxy columns kept apart are refused (the caller takes the reference),
+    never run without those columns."""
+    import dataclasses
+    p = dict(k=50, n=12, bias=False, axis=1, seed=2, scale=1.0)
+    x, q, b = make(p, 6, "int4")
+    side = {**q.side, "proxy_index": torch.zeros(12, 1, dtype=torch.int32),
+            "proxy_value": torch.zeros(12, 1, dtype=torch.bfloat16)}
+    with pytest.raises(NotImplementedError, match="proxy"):
+        cg.linear(x, dataclasses.replace(q, side=side))
+
+
 def test_empty_and_three_d_inputs():
     p = dict(k=50, n=12, bias=True, axis=1, seed=2, scale=1.0)
     x, q, b = make(p, 6, "nf4")
