@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 import qcompile
 from qcompile import formats
-from qcompile.layers import linear_layers
+from qcompile.layers import linear_layers, proxy_scores
 from qcompile.search import kl_and_top1
 
 from . import perplexity, report
@@ -39,8 +39,10 @@ from .run import machine, tokens_of
 # the issue's example list, with its dominated 4-bit points (nf4 and int4[32] measure worse than
 # af4 at the same bits) swapped for the best 4-bit formats at block 128 (4.25 bits and a little
 # more): cheap layers that are not mxfp4 leave the budget for 6 and 8 bits where they count
+# and proxy quantisation at 3 bits, where Dettmers & Zettlemoyer find it helps
 CANDIDATES = ["bof4s_opq", "bof4s_opq[block_size=128]", "af4", "af4[block_size=128]", "mxfp4",
-              "mxfp6_e2m3", "mxint8", None]
+              "int3[proxy=0.02]", "mxfp6_e2m3", "mxint8", None]
+PROXY_UNIFORM = ["int3[proxy=0.02]"]  # beside uniform int3: the option's effect alone
 KEEP = {"lm_head": None}
 
 
@@ -56,8 +58,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--candidates", nargs="+", default=None, metavar="KEY",
                     help="candidate format keys, 'none' for full precision (default: "
                          + " ".join(str(c).lower() for c in CANDIDATES) + ")")
-    ap.add_argument("--uniform", nargs="+", default=perplexity.WEIGHT_ONLY, metavar="KEY",
-                    help="uniform weight-only formats to compare with (default: run's sweep)")
+    ap.add_argument("--uniform", nargs="+", default=perplexity.WEIGHT_ONLY + PROXY_UNIFORM,
+                    metavar="KEY", help="uniform weight-only formats to compare with (default: "
+                                        "run's sweep and " + ", ".join(PROXY_UNIFORM) + ")")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--model", type=Path, default=None, help="a Hugging Face causal-LM folder")
     ap.add_argument("--out", type=Path, default=None, help="results folder")
@@ -89,9 +92,13 @@ def stored_bits(model, policy) -> float:
     """Stored bits per weight over the linear layers ``policy`` quantises (what explain counts
     for a quantize_model_'d model), by packing each weight."""
     total, n = 0, 0
-    for _, mod, spec, axis, _ in linear_layers(model, policy, "benchmark"):
+    layers = list(linear_layers(model, policy, "benchmark"))
+    scores = proxy_scores(model, layers)
+    for name, mod, spec, axis, _ in layers:
         if spec.weight is not None:
-            total += 8 * qcompile.quantize(mod.weight.detach(), spec.weight, axis=axis).nbytes
+            q = qcompile.quantize(mod.weight.detach(), spec.weight, axis=axis,
+                                  proxy_score=scores.get(name))
+            total += 8 * q.nbytes
             n += mod.weight.numel()
     return total / n
 

@@ -190,6 +190,31 @@ def test_sensitivity_and_end_to_end_kl_match_fake_quantize_model(llama_result):
     assert got.sensitivities.kl[0, 0] == pytest.approx(kl, rel=1e-5)
 
 
+def test_refinement_keeps_only_what_measures_better(llama_result):
+    model, refined = llama_result
+    plain = qcompile.search_policy(model, calibration(), bits=4.5, candidates=CANDIDATES,
+                                   progress=False, sensitivities=refined.sensitivities,
+                                   refine=False)
+    assert plain.refinement == [] and refined.kl <= plain.kl
+    kept = [r for r in refined.refinement if r["kept"]]
+    assert refined.kl == (kept[-1]["measured"] if kept else plain.kl) or refined.note
+
+
+def test_refinement_repairs_a_wrong_additive_estimate(llama_result):
+    """Sensitivities of block 1 made 100 times too small: the knapsack then spends the budget
+    elsewhere, the block measured together shows it, and the next solution measures better."""
+    model, result = llama_result
+    s = copy.deepcopy(result.sensitivities)
+    block1 = [i for i, n in enumerate(s.layers) if n.startswith("model.layers.1.")]
+    s.kl[block1] *= 0.01
+    wrong = qcompile.search_policy(model, calibration(), bits=4.5, candidates=CANDIDATES,
+                                   progress=False, sensitivities=s, refine=False)
+    fixed = qcompile.search_policy(model, calibration(), bits=4.5, candidates=CANDIDATES,
+                                   progress=False, sensitivities=s)
+    assert fixed.refinement and fixed.refinement[0]["kept"]
+    assert fixed.kl < wrong.kl and fixed.bits <= 4.5
+
+
 def test_policy_has_one_exact_rule_per_searched_layer(llama_result):
     model, result = llama_result
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
