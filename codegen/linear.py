@@ -51,6 +51,7 @@ import torch
 from qcompile import config
 from qcompile import formats as _formats
 from qcompile.elements import IntElement
+from qcompile.reference import kept_apart
 
 from . import quant as _quant
 from .dequant import (_SCALE_NAMES, _element_lines, _next_pow2, _scale_lines, _unpack_lines,
@@ -87,7 +88,7 @@ def fusable_act(af) -> bool:
 def int_path(wfmt, af, variant: str) -> bool:
     """Integer block dot products: int elements on both sides, each activation block (one K
     tile) inside one weight block, products summed exactly (|D| < 2^24 for the float32 cast)."""
-    if af is None or not fusable_act(af) or wfmt.opq is not None:
+    if af is None or not fusable_act(af) or wfmt.opq is not None or wfmt.proxy is not None:
         return False
     we, ae = wfmt.element, af.element
     if not (isinstance(we, IntElement) and isinstance(ae, IntElement)):
@@ -617,8 +618,6 @@ def linear(x: torch.Tensor, q, act_fmt=None, bias: torch.Tensor | None = None) -
         raise NotImplementedError("x, the weight and the bias must share one dtype")
     if x.dtype not in _DTYPE_NAMES:
         raise NotImplementedError(f"no fused linear for {x.dtype}")
-    if "proxy_index" in q.side:  # columns kept apart: not added after this kernel (yet)
-        raise NotImplementedError("fused linear: weights with proxy columns")
     if not (x.is_cuda or interpreting()):
         raise NotImplementedError("Triton kernels need CUDA tensors (or TRITON_INTERPRET=1)")
     af = _formats.get(act_fmt) if act_fmt else None
@@ -628,9 +627,10 @@ def linear(x: torch.Tensor, q, act_fmt=None, bias: torch.Tensor | None = None) -
     if m_len == 0 or n_len == 0 or k_len == 0:
         y = x2.new_zeros((m_len, n_len))
         return (y + bias if bias is not None else y).reshape(*lead, n_len)
-    opq = "outlier_index" in q.side and q.side["outlier_index"].numel() > 0
+    apart = kept_apart(q)  # OPQ outliers, proxy columns: added after the kernel
+    opq = apart is not None and apart[0].numel() > 0
     if af is not None and (opq or not fusable_act(af)):
-        # OPQ's correction after the kernel needs the fake-quantised activations themselves
+        # the correction after the kernel needs the fake-quantised activations themselves
         if not opq:
             config.warn(f"qcompile linear: activation format {af.key} is quantised outside the "
                         "fused kernel (no prologue for it)", once=("act outside", af.key))
@@ -697,11 +697,11 @@ def linear(x: torch.Tensor, q, act_fmt=None, bias: torch.Tensor | None = None) -
             out = out + bias.to(torch.float32)
         out = out if opq else out.to(x.dtype)
 
-    if opq:  # outliers: add x[:, k] * (v - decoded) for each, then round to the model dtype
-        r, c, decoded = _codes_at(q, q.side["outlier_index"].long())
+    if opq:  # kept apart: add x[:, k] * (v - decoded) for each, then round to the model dtype
+        r, c, decoded = _codes_at(q, apart[0])
         keep = c < k_len
         r, c, decoded = r[keep], c[keep], decoded[keep]
-        v = q.side["outlier_value"][keep]
+        v = apart[1][keep]
         delta = v.to(x.dtype).to(torch.float32) - decoded.to(x.dtype).to(torch.float32)
         corr = torch.zeros_like(out)
         corr.index_add_(1, r, x2[:, c].to(torch.float32) * delta)

@@ -146,16 +146,27 @@ def test_more_weight_formats(wfmt, m):
         check(x, q, b)
 
 
-def test_proxy_columns_have_no_fused_kernel():
-    """Weights with proxy columns kept apart are refused (the caller takes the reference),
-    never run without those columns."""
-    import dataclasses
-    p = dict(k=50, n=12, bias=False, axis=1, seed=2, scale=1.0)
-    x, q, b = make(p, 6, "int4")
-    side = {**q.side, "proxy_index": torch.zeros(12, 1, dtype=torch.int32),
-            "proxy_value": torch.zeros(12, 1, dtype=torch.bfloat16)}
-    with pytest.raises(NotImplementedError, match="proxy"):
-        cg.linear(x, dataclasses.replace(q, side=side))
+@pytest.mark.parametrize("wfmt", ["int4[proxy=5]", "mxint8[proxy=0.05]", "bof4s_opq[proxy=3]"])
+@pytest.mark.parametrize("axis", [1, 0])
+def test_proxy_columns_added_after_the_kernel(wfmt, axis):
+    """Proxy columns kept apart (bfloat16) are added after the kernel like OPQ outliers; with
+    an activation format the integer path is not taken (it has no such correction)."""
+    g = torch.Generator().manual_seed(4)
+    k, n = 150, 40
+    w = torch.randn(n, k, generator=g)
+    w[:, [3, 77]] *= 40
+    q = qcompile.quantize(w if axis == 1 else w.T.contiguous(), wfmt, axis=axis,
+                          proxy_score=torch.rand(k, generator=g))
+    extra = q.side["proxy_index"].numel() + (
+        int(torch.bincount(q.side["outlier_index"].long() // (q.scales.shape[-1] * q.block),
+                           minlength=n).max()) if "outlier_index" in q.side else 0)
+    assert not cg.int_path(q.fmt, formats.get("mxint8"), "gemm")
+    for m in (1, 33):
+        x = torch.randn(m, k, generator=g)
+        b = torch.randn(n, generator=g)
+        assert_within_bound(fused(x, q, None, b), x, w_nk(q), b, extra=extra)
+        xq = qcompile.fake_quantize(x, "mxint8")
+        assert_within_bound(fused(x, q, "mxint8", b), xq, w_nk(q), b, extra=extra)
 
 
 def test_empty_and_three_d_inputs():

@@ -259,11 +259,12 @@ def test_cpu_kernels_decode_and_linear(fmt, axis):
     w_nk = ref if axis == 1 else ref.T
     extra = q.side["proxy_index"].numel() + (
         q.side["outlier_index"].numel() if "outlier_index" in q.side else 0)
-    for m in (1, 5, 33):
+    for m, act in ((1, None), (5, None), (33, None), (1, "mxint8"), (17, "mxint8")):
         x = torch.randn(m, 150)
-        y = cpu.linear(x, q)
-        exact = x.double() @ w_nk.double().T
-        bound = gamma(150 + 2 + extra) * (x.double().abs() @ w_nk.double().abs().T)
+        y = cpu.linear(x, q, act)  # with mxint8 activations: not the integer path
+        xq = qcompile.fake_quantize(x, act, axis=-1) if act else x
+        exact = xq.double() @ w_nk.double().T
+        bound = gamma(150 + 2 + extra) * (xq.double().abs() @ w_nk.double().abs().T)
         assert ((y.double() - exact).abs() <= bound).all()
 
 
