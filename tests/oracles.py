@@ -19,7 +19,6 @@ import math
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from statistics import NormalDist
 
 import numpy as np
 
@@ -502,16 +501,32 @@ def _nvfp4_block(xs, ts):
     return out, out
 
 
+def opq_limit(count: int, q: float) -> float:
+    """F_M^-1(q) for F_M(m) = (2 G(m) - 1)^I = erf(m / sqrt 2)^I, I = count (BOF4 paper), solved
+    from that definition by bisection on log F_M(m) = log q, not by a closed-form inverse (the
+    implementation's). Near the root erf is within 1e-3 of 1: erfc keeps its precision there."""
+    def log_cdf(m):
+        t = m / math.sqrt(2)
+        return count * (math.log(math.erf(t)) if t < 1 else math.log1p(-math.erfc(t)))
+
+    lo, hi = 0.0, 64.0
+    for _ in range(100):  # the interval shrinks to adjacent float64s long before 100 halvings
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if log_cdf(mid) < math.log(q) else (lo, mid)
+    return hi
+
+
 def opq_outliers(xs, q: float):
     """Indices of the OPQ outliers of one (finite) block of real elements (BOF4 paper):
-    |w| > sigma * F_M^-1(q), sigma the corrected standard deviation, F_M(m) = (2 G(m) - 1)^I."""
+    |w| > sigma * F_M^-1(q), sigma the corrected standard deviation (exact rationals),
+    F_M(m) = (2 G(m) - 1)^I, I = len(xs). One element has no deviation, so no outlier."""
     c = len(xs)
     if c < 2:
         return set()
     vals = [frac(v) for v in xs]
     mean = sum(vals) / c
     var = sum((v - mean) ** 2 for v in vals) / (c - 1)
-    limit = Fraction(NormalDist().inv_cdf((q ** (1.0 / c) + 1.0) / 2.0))
+    limit = Fraction(opq_limit(c, q))
     return {i for i, v in enumerate(vals) if v * v > var * limit * limit}
 
 
