@@ -268,7 +268,8 @@ class Codebook:
 
 # Published tables as numbers: tests/data/published_codebooks.json, the tests' own copy of
 # ../shared/reference/codebooks.json (so no ../shared is needed; test_formats_codebooks checks the
-# copy against it where present). Read as data, never through qcompile.
+# copy against that file's digest recorded with it, and the file where present). Read as data,
+# never through qcompile.
 PUBLISHED_JSON = Path(__file__).resolve().parent / "data" / "published_codebooks.json"
 PUBLISHED_DECIMALS = {k: v for k, v in json.loads(PUBLISHED_JSON.read_text(),
                                                   parse_float=str).items()
