@@ -5,6 +5,7 @@ kernel) is imported, so on a machine without a GPU the kernels run in Triton's i
 QCOMPILE_TEST_DEVICE=cuda they run on the GPU. If another test module imports triton first
 without it, run this file on its own (or export the variable).
 """
+import ast
 import dataclasses
 
 from kernel_device import dev, host  # noqa: E402  (before anything imports triton)
@@ -145,12 +146,19 @@ def test_packing_widths_cross_bytes():
         assert torch.equal(bits(got.flatten()), bits(expected))
 
 
-def test_source_is_generated_readable_and_cached(monkeypatch, capsys, tmp_path):
+def code_of(src: str) -> str:
+    """What a generated module runs: its syntax tree without comments and docstrings."""
+    tree = ast.parse(src)
+    tree.body = [n for n in tree.body
+                 if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]
+    return ast.dump(tree)
+
+
+def test_source_is_generated_dumped_and_cached(monkeypatch, capsys, tmp_path):
     src = cg.dequant_source(formats.get("mxfp6_e3m2"))
-    assert "def dequant_kernel(" in src and "E3M2" in src and "E8M0" in src
     # one source per element + scale description: block size and scale rule do not change it
     assert cg.dequant_source(formats.get("mxfp6_e3m2", block_size=64, scale_rule="ceil")) == src
-    assert cg.dequant_source(formats.get("mxfp6_e2m3")) != src
+    assert code_of(cg.dequant_source(formats.get("mxfp6_e2m3"))) != code_of(src)
     assert cg.load_kernel(src) is cg.load_kernel(src)
     monkeypatch.setattr(qcompile.codegen.cache, "_KERNELS", {})
     monkeypatch.setenv("QCOMPILE_DUMP_KERNELS", "1")
@@ -158,7 +166,7 @@ def test_source_is_generated_readable_and_cached(monkeypatch, capsys, tmp_path):
     q = qcompile.quantize(torch.linspace(-3, 3, 40).reshape(2, 20), "mxfp6_e3m2")
     assert_same(q)
     err = capsys.readouterr().err
-    assert "def dequant_kernel(" in err and "E3M2" in err
+    assert src in err  # the dump is the generated source, whole
     digest = err.split("qcompile kernel ")[1].split()[0]
     assert (tmp_path / f"qk_{digest}.py").read_text() in err  # the file holds the dumped source
 
@@ -313,12 +321,15 @@ def test_every_preset_has_a_generated_quantise_kernel():
 
 def test_quant_source_comes_from_the_description():
     src = qq.quant_source(formats.get("nf4"))
-    assert "def quant_kernel(" in src and "thr_ptr" in src and "binary search in 4 steps" in src
+    assert "def quant_kernel(" in src and "thr_ptr" in src
+    # a 16-level code by branch-free binary search: 4 threshold loads, not 15 compares
+    assert src.count("tl.load(thr_ptr") == 4
     # the block size is a launch argument, the table a tensor: one kernel body per element kind
-    # and scale kind; only the docstring names the table
+    # and scale kind (comments and the docstring name the table, the code does not)
     assert qq.quant_source(formats.get("nf4", block_size=32)) == src
-    assert qq.quant_source(formats.get("af4")).replace("af4", "nf4") == src
-    assert "ts_ptr" in qq.quant_source(formats.get("nvfp4")) and "E4M3" in qq.quant_source(formats.get("nvfp4"))
-    rules = {r: qq.quant_source(formats.get("mxfp4", scale_rule=r)) for r in ("floor", "ceil", "rceil", "even")}
-    assert len(set(rules.values())) == 4 and all(f"rule {r}" in s for r, s in rules.items())
+    assert code_of(qq.quant_source(formats.get("af4"))) == code_of(src)
+    assert "ts_ptr" in qq.quant_source(formats.get("nvfp4"))  # NVFP4's tensor scale: an input
+    # each pow2 scale rule is its own code, not only its own comment
+    rules = [qq.quant_source(formats.get("mxfp4", scale_rule=r)) for r in ("floor", "ceil", "rceil", "even")]
+    assert len({code_of(s) for s in rules}) == 4
     assert cg.load_kernel(src, "quant_kernel") is cg.load_kernel(src, "quant_kernel")
