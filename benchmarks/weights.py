@@ -61,7 +61,6 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     for f in args.formats:
         formats.get(f)  # fail on a bad name before loading anything
-    torch.set_num_threads(torch.get_num_threads())
     weights = minilm_linear_weights()
     n = sum(w.numel() for w in weights.values())
     print(f"all-MiniLM-L6-v2: {len(weights)} linear weights, {n:,} parameters (float32)")

@@ -19,8 +19,8 @@ from .debug import debug_graph
 from .find import Site, find_quantisable
 from .fuse import fuse
 from .plan import plan
-from .quantize_weights import clear_cache, quantize_weights
+from .quantize_weights import quantize_weights
 from .rewrite import rewrite
 
-__all__ = ["Site", "find_quantisable", "plan", "quantize_weights", "clear_cache", "rewrite",
+__all__ = ["Site", "find_quantisable", "plan", "quantize_weights", "rewrite",
            "fuse", "use_cpu_kernels", "debug_graph"]

@@ -29,10 +29,6 @@ _CACHE: dict[tuple, tuple] = {}
 STATS = {"quantised": 0, "reused": 0}
 
 
-def clear_cache():
-    _CACHE.clear()
-
-
 def _drop(key):
     _CACHE.pop(key, None)
 
