@@ -38,10 +38,10 @@ import weakref
 
 import torch
 
-from qcompile import config, formats
-from qcompile.reference import kept_apart
+from qcompile import config, formats, reference
 
 from . import cpu_int, cpu_int_source, cpu_source
+from .linear import _codes_at
 from .cache import cache_dir, write_atomically
 
 GEMV_MAX_M = 16  # M up to this runs the GEMV kernel; more rows: decoded panels and a GEMM
@@ -339,8 +339,7 @@ def _address(fn) -> int:
 def _outliers(q):
     """(row n, column k, value - decoded value) of each weight kept apart from the blocks (OPQ
     outliers, proxy columns) in the padded layout, or None."""
-    from .linear import _codes_at
-    apart = kept_apart(q)
+    apart = reference.kept_apart(q)
     if apart is None:
         return None
     r, c, decoded = _codes_at(q, apart[0])
@@ -430,9 +429,8 @@ def linear(x: torch.Tensor, q, act_fmt=None, bias: torch.Tensor | None = None) -
     if cpu_int.applies(q, af):
         y = cpu_int.linear(p, q, x2.contiguous(), af, _contiguous(bias))
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[1])
-    if act_fmt and x2.numel():
-        from qcompile import api
-        x2 = api.fake_quantize_values(x2, act_fmt, axis=-1)
+    if af is not None and x2.numel():
+        x2 = reference.fake_quantize(x2, af, 1)
     if p.padded != p.k:
         x2 = torch.nn.functional.pad(x2, (0, p.padded - p.k))
     if not x2.is_contiguous():

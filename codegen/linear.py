@@ -48,14 +48,14 @@ import inspect
 
 import torch
 
-from qcompile import config
+from qcompile import config, reference
 from qcompile import formats as _formats
 from qcompile.elements import IntElement
-from qcompile.reference import kept_apart
 
 from . import quant as _quant
 from .dequant import (_SCALE_NAMES, _element_lines, _next_pow2, _scale_lines, _unpack_lines,
                       int_code_lines, load_kernel, multiplier_lines, triton_cdiv)
+from .dequant import dequantize as _dequantize
 
 GEMV_MAX_M = 1  # M up to this runs the GEMV-shaped kernel; M = 2..16 a GEMM with BLOCK_M 16
 MAX_ACT_BLOCK = 256  # larger activation blocks are fake-quantised outside the kernel
@@ -627,16 +627,17 @@ def linear(x: torch.Tensor, q, act_fmt=None, bias: torch.Tensor | None = None) -
     if m_len == 0 or n_len == 0 or k_len == 0:
         y = x2.new_zeros((m_len, n_len))
         return (y + bias if bias is not None else y).reshape(*lead, n_len)
-    apart = kept_apart(q)  # OPQ outliers, proxy columns: added after the kernel
+    apart = reference.kept_apart(q)  # OPQ outliers, proxy columns: added after the kernel
     opq = apart is not None and apart[0].numel() > 0
     if af is not None and (opq or not fusable_act(af)):
         # the correction after the kernel needs the fake-quantised activations themselves
         if not opq:
             config.warn(f"qcompile linear: activation format {af.key} is quantised outside the "
                         "fused kernel (no prologue for it)", once=("act outside", af.key))
-        from qcompile import api
-        impl = "triton" if _quant.supported(af) else "reference"
-        x2 = api.fake_quantize(x2, af, axis=-1, impl=impl)
+        if _quant.supported(af):
+            x2 = _dequantize(_quant.quantize(x2, af, 1))
+        else:
+            x2 = reference.fake_quantize(x2, af, 1)
         af = None
     variant = "gemv" if m_len <= GEMV_MAX_M else "gemm"
     interp = interpreting()

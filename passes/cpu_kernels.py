@@ -19,6 +19,7 @@ import torch
 from torch import fx
 
 from qcompile import formats, ops
+from qcompile.codegen import cpu, cpu_int
 
 from .graph import input_values
 
@@ -42,7 +43,6 @@ def _on_cpu(node) -> bool:
 def use_cpu_kernels(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
     if torch.is_grad_enabled():
         return gm
-    from qcompile.codegen import cpu, cpu_int
     g, values = gm.graph, input_values(gm, example_inputs)
     changed = False
     for node in list(g.nodes):

@@ -32,6 +32,7 @@ import torch
 from torch import fx
 
 from qcompile import config
+from qcompile.modules import linear_like
 
 # torch's own mark for a Linear whose parent reads .weight directly (MultiheadAttention.out_proj)
 _READ_BY_PARENT = getattr(torch.nn.modules.linear, "NonDynamicallyQuantizableLinear", ())
@@ -45,14 +46,6 @@ _KNOWN_ROOTS: list[weakref.ref] = []
 def remember_root(model: torch.nn.Module) -> None:
     _KNOWN_ROOTS[:] = [r for r in _KNOWN_ROOTS if r() is not None and r() is not model]
     _KNOWN_ROOTS.append(weakref.ref(model))
-
-
-def linear_like(mod) -> bool:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover
-        Conv1D = torch.nn.Linear
-    return isinstance(mod, (torch.nn.Linear, Conv1D))
 
 
 class ModuleNames:

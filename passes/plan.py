@@ -7,11 +7,12 @@ import torch
 from torch import fx
 
 from qcompile import config
+from qcompile.modules import linear_like
 from qcompile.policy import Policy
 
 from .find import MAX_NORM_REASON, embedding_options, real_input, sites
 from .graph import placeholders
-from .names import ModuleNames, linear_like
+from .names import ModuleNames
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

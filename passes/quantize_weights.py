@@ -18,6 +18,7 @@ import torch
 from torch import fx
 
 from qcompile import api, config
+from qcompile.proxy import input_scores
 from qcompile.qtensor import QTensor
 
 from .find import real_input
@@ -60,7 +61,6 @@ def quantise_cached(w: torch.Tensor, fmt, axis: int, score=None) -> QTensor:
 def proxy_score(root: weakref.ref, fqn: str, weights=None) -> torch.Tensor:
     """The proxy column scores of layer ``fqn`` of the model ``root`` refers to (``weights``:
     the running instance's tensors by parameter name, where that is not the model itself)."""
-    from qcompile.proxy import input_scores
     model = root()
     if model is None:
         raise ValueError(f"blockquant: layer {fqn!r} has a proxy format, whose column scores "

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from . import config, formats, reference
+from . import codegen, config, formats, reference
 from .formats import Format
 from .qtensor import QTensor
 
@@ -92,7 +92,6 @@ def quantize(x: torch.Tensor, fmt, *, axis: int = -1, impl: str = "reference",
         return reference.quantize(x, fmt, axis, score)
     if impl == "triton":
         _check_triton_can_run(x, "quantize")
-        from . import codegen
         if not codegen.supported(fmt):
             raise NotImplementedError(
                 f"quantize(impl='triton') has no generated kernel for {fmt.key} (every preset "
@@ -157,7 +156,7 @@ def dequantize(q: QTensor, *, impl: str = "reference") -> torch.Tensor:
     _check_impl(impl)
     if impl == "triton":
         _check_triton_can_run(q.codes, "dequantize")
-        from .codegen import dequantize as run
+        run = codegen.dequantize
     else:
         run = reference.dequantize
     if len(q.shape) == 0:

@@ -40,7 +40,9 @@ from qcompile.passes.names import frame_description, names_for, remember_root
 from qcompile.passes.plan import planned as planned_sites, warn_unmatched
 from qcompile.passes.report import site_rows
 
-from . import config
+from . import config, ops
+from .modules import linear_like
+from .codegen import cpu, cpu_source
 from .policy import DEFAULT_POLICY_DOC, Policy, PolicyError, default_policy
 
 LOWERINGS = ("inductor", "eager")
@@ -170,8 +172,6 @@ def _inductor_cache_tag():
     cfg = getattr(torch.compiler, "config", None)
     if cfg is None or not hasattr(cfg, "cache_key_tag"):
         return contextlib.nullcontext()
-    from qcompile.codegen import cpu, cpu_source
-    from . import ops
     digest = hashlib.sha256()
     for module in (ops, cpu, cpu_source):
         with open(module.__file__, "rb") as f:
@@ -357,10 +357,8 @@ def _eager_watch(name: str, module: torch.nn.Module):
 
 
 def _watch_eager_layers(model: torch.nn.Module, policy: Policy):
-    from .layers import conv1d_class
-    linear = (torch.nn.Linear,) + ((conv1d_class(),) if conv1d_class() else ())
     for name, mod in model.named_modules():
-        if isinstance(mod, linear) and policy.match(name, "linear")[1] is not None and not any(
+        if linear_like(mod) and policy.match(name, "linear")[1] is not None and not any(
                 getattr(h, "__qualname__", "").startswith("_eager_watch")
                 for h in mod._forward_pre_hooks.values()):
             mod.register_forward_pre_hook(_eager_watch(name, mod))

@@ -24,19 +24,13 @@ import torch
 from . import api, config
 from .ops import qtensor_from, qtensor_meta
 from .passes.find import MAX_NORM_REASON
+from .modules import is_conv1d, linear_like
 from .passes.names import read_by_parent
 from .policy import Policy, PolicyError, default_policy
+from .proxy import input_scores
 
 SKIP_REASON_ATTR = "_qcompile_skipped"
 POLICIES_ATTR = "_qcompile_policies"  # the policies quantize_model_ applied, in order (saved)
-
-
-def conv1d_class():
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover
-        return None
-    return Conv1D
 
 
 def _check_policy(policy, who: str) -> Policy:
@@ -60,13 +54,11 @@ def linear_layers(model: torch.nn.Module, policy: Policy, who: str):
     """Yield ``(name, module, spec, axis, tied)`` for every linear layer the policy gives a
     spec; ``tied``: its weight is shared with another module. Skipped layers are marked (for
     explain) and said once."""
-    conv1d = conv1d_class()
     holders = _holder_counts(model)
     parents = {f"{pn}.{cn}" if pn else cn: pm for pn, pm in model.named_modules()
                for cn, _ in pm.named_children()}
     for name, mod in list(model.named_modules()):
-        is_conv1d = conv1d is not None and isinstance(mod, conv1d)
-        if not (isinstance(mod, torch.nn.Linear) or is_conv1d):
+        if not linear_like(mod):
             continue
         rule, spec = policy.match(name, "linear")
         if spec is None:
@@ -77,7 +69,7 @@ def linear_layers(model: torch.nn.Module, policy: Policy, who: str):
             config.warn(f"{who}: layer {name!r} left in full precision: {reason}",
                         once=(who, id(mod)))
             continue
-        yield name, mod, spec, 0 if is_conv1d else 1, holders.get(id(mod.weight), 1) > 1
+        yield name, mod, spec, 0 if is_conv1d(mod) else 1, holders.get(id(mod.weight), 1) > 1
 
 
 def embedding_layers(model: torch.nn.Module, policy: Policy, who: str):
@@ -105,7 +97,6 @@ def embedding_layers(model: torch.nn.Module, policy: Policy, who: str):
 def proxy_scores(model, layers) -> dict[str, torch.Tensor]:
     """Proxy quantisation's column scores for the layers (``linear_layers`` tuples) whose weight
     format has the proxy option, computed before any weight changes (qcompile.proxy)."""
-    from .proxy import input_scores
     return input_scores(model, [name for name, _, spec, *_ in layers
                                 if spec.weight is not None and spec.weight.proxy is not None])
 

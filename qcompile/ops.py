@@ -44,7 +44,9 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from . import api, config, formats
+from . import api, codegen, config, formats, reference
+from .codegen import cpu
+from .codegen import linear as fused
 from .qtensor import QTensor
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -78,13 +80,6 @@ def _resolve(impl: str, t: torch.Tensor) -> str:
     if impl == "auto":
         return "triton" if t.is_cuda else "cpu"
     return impl
-
-
-@functools.lru_cache(maxsize=None)
-def _cpu():
-    """qcompile.codegen.cpu, imported on first use (the ops run on every call of a layer)."""
-    from qcompile.codegen import cpu
-    return cpu
 
 
 def _launchable(t: torch.Tensor):
@@ -177,7 +172,7 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, side: list[torch.Tenso
             _fallback("dequantize", q.fmt.key, err)
     elif where == "cpu" and len(q.shape) == 2:
         try:
-            return _cpu().dequantize(q)
+            return cpu.dequantize(q)
         except Exception as err:
             _fallback("dequantize", q.fmt.key, err, "CPU")
     return _contiguous(api.dequantize(q))
@@ -217,7 +212,6 @@ def fake_quantize_act(x: torch.Tensor, fmt: str, axis: int = -1,
         return x.clone(memory_format=torch.contiguous_format)
     if _resolve(impl, x) == "triton":
         try:
-            from qcompile import codegen
             _launchable(x)
             if not codegen.supported(formats.get(fmt)):
                 raise NotImplementedError("no generated quantise kernel")
@@ -258,13 +252,12 @@ def linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, side: lis
     where = _resolve(impl, x)
     if where == "triton":
         try:
-            from qcompile.codegen.linear import linear as fused
-            return _contiguous(fused(x, q, act_fmt or None, bias))
+            return _contiguous(fused.linear(x, q, act_fmt or None, bias))
         except Exception as err:
             _fallback("linear", q.fmt.key + (f" x {act_fmt}" if act_fmt else ""), err)
     elif where == "cpu":
         try:
-            return _cpu().linear(x, q, act_fmt or None, bias)
+            return cpu.linear(x, q, act_fmt or None, bias)
         except Exception as err:
             _fallback("linear", q.fmt.key + (f" x {act_fmt}" if act_fmt else ""), err, "CPU")
     w = api.dequantize(q)
@@ -335,11 +328,10 @@ def embedding(ids: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
     # rows (a prefill) and other devices go through the reference's gather, as fast per row
     if _resolve(impl, codes) == "cpu" and ids.numel() <= EMBEDDING_KERNEL_ROWS:
         try:
-            return _cpu().gather_rows(q, ids)
+            return cpu.gather_rows(q, ids)
         except Exception as err:
             _fallback("embedding", q.fmt.key, err, "CPU")
-    from .reference import dequantize_rows
-    return _contiguous(dequantize_rows(q, ids))
+    return _contiguous(reference.dequantize_rows(q, ids))
 
 
 @torch.library.register_fake("qcompile::embedding")

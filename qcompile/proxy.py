@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from .passes.names import linear_like
+from .modules import is_conv1d, linear_like
 
 KNOWN = ("Llama-style decoders (Llama, SmolLM2, Mistral, Qwen2: self_attn.q/k/v/o_proj, "
          "mlp.gate/up/down_proj) and GPT-2 (attn.c_attn/c_proj, mlp.c_fc/c_proj)")
@@ -52,8 +52,7 @@ class _Weights:
 
     def row_std(self, mod) -> torch.Tensor:
         """The standard deviation of the weights computing each output unit of a linear layer."""
-        conv1d = linear_like(mod) and not isinstance(mod, torch.nn.Linear)  # Conv1D [in, out]
-        return self.of(mod).std(dim=0 if conv1d else 1)
+        return self.of(mod).std(dim=0 if is_conv1d(mod) else 1)  # Conv1D: [in, out]
 
     def gain(self, norm) -> torch.Tensor | float:
         return 1.0 if getattr(norm, "weight", None) is None else self.of(norm).abs()

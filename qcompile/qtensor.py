@@ -41,10 +41,6 @@ class QTensor:
     def bits_per_element(self) -> float:
         return 8 * self.nbytes / self.numel if self.numel else float("nan")
 
-    def dequantize(self, impl: str = "reference") -> torch.Tensor:
-        from .api import dequantize
-        return dequantize(self, impl=impl)
-
     def to(self, device) -> "QTensor":
         moved = {k: v.to(device) for k, v in self.side.items()}
         return QTensor(self.fmt, self.codes.to(device), self.scales.to(device), self.shape,

@@ -79,6 +79,11 @@ def dequantize(q: QTensor) -> torch.Tensor:
     return out[..., :k].movedim(-1, q.axis).to(q.dtype)
 
 
+def fake_quantize(x: torch.Tensor, fmt: Format, axis: int) -> torch.Tensor:
+    """dequantize(quantize(x)): x rounded to the format (a format without proxy columns)."""
+    return dequantize(quantize(x, fmt, axis))
+
+
 def proxy_columns(score, count: int) -> torch.Tensor:
     """The ``count`` positions with the highest ``score`` (ties: the lower position first; NaN
     scores last), ascending, int64."""

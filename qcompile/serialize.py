@@ -33,7 +33,8 @@ import os
 import torch
 
 from . import config, formats
-from .layers import POLICIES_ATTR, QuantEmbedding, QuantLinear, _set_child, conv1d_class
+from .layers import POLICIES_ATTR, QuantEmbedding, QuantLinear, _set_child
+from .modules import conv1d_class
 from .packing import packed_length
 from .policy import Policy, PolicyError
 from .qtensor import QTensor

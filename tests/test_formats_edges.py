@@ -638,7 +638,7 @@ BAD_CALLS = [
     (lambda: qcompile.fake_quantize(x4(), "int4", impl="nonsense"), ValueError, r"unknown impl"),
     (lambda: qcompile.dequantize(x4()), TypeError, r"expects a QTensor"),
     (lambda: qcompile.dequantize(q4(), impl="cuda"), ValueError, r"unknown impl 'cuda'"),
-    (lambda: q4().dequantize(impl=""), ValueError, r"unknown impl ''"),
+    (lambda: qcompile.dequantize(q4(), impl=""), ValueError, r"unknown impl ''"),
 ]
 
 

@@ -1,0 +1,114 @@
+"""The package's layers, read from the source (every import statement, inside functions too):
+each module imports only modules of its own layer or below, and the import graph has no cycle.
+docs/architecture.md draws the same map."""
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FOLDERS = {"qcompile": "qcompile", "passes": "qcompile.passes", "codegen": "qcompile.codegen"}
+
+# lowest first; a module not listed is a failure (a new module needs a place on the map)
+LAYERS = [
+    ("core", ["qcompile.bits", "qcompile.config", "qcompile.elements", "qcompile.scales",
+              "qcompile.codebooks", "qcompile.formats", "qcompile.packing", "qcompile.qtensor",
+              "qcompile.reference", "qcompile.policy", "qcompile.modules"]),
+    ("codegen", ["qcompile.codegen", "qcompile.codegen.*"]),
+    ("api", ["qcompile.api"]),
+    ("ops", ["qcompile.ops", "qcompile.proxy"]),
+    ("passes", ["qcompile.passes", "qcompile.passes.*"]),
+    ("top", ["qcompile.layers", "qcompile.explain", "qcompile.backend", "qcompile.serialize",
+             "qcompile.hf", "qcompile.hf_hook", "qcompile.stream", "qcompile.search",
+             "qcompile.__main__", "qcompile"]),
+]
+TOOLS = ["qcompile.codebook_optimizer"]  # offline: may import anything, never imported
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for folder, package in FOLDERS.items():
+        for path in sorted((ROOT / folder).glob("*.py")):
+            name = package if path.stem == "__init__" else f"{package}.{path.stem}"
+            out[name] = path
+    return out
+
+
+def imports(name: str, path: Path, known: set[str]) -> set[str]:
+    """The project modules ``name`` imports (an ``from x import y`` names x.y when that is a
+    module, else x)."""
+    package = name if path.stem == "__init__" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                parts = parts[:len(parts) - node.level + 1]
+                base = ".".join(parts + ([node.module] if node.module else []))
+            for a in node.names:
+                found.add(f"{base}.{a.name}" if f"{base}.{a.name}" in known else base)
+    return {m for m in found if m in known and m != name}
+
+
+def layer_of(name: str) -> int:
+    for i, (_, members) in enumerate(LAYERS):
+        for m in members:
+            if name == m or (m.endswith(".*") and name.startswith(m[:-1])):
+                return i
+    raise AssertionError(f"{name} has no layer in tests/test_import_graph.py LAYERS")
+
+
+def graph() -> dict[str, set[str]]:
+    mods = modules()
+    return {n: imports(n, p, set(mods)) for n, p in mods.items()}
+
+
+def test_every_module_has_a_layer():
+    for name in graph():
+        if name not in TOOLS:
+            layer_of(name)
+
+
+def test_imports_go_down_the_layers():
+    bad = []
+    for name, deps in graph().items():
+        if name in TOOLS:
+            continue
+        for dep in deps:
+            assert dep not in TOOLS, f"{name} imports the offline tool {dep}"
+            if layer_of(dep) > layer_of(name):
+                bad.append(f"{name} ({LAYERS[layer_of(name)][0]}) imports {dep} "
+                           f"({LAYERS[layer_of(dep)][0]})")
+    assert not bad, "\n".join(sorted(bad))
+
+
+def test_no_import_cycle():
+    g = graph()
+    state, stack, cycles = {}, [], []
+
+    def visit(n):
+        state[n] = "open"
+        stack.append(n)
+        for d in sorted(g[n]):
+            if state.get(d) == "open":
+                cycles.append(" -> ".join(stack[stack.index(d):] + [d]))
+            elif d not in state:
+                visit(d)
+        stack.pop()
+        state[n] = "done"
+
+    for n in sorted(g):
+        if n not in state:
+            visit(n)
+    assert not cycles, "\n".join(cycles)
+
+
+def test_the_checker_sees_imports_inside_functions(tmp_path):
+    """The graph reads every import statement: a relative one inside a function counts."""
+    src = tmp_path / "mod.py"
+    src.write_text("def f():\n    from .. import api\n    from .reference import quantize\n")
+    known = {"qcompile.api", "qcompile.reference", "qcompile.codegen.mod"}
+    assert imports("qcompile.codegen.mod", src, known) == {"qcompile.api"}
+    src.write_text("def f():\n    from qcompile import reference\n")
+    assert imports("qcompile.codegen.mod", src, known) == {"qcompile.reference"}
