@@ -21,9 +21,12 @@ from qcompile import LayerSpec, Policy
 
 from .data import load_causal_lm, wiki_text
 
+# The mixed example policy (the design card's), defined once: the tests compile their models
+# with it too. The attention rule names Llama's q/k/v projections and GPT-2's fused c_attn.
 MIXED = Policy({"lm_head": None,
                 "*.mlp.*": LayerSpec(weight="bof4s_opq"),
-                r"re:.*self_attn\.[qkv]_proj": LayerSpec(weight="mxint8", act="mxint8")},
+                r"re:.*(self_attn\.[qkv]_proj|attn\.c_attn)": LayerSpec(weight="mxint8",
+                                                                       act="mxint8")},
                default=LayerSpec(weight="nf4"))
 
 

@@ -1,9 +1,14 @@
-"""Tiny transformers checkpoints and the oracle the transformers integration is checked
+"""Tiny transformers checkpoints and the oracles the transformers integration is checked
 against: plain float loading, then ``quantize_model_`` (tests/test_hf_quantizer.py,
-tests/test_stream.py)."""
+tests/test_stream.py), and ``reference_copy``, an eager fake-quantised copy written without
+qcompile's model passes (tests/test_backend.py, tests/test_smollm2.py)."""
+import copy
+
 import torch
 import transformers
+from torch import nn
 from transformers import AutoModelForCausalLM
+from transformers.pytorch_utils import Conv1D
 
 import qcompile
 from qcompile import LayerSpec, Policy
@@ -43,6 +48,32 @@ def reference(folder, policy, **kwargs):
 def with_config(folder, policy, **kwargs):
     cfg = qcompile.BlockQuantConfig(policy=policy)
     return AutoModelForCausalLM.from_pretrained(folder, quantization_config=cfg, **kwargs).eval()
+
+
+def reference_copy(model, policy):
+    """A deep copy of ``model`` whose linear weights (nn.Linear, GPT-2's Conv1D) are replaced by
+    their fake-quantised values and whose activation formats run as forward pre-hooks, matched
+    by ``policy`` on module names: the backend's oracle, independent of qcompile's own
+    fake_quantize_model_ and of the FX passes."""
+    ref = copy.deepcopy(model)
+    for name, mod in ref.named_modules():
+        if isinstance(mod, nn.Linear):
+            axis = -1
+        elif isinstance(mod, Conv1D):
+            axis = 0
+        else:
+            continue
+        _, spec = policy.match(name, "linear")
+        if spec is None:
+            continue
+        if spec.weight is not None:  # a Parameter of its own: a tied embedding keeps its table
+            with torch.no_grad():
+                fq = qcompile.fake_quantize(mod.weight.detach(), spec.weight, axis=axis)
+            mod.weight = nn.Parameter(fq, requires_grad=False)
+        if spec.act is not None:
+            mod.register_forward_pre_hook(
+                lambda m, args, f=spec.act: (qcompile.fake_quantize(args[0], f, axis=-1), *args[1:]))
+    return ref
 
 
 def logits(model, ids=IDS):

@@ -28,10 +28,8 @@ transformers = pytest.importorskip("transformers")
 logging.getLogger("transformers").setLevel(logging.ERROR)
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
-MIXED = Policy({"lm_head": None,
-                "*.mlp.*": LayerSpec(weight="bof4s_opq"),
-                r"re:.*(self_attn\.[qkv]_proj|attn\.c_attn)": LayerSpec(weight="mxint8", act="mxint8")},
-               default=LayerSpec(weight="nf4"))
+from benchmarks.policy_report import MIXED  # noqa: E402  (the one mixed example policy)
+from hf_models import logits, reference_copy  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -39,28 +37,6 @@ def fresh_dynamo():
     """Each test starts from empty Dynamo caches (the models share nn.Sequential.forward)."""
     torch._dynamo.reset()
     yield
-
-
-def reference_copy(model, policy):
-    ref = copy.deepcopy(model)
-    for name, mod in ref.named_modules():
-        if isinstance(mod, nn.Linear):
-            axis = -1
-        elif isinstance(mod, Conv1D):
-            axis = 0
-        else:
-            continue
-        _, spec = policy.match(name, "linear")
-        if spec is None:
-            continue
-        if spec.weight is not None:  # a Parameter of its own: a tied embedding keeps its table
-            with torch.no_grad():
-                fq = qcompile.fake_quantize(mod.weight.detach(), spec.weight, axis=axis)
-            mod.weight = nn.Parameter(fq, requires_grad=False)
-        if spec.act is not None:
-            mod.register_forward_pre_hook(
-                lambda m, args, f=spec.act: (qcompile.fake_quantize(args[0], f, axis=-1), *args[1:]))
-    return ref
 
 
 def compiled(model, policy, lowering, **kw):
@@ -111,11 +87,6 @@ BERT_POLICY = Policy({"cls.*": None,
                       "re:.*attention\\.self\\.(query|key|value)": LayerSpec(weight="mxint8",
                                                                            act="mxint8")},
                      default=LayerSpec(weight="nf4"))
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
 
 
 # -- passes, alone ------------------------------------------------------------------------

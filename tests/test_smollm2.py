@@ -1,24 +1,20 @@
 """The backend on the packaged SmolLM2-135M (real weights, real tokenizer, real text).
 
 The default run uses the real model cut to its first two decoder layers (so CI stays fast); the
-`slow` test runs all 30 layers through Inductor. The oracle is test_backend's reference_copy:
-an eager model with fake-quantised weights and activation pre-hooks, written independently of
-qcompile's own fake_quantize_model_.
+`slow` test runs all 30 layers through Inductor. The oracle is hf_models.reference_copy: an
+eager model with fake-quantised weights and activation pre-hooks, written independently of
+qcompile's own fake_quantize_model_. The policy is the benchmark's mixed example policy.
 """
 import pytest
 import torch
 
 import qcompile
 from qcompile import LayerSpec, Policy
-from test_backend import logits, reference_copy
 
 transformers = pytest.importorskip("transformers")
 data = pytest.importorskip("benchmarks.data")
-
-MIXED = Policy({"lm_head": None,
-                "*.mlp.*": LayerSpec(weight="bof4s_opq"),
-                r"re:.*self_attn\.[qkv]_proj": LayerSpec(weight="mxint8", act="mxint8")},
-               default=LayerSpec(weight="nf4"))
+from benchmarks.policy_report import MIXED  # noqa: E402  (the one mixed example policy)
+from hf_models import logits, reference_copy  # noqa: E402
 
 
 @pytest.fixture(scope="module")
