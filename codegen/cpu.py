@@ -109,7 +109,7 @@ _LOCK = threading.Lock()
 
 
 def _compiler() -> tuple[str, str]:
-    cxx = os.environ.get("CXX", "").strip() or "g++"
+    cxx = config.cxx()
     try:
         out = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError) as err:
@@ -353,7 +353,7 @@ def plan(q) -> Plan:
     """The Plan of a packed weight, kept while its codes tensor lives (compiled graphs call the
     same weights over and over)."""
     key = (q.codes.data_ptr(), q.scales.data_ptr(), q.fmt.key, q.shape, q.dtype,
-           os.environ.get("QCOMPILE_CPU_ISA"))
+           config.cpu_isa())
     hit = _PLANS.get(key)
     # the same tensors, not others that reuse their memory
     if hit is None or hit.codes() is not q.codes or hit.scales() is not q.scales or not (

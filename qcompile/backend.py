@@ -46,7 +46,6 @@ from .codegen import cpu, cpu_source
 from .policy import DEFAULT_POLICY_DOC, Policy, PolicyError, default_policy
 
 LOWERINGS = ("inductor", "eager")
-KERNELS = config.KERNELS
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 OPTION_NAMES = ("policy", "lowering", "kernels", "mode")
 
@@ -71,8 +70,9 @@ def parse_options(options, example_inputs=None) -> dict:
     if lowering not in LOWERINGS:
         raise ValueError(f"blockquant: lowering must be one of {LOWERINGS}, got {lowering!r}")
     kernels = options.get("kernels", "auto")
-    if kernels not in KERNELS:
-        raise ValueError(f"blockquant: kernels must be one of {KERNELS}, got {kernels!r}")
+    if kernels not in config.KERNELS:
+        raise ValueError(f"blockquant: kernels must be one of {config.KERNELS}, got "
+                         f"{kernels!r}")
     kernels = config.kernels_override() or kernels  # the environment overrides the option
     if kernels == "triton":
         _check_triton_can_run(example_inputs)

@@ -17,6 +17,7 @@ else is an error that names the variable, never a silent guess):
   QCOMPILE_KERNEL_CACHE=D  the kernel cache folder (default: $XDG_CACHE_HOME/qcompile/kernels,
                            else ~/.cache/qcompile/kernels)
   TRITON_INTERPRET=1       Triton's own switch: run kernels in its CPU interpreter
+  CXX=...                  the C++ compiler for the CPU kernels (default g++)
 """
 from __future__ import annotations
 
@@ -75,6 +76,11 @@ def kernels_override() -> str | None:
 def cpu_isa() -> str | None:
     """QCOMPILE_CPU_ISA: force the CPU kernels' instruction set (None: the machine's best)."""
     return choice("QCOMPILE_CPU_ISA", CPU_ISAS)
+
+
+def cxx() -> str:
+    """CXX: the C++ compiler the CPU kernels are built with (g++ unset)."""
+    return os.environ.get("CXX", "").strip() or "g++"
 
 
 def float32_dots() -> str:

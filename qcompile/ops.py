@@ -71,12 +71,12 @@ def qtensor_from(codes, scales, side, meta: str) -> QTensor:
     return QTensor(fmt, codes, scales, shape, dtype, axis, block, dict(zip(names, side)))
 
 
-IMPLS = config.KERNELS
 
 
 def _resolve(impl: str, t: torch.Tensor) -> str:
-    if impl not in IMPLS:
-        raise ValueError(f"qcompile ops: unknown impl {impl!r}; choose one of {', '.join(IMPLS)}")
+    if impl not in config.KERNELS:
+        raise ValueError(f"qcompile ops: unknown impl {impl!r}; choose one of "
+                         f"{', '.join(config.KERNELS)}")
     if impl == "auto":
         return "triton" if t.is_cuda else "cpu"
     return impl

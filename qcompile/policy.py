@@ -187,7 +187,6 @@ class Policy:
             raise PolicyError(f"the default applies to linear layers; name {default.op} ops in "
                               f"a rule with LayerSpec(..., op={default.op!r})")
         self.default = default
-        self._warned_unmatched: set[int] = set()
 
     def match(self, fqn: str, op_kind: str = "linear") -> tuple[Rule | None, LayerSpec | None]:
         """The first rule that matches (None when the default applied) and the resulting spec."""
