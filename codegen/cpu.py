@@ -41,7 +41,6 @@ import torch
 from qcompile import config, formats, reference
 
 from . import cpu_int, cpu_int_source, cpu_source
-from .linear import _codes_at
 from .cache import cache_dir, write_atomically
 
 GEMV_MAX_M = 16  # M up to this runs the GEMV kernel; more rows: decoded panels and a GEMM
@@ -342,7 +341,7 @@ def _outliers(q):
     apart = reference.kept_apart(q)
     if apart is None:
         return None
-    r, c, decoded = _codes_at(q, apart[0])
+    r, c, decoded = reference.decoded_at(q, apart[0])
     return r, c, apart[1].to(torch.float32) - decoded.to(torch.float32)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from qcompile.elements import CodebookElement, FloatElement, IntElement, LogElement
-from qcompile.reference import kept_apart
+from qcompile.reference import unblocked
 from qcompile.scales import E4M3
 
 from .cache import load_kernel  # noqa: F401  (the cache lives in cache.py; quant.py and
@@ -196,11 +196,9 @@ def _next_pow2(n: int) -> int:
 def dequantize(q) -> torch.Tensor:
     """Same result as qcompile.reference.dequantize(q), the decode done by a generated kernel."""
     fmt, el = q.fmt, q.fmt.element
-    moved = torch.empty(q.shape, device="meta").movedim(q.axis, -1).shape
-    lead, k = moved[:-1], moved[-1]
     n_blocks = q.scales.shape[-1]
     row_len = n_blocks * q.block
-    n_rows = lead.numel()
+    n_rows = q.scales.shape[:-1].numel()
     out = torch.empty((n_rows, row_len), dtype=torch.float32, device=q.codes.device)
     if out.numel():
         codes = q.codes.reshape(n_rows, -1).contiguous()
@@ -217,11 +215,7 @@ def dequantize(q) -> torch.Tensor:
         load_kernel(dequant_source(fmt))[grid](
             *args, out, n_rows, row_len, codes.shape[-1], n_blocks, q.block,
             BLOCK_R=block_r, BLOCK_C=block_c)
-    apart = kept_apart(q)  # OPQ outliers and proxy columns
-    if apart is not None:
-        out = out.flatten().index_put((apart[0],), apart[1].to(torch.float32))
-    out = out.reshape(*lead, row_len)[..., :k]
-    return out.movedim(-1, q.axis).to(q.dtype)
+    return unblocked(out, q)  # the reference's own: kept-apart weights back, crop, axis back
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -551,26 +551,6 @@ def act_quant_source(af, dtype=torch.float32) -> str:
 
 # ---- launch ---------------------------------------------------------------------------------
 
-def _codes_at(q, flat):
-    """Reference decode of the weight elements at flat positions of the padded [N, L] layout."""
-    el, bits = q.fmt.element, q.fmt.element.bits
-    row_len = q.scales.shape[-1] * q.block
-    r, c = flat // row_len, flat % row_len
-    codes = q.codes.reshape(q.scales.shape[0], -1).to(torch.int64)
-    bit = c * bits
-    hi = codes[r, bit // 8]
-    nxt = torch.clamp(bit // 8 + 1, max=codes.shape[1] - 1)
-    lo = torch.where((bit % 8) + bits > 8, codes[r, nxt], 0)
-    code = (((hi << 8) | lo) >> (16 - bits - bit % 8)) & (2**bits - 1)
-    if el.kind == "codebook" and el.data_dependent:
-        values = el.decode(code, q.side["codebook"])
-    else:
-        values = el.decode(code)
-    mult = q.fmt.scale.multiplier(q.scales.reshape(q.scales.shape[0], -1)[r, c // q.block],
-                                  el, q.side)
-    return r, c, values * mult
-
-
 @functools.lru_cache(maxsize=None)
 def _kernel(wfmt, af, variant, dtype, out_float32, interpret, float32_dots):
     """The compiled kernel for one source (generated once per process; cached on disk by hash)."""
@@ -699,7 +679,7 @@ def linear(x: torch.Tensor, q, act_fmt=None, bias: torch.Tensor | None = None) -
         out = out if opq else out.to(x.dtype)
 
     if opq:  # kept apart: add x[:, k] * (v - decoded) for each, then round to the model dtype
-        r, c, decoded = _codes_at(q, apart[0])
+        r, c, decoded = reference.decoded_at(q, apart[0])
         keep = c < k_len
         r, c, decoded = r[keep], c[keep], decoded[keep]
         v = apart[1][keep]

@@ -7,13 +7,17 @@ codebook) and block scale (E8M0 power of two with its rule, float32 absmax signe
 
 Where the work is split between torch and the kernel:
 
-* torch, before the launch: move the axis last, widen to float32 (exact), pad each row with zeros
-  to whole blocks; then the steps that need the whole tensor before any block can be encoded:
-  - OPQ outliers (``opq=``, e.g. bof4s_opq): chosen with the reference's own float64 statistics
-    (``reference._take_outliers``) and zeroed; the kernel quantises what is left;
-  - NVFP4's float32 tensor scale ts = amax(finite |x|) / (448 * 6): one reduction, passed in;
-  - a data-dependent codebook (quantile4): the table comes from the block-normalised values,
-    computed with the reference's scale in torch; the kernel gets its thresholds like any table.
+* torch, before the launch, with the reference's own functions (one rule for both paths; their
+  results are checked against independent oracles in tests/test_side_data_oracles.py): move the
+  axis last, widen to float32 (exact), pad each row with zeros to whole blocks
+  (``reference.blocked``); then the steps that need the whole tensor before any block can be
+  encoded:
+  - OPQ outliers (``opq=``, e.g. bof4s_opq): chosen with float64 statistics and zeroed (in
+    ``blocked``); the kernel quantises what is left;
+  - NVFP4's float32 tensor scale ts = amax(finite |x|) / (448 * 6) (``NVFP4Scale.tensor_scale``),
+    passed in;
+  - a data-dependent codebook (quantile4): the table comes from the block-normalised values
+    (``reference.quantile_table``); the kernel gets its thresholds like any table.
 * the kernel, per block: the NaN/Inf flag, the block scale (stored) and its multiplier, and every
   element's code.
 * torch, after: pack the codes (qcompile.packing).
@@ -30,13 +34,12 @@ import struct
 
 import torch
 
-from qcompile.bits import F32_MAX, div
-from qcompile.codebooks import quantile_codebook
+from qcompile import reference
+from qcompile.bits import F32_MAX
 from qcompile.elements import CodebookElement
 from qcompile.packing import pack
 from qcompile.qtensor import QTensor
-from qcompile.reference import _take_outliers
-from qcompile.scales import E4M3, NVFP4_TENSOR_DIVISOR
+from qcompile.scales import E4M3
 
 from .dequant import _float_lines, _next_pow2, load_kernel, triton_cdiv
 
@@ -315,28 +318,18 @@ def quantize(x: torch.Tensor, fmt, axis: int) -> QTensor:
     el, sc = fmt.element, fmt.scale
     if not supported(fmt):
         raise NotImplementedError(f"no generated quantise kernel for {fmt.key}")
-    xm = x.movedim(axis, -1).to(torch.float32)
-    lead, k = xm.shape[:-1], xm.shape[-1]
-    block = fmt.block_for(k)  # block_size clamped to the row; None: the row
-    n_blocks = -(-k // block)
-    blocks = torch.nn.functional.pad(xm, (0, n_blocks * block - k)).reshape(*lead, n_blocks, block)
-    side: dict[str, torch.Tensor] = {}
+    # -- tensor-level steps in torch (they need the whole tensor before any block is encoded):
+    # the reference's own blocking (OPQ outliers out), tensor scale and quantile table --
+    b = reference.blocked(x, fmt, axis)
+    blocks, block, side = b.values, b.block, dict(b.side)
+    lead, n_blocks = blocks.shape[:-2], blocks.shape[-2]
     extra: list[torch.Tensor] = []
-    # -- tensor-level steps in torch (they need the whole tensor before any block is encoded) --
-    if fmt.opq is not None or (el.kind == "codebook" and el.data_dependent):
-        valid = (torch.arange(n_blocks * block, device=x.device) < k).reshape(n_blocks, block)
-        bad = ~torch.isfinite(blocks).all(-1)
-    if fmt.opq is not None:  # outliers out (zeroed) before the block scale is taken
-        blocks, side = _take_outliers(blocks, valid, bad, fmt.opq)
     if sc.kind == "nvfp4":
-        finite = torch.where(torch.isfinite(blocks), blocks.abs(), 0.0)
-        amax = finite.amax() if finite.numel() else torch.zeros((), device=x.device)
-        side["tensor_scale"] = div(amax, NVFP4_TENSOR_DIVISOR).reshape(1).to(torch.float32)
+        side["tensor_scale"] = sc.tensor_scale(blocks).reshape(1)
     if el.kind == "codebook":
         if el.data_dependent:  # quantile: the table from the tensor's block-normalised values
-            _, qmul, _ = sc.compute(blocks, el, bad)
-            n = torch.where(bad[..., None], 0.0, blocks * qmul[..., None])
-            table = quantile_codebook(n[valid.expand_as(n) & ~bad[..., None]], el.bits)
+            _, qmul, _ = sc.compute(blocks, el, b.bad)
+            table = reference.quantile_table(b, reference.normalised(b, qmul), el.bits)
         else:
             table = el.table_tensor(x.device)
         extra.append(CodebookElement.thresholds(table).contiguous())

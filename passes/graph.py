@@ -32,7 +32,6 @@ def add_input(gm: fx.GraphModule, name: str, tensor) -> fx.Node:
     else:
         with g.inserting_before(next(iter(g.nodes))):
             ph = g.placeholder(name)
-    ph.meta["qcompile_extra"] = True
     gm.meta.setdefault("qcompile_extra_inputs", []).append(tensor)
     return ph
 

@@ -29,6 +29,16 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return ((word >> byte_shifts) & 0xFF).to(torch.uint8).reshape(*lead, groups.shape[-2] * bits)
 
 
+def codes_at(packed: torch.Tensor, bits: int, row: torch.Tensor, col: torch.Tensor):
+    """The codes at (row, col) of packed rows [rows, packed bytes], int64: the bytes holding
+    each code's first bit and the next one, read as one 16-bit big-endian window."""
+    bit = col * bits
+    hi = packed[row, bit // 8].to(torch.int64)
+    nxt = torch.clamp(bit // 8 + 1, max=packed.shape[1] - 1)
+    lo = torch.where(bit % 8 + bits > 8, packed[row, nxt].to(torch.int64), 0)
+    return (((hi << 8) | lo) >> (16 - bits - bit % 8)) & (2**bits - 1)
+
+
 def unpack(packed: torch.Tensor, bits: int, n_codes: int) -> torch.Tensor:
     """uint8 [..., packed_length(n_codes, bits)] -> int32 codes [..., n_codes]."""
     lead = packed.shape[:-1]

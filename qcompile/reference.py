@@ -10,18 +10,31 @@ padding, move the axis back, cast to the original dtype (round half to even).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from statistics import NormalDist
 
 import torch
 
 from .codebooks import quantile_codebook
 from .formats import Format
-from .packing import pack, unpack
+from .packing import codes_at, pack, unpack
 from .qtensor import QTensor
 
 
-def quantize(x: torch.Tensor, fmt: Format, axis: int, proxy_score=None) -> QTensor:
-    """``proxy_score`` (a proxy format only): one score per position along ``axis``."""
+@dataclass
+class Blocked:
+    """A tensor cut into blocks along its quantised axis, the weights kept apart taken out:
+    what quantize (the reference's and the generated kernels') encodes."""
+    values: torch.Tensor  # float32 [*lead, n_blocks, block]: zero padding; kept-apart zeroed
+    valid: torch.Tensor  # bool [n_blocks, block]: a real element (not padding, not proxy)
+    bad: torch.Tensor  # bool [*lead, n_blocks]: a NaN/Inf in the block (the block is NaN)
+    block: int  # the block length used
+    side: dict  # proxy columns and OPQ outliers, as QTensor.side holds them
+
+
+def blocked(x: torch.Tensor, fmt: Format, axis: int, proxy_score=None) -> Blocked:
+    """Move the axis last, (proxy: take the kept columns out), pad the rows with zeros to whole
+    blocks, (OPQ: take the outliers out). ``proxy_score``: a proxy format's column scores."""
     xm = x.movedim(axis, -1).to(torch.float32)
     lead, k = xm.shape[:-1], xm.shape[-1]
     block = fmt.block_for(k)  # block_size clamped to the row; None: the row
@@ -40,6 +53,37 @@ def quantize(x: torch.Tensor, fmt: Format, axis: int, proxy_score=None) -> QTens
     if fmt.opq is not None:
         blocks, outliers = _take_outliers(blocks, valid, bad, fmt.opq)
         side.update(outliers)
+    return Blocked(blocks, valid, bad, block, side)
+
+
+def unblocked(rows: torch.Tensor, q: QTensor) -> torch.Tensor:
+    """Decoded float32 rows [..., n_blocks * block] back to the tensor ``q`` stands for: the
+    weights kept apart written back, the padding cropped, the axis moved back, q's dtype."""
+    moved = torch.empty(q.shape, device="meta").movedim(q.axis, -1).shape
+    lead, k = moved[:-1], moved[-1]
+    apart = kept_apart(q)
+    if apart is not None:
+        rows = rows.flatten().index_put((apart[0],), apart[1].to(torch.float32))
+    out = rows.reshape(*lead, q.scales.shape[-1] * q.block)[..., :k]
+    return out.movedim(-1, q.axis).to(q.dtype)
+
+
+def normalised(b: Blocked, qmul: torch.Tensor) -> torch.Tensor:
+    """Each block times its quantisation multiplier (NaN blocks zero): the element inputs."""
+    return torch.where(b.bad[..., None], 0.0, b.values * qmul[..., None])
+
+
+def quantile_table(b: Blocked, n: torch.Tensor, bits: int) -> torch.Tensor:
+    """A quantile format's codebook: from the block-normalised values ``n`` of the tensor's
+    real elements (NaN blocks, padding and kept-apart weights left out)."""
+    return quantile_codebook(n[b.valid.expand_as(n) & ~b.bad[..., None]], bits)
+
+
+def quantize(x: torch.Tensor, fmt: Format, axis: int, proxy_score=None) -> QTensor:
+    """``proxy_score`` (a proxy format only): one score per position along ``axis``."""
+    b = blocked(x, fmt, axis, proxy_score)
+    blocks, bad, block, side = b.values, b.bad, b.block, dict(b.side)
+    lead, n_blocks = blocks.shape[:-2], blocks.shape[-2]
     # a block_size longer than the row: the block is the row, its statistics those of the
     # zero-padded block of the definition; one +0 stands for that padding (only signed absmax
     # sees it: an all-zero row's tie goes to the +0)
@@ -47,14 +91,14 @@ def quantize(x: torch.Tensor, fmt: Format, axis: int, proxy_score=None) -> QTens
     stats = torch.nn.functional.pad(blocks, (0, 1)) if clamped else blocks
     scales, qmul, scale_side = fmt.scale.compute(stats, fmt.element, bad)
     side.update(scale_side)
-    n = torch.where(bad[..., None], 0.0, blocks * qmul[..., None])
+    n = normalised(b, qmul)
     if fmt.element.kind == "log":
         # x * 2^-e can underflow float32 to zero, but only an exact zero encodes to zero: keep
         # such n nonzero (any |n| below 2^-126 clamps to the smallest magnitude anyway)
         lost = (n == 0) & (blocks != 0) & ~bad[..., None]
         n = torch.where(lost, torch.where(blocks < 0, -2.0**-149, 2.0**-149), n)
     if fmt.element.kind == "codebook" and fmt.element.data_dependent:
-        table = quantile_codebook(n[valid.expand_as(n) & ~bad[..., None]], fmt.element.bits)
+        table = quantile_table(b, n, fmt.element.bits)
         side["codebook"] = table
         codes = fmt.element.encode(n, table)
     else:
@@ -64,19 +108,10 @@ def quantize(x: torch.Tensor, fmt: Format, axis: int, proxy_score=None) -> QTens
 
 
 def dequantize(q: QTensor) -> torch.Tensor:
-    moved = torch.empty(q.shape, device="meta").movedim(q.axis, -1).shape
-    lead, k = moved[:-1], moved[-1]
     n_blocks = q.scales.shape[-1]
-    values = decode_elements(q, n_blocks * q.block).reshape(*lead, n_blocks, q.block)
+    values = decode_elements(q, n_blocks * q.block).reshape(*q.scales.shape, q.block)
     out = values.mul_(q.fmt.scale.multiplier(q.scales, q.fmt.element, q.side)[..., None])
-    if "outlier_index" in q.side:
-        out = out.flatten().index_put((q.side["outlier_index"].long(),),
-                                      q.side["outlier_value"].to(torch.float32))
-    out = out.reshape(*lead, n_blocks * q.block)
-    if "proxy_index" in q.side:
-        out = out.index_copy(-1, q.side["proxy_index"].long(),
-                             q.side["proxy_value"].to(torch.float32))
-    return out[..., :k].movedim(-1, q.axis).to(q.dtype)
+    return unblocked(out, q)
 
 
 def fake_quantize(x: torch.Tensor, fmt: Format, axis: int) -> torch.Tensor:
@@ -149,6 +184,21 @@ def _outliers_of_rows(index, value, rows, row_len: int):
     taken = first + torch.arange(total, device=rows.device)  # positions in index
     new_index = owner * row_len + index[taken] % row_len
     return new_index, value[taken]
+
+
+def decoded_at(q: QTensor, flat: torch.Tensor):
+    """(row, column, value) of the elements at ``flat`` positions of a 2-d QTensor's padded
+    [rows, n_blocks * block] layout, decoded as dequantize decodes them (codes times their
+    block multiplier, before the weights kept apart are written back)."""
+    el = q.fmt.element
+    rows = q.scales.shape[0]
+    row_len = q.scales.shape[-1] * q.block
+    r, c = flat // row_len, flat % row_len
+    code = codes_at(q.codes.reshape(rows, -1), el.bits, r, c)
+    values = el.decode(code, q.side["codebook"]) if el.kind == "codebook" and \
+        el.data_dependent else el.decode(code)
+    mult = q.fmt.scale.multiplier(q.scales.reshape(rows, -1)[r, c // q.block], el, q.side)
+    return r, c, values * mult
 
 
 def decode_elements(q: QTensor, n_codes: int) -> torch.Tensor:

@@ -110,9 +110,16 @@ class NVFP4Scale:
     kind = "nvfp4"
     bits = 8
 
+    @staticmethod
+    def tensor_scale(blocks) -> torch.Tensor:
+        """ts = amax(finite part of the tensor) / (448 * 6), float32 0-d."""
+        finite = torch.where(torch.isfinite(blocks), blocks.abs(), 0.0)
+        amax = finite.amax() if finite.numel() else torch.zeros((), device=blocks.device)
+        return div(amax, NVFP4_TENSOR_DIVISOR)
+
     def compute(self, blocks, element, bad):
         finite = torch.where(torch.isfinite(blocks), blocks.abs(), 0.0)
-        ts = div(finite.amax() if finite.numel() else torch.zeros(()), NVFP4_TENSOR_DIVISOR)
+        ts = self.tensor_scale(blocks)
         amax = finite.amax(-1) if finite.numel() else finite.sum(-1)
         target = torch.where(ts > 0, div(div(amax, element.max_value), ts), 0.0)
         codes = E4M3.encode(target)
