@@ -17,7 +17,6 @@ Importing this module imports transformers and registers both classes (qcompile/
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 

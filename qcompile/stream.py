@@ -27,7 +27,7 @@ from . import api, hf
 from .explain import Explanation, module_rows
 from .layers import POLICIES_ATTR
 from .policy import Policy, PolicyError
-from .serialize import METADATA_KEY, QuantizedFileError
+from .serialize import QuantizedFileError
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"

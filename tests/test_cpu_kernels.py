@@ -142,7 +142,7 @@ def test_compiled_model_with_cpu_kernels_within_the_bound(lowering):
     fake-quantised model. Activation formats only with the eager lowering: after Inductor's
     reordered norms an activation can land on the neighbouring code (docs/architecture.md)."""
     from emulation import emulate, policy
-    from test_models import batch, build, logits
+    from archs import batch, build, logits
     from qcompile.backend import compiled_variants
     model = build("llama")
     act = "mxint8" if lowering == "eager" else None
@@ -318,7 +318,7 @@ def test_dynamic_shapes_with_the_cpu_operator():
     """Sizes the operator's fake reports come from its int arguments, never from the packed
     tensors (extra graph inputs Dynamo has no source for: a guard on them broke compiling)."""
     from emulation import emulate, policy
-    from test_models import batch, build, logits, rules_for
+    from archs import batch, build, logits, rules_for
     model = build("llama")
     rules, default = rules_for("llama", weight_only=True)
     ref = emulate(model, rules, default)

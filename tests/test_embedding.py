@@ -14,7 +14,7 @@ import qcompile
 from qcompile import LayerSpec, Policy, config, formats
 from qcompile.policy import PolicyError
 from qcompile.reference import dequantize_rows
-from test_reliability import llama as reliability_llama
+from archs import small_llama as reliability_llama
 
 transformers = pytest.importorskip("transformers")
 logging.getLogger("transformers").setLevel(logging.ERROR)

@@ -11,8 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import qcompile
+from archs import build, small_llama as llama
 from emulation import emulate, expected_table, explained_table, policy
-from test_models import build
 from qcompile import LayerSpec, Policy, config
 
 transformers = pytest.importorskip("transformers")
@@ -25,15 +25,6 @@ def fresh(monkeypatch):
     torch._dynamo.reset()
     monkeypatch.setattr(config, "_said", set())
     yield
-
-
-def llama(tied=False, seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
-                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-                                   max_position_embeddings=64, tie_word_embeddings=tied,
-                                   bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    return transformers.LlamaForCausalLM(cfg).eval()
 
 
 RULES = [("lm_head", ("int8", None)), ("model.layers.0.*", ("mxint8", None))]
