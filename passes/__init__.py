@@ -1,10 +1,13 @@
 """FX graph passes of the blockquant backend, each a function from graph module to graph module.
 
-1. ``find.find_quantisable``: mark linear / addmm (and, when a policy asks, matmul) nodes with
-   a ``Site`` in ``node.meta["qcompile_site"]``.
-2. ``plan.plan``: the LayerSpec per site from the Policy -> ``node.meta["qcompile_spec"]``.
-3. ``quantize_weights.quantize_weights``: quantise the real weights once (cached) ->
-   ``node.meta["qcompile_qtensor"]``.
+The passes talk through one typed record per quantisable op, ``find.Op`` under
+``node.meta[find.KEY]``, which each pass fills in:
+
+1. ``find.find_quantisable``: mark linear / addmm (and, when a policy asks, matmul and
+   embedding) nodes with their ``Site`` (operands, module name, K axis).
+2. ``plan.plan``: the first matching rule and the LayerSpec per site from the Policy.
+3. ``quantize_weights.quantize_weights``: quantise the real weights once (cached) -> the
+   record's packed QTensor.
 4. ``rewrite.rewrite``: the semantic form, explicit ``qcompile::dequantize`` /
    ``qcompile::fake_quantize_act`` ops; packed tensors become extra graph inputs, listed in
    ``gm.meta["qcompile_extra_inputs"]``.

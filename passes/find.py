@@ -33,6 +33,36 @@ class Site:
     tied: tuple = ()  # the other modules holding the same weight (a tied embedding / lm_head)
 
 
+KEY = "qcompile"  # node.meta[KEY]: the Op record of a quantisable node
+
+
+@dataclass
+class Op:
+    """What the passes know about one quantisable op, one record under ``node.meta[KEY]``,
+    filled in pass by pass: found (``site``), planned (``rule``: the first rule that matched,
+    None for the default; ``spec``: None when the op is left alone), quantised (``qtensor``:
+    the packed weight, None when it is quantised on every call, with the reason in ``note``)."""
+    site: Site
+    rule: object = None
+    spec: object = None
+    qtensor: object = None
+    note: str = ""
+
+
+def linear_operands(node: fx.Node):
+    """(x, weight, bias) of a linear (x @ W^T + b) or GPT-2 addmm (b + x @ W) node, else None."""
+    if node.op != "call_function":
+        return None
+    if node.target in LINEAR_TARGETS:
+        args = list(node.args) + [None] * 3
+        return (node.kwargs.get("input", args[0]), node.kwargs.get("weight", args[1]),
+                node.kwargs.get("bias", args[2]))
+    if node.target in ADDMM_TARGETS and len(node.args) == 3 and not node.kwargs:
+        b, x, w = node.args
+        return x, w, b
+    return None
+
+
 def _is_real(t) -> bool:
     return (isinstance(t, torch.Tensor) and not isinstance(t, torch._subclasses.FakeTensor)
             and t.device.type != "meta")
@@ -74,17 +104,13 @@ def _site(node: fx.Node, kinds) -> Site | None:
     if node.op != "call_function" and not (node.op == "call_method" and node.target == "matmul"):
         return None
     t = node.target
-    if t in LINEAR_TARGETS:
-        args = list(node.args) + [None] * 3
-        x = node.kwargs.get("input", args[0])
-        w = node.kwargs.get("weight", args[1])
-        b = node.kwargs.get("bias", args[2])
-        if isinstance(x, fx.Node) and isinstance(w, fx.Node):
-            return Site("linear", "linear", "", x, w, b, 1)
-    elif t in ADDMM_TARGETS:
-        if len(node.args) == 3 and not node.kwargs and all(isinstance(a, fx.Node) for a in node.args):
-            b, x, w = node.args
-            return Site("linear", "addmm", "", x, w, b, 0)
+    operands = linear_operands(node)
+    if operands is not None:
+        x, w, b = operands
+        addmm = t in ADDMM_TARGETS
+        if isinstance(x, fx.Node) and isinstance(w, fx.Node) and (
+                not addmm or isinstance(b, fx.Node)):
+            return Site("linear", "addmm" if addmm else "linear", "", x, w, b, 0 if addmm else 1)
     elif "matmul" in kinds and (t in MATMUL_TARGETS or node.op == "call_method"):
         if len(node.args) == 2 and all(isinstance(a, fx.Node) for a in node.args):
             return Site("matmul", "matmul", "", node.args[0], node.args[1], None, -2)
@@ -108,8 +134,9 @@ def find_quantisable(gm: fx.GraphModule, kinds=("linear",), example_inputs=None,
                      names: ModuleNames | None = None) -> fx.GraphModule:
     """Mark each linear (torch._C._nn.linear) and GPT-2 Conv1D (torch.addmm) node and, when
     ``kinds`` (the op kinds a policy may quantise: ``Policy.op_kinds()``) has them, each
-    matmul/bmm and embedding node with ``node.meta["qcompile_site"]``, named by ``names`` (the
-    frame's model, see names.py; computed here when not given)."""
+    matmul/bmm and embedding node with an ``Op`` record holding its ``Site`` in
+    ``node.meta[KEY]``, named by ``names`` (the frame's model, see names.py; computed here when
+    not given)."""
     names = names_for(gm) if names is None else names
     for node in gm.graph.nodes:
         site = _site(node, kinds)
@@ -120,11 +147,15 @@ def find_quantisable(gm: fx.GraphModule, kinds=("linear",), example_inputs=None,
             if weight is not None:
                 site.tied = tuple(dict.fromkeys(n for n, _, _ in names.holders.get(id(weight), ())
                                                 if n != site.fqn))
-            node.meta["qcompile_site"] = site
+            node.meta[KEY] = Op(site)
         else:
-            node.meta.pop("qcompile_site", None)
+            node.meta.pop(KEY, None)
     return gm
 
 
 def sites(gm: fx.GraphModule) -> list[tuple[fx.Node, Site]]:
-    return [(n, n.meta["qcompile_site"]) for n in gm.graph.nodes if "qcompile_site" in n.meta]
+    return [(n, n.meta[KEY].site) for n in gm.graph.nodes if KEY in n.meta]
+
+
+def op_record(node: fx.Node) -> Op:
+    return node.meta[KEY]

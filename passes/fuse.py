@@ -11,30 +11,17 @@ from torch import fx
 
 from qcompile import ops  # noqa: F401
 
-from .find import ADDMM_TARGETS, LINEAR_TARGETS
+from .find import linear_operands
 
 DEQUANT = torch.ops.qcompile.dequantize.default
 FQ_ACT = torch.ops.qcompile.fake_quantize_act.default
 LINEAR = torch.ops.qcompile.linear.default
 
 
-def _operands(node):
-    if node.op != "call_function":
-        return None
-    if node.target in LINEAR_TARGETS:
-        args = list(node.args) + [None] * 3
-        return (node.kwargs.get("input", args[0]), node.kwargs.get("weight", args[1]),
-                node.kwargs.get("bias", args[2]))
-    if node.target in ADDMM_TARGETS and len(node.args) == 3 and not node.kwargs:
-        b, x, w = node.args
-        return x, w, b
-    return None
-
-
 def fuse(gm: fx.GraphModule) -> fx.GraphModule:
     g = gm.graph
     for node in list(g.nodes):
-        ops_ = _operands(node)
+        ops_ = linear_operands(node)
         if ops_ is None:
             continue
         x, w, b = ops_

@@ -10,7 +10,7 @@ from qcompile import config
 from qcompile.modules import linear_like
 from qcompile.policy import Policy
 
-from .find import MAX_NORM_REASON, embedding_options, real_input, sites
+from .find import MAX_NORM_REASON, embedding_options, op_record, real_input, sites
 from .graph import placeholders
 from .names import ModuleNames
 
@@ -41,16 +41,16 @@ class Skipped:
 
 def plan(gm: fx.GraphModule, policy: Policy, example_inputs=None,
          names: ModuleNames | None = None) -> fx.GraphModule:
-    """Set ``node.meta["qcompile_spec"]`` (and ``"qcompile_rule"``) on every site the policy
-    quantises. Sites with non-float operands, or a policy answer of None, are left alone.
+    """Set the ``rule`` and ``spec`` of every found op's record (passes.find.Op): the spec
+    only where the policy quantises it. Sites with non-float operands, or a policy answer of None, are left alone.
     ``gm.meta["qcompile_matched_rules"]`` collects the indices of the rules that matched;
     ``gm.meta["qcompile_skipped"]`` lists the layers the policy quantises that this graph
     cannot (see ``_skipped``), each said once."""
     matched, skipped = set(), []
     for node, site in sites(gm):
-        node.meta.pop("qcompile_spec", None)
+        op = op_record(node)
         rule, spec = policy.match(site.fqn, site.kind)
-        node.meta["qcompile_rule"] = rule
+        op.rule, op.spec = rule, None
         if rule is not None:
             matched.add(rule.index)
         if spec is None:
@@ -67,7 +67,7 @@ def plan(gm: fx.GraphModule, policy: Policy, example_inputs=None,
             continue  # non-float weight: leave alone
         if spec.act is not None and not _float(site.x):
             continue
-        node.meta["qcompile_spec"] = spec
+        op.spec = spec
     skipped += _unreached(gm, policy, example_inputs, names)
     gm.meta["qcompile_skipped"] = skipped
     matched |= {s.rule_index for s in skipped if s.rule_index is not None}
@@ -117,8 +117,9 @@ def _unreached(gm, policy: Policy, example_inputs, names: ModuleNames | None) ->
 
 
 def planned(gm: fx.GraphModule):
-    return [(n, n.meta["qcompile_site"], n.meta["qcompile_spec"]) for n, _ in sites(gm)
-            if "qcompile_spec" in n.meta]
+    """(node, site, spec) of every op the plan quantises."""
+    return [(n, site, op_record(n).spec) for n, site in sites(gm)
+            if op_record(n).spec is not None]
 
 
 def warn_unmatched(policy: Policy, matched: set[int], names: ModuleNames | None = None):

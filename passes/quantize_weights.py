@@ -21,7 +21,7 @@ from qcompile import api, config
 from qcompile.proxy import input_scores
 from qcompile.qtensor import QTensor
 
-from .find import real_input
+from .find import op_record, real_input
 from .graph import placeholders
 from .plan import planned
 
@@ -91,7 +91,8 @@ class PackedWeight:
 
 
 def quantize_weights(gm: fx.GraphModule, example_inputs, names=None) -> fx.GraphModule:
-    """Set ``node.meta["qcompile_qtensor"]`` on every planned linear or embedding site whose
+    """Set the ``qtensor`` of the record (passes.find.Op) of every planned linear or embedding
+    site whose
     spec has a weight format (a tied embedding / lm_head pair given one format gets one packed
     tensor: the cache key is the parameter, the format and the axis), and list them in
     ``gm.meta["qcompile_packed"]`` (PackedWeight). A weight computed in the graph (a
@@ -103,12 +104,13 @@ def quantize_weights(gm: fx.GraphModule, example_inputs, names=None) -> fx.Graph
     index = {n: i for i, n in enumerate(placeholders(gm))}
     packed: dict[int, PackedWeight] = {}
     for node, site, spec in planned(gm):
-        node.meta.pop("qcompile_qtensor", None)
+        op = op_record(node)
+        op.qtensor, op.note = None, ""
         if site.kind == "matmul" or spec.weight is None:
             continue
         w = real_input(gm, site.weight, example_inputs)
         if w is None or w.dim() != 2:
-            node.meta["qcompile_note"] = "quantised on every call (computed weight)"
+            op.note = "quantised on every call (computed weight)"
             config.warn(f"blockquant: layer {site.fqn!r}: its weight is computed in the graph "
                         "(a parametrization such as weight_norm, or a hook), not read from a "
                         "parameter, so it is quantised on every call instead of once ahead of "
@@ -118,7 +120,7 @@ def quantize_weights(gm: fx.GraphModule, example_inputs, names=None) -> fx.Graph
         if spec.weight.proxy is not None:
             score = functools.partial(proxy_score, root, site.fqn, names.weights)
         q = quantise_cached(w, spec.weight, site.weight_axis, score() if score else None)
-        node.meta["qcompile_qtensor"] = q
+        op.qtensor = q
         if id(q) not in packed and site.weight in index:
             packed[id(q)] = PackedWeight(index[site.weight], weakref.ref(w), weight_state(w),
                                          spec.weight, site.weight_axis, q, score)

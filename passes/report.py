@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .find import sites
+from .find import op_record, sites
 from .plan import dtype_bits, example_value
 
 
@@ -41,17 +41,16 @@ def site_rows(gm) -> list[Row]:
     rows, seen = [], {}
     readers: dict[int, list[str]] = {}  # id(packed weight) -> the modules whose ops read it
     for node, site in sites(gm):
-        q = node.meta.get("qcompile_qtensor")
+        q = op_record(node).qtensor
         if q is not None:
             readers.setdefault(id(q), []).append(site.fqn)
     for node, site in sites(gm):
-        spec = node.meta.get("qcompile_spec")
-        rule = node.meta.get("qcompile_rule")
+        op = op_record(node)
+        spec, rule, q = op.spec, op.rule, op.qtensor
         w = example_value(site.weight)
         shape = tuple(int(s) for s in w.shape) if isinstance(w, torch.Tensor) else ()
         wf = spec.weight if spec is not None else None
-        q = node.meta.get("qcompile_qtensor")
-        note = node.meta.get("qcompile_note", "") or _tied_note(site, q, readers)
+        note = op.note or _tied_note(site, q, readers)
         nominal = False
         if q is not None:
             bits = q.bits_per_element

@@ -19,6 +19,7 @@ from torch import fx
 from qcompile import ops  # noqa: F401  (registers torch.ops.qcompile.*)
 from qcompile.ops import qtensor_meta
 
+from .find import op_record
 from .graph import add_input as add_graph_input
 from .plan import planned
 
@@ -36,7 +37,7 @@ def rewrite(gm: fx.GraphModule, impl: str = "reference") -> fx.GraphModule:
         return add_graph_input(gm, name, tensor)
 
     for node, site, spec in planned(gm):
-        q = node.meta.get("qcompile_qtensor")
+        q = op_record(node).qtensor
         if q is not None:
             if id(q) not in packed_nodes:
                 stem = f"qc_w{len(packed_nodes)}"

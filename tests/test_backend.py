@@ -20,7 +20,7 @@ import qcompile
 from qcompile import LayerSpec, Policy
 from qcompile.backend import blockquant_backend
 from qcompile.passes import find_quantisable, fuse, plan, quantize_weights, rewrite
-from qcompile.passes.find import sites
+from qcompile.passes.find import op_record, sites
 from qcompile.passes.names import text_fqn
 from qcompile.passes.quantize_weights import STATS
 
@@ -123,12 +123,12 @@ def test_passes_find_plan_rewrite_fuse_on_gpt2():
     assert found["transformer.h.1.mlp.c_fc"] == "addmm" and found["lm_head"] == "linear"
     assert len(found) == 9  # 4 Conv1D per block x 2 + lm_head
     plan(gm, MIXED)
-    specs = {s.fqn: n.meta.get("qcompile_spec") for n, s in sites(gm)}
+    specs = {s.fqn: op_record(n).spec for n, s in sites(gm)}
     assert specs["lm_head"] is None
     assert specs["transformer.h.0.attn.c_attn"].act.key == "mxint8"
     assert specs["transformer.h.0.attn.c_proj"].weight.key == "nf4"
     quantize_weights(gm, ex)
-    q = [n.meta["qcompile_qtensor"] for n, _ in sites(gm) if "qcompile_qtensor" in n.meta]
+    q = [op_record(n).qtensor for n, _ in sites(gm) if op_record(n).qtensor is not None]
     assert len(q) == 8 and all(t.axis == 0 for t in q)  # Conv1D weights [K, N]: K is axis 0
     rewrite(gm)
     targets = [n.target for n in gm.graph.nodes]
