@@ -11,7 +11,7 @@ Every shipped table (qcompile/data/codebooks.json) says where its numbers come f
                6/7 (BOF4/BOF4-S, MSE/MAE at block 64; BOF4-S MSE at blocks 32, 128, 256). Where
                the optimiser also ran for that configuration, its table and its distance from the
                published one are recorded under ``provenance["optimiser"]``, as a check only.
-  "optimised"  made by qcompile.codebook_optimizer (Lloyd's algorithm, the BOF4 paper's method)
+  "optimised"  made by qcompile.tools.codebook_optimizer (Lloyd's algorithm, the BOF4 paper's method)
                for the configurations the paper publishes no table for.
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ def _entry(name: str) -> dict:
 
 def provenance(name: str) -> str:
     """Where a shipped table's numbers come from: "published" (copied from a publication) or
-    "optimised" (made by qcompile.codebook_optimizer)."""
+    "optimised" (made by qcompile.tools.codebook_optimizer)."""
     return _entry(name)["provenance"]["kind"]
 
 
@@ -93,7 +93,7 @@ def block_table(stem: str, block_size: int | None) -> str:
     sizes = sorted(int(k.rsplit("_b", 1)[1]) for k in shipped() if k.startswith(stem + "_b"))
     warnings.warn(f"no {stem} codebook for block size {block_size} (have {sizes}, published or "
                   f"optimised); using the block-64 table. Make one with python -m "
-                  f"qcompile.codebook_optimizer", stacklevel=3)
+                  f"qcompile.tools.codebook_optimizer", stacklevel=3)
     return f"{stem}_b64"
 
 

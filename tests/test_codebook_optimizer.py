@@ -1,4 +1,4 @@
-"""Tests of qcompile.codebook_optimizer and the shipped qcompile/data/codebooks.json.
+"""Tests of qcompile.tools.codebook_optimizer and the shipped qcompile/data/codebooks.json.
 
 Correctness oracles: the BOF4 paper's published tables as the tests' own copy holds them
 (tests/data/published_codebooks.json through tests/oracles.py; the optimiser never writes that
@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import oracles as O
-from qcompile import codebook_optimizer as co
+from qcompile.tools import codebook_optimizer as co
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_PATH = ROOT / "qcompile/data/codebooks.json"
@@ -96,8 +96,8 @@ def test_shipped_published_tables_record_the_optimiser_check(name):
     assert entry["scale"] == ("signed_absmax" if signed else "absmax")
     assert "BOF4 paper" in entry["source"]
     opt = entry["provenance"]["optimiser"]
-    assert opt["generator"] == "qcompile.codebook_optimizer" and opt["criterion"] == crit
-    assert opt["command"].startswith("python -m qcompile.codebook_optimizer --write")
+    assert opt["generator"] == "qcompile.tools.codebook_optimizer" and opt["criterion"] == crit
+    assert opt["command"].startswith("python -m qcompile.tools.codebook_optimizer --write")
     assert len(opt["values"]) == 2 ** bits and all(a < b for a, b in zip(opt["values"], opt["values"][1:]))
     dev = max_dev(opt["values"], PUBLISHED[name])
     assert opt["max_abs_deviation_from_published"] == float(f"{dev:.3g}") and 1e-5 < dev < 1e-3
@@ -113,8 +113,8 @@ def test_shipped_optimised_schema(name):
     assert entry["scale"] == ("signed_absmax" if signed else "absmax")
     prov = entry["provenance"]
     assert prov["kind"] == "optimised"
-    assert prov["generator"] == "qcompile.codebook_optimizer" and prov["criterion"] == crit
-    assert prov["command"].startswith("python -m qcompile.codebook_optimizer --write")
+    assert prov["generator"] == "qcompile.tools.codebook_optimizer" and prov["criterion"] == crit
+    assert prov["command"].startswith("python -m qcompile.tools.codebook_optimizer --write")
     assert "published_values" not in prov and "optimiser" not in prov
 
 
@@ -270,9 +270,9 @@ def test_cli_regenerates_the_shipped_tables(tmp_path):
     made = json.loads(out.read_text())
     assert without_commands(made) == without_commands(SHIPPED)
     assert made["bof4_mse_b64"]["provenance"]["optimiser"]["command"] == (
-        f"python -m qcompile.codebook_optimizer --write {out} --reference {TEST_COPY_PATH}")
+        f"python -m qcompile.tools.codebook_optimizer --write {out} --reference {TEST_COPY_PATH}")
     assert made["bof4_mse_b32"]["provenance"]["command"] == (
-        f"python -m qcompile.codebook_optimizer --write {out} --reference {TEST_COPY_PATH}")
+        f"python -m qcompile.tools.codebook_optimizer --write {out} --reference {TEST_COPY_PATH}")
 
 
 def test_cli_keeps_the_published_tables_without_a_reference(tmp_path, monkeypatch):

@@ -155,7 +155,7 @@ def test_shipped_bof4_tables_are_the_published_numbers(table):
         assert want[0] == -1.0
     # the optimiser's table for this configuration is recorded, not shipped
     opt = prov["optimiser"]
-    assert opt["generator"] == "qcompile.codebook_optimizer" and opt["values"] != want
+    assert opt["generator"] == "qcompile.tools.codebook_optimizer" and opt["values"] != want
     assert 0 < max(abs(a - b) for a, b in zip(opt["values"], want)) < 1e-3
 
 
@@ -178,7 +178,7 @@ def test_which_tables_are_published_and_which_optimised():
     assert published | optimised == set(codebooks.names()) and not published & optimised
     for name in optimised:
         prov = SHIPPED[name]["provenance"]
-        assert prov["kind"] == "optimised" and prov["generator"] == "qcompile.codebook_optimizer"
+        assert prov["kind"] == "optimised" and prov["generator"] == "qcompile.tools.codebook_optimizer"
         assert "published_values" not in prov and "no published table" in SHIPPED[name]["source"]
         with pytest.raises(ValueError, match="not published"):
             codebooks.published_values(name)

@@ -5,7 +5,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = {"qcompile": "qcompile", "passes": "qcompile.passes", "codegen": "qcompile.codegen"}
+FOLDERS = {"qcompile": "qcompile", "passes": "qcompile.passes", "codegen": "qcompile.codegen",
+           "qcompile/tools": "qcompile.tools"}
 
 # lowest first; a module not listed is a failure (a new module needs a place on the map)
 LAYERS = [
@@ -20,7 +21,7 @@ LAYERS = [
              "qcompile.hf", "qcompile.hf_hook", "qcompile.stream", "qcompile.search",
              "qcompile.__main__", "qcompile"]),
 ]
-TOOLS = ["qcompile.codebook_optimizer"]  # offline: may import anything, never imported
+TOOLS = ["qcompile.tools", "qcompile.tools.codebook_optimizer"]  # offline: never imported
 
 
 def modules() -> dict[str, Path]:

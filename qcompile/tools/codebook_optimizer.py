@@ -33,7 +33,7 @@ recorded beside it, with its distance from the published one (below 1e-3 per lev
 The optimiser's tables are shipped for the other block sizes and bit widths (provenance
 "optimised"). See qcompile.codebooks.
 
-CLI:  python -m qcompile.codebook_optimizer --write qcompile/data/codebooks.json
+CLI:  python -m qcompile.tools.codebook_optimizer --write qcompile/data/codebooks.json
 """
 from __future__ import annotations
 
@@ -252,7 +252,7 @@ GENERATED = {
         (3, True, "mse", 64),
     ]
 }
-DEFAULT_REFERENCE = Path(__file__).resolve().parents[2] / "shared/reference/codebooks.json"
+DEFAULT_REFERENCE = Path(__file__).resolve().parents[3] / "shared/reference/codebooks.json"
 CONVERSION = ("each published decimal, as printed, rounded once to the nearest float32 (ties to "
               "even) in exact rational arithmetic (qcompile.codebooks.decimal_to_float32); values "
               "holds those float32 numbers written exactly")
@@ -296,7 +296,7 @@ def published_tables(reference: Path, previous: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m qcompile.codebook_optimizer", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m qcompile.tools.codebook_optimizer", description=__doc__.split("\n")[0])
     p.add_argument("--write", type=Path, help="write all shipped tables to this JSON file")
     p.add_argument("--reference", type=Path, default=DEFAULT_REFERENCE,
                    help="published tables, shipped as published (default: the shared reference; "
@@ -314,18 +314,18 @@ def main(argv=None) -> int:
 
     from tqdm import tqdm
 
-    from . import codebooks
+    from qcompile import codebooks
 
     previous = json.loads(args.write.read_text()) if args.write.is_file() else {}
     published = published_tables(args.reference, previous)
-    command = "python -m qcompile.codebook_optimizer " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m qcompile.tools.codebook_optimizer " + " ".join(sys.argv[1:] if argv is None else argv)
     method = (f"Lloyd's algorithm, semi-analytic centroids of block-normalised N(0,1) values "
               f"(closed form in x, {args.nodes}-node Gauss-Legendre over the block max), "
               f"converged to 1e-12")
     out = {"_about": "Normalised block-wise codebooks (ascending values in [-1, 1]). "
                      "provenance.kind 'published': numbers copied from a publication (source), "
                      "the printed decimals in provenance.published_values, values their nearest "
-                     "float32; 'optimised': made by qcompile.codebook_optimizer where no table is "
+                     "float32; 'optimised': made by qcompile.tools.codebook_optimizer where no table is "
                      "published."}
     for name, pub in published.items():
         prov = {"kind": codebooks.PUBLISHED, "published_values": pub["decimals"],
@@ -339,7 +339,7 @@ def main(argv=None) -> int:
     for name, (bits, size, signed, crit) in (bar := tqdm(GENERATED.items(), desc="codebooks")):
         bar.set_postfix_str(name)
         values = [_f32(v) for v in optimize_codebook(bits, size, signed, crit, nodes=args.nodes)]
-        record = {"generator": "qcompile.codebook_optimizer", "command": command,
+        record = {"generator": "qcompile.tools.codebook_optimizer", "command": command,
                   "criterion": crit, "method": method}
         if name in out:  # published: the optimiser's table is kept as a check, not shipped
             entry = out[name]
