@@ -10,7 +10,7 @@ The passes talk through one typed record per quantisable op, ``find.Op`` under
    record's packed QTensor.
 4. ``rewrite.rewrite``: the semantic form, explicit ``qcompile::dequantize`` /
    ``qcompile::fake_quantize_act`` ops; packed tensors become extra graph inputs, listed in
-   ``gm.meta["qcompile_extra_inputs"]``.
+   the graph's record (``graph.GraphRecord`` under ``gm.meta[graph.KEY]``).
 5. ``fuse.fuse``: dequantize(W) [+ fake_quantize_act(x)] + matmul -> ``qcompile::linear``.
 6. ``cpu_kernels.use_cpu_kernels``: on CPU, without autograd, ``qcompile::linear`` ->
    ``qcompile_cpu::linear`` (the same C++ kernels, called without Python).

@@ -11,7 +11,7 @@ from qcompile.modules import linear_like
 from qcompile.policy import Policy
 
 from .find import MAX_NORM_REASON, embedding_options, op_record, real_input, sites
-from .graph import placeholders
+from .graph import graph_record, placeholders
 from .names import ModuleNames
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -43,8 +43,8 @@ def plan(gm: fx.GraphModule, policy: Policy, example_inputs=None,
          names: ModuleNames | None = None) -> fx.GraphModule:
     """Set the ``rule`` and ``spec`` of every found op's record (passes.find.Op): the spec
     only where the policy quantises it. Sites with non-float operands, or a policy answer of None, are left alone.
-    ``gm.meta["qcompile_matched_rules"]`` collects the indices of the rules that matched;
-    ``gm.meta["qcompile_skipped"]`` lists the layers the policy quantises that this graph
+    The graph record's ``matched_rules`` collects the indices of the rules that matched; its
+    ``skipped`` lists the layers the policy quantises that this graph
     cannot (see ``_skipped``), each said once."""
     matched, skipped = set(), []
     for node, site in sites(gm):
@@ -69,9 +69,10 @@ def plan(gm: fx.GraphModule, policy: Policy, example_inputs=None,
             continue
         op.spec = spec
     skipped += _unreached(gm, policy, example_inputs, names)
-    gm.meta["qcompile_skipped"] = skipped
+    record = graph_record(gm)
+    record.skipped = skipped
     matched |= {s.rule_index for s in skipped if s.rule_index is not None}
-    gm.meta["qcompile_matched_rules"] = matched
+    record.matched_rules = matched
     return gm
 
 

@@ -22,7 +22,7 @@ from qcompile.proxy import input_scores
 from qcompile.qtensor import QTensor
 
 from .find import op_record, real_input
-from .graph import placeholders
+from .graph import graph_record, placeholders
 from .plan import planned
 
 # (id(param), fmt key, axis) -> (weakref to param, weight_state(param), proxy score, QTensor)
@@ -95,7 +95,7 @@ def quantize_weights(gm: fx.GraphModule, example_inputs, names=None) -> fx.Graph
     site whose
     spec has a weight format (a tied embedding / lm_head pair given one format gets one packed
     tensor: the cache key is the parameter, the format and the axis), and list them in
-    ``gm.meta["qcompile_packed"]`` (PackedWeight). A weight computed in the graph (a
+    the graph record's ``packed`` (PackedWeight). A weight computed in the graph (a
     parametrization such as weight_norm, a hook) cannot be quantised ahead of time: rewrite
     quantises it on every call instead, said once per layer. ``names``: the frame's module names
     (passes.names), whose model gives proxy formats their column scores."""
@@ -124,5 +124,5 @@ def quantize_weights(gm: fx.GraphModule, example_inputs, names=None) -> fx.Graph
         if id(q) not in packed and site.weight in index:
             packed[id(q)] = PackedWeight(index[site.weight], weakref.ref(w), weight_state(w),
                                          spec.weight, site.weight_axis, q, score)
-    gm.meta["qcompile_packed"] = list(packed.values())
+    graph_record(gm).packed = list(packed.values())
     return gm

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .find import op_record, sites
+from .graph import graph_record
 from .plan import dtype_bits, example_value
 
 
@@ -64,7 +65,7 @@ def site_rows(gm) -> list[Row]:
                         wf.key if wf else "-",
                         spec.act.key if spec is not None and spec.act else "-",
                         bits, nominal, note, index, q))
-    for s in gm.meta.get("qcompile_skipped", ()):
+    for s in graph_record(gm).skipped:
         rows.append(Row(s.fqn, "-", s.weight_shape, s.rule, "-", "-", float(s.bits),
                         note=f"skipped: {s.reason}"))
     return rows

@@ -2,8 +2,8 @@
 
 For a site with a packed weight, the weight operand becomes
 ``qcompile::dequantize(codes, scales, side, meta)`` whose tensors are new graph inputs (appended
-after the existing placeholders; their values are listed in ``gm.meta["qcompile_extra_inputs"]``
-for the caller to pass); an embedding with a packed table becomes
+after the existing placeholders; their values are listed in the graph record's
+``extra_inputs`` for the caller to pass); an embedding with a packed table becomes
 ``qcompile::embedding(ids, codes, scales, side, meta)``, which decodes only the rows it
 gathers. A weight that is not a graph input (a matmul operand, a weight computed by a
 parametrization) becomes ``qcompile::fake_quantize_act(w, fmt, K axis)``,
@@ -30,7 +30,6 @@ EMBEDDING = torch.ops.qcompile.embedding.default
 
 def rewrite(gm: fx.GraphModule, impl: str = "reference") -> fx.GraphModule:
     g = gm.graph
-    gm.meta["qcompile_extra_inputs"] = list(gm.meta.get("qcompile_extra_inputs", []))
     packed_nodes = {}  # id(QTensor) -> (codes, scales, [side]) placeholder nodes
 
     def add_input(name, tensor):

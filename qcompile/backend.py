@@ -35,7 +35,7 @@ import weakref
 import torch
 
 from qcompile import passes
-from qcompile.passes.graph import copy_graph_module
+from qcompile.passes.graph import copy_graph_module, graph_record
 from qcompile.passes.names import frame_description, names_for, remember_root
 from qcompile.passes.plan import planned as planned_sites, warn_unmatched
 from qcompile.passes.report import site_rows
@@ -104,7 +104,7 @@ def _check_triton_can_run(example_inputs):
 
 def run_passes(gm, example_inputs, policy: Policy, impl: str = "auto", names=None):
     """All five passes on a copy of gm. Returns the rewritten graph module (its extra inputs in
-    ``gm.meta["qcompile_extra_inputs"]``, its packed weights in ``gm.meta["qcompile_packed"]``),
+    ``graph_record(gm).extra_inputs``, its packed weights in ``graph_record(gm).packed``),
     the list of planned (node, site, spec) and the explain rows. ``names``: the frame's module
     names (passes.names), found from Dynamo's frame when not given."""
     names = names_for(gm) if names is None else names
@@ -113,7 +113,7 @@ def run_passes(gm, example_inputs, policy: Policy, impl: str = "auto", names=Non
     passes.find_quantisable(gm, policy.op_kinds(), example_inputs, names)
     passes.debug_graph(gm, "find_quantisable")
     passes.plan(gm, policy, example_inputs, names)
-    warn_unmatched(policy, gm.meta["qcompile_matched_rules"], names)
+    warn_unmatched(policy, graph_record(gm).matched_rules, names)
     planned = planned_sites(gm)
     passes.debug_graph(gm, "plan")
     _set_impl(gm, impl)
@@ -201,8 +201,8 @@ class Variant:
     def __init__(self, gm, fn, rows, args, param_inputs, model):
         self.gm, self.fn, self.rows = gm, fn, rows
         self.model = weakref.ref(model) if model is not None else lambda: None
-        self.extra = list(gm.meta.get("qcompile_extra_inputs", ()))
-        self.packed = list(gm.meta.get("qcompile_packed", ()))
+        self.extra = list(graph_record(gm).extra_inputs)
+        self.packed = list(graph_record(gm).packed)
         self.inputs = [weakref.ref(t) for t in args if isinstance(t, torch.Tensor)]
         self.params = [(i, weakref.ref(args[i])) for i in param_inputs]
         self.serial = next(_SERIAL)  # compile order: explain lets the newest win
@@ -260,7 +260,7 @@ class CompiledGraph:
     def _build(self, args, names) -> Variant:
         o = self.opts
         gm, _, rows = run_passes(self.source, args, o["policy"], o["impl"], names)
-        extra = list(gm.meta.get("qcompile_extra_inputs", ()))
+        extra = list(graph_record(gm).extra_inputs)
         same = next((v for v in self.variants.values() if v.gm.code == gm.code and all(
             a.shape == b.shape and a.dtype == b.dtype for a, b in zip(v.extra, extra))), None)
         fn = same.fn if same is not None else _lower(gm, list(args) + extra, o["lowering"],
