@@ -171,6 +171,10 @@ def markdown(results: dict, images: dict) -> str:
         lines.append(f"- `{r['label']}`: {r['bits']:.4f} bits (explain {r['explain_bits']:.4f}); "
                      f"calibration KL estimated {r['estimated_kl']:.4f}, measured "
                      f"{r['calib_kl']:.4f}; choices {r['choices']}" +
+                     "".join(f"; refinement round {k + 1}: estimated {x['estimated']:.4f}, "
+                             f"measured {x['measured']:.4f}, "
+                             f"{'kept' if x['kept'] else 'not kept'}"
+                             for k, x in enumerate(r.get("refinement", []))) +
                      (f"; {r['note']}" if r["note"] else ""))
     lines += ["", f"![perplexity vs bits per weight]({images.get('ppl', '')})", "",
               "| goal | status | evidence |", "|---|---|---|"]
@@ -221,6 +225,7 @@ def main(argv=None) -> Path:
             "explain_bits": explain_bits(model, r.policy, names, calib[:1, :16]),
             **ev, "calib_kl": r.kl, "calib_top1": r.top1, "estimated_kl": r.estimated_kl,
             "note": r.note, "choices": dict(Counter(row.choice for row in r.table)),
+            "refinement": r.refinement,
             "policy": r.policy.to_json()})
         tqdm.write(f"  search {bits:g}: {r.bits:.4f} bits, ppl {ev['ppl']:.3f}, KL "
                    f"{ev['kl']:.4f}, top-1 {100 * ev['top1']:.2f}%")
