@@ -12,13 +12,12 @@ from . import codegen, config, formats, reference
 from .formats import Format
 from .qtensor import QTensor
 
-IMPLS = ("reference", "triton")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check_impl(impl):
-    if impl not in IMPLS:
-        raise ValueError(f"unknown impl {impl!r}; choose one of {', '.join(IMPLS)}")
+    if impl not in config.IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; choose one of {', '.join(config.IMPLS)}")
 
 
 def _check_input(x, fmt, axis) -> tuple[Format, int]:

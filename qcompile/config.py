@@ -28,7 +28,8 @@ import warnings
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
-KERNELS = ("auto", "reference", "triton", "cpu")
+KERNELS = ("auto", "reference", "triton", "cpu")  # the ops' and the backend's kernel choices
+IMPLS = ("reference", "triton")  # qcompile.quantize / dequantize / fake_quantize's impl=
 CPU_ISAS = ("avx512_vnni", "avx512", "avx2", "scalar")
 FLOAT32_DOTS = ("ieee", "tf32")
 
