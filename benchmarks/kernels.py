@@ -3,7 +3,8 @@
 On a GPU: M in {1, 16, 256, 4096} x (N, K) in {(4096, 4096), (11008, 4096), (4096, 11008)},
 weight-only nf4 / int4 / mxfp4 and mxint8 weights with mxint8 activations (W8A8), an fp16
 model; baselines torch.matmul in fp16 and bf16, and bitsandbytes' NF4 matmul_4bit when it can be
-imported. Timed with CUDA events around single calls (the L2 cache flushed before each), the
+imported; from M = 16 on, the weight-only formats also as decode (the generated dequantise
+kernel) then torch.matmul, the large-M alternative whose speed decides the GPU dispatch. Timed with CUDA events around single calls (the L2 cache flushed before each), the
 median of --repeats. Reported: time, TFLOP/s (2MNK / t), GB/s (activations + stored weight bytes
 + output, over t), that as a % of the GPU's HBM bandwidth (known GPUs, or --hbm-gbs), and the
 largest error against the reference as a fraction of the documented float32 bound.
@@ -25,6 +26,10 @@ SHAPES_MNK = [(m, n, k) for m in (1, 16, 256, 4096)
               for n, k in ((4096, 4096), (11008, 4096), (4096, 11008))]
 SMOKE_MNK = [(1, 48, 96), (20, 48, 96)]
 KERNELS = [("nf4", None), ("int4", None), ("mxfp4", None), ("mxint8", "mxint8")]
+# From this M on, the weight-only formats are also timed as the alternative issue 11 names for
+# large M: decode the weight (the generated dequantise kernel) into a workspace, then torch's
+# matmul (cuBLAS); whichever is faster on a GPU decides the dispatch there.
+DEQUANT_MATMUL_MIN_M = 16
 HBM_GBS = [("H200", 4800.0), ("H100 NVL", 3900.0), ("H100 PCIe", 2000.0), ("H100", 3350.0),
            ("A100-SXM4-80GB", 2039.0), ("A100 80GB PCIe", 1935.0), ("A100", 1555.0),
            ("L40S", 864.0), ("RTX 4090", 1008.0)]
@@ -109,6 +114,11 @@ def measure(m, n, k, device, dtype, run, peak, use_bnb=True) -> list[dict]:
         frac = bound_fraction(y, xq, qcompile.dequantize(q))
         label = f"qcompile {wfmt}" + (f" x {act} (W8A8)" if act else " (weight-only)")
         row(label, run(lambda: linear(x, q, act)), q.nbytes, frac)
+        if act is None and m >= DEQUANT_MATMUL_MIN_M:
+            def decode_then_matmul(q=q):
+                return torch.matmul(x, qcompile.dequantize(q, impl="triton").T)
+            frac = bound_fraction(decode_then_matmul(), x, qcompile.dequantize(q))
+            row(f"qcompile {wfmt} decoded + torch matmul", run(decode_then_matmul), q.nbytes, frac)
     if use_bnb and device == "cuda":
         try:
             import bitsandbytes as bnb

@@ -553,9 +553,13 @@ def test_kernel_benchmark_smoke_run(tmp_path):
     report = kernels.main(["--smoke", "--repeats", "1", "--out", str(out)])
     assert out.read_text() == report
     rows = [line.split("|") for line in report.splitlines() if line.startswith("| ")][1:]
-    assert len(rows) == len(kernels.SMOKE_MNK) * (1 + len(kernels.KERNELS))
+    weight_only = sum(act is None for _, act in kernels.KERNELS)
+    large = sum(m >= kernels.DEQUANT_MATMUL_MIN_M for m, _, _ in kernels.SMOKE_MNK)
+    assert large >= 1  # the decode-then-matmul rows are exercised too
+    assert len(rows) == len(kernels.SMOKE_MNK) * (1 + len(kernels.KERNELS)) + large * weight_only
+    assert sum("decoded + torch matmul" in r[4] for r in rows) == large * weight_only
     fractions = [float(r[9]) for r in rows if r[4].strip().startswith("qcompile")]
-    assert len(fractions) == len(kernels.SMOKE_MNK) * len(kernels.KERNELS)
+    assert len(fractions) == len(kernels.SMOKE_MNK) * len(kernels.KERNELS) + large * weight_only
     assert all(0 <= f <= 1 for f in fractions)
 
 
