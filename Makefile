@@ -9,7 +9,8 @@ NEWEST := .venv-newest
 # the tests that exercise transformers models through the backend
 INTEGRATION_TESTS := tests/test_backend.py tests/test_models.py tests/test_reliability.py \
                      tests/test_policy_fuzz.py tests/test_smollm2.py tests/test_ops.py \
-                     tests/test_embedding.py tests/test_hf_quantizer.py tests/test_stream.py
+                     tests/test_embedding.py tests/test_hf_quantizer.py tests/test_stream.py \
+                     tests/test_proxy.py
 
 .PHONY: main test test-newest setup
 
