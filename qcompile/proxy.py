@@ -77,7 +77,9 @@ def _llama_block(m) -> bool:
     return (attn is not None and mlp is not None
             and all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
             and all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj"))
-            and hasattr(m, "input_layernorm") and hasattr(m, "post_attention_layernorm"))
+            and hasattr(m, "input_layernorm") and hasattr(m, "post_attention_layernorm")
+            # Gemma-style blocks norm the MLP input with another norm (of 1 + weight): not known
+            and not hasattr(m, "pre_feedforward_layernorm"))
 
 
 def _gpt2_block(m) -> bool:

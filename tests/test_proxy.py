@@ -21,6 +21,7 @@ from qcompile.codegen import cpu
 from qcompile.codegen.linear import gamma
 from qcompile.layers import QuantLinear
 
+from archs import build
 from hf_models import LLAMA, save_llama
 
 
@@ -233,6 +234,9 @@ def test_gpt2_sources():
 def test_unknown_layers_and_quantised_sources_are_named():
     with pytest.raises(ValueError, match=r"which layer feeds '0'.*Llama-style"):
         proxy.input_scores(torch.nn.Sequential(torch.nn.Linear(4, 4)), ["0"])
+    gemma = build("gemma3")  # Llama-like names, but its MLP input has its own (1 + w) norm
+    with pytest.raises(ValueError, match="does not know which layer feeds"):
+        proxy.input_scores(gemma, ["model.layers.0.mlp.up_proj"])
     m = qcompile.quantize_model_(llama(), Policy({"*.up_proj": LayerSpec(weight="nf4")}))
     with pytest.raises(ValueError, match="full-precision weight of 'model.layers.0.mlp.gate_proj'|"
                                          "full-precision weight of 'model.layers.0.mlp.up_proj'"):
