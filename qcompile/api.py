@@ -79,16 +79,10 @@ def quantize(x: torch.Tensor, fmt, *, axis: int = -1, impl: str = "reference",
     _check_impl(impl)
     score = _check_proxy_score(x, fmt, axis, proxy_score)
     x = x.detach()
-    if score is not None:
-        if impl == "triton":
-            raise NotImplementedError(f"quantize(impl='triton') has no generated kernel for the "
-                                      f"proxy columns of {fmt.key}; use impl='reference' (weights "
-                                      "are quantised once, ahead of time)")
-        if x.dim() == 0:
-            q = reference.quantize(x.reshape(1), fmt, 0, score)
-            q.shape = x.shape
-            return q
-        return reference.quantize(x, fmt, axis, score)
+    if score is not None and impl == "triton":
+        raise NotImplementedError(f"quantize(impl='triton') has no generated kernel for the "
+                                  f"proxy columns of {fmt.key}; use impl='reference' (weights "
+                                  "are quantised once, ahead of time)")
     if impl == "triton":
         _check_triton_can_run(x, "quantize")
         if not codegen.supported(fmt):
@@ -98,7 +92,8 @@ def quantize(x: torch.Tensor, fmt, *, axis: int = -1, impl: str = "reference",
                 "use impl='reference'")
         run = codegen.quantize
     else:
-        run = reference.quantize
+        def run(t, f, a):
+            return reference.quantize(t, f, a, score)
     if x.dim() == 0:
         q = run(x.reshape(1), fmt, 0)
         q.shape = x.shape
@@ -129,7 +124,7 @@ def quantize_weight(w: torch.Tensor, fmt, axis: int,
         return quantize(w, fmt, axis=axis, proxy_score=score)
     parts = [reference.quantize(piece, fmt, axis, score) for piece in w.split(step, dim=lead)]
     if any(set(p.side) - ROW_SIDE for p in parts):
-        return quantize(w, fmt, axis=axis)
+        return quantize(w, fmt, axis=axis, proxy_score=score)
     first = parts[0]
     side = {}
     if "outlier_index" in first.side:  # flat positions in the padded layout: shift each piece

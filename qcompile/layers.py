@@ -23,8 +23,8 @@ import torch
 
 from . import api, config
 from .ops import qtensor_from, qtensor_meta
-from .passes.find import MAX_NORM_REASON
 from .modules import is_conv1d, linear_like
+from .passes.find import MAX_NORM_REASON
 from .passes.names import read_by_parent
 from .policy import Policy, PolicyError, default_policy
 from .proxy import input_scores

@@ -152,7 +152,7 @@ def test_quantize_weight_in_pieces_is_the_whole(monkeypatch):
     g = torch.Generator().manual_seed(1)
     for axis, w in ((1, torch.randn(40, 96, generator=g)), (0, torch.randn(96, 40, generator=g))):
         score = torch.rand(96, generator=g)
-        for fmt in ("nf4[proxy=0.1]", "bof4s_opq[proxy=3]"):
+        for fmt in ("nf4[proxy=0.1]", "bof4s_opq[proxy=3]", "nvfp4[proxy=2]"):
             whole = qcompile.quantize(w, fmt, axis=axis, proxy_score=score)
             parts = api.quantize_weight(w, fmt, axis, score)
             assert torch.equal(parts.codes, whole.codes)
