@@ -424,13 +424,19 @@ def _weight(s: Sensitivities, i, j):
     return api.dequantize(q) if q is not None else None
 
 
-def _measure_all(runner, layers, s: Sensitivities, choice) -> tuple[float, float]:
+def _measure(runner, layers, s: Sensitivities, picks, start: int = 0) -> tuple[float, float]:
+    """KL and top-1 with the layers ``picks`` ({layer index: candidate index}) applied together,
+    the blocks before ``start`` replayed."""
     with contextlib.ExitStack() as stack:
-        for i, j in enumerate(choice):
+        for i, j in picks.items():
             if s.candidates[j] is not None:
                 stack.enter_context(_applied(layers[i][1], _weight(s, i, j),
                                              s.candidates[j].act))
-        return runner.compare(runner.logits(0))
+        return runner.compare(runner.logits(start))
+
+
+def _measure_all(runner, layers, s: Sensitivities, choice) -> tuple[float, float]:
+    return _measure(runner, layers, s, dict(enumerate(choice)))
 
 
 def _refine(runner, layers, s: Sensitivities, choice, limit: int, kl, top1):
@@ -446,13 +452,8 @@ def _refine(runner, layers, s: Sensitivities, choice, limit: int, kl, top1):
             estimated = sum(s.kl[i, choice[i]] for i in members)
             if estimated <= 0:
                 continue  # nothing changed there, or nothing measurable: no evidence
-            with contextlib.ExitStack() as stack:
-                for i in members:
-                    c = s.candidates[choice[i]]
-                    if c is not None:
-                        stack.enter_context(_applied(layers[i][1], _weight(s, i, choice[i]),
-                                                     c.act))
-                measured, _ = runner.compare(runner.logits(max(g, 0)))
+            measured, _ = _measure(runner, layers, s, {i: choice[i] for i in members},
+                                   max(g, 0))
             scale[members] = max(measured, 0.0) / estimated
         scaled = s.kl * scale[:, None]
         new = solve_budget(scaled, s.cost, limit)
