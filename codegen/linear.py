@@ -564,12 +564,6 @@ def _act_kernel(af, dtype):
     return load_kernel(act_quant_source(af, dtype), "act_quant_kernel")
 
 
-@functools.lru_cache(maxsize=None)
-def _fixed_table(el, device):
-    """A fixed codebook's float32 table on ``device``, made once (no host copy per launch)."""
-    return el.table_tensor(device)
-
-
 def _int_operands(x2, af):
     """The integer path's prologue: int8 codes [M, KP] and block multipliers [KP / AB, M] of
     the activations, quantised once for every N tile (KP: K rounded up to whole blocks and to
@@ -645,7 +639,7 @@ def linear(x: torch.Tensor, q, act_fmt=None, bias: torch.Tensor | None = None) -
             args.append(q.side["codebook"].to(device=codes.device, dtype=torch.float32)
                         .contiguous())
         else:
-            args.append(_fixed_table(el, codes.device))
+            args.append(el.table_tensor(codes.device))
     if q.fmt.scale.kind == "nvfp4":
         args.append(q.side["tensor_scale"].to(torch.float32).contiguous())
     out_dtype = torch.float32 if opq else x.dtype

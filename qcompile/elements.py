@@ -7,6 +7,7 @@ reproduce bit for bit; docs/formats.md states the same rules in words.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -194,6 +195,11 @@ class LogElement:
         return f"LOG{self.bits} (sign + {self.bits - 1}-bit exponent)"
 
 
+@functools.lru_cache(maxsize=None)
+def _table_on(values: tuple, device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
 @dataclass(frozen=True)
 class CodebookElement:
     """A table of 2**bits ascending values in [-1, 1]; encode = nearest, ties to the lower code.
@@ -221,7 +227,9 @@ class CodebookElement:
         return self.values is None
 
     def table_tensor(self, device=None) -> torch.Tensor:
-        return torch.tensor(self.values, dtype=torch.float32, device=device)
+        """The fixed table, float32, on ``device``: made once per table and device (kernels
+        launch with it, so no host copy per call); shared, never to be written to."""
+        return _table_on(self.values, torch.device(device if device is not None else "cpu"))
 
     @staticmethod
     def thresholds(table: torch.Tensor) -> torch.Tensor:
