@@ -7,21 +7,27 @@ The file holds every parameter and buffer of the model once (non-persistent buff
 meta-device model is complete after loading) and, as safetensors string metadata under the key
 "blockquant", a JSON document (docs/saving.md):
 
-    {"format": "blockquant.quantized_model", "version": 1,
+    {"format": "blockquant.quantized_model", "version": 2,
      "policies": [the policy JSON of each quantize_model_ call, in order],
      "packed":   {owner: {"fmt", "shape", "dtype", "axis", "block", "side", "digest"}},
      "modules":  {name: {"kind": "linear" | "conv1d" | "embedding", "packed": owner, "impl",
                          "act", "bias" (linear, conv1d) | "padding_idx" (embedding)}},
      "parameters": {name: requires_grad}, "buffers": [name, ...],
      "aliases":  {name: the name it shares a tensor with},
-     "tensors":  {name: [dtype, shape]}}
+     "tensors":  {name: [dtype, shape]},
+     "digests":  {"tensors": {name: digest of its dtype, shape and bytes},
+                  "entries": {"modules['x']", "policies[0]", ...: digest of that entry},
+                  "document": digest of the whole document but this one field}}
 
 A packed QTensor is stored as "<owner>.codes", "<owner>.scales" and "<owner>.side_<name>", the
 owner being the first module holding it; modules sharing it (a tied embedding / lm_head given one
 format) name the same owner and share it again after loading. Each tensor is checked against the
 metadata and the layout its format implies before it is used, and "digest" (a hash of the format
 description and the packed bytes) makes sure bytes are never read as another format, even one
-with the same layout.
+with the same layout. "digests" (version 2) covers every tensor of the file, full-precision ones
+too, and every field of the document: a byte changed after saving is refused, naming the tensor
+or the metadata entry. A digest stored in the file catches damage and careless edits, not
+someone who rewrites the digests too (docs/saving.md).
 """
 from __future__ import annotations
 
@@ -40,16 +46,19 @@ from .policy import Policy, PolicyError
 from .qtensor import QTensor
 
 FILE_FORMAT = "blockquant.quantized_model"
-VERSION = 1
+VERSION = 2  # 2: "digests" over every tensor and the whole document; 1 had none
 METADATA_KEY = "blockquant"
-DOC_FIELDS = ("format", "version", "policies", "packed", "modules", "parameters", "buffers",
-              "aliases", "tensors")
+DOC_FIELDS_V1 = ("format", "version", "policies", "packed", "modules", "parameters", "buffers",
+                 "aliases", "tensors")
+DOC_FIELDS = (*DOC_FIELDS_V1, "digests")
+DIGEST_FIELDS = ("tensors", "entries", "document")
 PACKED_FIELDS = ("fmt", "shape", "dtype", "axis", "block", "side", "digest")
 MODULE_FIELDS = {"linear": ("kind", "packed", "impl", "act", "bias"),
                  "conv1d": ("kind", "packed", "impl", "act", "bias"),
                  "embedding": ("kind", "packed", "impl", "padding_idx")}
 AXIS_OF_KIND = {"linear": 1, "conv1d": 0, "embedding": 1}
 WEIGHT_DTYPES = ("float32", "float16", "bfloat16")
+RESAVE = "load it and save it again with qcompile.save_quantized"
 
 
 class QuantizedFileError(ValueError):
@@ -100,7 +109,8 @@ def save_quantized(model: torch.nn.Module, path) -> None:
            "packed": packed, "modules": modules, "parameters": parameters, "buffers": buffers,
            "aliases": aliases,
            "tensors": {n: [_dtype_name(t.dtype), list(t.shape)] for n, t in tensors.items()}}
-    save_file(tensors, os.fspath(path), metadata={METADATA_KEY: json.dumps(doc), "format": "pt"})
+    sealed = seal(doc, tensors)
+    save_file(tensors, os.fspath(path), metadata={METADATA_KEY: json.dumps(sealed), "format": "pt"})
 
 
 def packed_state(model: torch.nn.Module):
@@ -173,6 +183,100 @@ def _digest(desc: dict, tensors) -> str:
     return h.hexdigest()
 
 
+# -- integrity: a digest of every tensor and of the whole document ----------------------------
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """A hash of a tensor's dtype, shape and bytes (on any device)."""
+    h = hashlib.blake2b(f"{_dtype_name(t.dtype)}{list(t.shape)}".encode(), digest_size=16)
+    h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _canonical(value) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _entries(doc: dict) -> dict:
+    """{entry: digest} for each item of the document's object fields, each element of its list
+    fields and each plain field ("modules['x']", "policies[0]", "version"): they name what
+    changed when the whole document's digest differs."""
+    out = {}
+    for field, value in doc.items():
+        if field == "digests":
+            continue
+        if isinstance(value, dict):
+            items = [(f"{field}[{k!r}]", v) for k, v in value.items()]
+        elif isinstance(value, list):
+            items = [(f"{field}[{i}]", v) for i, v in enumerate(value)]
+        else:
+            items = [(field, value)]
+        for entry, v in items:
+            out[entry] = hashlib.blake2b(_canonical(v), digest_size=8).hexdigest()
+    return out
+
+
+def _document_digest(doc: dict) -> str:
+    """A hash of every field of the document, the stored digests included, but this one."""
+    rest = {**doc, "digests": {k: v for k, v in doc["digests"].items() if k != "document"}}
+    return hashlib.blake2b(_canonical(rest), digest_size=16).hexdigest()
+
+
+def seal(doc: dict, tensors: dict) -> dict:
+    """``doc`` with its "digests": of each of ``tensors`` ({name: tensor}, every tensor the
+    file holds) and of the document itself."""
+    digests = {"tensors": {name: tensor_digest(t) for name, t in tensors.items()},
+               "entries": _entries(doc)}
+    sealed = {**doc, "digests": digests}
+    digests["document"] = _document_digest(sealed)
+    return sealed
+
+
+def _listed(names, most: int = 6) -> str:
+    names = list(names)
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most
+                                      else "")
+
+
+def verify_document(doc: dict, resave: str) -> bool:
+    """Check the (structurally checked) document against its digest, naming the entries that
+    differ. A version-1 document has no digests: warned once (``resave`` says how to add
+    them), and False returned."""
+    if doc["version"] < 2:
+        config.warn(f"a version-1 blockquant file: it carries no digests, so a tensor or "
+                    f"metadata changed after saving cannot be detected; {resave} to add them",
+                    once=("blockquant file version 1", resave))
+        return False
+    stored = doc["digests"]
+    if _document_digest(doc) == stored["document"]:
+        return True
+    mine, theirs = _entries(doc), stored["entries"]
+    problems = [f"{e} differs" for e in mine if e in theirs and mine[e] != theirs[e]]
+    problems += [f"{e} was added" for e in mine if e not in theirs]
+    problems += [f"{e} was removed" for e in theirs if e not in mine]
+    what = _listed(problems) if problems else "its digest does not match"
+    raise QuantizedFileError(f"the metadata was changed after saving: {what}")
+
+
+def verify_tensors(doc: dict, tensors: dict) -> None:
+    """Check ``tensors`` ({name: tensor}, every tensor loaded from the file) against the
+    document's digests (version 2; a version-1 document has none)."""
+    if doc["version"] < 2:
+        return
+    stored = doc["digests"]["tensors"]
+    lacking = [n for n in stored if n not in tensors]
+    if lacking:
+        raise QuantizedFileError(f"tensor(s) {_listed(lacking)} were saved but did not load: "
+                                 "the checkpoint lacks them")
+    unsaved = [n for n in tensors if n not in stored]
+    if unsaved:
+        raise QuantizedFileError(f"tensor(s) {_listed(unsaved)} have no digest: they were not "
+                                 "saved with the model")
+    for name, t in tensors.items():
+        if tensor_digest(t) != stored[name]:
+            raise QuantizedFileError(f"tensor {name!r} does not match its digest: the file was "
+                                     "changed after saving")
+
+
 # -- loading ----------------------------------------------------------------------------------
 
 def load_quantized(path, model: torch.nn.Module, device="cpu") -> torch.nn.Module:
@@ -191,7 +295,10 @@ def saved_policies(path) -> list[Policy]:
     """The policies recorded in a file ``save_quantized`` wrote (one per ``quantize_model_``
     call, in order): compile the loaded model with the last one."""
     try:
-        return _policies(_read(path)[0])
+        doc = _read(path)[0]
+        policies = _policies(doc)
+        verify_document(doc, RESAVE)
+        return policies
     except QuantizedFileError as e:
         raise QuantizedFileError(f"saved_policies({os.fspath(path)!r}): {e}") from None
 
@@ -207,6 +314,9 @@ def _load(path, model, device):
     qtensors = {owner: _qtensor(owner, entry, loaded).to(device)
                 for owner, entry in doc["packed"].items()}
     policies = _policies(doc)
+    # last, the digests (the checks above name a problem more precisely where they find one)
+    verify_document(doc, RESAVE)
+    verify_tensors(doc, loaded)
     # every check passed: change the model
     fp = {}
     for name, requires_grad in doc["parameters"].items():
@@ -238,7 +348,9 @@ def _read(path) -> tuple[dict, set]:
         with safe_open(path, framework="pt", device="cpu") as f:
             meta, keys = f.metadata() or {}, set(f.keys())
     except Exception as e:  # safetensors' own error types differ between its versions
-        raise QuantizedFileError(f"not a safetensors file ({type(e).__name__}: {e})") from None
+        raise QuantizedFileError(
+            f"the file is truncated or damaged, or is not a safetensors file "
+            f"({os.path.getsize(path)} bytes; {type(e).__name__}: {e})") from None
     if METADATA_KEY not in meta:
         raise QuantizedFileError(f"a safetensors file that blockquant did not write: its "
                                  f"metadata has no {METADATA_KEY!r} entry (qcompile."
@@ -291,7 +403,7 @@ def _check_doc(doc, file_format: str = FILE_FORMAT):
         raise QuantizedFileError(f"written by a newer blockquant (file format version {version}; "
                                  f"this one reads versions up to {VERSION}): upgrade blockquant "
                                  "to load it")
-    _fields(doc, "the document", DOC_FIELDS)
+    _fields(doc, "the document", DOC_FIELDS if version >= 2 else DOC_FIELDS_V1)
     _need(isinstance(doc["policies"], list), "policies", "expected a list")
     _need(isinstance(doc["packed"], dict), "packed", "expected a JSON object")
     for owner, entry in doc["packed"].items():
@@ -355,6 +467,17 @@ def _check_doc(doc, file_format: str = FILE_FORMAT):
     _need(not unlisted, "tensors", f"{unlisted} are not listed")
     _need(not unknown, "tensors", f"{unknown} are listed but are neither packed nor saved "
                                   "parameters or buffers")
+    if version >= 2:
+        _check_digests(doc["digests"])
+
+
+def _check_digests(digests):
+    _fields(digests, "digests", DIGEST_FIELDS)
+    for field in ("tensors", "entries"):
+        _need(isinstance(digests[field], dict) and all(
+            isinstance(v, str) for v in digests[field].values()), f"digests.{field}",
+            "expected {name: hex digest}")
+    _need(isinstance(digests["document"], str), "digests.document", "expected a hex digest")
 
 
 def _policies(doc) -> list[Policy]:

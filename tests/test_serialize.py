@@ -463,7 +463,7 @@ def field(path, value):
 
 Q = "model.layers.0.self_attn.q_proj"
 REFUSALS = {
-    "newer version": (field(["version"], 2), "newer blockquant .*version 2.*upgrade"),
+    "newer version": (field(["version"], 3), "newer blockquant .*version 3.*upgrade"),
     "unknown field": (field(["extra"], 1), r"unknown field\(s\) \['extra'\]"),
     "missing field": (field(["aliases"], KeyError), r"missing field\(s\) \['aliases'\]"),
     "other format, other layout": (set_fmt("int8"), rf"tensor {Q}\.codes: format 'int8' of a "
@@ -525,7 +525,7 @@ def test_files_blockquant_did_not_write(tmp_path):
         qcompile.load_quantized(plain, llama(meta=True))
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all")
-    with pytest.raises(QuantizedFileError, match="not a safetensors file"):
+    with pytest.raises(QuantizedFileError, match="the file is truncated or damaged"):
         qcompile.load_quantized(junk, llama(meta=True))
     with pytest.raises(FileNotFoundError, match="no file"):
         qcompile.load_quantized(tmp_path / "absent.safetensors", llama(meta=True))
