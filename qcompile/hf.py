@@ -30,12 +30,17 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from . import api, serialize
 from .layers import (POLICIES_ATTR, QuantEmbedding, QuantLinear, _set_child, embedding_layers,
                      linear_layers, quantize_model_)
-from .policy import Policy, PolicyError
+from .policy import POLICY_JSON_FORMAT, Policy, PolicyError
 from .serialize import METADATA_KEY, QuantizedFileError
 
 QUANT_METHOD = "blockquant"
 CHECKPOINT_FORMAT = "blockquant.hf_checkpoint"  # the safetensors metadata of save_pretrained
 WHO = "from_pretrained(quantization_config=BlockQuantConfig)"
+RESAVE = "load it with from_pretrained and save_pretrained it again"
+
+
+HOW = ("pass a qcompile.Policy (or its JSON, policy.to_json()), e.g. BlockQuantConfig(policy="
+       "qcompile.Policy({'*.mlp.*': qcompile.LayerSpec(weight='nf4')}))")
 
 
 def _as_policy(policy) -> Policy:
@@ -44,17 +49,27 @@ def _as_policy(policy) -> Policy:
     if policy is None:
         raise ValueError("BlockQuantConfig needs a policy: BlockQuantConfig(policy=qcompile."
                          "Policy(...)); a config.json quantization_config with quant_method "
-                         "'blockquant' must have a 'policy' field (the policy JSON)")
+                         f"'blockquant' must have a 'policy' field (the policy JSON); {HOW}")
     if isinstance(policy, dict):  # config.json holds the policy JSON as an object
+        if policy.get("format") != POLICY_JSON_FORMAT:  # {pattern: format}, a guess at a policy
+            raise PolicyError(f"BlockQuantConfig: policy {_short(policy)} is a dict, not a "
+                              f"policy; {HOW}")
         policy = json.dumps(policy)
-    if not isinstance(policy, str):
+    if not isinstance(policy, (str, bytes)):
         raise PolicyError(f"BlockQuantConfig: policy must be a qcompile.Policy or its JSON, got "
-                          f"{type(policy).__name__}")
+                          f"{type(policy).__name__}; {HOW}")
+    if not policy.lstrip().startswith("{" if isinstance(policy, str) else b"{"):  # "nf4"
+        raise PolicyError(f"BlockQuantConfig: policy {_short(policy)} is not a policy; {HOW}")
     try:
         return Policy.from_json(policy)
     except PolicyError as e:
         raise PolicyError(f"BlockQuantConfig: quantization_config 'policy' is not a blockquant "
-                          f"policy: {e}") from None
+                          f"policy: {e}; {HOW}") from None
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 class BlockQuantConfig(QuantizationConfigMixin):
@@ -67,7 +82,7 @@ class BlockQuantConfig(QuantizationConfigMixin):
                              f"{QUANT_METHOD!r}")
         if kwargs:  # a newer blockquant's field, or a typo: never ignored
             raise ValueError(f"BlockQuantConfig: unknown field(s) {sorted(kwargs)}; known: "
-                             "['quant_method', 'policy']")
+                             f"['quant_method', 'policy']; {HOW}")
         self.quant_method = QUANT_METHOD
         self.policy = _as_policy(policy)
 
@@ -191,6 +206,8 @@ class BlockQuantHfQuantizer(HfQuantizer):
                 loaded[f"{owner}.{leaf}"] = t
         qtensors = {owner: serialize._qtensor(owner, entry, loaded)
                     for owner, entry in doc["packed"].items()}
+        # every tensor as loaded (full-precision ones too) against the digest saved with it
+        serialize.verify_tensors(doc, model.state_dict())
         for name, entry in doc["modules"].items():
             bias = model.get_submodule(name)._parameters.get("bias")
             _set_child(model, name, serialize._build(entry, qtensors[entry["packed"]], bias))
@@ -228,7 +245,10 @@ def checkpoint_state(model, policy: Policy) -> tuple[dict, dict]:
            "modules": modules, "parameters": {}, "buffers": [], "aliases": {},
            "tensors": {n: [serialize._dtype_name(t.dtype), list(t.shape)]
                        for n, t in tensors.items()}}
-    return state, {METADATA_KEY: json.dumps(doc)}
+    # a digest of every tensor under its name in the model (a tied one under each name): it is
+    # checked against the loaded model, whatever shards and names transformers writes
+    sealed = serialize.seal(doc, {n: t for n, t in state.items() if not t.is_meta})
+    return state, {METADATA_KEY: json.dumps(sealed)}
 
 
 def _untie(model, swapped: set):
@@ -260,24 +280,44 @@ def layer_plan(model, policy: Policy) -> dict[str, tuple]:
 
 
 def _read_doc(checkpoint_files) -> dict:
-    from safetensors import safe_open
+    """The checked metadata document, which every shard holds (save_pretrained writes it into
+    each): the same in each, and matching its digest."""
     files = [os.fspath(f) for f in checkpoint_files or ()]
-    if not files or not files[0].endswith(".safetensors"):
+    if not files or not all(f.endswith(".safetensors") for f in files):
         raise QuantizedFileError(f"a blockquant checkpoint loads from safetensors files, got "
                                  f"{files or 'none'}")
-    with safe_open(files[0], framework="pt", device="cpu") as f:
-        meta = f.metadata() or {}
+    docs = {f: _shard_doc(f) for f in files}
+    first, doc = next(iter(docs.items()))
+    for f, other in docs.items():
+        if other != doc:
+            raise QuantizedFileError(f"{f}: its {METADATA_KEY!r} metadata differs from that of "
+                                     f"{first}: a shard was changed after saving")
+    return doc
+
+
+def _shard_doc(path: str) -> dict:
+    from safetensors import safe_open
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # safetensors' own error types differ between its versions
+        raise QuantizedFileError(f"{path}: the file is truncated or damaged, or is not a "
+                                 f"safetensors file ({type(e).__name__}: {e})") from None
     if METADATA_KEY not in meta:
         raise QuantizedFileError(
-            f"{files[0]}: config.json says quant_method 'blockquant' but the weights have no "
+            f"{path}: config.json says quant_method 'blockquant' but the weights have no "
             f"{METADATA_KEY!r} metadata (save_pretrained of a model loaded with "
             "BlockQuantConfig writes it)")
     try:
         doc = json.loads(meta[METADATA_KEY])
     except json.JSONDecodeError as e:
-        raise QuantizedFileError(f"{files[0]}: the {METADATA_KEY!r} metadata is not JSON ({e})"
+        raise QuantizedFileError(f"{path}: the {METADATA_KEY!r} metadata is not JSON ({e})"
                                  ) from None
-    serialize._check_doc(doc, CHECKPOINT_FORMAT)
+    try:
+        serialize._check_doc(doc, CHECKPOINT_FORMAT)
+        serialize.verify_document(doc, RESAVE)
+    except QuantizedFileError as e:
+        raise QuantizedFileError(f"{path}: {e}") from None
     return doc
 
 

@@ -61,14 +61,17 @@ def read_header(f) -> tuple[dict, int]:
     """(header, offset of the data) of the open safetensors file ``f``."""
     raw = f.read(8)
     if len(raw) != 8:
-        raise QuantizedFileError(f"{f.name}: not a safetensors file (shorter than 8 bytes)")
+        raise QuantizedFileError(f"{f.name}: the file is truncated or damaged (shorter than the "
+                                 "8 bytes of a safetensors header's length)")
     (size,) = struct.unpack("<Q", raw)
     try:
         header = json.loads(f.read(size))
     except (json.JSONDecodeError, UnicodeDecodeError, MemoryError) as e:
-        raise QuantizedFileError(f"{f.name}: not a safetensors file ({e})") from None
+        raise QuantizedFileError(f"{f.name}: the file is truncated or damaged, or is not a "
+                                 f"safetensors file ({e})") from None
     if not isinstance(header, dict):
-        raise QuantizedFileError(f"{f.name}: not a safetensors file (header is not an object)")
+        raise QuantizedFileError(f"{f.name}: the file is truncated or damaged, or is not a "
+                                 "safetensors file (its header is not a JSON object)")
     return header, 8 + size
 
 
