@@ -198,12 +198,12 @@ def _canonical(value) -> bytes:
 
 def _entries(doc: dict) -> dict:
     """{entry: digest} for each item of the document's object fields, each element of its list
-    fields and each plain field ("modules['x']", "policies[0]", "version"): they name what
-    changed when the whole document's digest differs."""
+    fields and each plain field ("modules['x']", "policies[0]", "version"), and each stored
+    tensor digest: they name what changed when the whole document's digest differs."""
     out = {}
     for field, value in doc.items():
-        if field == "digests":
-            continue
+        if field == "digests":  # the tensors' digests; not those of the document
+            field, value = "digests.tensors", value["tensors"]
         if isinstance(value, dict):
             items = [(f"{field}[{k!r}]", v) for k, v in value.items()]
         elif isinstance(value, list):
@@ -224,9 +224,9 @@ def _document_digest(doc: dict) -> str:
 def seal(doc: dict, tensors: dict) -> dict:
     """``doc`` with its "digests": of each of ``tensors`` ({name: tensor}, every tensor the
     file holds) and of the document itself."""
-    digests = {"tensors": {name: tensor_digest(t) for name, t in tensors.items()},
-               "entries": _entries(doc)}
+    digests = {"tensors": {name: tensor_digest(t) for name, t in tensors.items()}}
     sealed = {**doc, "digests": digests}
+    digests["entries"] = _entries(sealed)
     digests["document"] = _document_digest(sealed)
     return sealed
 
