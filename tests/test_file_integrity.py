@@ -75,6 +75,8 @@ def test_the_unchanged_file_loads_bit_for_bit(saved, tmp_path):
     path, want = saved
     tensors, meta = read(path)
     write(tmp_path / "copy.safetensors", tensors, meta)  # written back as the fuzz does
+    doc = json.loads(meta["blockquant"])  # version 2: a digest of every tensor
+    assert doc["version"] == 2 and set(doc["digests"]["tensors"]) == set(tensors)
     loaded = qcompile.load_quantized(tmp_path / "copy.safetensors", llama(meta=True))
     assert isinstance(loaded.model.layers[0].self_attn.q_proj, QuantLinear)
     assert loaded.model.layers[0].self_attn.q_proj.act == "mxint8"
@@ -388,8 +390,13 @@ def pretrained(tmp_path_factory):
 
 def test_save_pretrained_unchanged_loads_bit_for_bit(pretrained):
     folder, want = pretrained
-    assert len(list(folder.glob("*.safetensors"))) > 2
+    shards = list(folder.glob("*.safetensors"))
+    assert len(shards) > 2
     got = AutoModelForCausalLM.from_pretrained(folder)
+    docs = [json.loads(read(shard)[1]["blockquant"]) for shard in shards]
+    assert all(doc == docs[0] for doc in docs)  # each shard holds the document
+    written = {name for shard in shards for name in read(shard)[0]}
+    assert written <= set(docs[0]["digests"]["tensors"])  # and a digest of every tensor
     assert torch.equal(logits(got).view(torch.int32), want.view(torch.int32))
 
 
@@ -429,15 +436,13 @@ def test_quantize_command_output_fuzz_is_refused(tmp_path):
 HOW = r"pass a qcompile.Policy \(or its JSON, policy.to_json\(\)\), e.g. BlockQuantConfig\("
 
 
-@pytest.mark.parametrize("kwargs", [dict(policy={"*.mlp.*": "nf4"}), dict(policy="nf4"),
-                                    dict(weight="nf4"), dict(policy=4),
-                                    dict(policy='{"rules": []}')],
-                         ids=["dict", "format name", "weight=", "int", "other JSON"])
-def test_block_quant_config_says_what_to_pass(kwargs):
-    with pytest.raises(ValueError, match=HOW):
-        qcompile.BlockQuantConfig(**kwargs)
+NOT_A_POLICY = [dict(policy={"*.mlp.*": "nf4"}), dict(policy="nf4"), dict(weight="nf4"),
+                dict(policy=4), dict(policy='{"rules": []}')]
 
 
-def test_block_quant_config_takes_a_policy_or_its_json():
+def test_block_quant_config_takes_a_policy_or_its_json_and_says_so():
     for given in (MIXED, MIXED.to_json(), json.loads(MIXED.to_json())):
         assert qcompile.BlockQuantConfig(policy=given).policy == MIXED
+    for kwargs in NOT_A_POLICY:
+        with pytest.raises(ValueError, match=HOW):
+            qcompile.BlockQuantConfig(**kwargs)
