@@ -13,6 +13,9 @@ keeps the sharing rules of docs/policies.md.
 Loading a saved model: the packed layers are swapped for placeholders holding buffers of the
 saved shapes before the weights load; after loading each packed weight is checked against its
 format and digest (serialize.py) and the placeholders become QuantLinear / QuantEmbedding.
+Every shard holds the metadata document, checked against its digest before loading; every
+tensor of the loaded model, full-precision ones too, is checked against the digest saved with
+it (by its name in the model, whatever shards and names transformers wrote).
 Importing this module imports transformers and registers both classes (qcompile/hf_hook.py).
 """
 from __future__ import annotations

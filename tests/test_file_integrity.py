@@ -421,6 +421,21 @@ def test_save_pretrained_a_changed_full_precision_tensor(pretrained):
         shard.write_bytes(original)
 
 
+def test_save_pretrained_version_1_loads_with_a_warning(tmp_path, monkeypatch):
+    model = with_config(save_llama(tmp_path / "float"), MIXED)
+    model.save_pretrained(tmp_path / "q", max_shard_size="20KB")
+    for shard in (tmp_path / "q").glob("*.safetensors"):
+        tensors, meta = read(shard)
+        doc = json.loads(meta["blockquant"])
+        del doc["digests"]
+        write(shard, tensors, {**meta, "blockquant": json.dumps({**doc, "version": 1})})
+    monkeypatch.setattr(config, "_said", set())
+    with pytest.warns(UserWarning, match="version-1 blockquant file: it carries no digests.*"
+                                         "from_pretrained and save_pretrained it again"):
+        got = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert torch.equal(logits(got), logits(model))
+
+
 def test_quantize_command_output_fuzz_is_refused(tmp_path):
     folder = save_llama(tmp_path / "float", tie=False, max_shard_size="40KB")
     quantize_checkpoint(folder, tmp_path / "q", MIXED, progress=False)
