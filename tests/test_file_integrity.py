@@ -130,7 +130,7 @@ def is_format_key(value) -> bool:
         return False
 
 
-def same_shaped_owner(doc, path, owner):
+def same_shaped_owner(doc, owner):
     """Another packed weight of the same shape and axis (the loader's checks of shape pass)."""
     entry = doc["packed"][owner]
     others = [o for o, e in doc["packed"].items() if o != owner and
@@ -152,7 +152,7 @@ def other_values(doc, path, value) -> list:
     if path[:2] == ("digests", "tensors") or path[0] == "digests":  # hex
         return [value[:-1] + ("0" if value[-1] != "0" else "1")]
     if path[0] == "modules" and key == "packed":
-        return [same_shaped_owner(doc, path, value)]
+        return [same_shaped_owner(doc, value)]
     if key == "impl":
         return [k for k in config.KERNELS if k != value][:1]
     if key == "op":
@@ -176,21 +176,22 @@ def metadata_edits(doc: dict):
             edited = copy.deepcopy(doc)
             at(edited, path)[path[-1]] = new
             yield f"{list(path)}: {value!r} -> {new!r}", edited
-    containers = [((), doc)] + [(p, v) for p, v in containers_of(doc) if len(p) <= 3]
-    for path, obj in containers:
-        for k in (list(obj) if isinstance(obj, dict) else range(len(obj)))[:1] if path else obj:
+    for path, obj in [((), doc), *containers_of(doc)]:
+        keys = list(obj) if isinstance(obj, dict) else list(range(len(obj)))
+        for k in keys[:1] if path else keys:  # every field, the first entry of each container
             edited = copy.deepcopy(doc)
             del at(edited, (*path, k))[k]
             yield f"removed {[*path, k]}", edited
-            if isinstance(obj, dict) and path:  # the entry under another name
+            if isinstance(obj, dict):  # the entry under another name
                 edited = copy.deepcopy(doc)
-                parent = at(edited, (*path, k))
-                parent[f"{k}x"] = parent.pop(k)
+                container = at(edited, (*path, k))
+                container[f"{k}x"] = container.pop(k)
                 yield f"renamed {[*path, k]}", edited
 
 
 def containers_of(obj, path=()):
-    if isinstance(obj, (dict, list)) and obj:
+    """(path, object or list) of the document's non-empty containers, up to three levels down."""
+    if isinstance(obj, (dict, list)) and obj and len(path) <= 3:
         if path:
             yield path, obj
         for k, v in (obj.items() if isinstance(obj, dict) else enumerate(obj)):
@@ -216,8 +217,8 @@ def refused(load, cases, rebuild):
 
 @pytest.fixture
 def fuzz(saved, tmp_path):
-    """(tensors, document, edited path, load, rebuild) for the save_quantized fuzz: one meta
-    model, refused loads leave it unchanged (test_serialize.py checks that)."""
+    """(tensors, document, the path edited files go to, load, rebuild) for the save_quantized
+    fuzz: one meta model for all cases, as a refused load leaves it unchanged (checked)."""
     path, _ = saved
     tensors, meta = read(path)
     doc = json.loads(meta["blockquant"])
