@@ -340,28 +340,45 @@ def _watch_dynamo_fallbacks():
         log.addFilter(_FILTER)
 
 
-def _eager_watch(name: str, module: torch.nn.Module):
+class _EagerWatch:
     """A forward pre-hook for a layer the policy quantises. Inside a graph Dynamo traces it to
     nothing; if it ever runs, the layer runs eagerly (Dynamo skipped the frame it is in, could
-    not resume after a graph break, or hit its recompile limit): in full precision."""
-    ref = weakref.ref(module)
+    not resume after a graph break, or hit its recompile limit): in full precision.
 
-    def hook(mod, args):
-        if not torch.compiler.is_compiling() and mod is ref():
-            config.warn(f"blockquant: layer {name!r} ran eagerly, in full precision: Dynamo did "
-                        "not compile the code it runs in (a graph break it could not resume "
-                        "after, a skipped frame, or its recompile limit; TORCH_LOGS="
-                        "graph_breaks,recompiles says which)", RuntimeWarning,
-                        once=("ran eagerly", id(mod)))
-    return hook
+    A class, not a closure, so a compiled model pickles. In a deep copy or a pickled copy it
+    watches nothing (the copy runs uncompiled and says so once, see ``_UncompiledCopy``): one
+    warning for the copy, not one per layer; ``compile`` of the copy arms it again."""
+
+    def __init__(self, name: str, module: torch.nn.Module | None):
+        self.name = name
+        self.module = weakref.ref(module) if module is not None else None
+
+    def __call__(self, mod, args):
+        if self.module is None or mod is not self.module() or torch.compiler.is_compiling():
+            return
+        config.warn(f"blockquant: layer {self.name!r} ran eagerly, in full precision: Dynamo "
+                    "did not compile the code it runs in (a graph break it could not resume "
+                    "after, a skipped frame, or its recompile limit; TORCH_LOGS="
+                    "graph_breaks,recompiles says which)", RuntimeWarning,
+                    once=("ran eagerly", id(mod)))
+
+    def __deepcopy__(self, memo):
+        return _EagerWatch(self.name, None)
+
+    def __reduce__(self):
+        return _EagerWatch, (self.name, None)
 
 
 def _watch_eager_layers(model: torch.nn.Module, policy: Policy):
+    """Arm a watch on every linear layer the policy quantises (again, in a copy)."""
     for name, mod in model.named_modules():
-        if linear_like(mod) and policy.match(name, "linear")[1] is not None and not any(
-                getattr(h, "__qualname__", "").startswith("_eager_watch")
-                for h in mod._forward_pre_hooks.values()):
-            mod.register_forward_pre_hook(_eager_watch(name, mod))
+        if not linear_like(mod) or policy.match(name, "linear")[1] is None:
+            continue
+        watches = [h for h in mod._forward_pre_hooks.values() if isinstance(h, _EagerWatch)]
+        for watch in watches:
+            watch.name, watch.module = name, weakref.ref(mod)
+        if not watches:
+            mod.register_forward_pre_hook(_EagerWatch(name, mod))
 
 
 # -- compiling in place ------------------------------------------------------------------------
@@ -375,28 +392,48 @@ def compile(model: torch.nn.Module, policy: Policy | None = None, *, fullgraph: 
     Like ``model.compile()``, but ``model.compile()`` compiles nothing for a model made only of
     torch modules (an nn.Sequential: Dynamo skips frames in torch's own files), and all models
     compiled through one function share its recompile budget; here each model gets a frame of
-    its own, compiled in the user's name."""
+    its own, compiled in the user's name. An encoder-decoder model's encoder (T5, BART,
+    Whisper) is compiled in place too: ``generate`` calls it on its own, outside the model's
+    frame. A deep copy or a pickle of the compiled model runs uncompiled (it says so once)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"qcompile.compile: expected an nn.Module, got {type(model).__name__}")
     options = {"policy": policy, **options}
     opts = parse_options(options)
-    remember_root(model)
+    remember_root(model)  # the encoder's frame is named in the whole model
     _watch_eager_layers(model, opts["policy"])
-
-    def call(*args, **kwargs):
-        return model._call_impl(*args, **kwargs)
-    # a fresh code object per model: Dynamo's cache and recompile limit are per code object
-    name = f"blockquant_{type(model).__name__}"
-    frame = types.FunctionType(call.__code__.replace(co_name=name, co_qualname=name),
-                               call.__globals__, name, None, call.__closure__)
-    model._compiled_call_impl = _CompiledCall(torch.compile(
-        frame, backend="blockquant", options=options, fullgraph=fullgraph, dynamic=dynamic))
+    _watch_copies(model)
+    _compile_frame(model, options, fullgraph, dynamic)
+    for part in _separately_called_parts(model):
+        _compile_frame(part, options, fullgraph, dynamic)
     return model
 
 
+def _separately_called_parts(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Submodules that ``generate`` calls by themselves: an encoder-decoder's encoder."""
+    config_ = getattr(model, "config", None)
+    get_encoder = getattr(model, "get_encoder", None)
+    if not getattr(config_, "is_encoder_decoder", False) or not callable(get_encoder):
+        return []
+    encoder = get_encoder()
+    return [encoder] if isinstance(encoder, torch.nn.Module) and encoder is not model else []
+
+
+def _compile_frame(module: torch.nn.Module, options: dict, fullgraph, dynamic):
+    """Point ``module``'s calls at a compiled frame of its own."""
+    def call(*args, **kwargs):
+        return module._call_impl(*args, **kwargs)
+    # a fresh code object per module: Dynamo's cache and recompile limit are per code object
+    name = f"blockquant_{type(module).__name__}"
+    frame = types.FunctionType(call.__code__.replace(co_name=name, co_qualname=name),
+                               call.__globals__, name, None, call.__closure__)
+    module._compiled_call_impl = _CompiledCall(torch.compile(
+        frame, backend="blockquant", options=options, fullgraph=fullgraph, dynamic=dynamic))
+
+
 class _CompiledCall:
-    """``model._compiled_call_impl`` set by ``compile``. A deep copy of the model must not call
-    this model's compiled frame: the copy gets None and runs uncompiled until compiled itself."""
+    """``module._compiled_call_impl`` set by ``compile``. torch's Module.__getstate__ leaves
+    it out of a deep copy and a pickle; should it not, a copy gets None (runs uncompiled, and
+    ``_CopyWatch`` says so) rather than this module's compiled frame."""
 
     def __init__(self, fn):
         self.fn = fn
@@ -406,3 +443,49 @@ class _CompiledCall:
 
     def __deepcopy__(self, memo):
         return None
+
+    def __reduce__(self):
+        return _nothing, ()
+
+
+def _nothing():
+    return None
+
+
+class _CopyWatch:
+    """A forward pre-hook on a model compiled by ``compile``. The model itself never trips it
+    (in its compiled frame it traces to nothing; eagerly, the layer watches speak). A deep
+    copy or a pickle (``torch.save``) of the model runs uncompiled, in full precision: the
+    copy's own watch (made by ``__deepcopy__`` / ``__reduce__``) says so on its first call."""
+
+    def __init__(self, module: torch.nn.Module | None, how: str = ""):
+        self.module = weakref.ref(module) if module is not None else None
+        self.how, self.said = how, False
+
+    def __call__(self, mod, args):
+        if torch.compiler.is_compiling() or self.said:
+            return
+        if self.module is not None and mod is self.module():
+            return
+        self.said = True
+        config.warn(f"blockquant: this {type(mod).__name__} {self.how} a model compiled "
+                    "by qcompile.compile: it runs uncompiled, in full precision. Compile it "
+                    "with qcompile.compile(model, policy); to save a quantised model, use "
+                    "qcompile.save_quantized", RuntimeWarning)
+
+    def __deepcopy__(self, memo):
+        return _CopyWatch(None, "is a deep copy of")
+
+    def __reduce__(self):
+        return _CopyWatch, (None, "was loaded from a pickle (torch.save) of")
+
+    def arm(self, module: torch.nn.Module):
+        self.module, self.said = weakref.ref(module), False
+
+
+def _watch_copies(model: torch.nn.Module):
+    watches = [h for h in model._forward_pre_hooks.values() if isinstance(h, _CopyWatch)]
+    for watch in watches:  # a copy compiled in turn: its watch is the model's own now
+        watch.arm(model)
+    if not watches:
+        model.register_forward_pre_hook(_CopyWatch(model))
