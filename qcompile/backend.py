@@ -37,7 +37,7 @@ import torch
 from qcompile import passes
 from qcompile.passes.graph import copy_graph_module, graph_record
 from qcompile.passes.names import frame_description, names_for, remember_root
-from qcompile.passes.plan import planned as planned_sites, warn_unmatched
+from qcompile.passes.plan import left_alone, planned as planned_sites, warn_unmatched
 from qcompile.passes.report import site_rows
 
 from . import config, ops
@@ -302,11 +302,31 @@ def blockquant_backend(gm, example_inputs, options=None, mode=None):
                     "the graphs runs eagerly, so a linear layer there runs in full precision. "
                     "fullgraph=True makes this an error", once=("graph break", where))
     graph = CompiledGraph(gm, example_inputs, opts, names)
-    if not graph.current.packed and not _has_qcompile_ops(graph.current.gm) and not any(
-            r.weight_fmt != "-" or r.act_fmt != "-" for r in graph.current.rows):
+    model = _identity(names.root, where)
+    by_reason: dict[str, list[str]] = {}
+    for fqn, why in left_alone(graph.current.gm):
+        by_reason.setdefault(why, []).append(fqn)
+    for why, layers in by_reason.items():
+        config.warn(f"blockquant: {len(layers)} layer(s) of {where} ({_some(layers)}) run "
+                    f"unquantised, in full precision: {why}. Convert the model (.float(), "
+                    ".half() or .bfloat16()) to quantise them", once=("dtype", model, why))
+    if not by_reason and not graph.current.packed and not _has_qcompile_ops(
+            graph.current.gm) and not any(r.weight_fmt != "-" or r.act_fmt != "-"
+                                          for r in graph.current.rows):
         config.warn(f"blockquant: nothing in a graph of {where} matched the policy; it runs "
-                    "unquantised", once=("nothing matched", where))
+                    "unquantised", once=("nothing matched", model))
     return graph
+
+
+def _identity(model, where: str):
+    """A once-key part for ``model``: equal only for the same live model (a weak reference,
+    never mistaken for a later model at the same address); ``where`` without one."""
+    return weakref.ref(model) if model is not None else where
+
+
+def _some(names: list[str], shown: int = 3) -> str:
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
 # -- Dynamo giving up on a frame ---------------------------------------------------------------
