@@ -26,9 +26,13 @@ recompile limit (it then runs eagerly, never reaching the backend): each is said
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import logging
+import sys
+import threading
+import time
 import types
 import weakref
 
@@ -245,8 +249,10 @@ class CompiledGraph:
       decoder layer compiled on its own): the policy is applied to that instance by its own
       names, a Variant each; variants whose rewritten graphs are the same share one lowering."""
 
-    def __init__(self, gm, example_inputs, opts: dict, names):
+    def __init__(self, gm, example_inputs, opts: dict, names, where: str = "a compiled function"):
         self.source, self.opts, self.names = copy_graph_module(gm), opts, names
+        _GRAPH_COUNT[where] += 1
+        self.what = f"graph {_GRAPH_COUNT[where]} of {where}"
         self.param_inputs = [i for i, t in enumerate(example_inputs)
                              if isinstance(t, torch.nn.Parameter)]
         self.traced = [example_inputs[i] for i in self.param_inputs]
@@ -259,12 +265,15 @@ class CompiledGraph:
 
     def _build(self, args, names) -> Variant:
         o = self.opts
-        gm, _, rows = run_passes(self.source, args, o["policy"], o["impl"], names)
-        extra = list(graph_record(gm).extra_inputs)
-        same = next((v for v in self.variants.values() if v.gm.code == gm.code and all(
-            a.shape == b.shape and a.dtype == b.dtype for a, b in zip(v.extra, extra))), None)
-        fn = same.fn if same is not None else _lower(gm, list(args) + extra, o["lowering"],
-                                                     o["mode"])
+        with _Progress(self.what, o["lowering"]) as progress:
+            gm, planned, rows = run_passes(self.source, args, o["policy"], o["impl"], names)
+            progress.quantised = len(planned)
+            extra = list(graph_record(gm).extra_inputs)
+            same = next((v for v in self.variants.values() if v.gm.code == gm.code and all(
+                a.shape == b.shape and a.dtype == b.dtype for a, b in zip(v.extra, extra))),
+                None)
+            fn = same.fn if same is not None else _lower(gm, list(args) + extra, o["lowering"],
+                                                         o["mode"])
         variant = Variant(gm, fn, rows, args, self.param_inputs, names.root)
         self.variants[self._key(args)] = variant
         return variant
@@ -280,6 +289,49 @@ class CompiledGraph:
         if any(p.changed(args[p.input_index]) for p in v.packed):
             v.requantise(args, self.opts["lowering"])
         return v.fn(*args, *v.extra)
+
+
+_GRAPH_COUNT: collections.Counter = collections.Counter()  # graphs compiled, per model
+
+
+class _Progress:
+    """Says on stderr what is being compiled when one graph takes longer than
+    ``config.PROGRESS_AFTER_S`` (a cold Inductor compile of a small model takes minutes on a
+    2-core CPU): a line when that time has passed, and one when the graph is done."""
+
+    def __init__(self, what: str, lowering: str):
+        self.what, self.lowering, self.quantised = what, lowering, None
+        self.shown = self.done = False
+        self.lock = threading.Lock()
+        self.timer = threading.Timer(config.PROGRESS_AFTER_S, self._show)
+        self.timer.daemon = True
+
+    def __enter__(self):
+        self.start = time.monotonic()
+        self.timer.start()
+        return self
+
+    def _show(self):
+        with self.lock:
+            if self.done:
+                return
+            self.shown = True
+            stage = ("planning and quantising its weights" if self.quantised is None else
+                     f"{self.quantised} quantised layer(s); lowering it with {self.lowering}")
+            _say(f"blockquant: compiling {self.what} ({stage}) ...")
+
+    def __exit__(self, kind, err, tb):
+        self.timer.cancel()
+        with self.lock:
+            self.done = True
+            if self.shown:
+                seconds = time.monotonic() - self.start
+                _say(f"blockquant: {self.what} {'failed' if kind else 'compiled'} in "
+                     f"{seconds:.1f} s ({self.quantised or 0} quantised layer(s))")
+
+
+def _say(line: str):
+    print(line, file=sys.stderr, flush=True)
 
 
 def blockquant_backend(gm, example_inputs, options=None, mode=None):
@@ -301,7 +353,7 @@ def blockquant_backend(gm, example_inputs, options=None, mode=None):
                     f"{str(getattr(reason, 'reason', '')).splitlines()[0]}); the code between "
                     "the graphs runs eagerly, so a linear layer there runs in full precision. "
                     "fullgraph=True makes this an error", once=("graph break", where))
-    graph = CompiledGraph(gm, example_inputs, opts, names)
+    graph = CompiledGraph(gm, example_inputs, opts, names, where)
     model = _identity(names.root, where)
     by_reason: dict[str, list[str]] = {}
     for fqn, why in left_alone(graph.current.gm):
