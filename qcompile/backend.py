@@ -21,8 +21,11 @@ tensors; before each call it checks that the weights they were packed from did n
 (``load_state_dict``), and packs them again if they did.
 
 Never silent: Dynamo splitting a frame at a graph break (the code between graphs runs eagerly,
-in full precision), a graph with nothing to quantise, a frame Dynamo gives up on after its
-recompile limit (it then runs eagerly, never reaching the backend): each is said once.
+in full precision), a graph with nothing to quantise, layers left alone for their dtype (float64
+after ``.double()``), a frame Dynamo gives up on after its recompile limit (it then runs eagerly,
+never reaching the backend), a copy of a model compiled in place (it runs uncompiled): each is
+said once. A graph that takes more than ``config.PROGRESS_AFTER_S`` to compile says on stderr
+what it compiles.
 """
 from __future__ import annotations
 

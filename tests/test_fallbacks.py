@@ -18,7 +18,6 @@ import torch.nn as nn
 import qcompile
 from emulation import emulate
 from qcompile import LayerSpec, Policy, backend, config
-from qcompile import ops  # noqa: F401 - registers torch.ops.qcompile
 
 NF4 = Policy({}, default=LayerSpec(weight="nf4"))
 X = torch.randn(3, 32, generator=torch.Generator().manual_seed(1))
@@ -152,19 +151,35 @@ def t5():
     cfg = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2,
                                 num_decoder_layers=2, num_heads=4, decoder_start_token_id=0,
                                 pad_token_id=0, eos_token_id=1)
-    return transformers.T5ForConditionalGeneration(cfg).eval()
-
-
-def test_generate_of_an_encoder_decoder_runs_its_encoder_quantised():
-    from hf_models import reference_copy
-    model = t5()
-    policy = Policy({"lm_head": None}, default=LayerSpec(weight="nf4"))
-    want = reference_copy(model, policy)
+    model = transformers.T5ForConditionalGeneration(cfg).eval()
     ids = torch.randint(2, 64, (1, 7), generator=torch.Generator().manual_seed(3))
+    return model, {"input_ids": ids}, "lm_head", "encoder.block.0.layer.0.SelfAttention.q"
+
+
+def whisper():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.WhisperConfig(
+        vocab_size=100, num_mel_bins=16, encoder_layers=1, decoder_layers=1, d_model=32,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+        decoder_ffn_dim=64, max_source_positions=16, max_target_positions=32,
+        decoder_start_token_id=1, pad_token_id=0, eos_token_id=2, bos_token_id=1,
+        begin_suppress_tokens=None, suppress_tokens=None)
+    model = transformers.WhisperForConditionalGeneration(cfg).eval()
+    feats = torch.randn(1, 16, 32, generator=torch.Generator().manual_seed(3))
+    return model, {"input_features": feats}, "proj_out", "model.encoder.layers.0.fc1"
+
+
+@pytest.mark.parametrize("build", [t5, whisper])
+def test_generate_of_an_encoder_decoder_runs_its_encoder_quantised(build):
+    from hf_models import reference_copy
+    model, inputs, head, encoder_layer = build()
+    policy = Policy({head: None}, default=LayerSpec(weight="nf4"))
+    want = reference_copy(model, policy)
     qcompile.compile(model, policy, lowering="eager", kernels="reference")
 
     def scores(m):
-        out = m.generate(ids, max_new_tokens=3, do_sample=False, output_scores=True,
+        out = m.generate(**inputs, max_new_tokens=3, do_sample=False, output_scores=True,
                          return_dict_in_generate=True)
         return torch.stack(out.scores)
     (got,), messages = run_recording(lambda: scores(model), calls=1)
@@ -172,13 +187,13 @@ def test_generate_of_an_encoder_decoder_runs_its_encoder_quantised():
     with torch.no_grad():
         assert torch.equal(got, scores(want))
     # a plain forward of the whole model: quantised once, the same as the reference
-    dec = torch.tensor([[0, 5, 6]])
-    (y,), messages = run_recording(lambda: model(input_ids=ids, decoder_input_ids=dec).logits, 1)
+    dec = torch.tensor([[1, 5, 6]])
+    (y,), messages = run_recording(lambda: model(**inputs, decoder_input_ids=dec).logits, 1)
     with torch.no_grad():
-        assert torch.equal(y, want(input_ids=ids, decoder_input_ids=dec).logits)
+        assert torch.equal(y, want(**inputs, decoder_input_ids=dec).logits)
     assert messages == []
     names = {r.fqn for r in qcompile.explain(model).rows if r.weight_fmt != "-"}
-    assert "encoder.block.0.layer.0.SelfAttention.q" in names  # the whole model's names
+    assert encoder_layer in names  # the whole model's names
 
 
 # -- a slow compile says what it compiles ---------------------------------------------------------
