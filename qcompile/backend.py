@@ -357,20 +357,24 @@ def blockquant_backend(gm, example_inputs, options=None, mode=None):
                     "the graphs runs eagerly, so a linear layer there runs in full precision. "
                     "fullgraph=True makes this an error", once=("graph break", where))
     graph = CompiledGraph(gm, example_inputs, opts, names, where)
-    model = _identity(names.root, where)
+    _say_what_runs_unquantised(graph.current, _identity(names.root, where), where)
+    return graph
+
+
+def _say_what_runs_unquantised(variant: Variant, model, where: str):
+    """Once per model and reason: layers left alone for their dtype (the reason, not "nothing
+    matched"); else a graph with nothing quantised."""
     by_reason: dict[str, list[str]] = {}
-    for fqn, why in left_alone(graph.current.gm):
+    for fqn, why in left_alone(variant.gm):
         by_reason.setdefault(why, []).append(fqn)
     for why, layers in by_reason.items():
         config.warn(f"blockquant: {len(layers)} layer(s) of {where} ({_some(layers)}) run "
                     f"unquantised, in full precision: {why}. Convert the model (.float(), "
                     ".half() or .bfloat16()) to quantise them", once=("dtype", model, why))
-    if not by_reason and not graph.current.packed and not _has_qcompile_ops(
-            graph.current.gm) and not any(r.weight_fmt != "-" or r.act_fmt != "-"
-                                          for r in graph.current.rows):
+    if not by_reason and not variant.packed and not _has_qcompile_ops(variant.gm) and not any(
+            r.weight_fmt != "-" or r.act_fmt != "-" for r in variant.rows):
         config.warn(f"blockquant: nothing in a graph of {where} matched the policy; it runs "
                     "unquantised", once=("nothing matched", model))
-    return graph
 
 
 def _identity(model, where: str):
