@@ -433,8 +433,8 @@ class _EagerWatch:
         self.module = weakref.ref(module) if module is not None else None
 
     def __call__(self, mod, args):
-        if self.module is None or mod is not self.module() or torch.compiler.is_compiling():
-            return
+        if torch.compiler.is_compiling() or self.module is None or mod is not self.module():
+            return  # first: inside a graph Dynamo traces nothing else of it
         config.warn(f"blockquant: layer {self.name!r} ran eagerly, in full precision: Dynamo "
                     "did not compile the code it runs in (a graph break it could not resume "
                     "after, a skipped frame, or its recompile limit; TORCH_LOGS="
