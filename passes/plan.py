@@ -42,7 +42,8 @@ class Skipped:
 def plan(gm: fx.GraphModule, policy: Policy, example_inputs=None,
          names: ModuleNames | None = None) -> fx.GraphModule:
     """Set the ``rule`` and ``spec`` of every found op's record (passes.find.Op): the spec
-    only where the policy quantises it. Sites with non-float operands, or a policy answer of None, are left alone.
+    only where the policy quantises it. Sites with a policy answer of None are left alone, and so
+    are sites with operands of another dtype than float32/16/bf16 (the reason in their ``note``).
     The graph record's ``matched_rules`` collects the indices of the rules that matched; its
     ``skipped`` lists the layers the policy quantises that this graph
     cannot (see ``_skipped``), each said once."""
@@ -63,10 +64,9 @@ def plan(gm: fx.GraphModule, policy: Policy, example_inputs=None,
             skipped.append(_skip(site.fqn, example_value(site.weight), rule, spec,
                                  MAX_NORM_REASON))
             continue
-        if spec.weight is not None and not _float(site.weight):
-            continue  # non-float weight: leave alone
-        if spec.act is not None and not _float(site.x):
-            continue
+        op.note = _dtype_reason(site, spec)
+        if op.note:
+            continue  # a dtype the formats do not take: left alone, the backend says why
         op.spec = spec
     skipped += _unreached(gm, policy, example_inputs, names)
     record = graph_record(gm)
@@ -74,6 +74,25 @@ def plan(gm: fx.GraphModule, policy: Policy, example_inputs=None,
     matched |= {s.rule_index for s in skipped if s.rule_index is not None}
     record.matched_rules = matched
     return gm
+
+
+def _dtype_reason(site, spec) -> str:
+    """Why an op the policy quantises is left alone because of its operands' dtype, or ""."""
+    for what, node, fmt in (("weights", site.weight, spec.weight), ("inputs", site.x, spec.act)):
+        if fmt is not None and not _float(node):
+            v = example_value(node)
+            dtype = str(v.dtype).replace("torch.", "") if isinstance(v, torch.Tensor) else \
+                type(v).__name__
+            return (f"the {what} are {dtype}; blockquant quantises float32, float16 and "
+                    f"bfloat16 {what}")
+    return ""
+
+
+def left_alone(gm: fx.GraphModule) -> list[tuple[str, str]]:
+    """(layer name, reason) of every op the policy quantises that ``plan`` left alone because
+    of its dtype."""
+    return [(site.fqn, op_record(n).note) for n, site in sites(gm)
+            if op_record(n).spec is None and op_record(n).note]
 
 
 def _op_name(node: fx.Node) -> str:

@@ -21,14 +21,21 @@ tensors; before each call it checks that the weights they were packed from did n
 (``load_state_dict``), and packs them again if they did.
 
 Never silent: Dynamo splitting a frame at a graph break (the code between graphs runs eagerly,
-in full precision), a graph with nothing to quantise, a frame Dynamo gives up on after its
-recompile limit (it then runs eagerly, never reaching the backend): each is said once.
+in full precision), a graph with nothing to quantise, layers left alone for their dtype (float64
+after ``.double()``), a frame Dynamo gives up on after its recompile limit (it then runs eagerly,
+never reaching the backend), a copy of a model compiled in place (it runs uncompiled): each is
+said once. A graph that takes more than ``config.PROGRESS_AFTER_S`` to compile says on stderr
+what it compiles.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import logging
+import sys
+import threading
+import time
 import types
 import weakref
 
@@ -37,7 +44,7 @@ import torch
 from qcompile import passes
 from qcompile.passes.graph import copy_graph_module, graph_record
 from qcompile.passes.names import frame_description, names_for, remember_root
-from qcompile.passes.plan import planned as planned_sites, warn_unmatched
+from qcompile.passes.plan import left_alone, planned as planned_sites, warn_unmatched
 from qcompile.passes.report import site_rows
 
 from . import config, ops
@@ -245,8 +252,10 @@ class CompiledGraph:
       decoder layer compiled on its own): the policy is applied to that instance by its own
       names, a Variant each; variants whose rewritten graphs are the same share one lowering."""
 
-    def __init__(self, gm, example_inputs, opts: dict, names):
+    def __init__(self, gm, example_inputs, opts: dict, names, where: str = "a compiled function"):
         self.source, self.opts, self.names = copy_graph_module(gm), opts, names
+        _GRAPH_COUNT[where] += 1
+        self.what = f"graph {_GRAPH_COUNT[where]} of {where}"
         self.param_inputs = [i for i, t in enumerate(example_inputs)
                              if isinstance(t, torch.nn.Parameter)]
         self.traced = [example_inputs[i] for i in self.param_inputs]
@@ -259,12 +268,15 @@ class CompiledGraph:
 
     def _build(self, args, names) -> Variant:
         o = self.opts
-        gm, _, rows = run_passes(self.source, args, o["policy"], o["impl"], names)
-        extra = list(graph_record(gm).extra_inputs)
-        same = next((v for v in self.variants.values() if v.gm.code == gm.code and all(
-            a.shape == b.shape and a.dtype == b.dtype for a, b in zip(v.extra, extra))), None)
-        fn = same.fn if same is not None else _lower(gm, list(args) + extra, o["lowering"],
-                                                     o["mode"])
+        with _Progress(self.what, o["lowering"]) as progress:
+            gm, planned, rows = run_passes(self.source, args, o["policy"], o["impl"], names)
+            progress.quantised = len(planned)
+            extra = list(graph_record(gm).extra_inputs)
+            same = next((v for v in self.variants.values() if v.gm.code == gm.code and all(
+                a.shape == b.shape and a.dtype == b.dtype for a, b in zip(v.extra, extra))),
+                None)
+            fn = same.fn if same is not None else _lower(gm, list(args) + extra, o["lowering"],
+                                                         o["mode"])
         variant = Variant(gm, fn, rows, args, self.param_inputs, names.root)
         self.variants[self._key(args)] = variant
         return variant
@@ -280,6 +292,49 @@ class CompiledGraph:
         if any(p.changed(args[p.input_index]) for p in v.packed):
             v.requantise(args, self.opts["lowering"])
         return v.fn(*args, *v.extra)
+
+
+_GRAPH_COUNT: collections.Counter = collections.Counter()  # graphs compiled, per model
+
+
+class _Progress:
+    """Says on stderr what is being compiled when one graph takes longer than
+    ``config.PROGRESS_AFTER_S`` (a cold Inductor compile of a small model takes minutes on a
+    2-core CPU): a line when that time has passed, and one when the graph is done."""
+
+    def __init__(self, what: str, lowering: str):
+        self.what, self.lowering, self.quantised = what, lowering, None
+        self.shown = self.done = False
+        self.lock = threading.Lock()
+        self.timer = threading.Timer(config.PROGRESS_AFTER_S, self._show)
+        self.timer.daemon = True
+
+    def __enter__(self):
+        self.start = time.monotonic()
+        self.timer.start()
+        return self
+
+    def _show(self):
+        with self.lock:
+            if self.done:
+                return
+            self.shown = True
+            stage = ("planning and quantising its weights" if self.quantised is None else
+                     f"{self.quantised} quantised layer(s); lowering it with {self.lowering}")
+            _say(f"blockquant: compiling {self.what} ({stage}) ...")
+
+    def __exit__(self, kind, err, tb):
+        self.timer.cancel()
+        with self.lock:
+            self.done = True
+            if self.shown:
+                seconds = time.monotonic() - self.start
+                _say(f"blockquant: {self.what} {'failed' if kind else 'compiled'} in "
+                     f"{seconds:.1f} s ({self.quantised or 0} quantised layer(s))")
+
+
+def _say(line: str):
+    print(line, file=sys.stderr, flush=True)
 
 
 def blockquant_backend(gm, example_inputs, options=None, mode=None):
@@ -301,12 +356,36 @@ def blockquant_backend(gm, example_inputs, options=None, mode=None):
                     f"{str(getattr(reason, 'reason', '')).splitlines()[0]}); the code between "
                     "the graphs runs eagerly, so a linear layer there runs in full precision. "
                     "fullgraph=True makes this an error", once=("graph break", where))
-    graph = CompiledGraph(gm, example_inputs, opts, names)
-    if not graph.current.packed and not _has_qcompile_ops(graph.current.gm) and not any(
-            r.weight_fmt != "-" or r.act_fmt != "-" for r in graph.current.rows):
-        config.warn(f"blockquant: nothing in a graph of {where} matched the policy; it runs "
-                    "unquantised", once=("nothing matched", where))
+    graph = CompiledGraph(gm, example_inputs, opts, names, where)
+    _say_what_runs_unquantised(graph.current, _identity(names.root, where), where)
     return graph
+
+
+def _say_what_runs_unquantised(variant: Variant, model, where: str):
+    """Once per model and reason: layers left alone for their dtype (the reason, not "nothing
+    matched"); else a graph with nothing quantised."""
+    by_reason: dict[str, list[str]] = {}
+    for fqn, why in left_alone(variant.gm):
+        by_reason.setdefault(why, []).append(fqn)
+    for why, layers in by_reason.items():
+        config.warn(f"blockquant: {len(layers)} layer(s) of {where} ({_some(layers)}) run "
+                    f"unquantised, in full precision: {why}. Convert the model (.float(), "
+                    ".half() or .bfloat16()) to quantise them", once=("dtype", model, why))
+    if not by_reason and not variant.packed and not _has_qcompile_ops(variant.gm) and not any(
+            r.weight_fmt != "-" or r.act_fmt != "-" for r in variant.rows):
+        config.warn(f"blockquant: nothing in a graph of {where} matched the policy; it runs "
+                    "unquantised", once=("nothing matched", model))
+
+
+def _identity(model, where: str):
+    """A once-key part for ``model``: equal only for the same live model (a weak reference,
+    never mistaken for a later model at the same address); ``where`` without one."""
+    return weakref.ref(model) if model is not None else where
+
+
+def _some(names: list[str], shown: int = 3) -> str:
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
 # -- Dynamo giving up on a frame ---------------------------------------------------------------
@@ -340,28 +419,45 @@ def _watch_dynamo_fallbacks():
         log.addFilter(_FILTER)
 
 
-def _eager_watch(name: str, module: torch.nn.Module):
+class _EagerWatch:
     """A forward pre-hook for a layer the policy quantises. Inside a graph Dynamo traces it to
     nothing; if it ever runs, the layer runs eagerly (Dynamo skipped the frame it is in, could
-    not resume after a graph break, or hit its recompile limit): in full precision."""
-    ref = weakref.ref(module)
+    not resume after a graph break, or hit its recompile limit): in full precision.
 
-    def hook(mod, args):
-        if not torch.compiler.is_compiling() and mod is ref():
-            config.warn(f"blockquant: layer {name!r} ran eagerly, in full precision: Dynamo did "
-                        "not compile the code it runs in (a graph break it could not resume "
-                        "after, a skipped frame, or its recompile limit; TORCH_LOGS="
-                        "graph_breaks,recompiles says which)", RuntimeWarning,
-                        once=("ran eagerly", id(mod)))
-    return hook
+    A class, not a closure, so a compiled model pickles. In a deep copy or a pickled copy it
+    watches nothing (the copy runs uncompiled and says so once, see ``_UncompiledCopy``): one
+    warning for the copy, not one per layer; ``compile`` of the copy arms it again."""
+
+    def __init__(self, name: str, module: torch.nn.Module | None):
+        self.name = name
+        self.module = weakref.ref(module) if module is not None else None
+
+    def __call__(self, mod, args):
+        if torch.compiler.is_compiling() or self.module is None or mod is not self.module():
+            return  # first: inside a graph Dynamo traces nothing else of it
+        config.warn(f"blockquant: layer {self.name!r} ran eagerly, in full precision: Dynamo "
+                    "did not compile the code it runs in (a graph break it could not resume "
+                    "after, a skipped frame, or its recompile limit; TORCH_LOGS="
+                    "graph_breaks,recompiles says which)", RuntimeWarning,
+                    once=("ran eagerly", id(mod)))
+
+    def __deepcopy__(self, memo):
+        return _EagerWatch(self.name, None)
+
+    def __reduce__(self):
+        return _EagerWatch, (self.name, None)
 
 
 def _watch_eager_layers(model: torch.nn.Module, policy: Policy):
+    """Arm a watch on every linear layer the policy quantises (again, in a copy)."""
     for name, mod in model.named_modules():
-        if linear_like(mod) and policy.match(name, "linear")[1] is not None and not any(
-                getattr(h, "__qualname__", "").startswith("_eager_watch")
-                for h in mod._forward_pre_hooks.values()):
-            mod.register_forward_pre_hook(_eager_watch(name, mod))
+        if not linear_like(mod) or policy.match(name, "linear")[1] is None:
+            continue
+        watches = [h for h in mod._forward_pre_hooks.values() if isinstance(h, _EagerWatch)]
+        for watch in watches:
+            watch.name, watch.module = name, weakref.ref(mod)
+        if not watches:
+            mod.register_forward_pre_hook(_EagerWatch(name, mod))
 
 
 # -- compiling in place ------------------------------------------------------------------------
@@ -375,28 +471,48 @@ def compile(model: torch.nn.Module, policy: Policy | None = None, *, fullgraph: 
     Like ``model.compile()``, but ``model.compile()`` compiles nothing for a model made only of
     torch modules (an nn.Sequential: Dynamo skips frames in torch's own files), and all models
     compiled through one function share its recompile budget; here each model gets a frame of
-    its own, compiled in the user's name."""
+    its own, compiled in the user's name. An encoder-decoder model's encoder (T5, BART,
+    Whisper) is compiled in place too: ``generate`` calls it on its own, outside the model's
+    frame. A deep copy or a pickle of the compiled model runs uncompiled (it says so once)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"qcompile.compile: expected an nn.Module, got {type(model).__name__}")
     options = {"policy": policy, **options}
     opts = parse_options(options)
-    remember_root(model)
+    remember_root(model)  # the encoder's frame is named in the whole model
     _watch_eager_layers(model, opts["policy"])
-
-    def call(*args, **kwargs):
-        return model._call_impl(*args, **kwargs)
-    # a fresh code object per model: Dynamo's cache and recompile limit are per code object
-    name = f"blockquant_{type(model).__name__}"
-    frame = types.FunctionType(call.__code__.replace(co_name=name, co_qualname=name),
-                               call.__globals__, name, None, call.__closure__)
-    model._compiled_call_impl = _CompiledCall(torch.compile(
-        frame, backend="blockquant", options=options, fullgraph=fullgraph, dynamic=dynamic))
+    _watch_copies(model)
+    _compile_frame(model, options, fullgraph, dynamic)
+    for part in _separately_called_parts(model):
+        _compile_frame(part, options, fullgraph, dynamic)
     return model
 
 
+def _separately_called_parts(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Submodules that ``generate`` calls by themselves: an encoder-decoder's encoder."""
+    config_ = getattr(model, "config", None)
+    get_encoder = getattr(model, "get_encoder", None)
+    if not getattr(config_, "is_encoder_decoder", False) or not callable(get_encoder):
+        return []
+    encoder = get_encoder()
+    return [encoder] if isinstance(encoder, torch.nn.Module) and encoder is not model else []
+
+
+def _compile_frame(module: torch.nn.Module, options: dict, fullgraph, dynamic):
+    """Point ``module``'s calls at a compiled frame of its own."""
+    def call(*args, **kwargs):
+        return module._call_impl(*args, **kwargs)
+    # a fresh code object per module: Dynamo's cache and recompile limit are per code object
+    name = f"blockquant_{type(module).__name__}"
+    frame = types.FunctionType(call.__code__.replace(co_name=name, co_qualname=name),
+                               call.__globals__, name, None, call.__closure__)
+    module._compiled_call_impl = _CompiledCall(torch.compile(
+        frame, backend="blockquant", options=options, fullgraph=fullgraph, dynamic=dynamic))
+
+
 class _CompiledCall:
-    """``model._compiled_call_impl`` set by ``compile``. A deep copy of the model must not call
-    this model's compiled frame: the copy gets None and runs uncompiled until compiled itself."""
+    """``module._compiled_call_impl`` set by ``compile``. torch's Module.__getstate__ leaves
+    it out of a deep copy and a pickle; should it not, a copy gets None (runs uncompiled, and
+    ``_CopyWatch`` says so) rather than this module's compiled frame."""
 
     def __init__(self, fn):
         self.fn = fn
@@ -406,3 +522,49 @@ class _CompiledCall:
 
     def __deepcopy__(self, memo):
         return None
+
+    def __reduce__(self):
+        return _nothing, ()
+
+
+def _nothing():
+    return None
+
+
+class _CopyWatch:
+    """A forward pre-hook on a model compiled by ``compile``. The model itself never trips it
+    (in its compiled frame it traces to nothing; eagerly, the layer watches speak). A deep
+    copy or a pickle (``torch.save``) of the model runs uncompiled, in full precision: the
+    copy's own watch (made by ``__deepcopy__`` / ``__reduce__``) says so on its first call."""
+
+    def __init__(self, module: torch.nn.Module | None, how: str = ""):
+        self.module = weakref.ref(module) if module is not None else None
+        self.how, self.said = how, False
+
+    def __call__(self, mod, args):
+        if torch.compiler.is_compiling() or self.said:
+            return
+        if self.module is not None and mod is self.module():
+            return
+        self.said = True
+        config.warn(f"blockquant: this {type(mod).__name__} {self.how} a model compiled "
+                    "by qcompile.compile: it runs uncompiled, in full precision. Compile it "
+                    "with qcompile.compile(model, policy); to save a quantised model, use "
+                    "qcompile.save_quantized", RuntimeWarning)
+
+    def __deepcopy__(self, memo):
+        return _CopyWatch(None, "is a deep copy of")
+
+    def __reduce__(self):
+        return _CopyWatch, (None, "was loaded from a pickle (torch.save) of")
+
+    def arm(self, module: torch.nn.Module):
+        self.module, self.said = weakref.ref(module), False
+
+
+def _watch_copies(model: torch.nn.Module):
+    watches = [h for h in model._forward_pre_hooks.values() if isinstance(h, _CopyWatch)]
+    for watch in watches:  # a copy compiled in turn: its watch is the model's own now
+        watch.arm(model)
+    if not watches:
+        model.register_forward_pre_hook(_CopyWatch(model))

@@ -26,6 +26,8 @@ import sys
 import sysconfig
 import warnings
 
+# compiling one graph longer than this (seconds) prints what is being compiled to stderr
+PROGRESS_AFTER_S = 3.0
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
 KERNELS = ("auto", "reference", "triton", "cpu")  # the ops' and the backend's kernel choices

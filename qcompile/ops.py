@@ -120,21 +120,24 @@ def no_kernel_by_design(err: BaseException) -> bool:
     return linecache.getline(path, tb.tb_lineno).lstrip().startswith("raise")
 
 
-def _fallback(op: str, key: str, err: Exception, kind: str = "Triton"):
-    """In strict mode re-raise a kernel failure; else warn once per (op, format) that the
-    reference runs instead of a generated (``kind``: Triton or CPU) kernel. Call it inside the
+def _fallback(op: str, key: str, err: Exception, kind: str, dtype: torch.dtype,
+              device: torch.device):
+    """In strict mode re-raise a kernel failure; else warn once per (op, format, kernel kind,
+    the op's float dtype and device) that the reference runs instead of a generated (``kind``:
+    Triton or CPU) kernel: an fp16 call after a bf16 one is said again. Call it inside the
     ``except`` block."""
     first = str(err).splitlines()[0] if str(err) else ""
+    where = f"qcompile::{op} ({str(dtype).replace('torch.', '')} on {device.type})"
     if no_kernel_by_design(err):
-        message = (f"qcompile::{op}: no generated {kind} kernel for {key} "
+        message = (f"{where}: no generated {kind} kernel for {key} "
                    f"({type(err).__name__}: {first}); using the reference implementation")
     elif config.strict():
         raise err
     else:
-        message = (f"qcompile::{op}: the generated {kind} kernel for {key} failed "
+        message = (f"{where}: the generated {kind} kernel for {key} failed "
                    f"({type(err).__name__}: {first}); using the reference implementation "
                    "instead (QCOMPILE_STRICT=1 makes this an error)")
-    config.warn(message, once=("qcompile.ops", op, key, kind))
+    config.warn(message, once=("qcompile.ops", op, key, kind, dtype, str(device)))
 
 
 def _contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -169,12 +172,12 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, side: list[torch.Tenso
             _launchable(codes)
             return _contiguous(api.dequantize(q, impl="triton"))
         except Exception as err:  # no kernel here (or, unless strict, one failed): the reference
-            _fallback("dequantize", q.fmt.key, err)
+            _fallback("dequantize", q.fmt.key, err, "Triton", q.dtype, codes.device)
     elif where == "cpu" and len(q.shape) == 2:
         try:
             return cpu.dequantize(q)
         except Exception as err:
-            _fallback("dequantize", q.fmt.key, err, "CPU")
+            _fallback("dequantize", q.fmt.key, err, "CPU", q.dtype, codes.device)
     return _contiguous(api.dequantize(q))
 
 
@@ -217,7 +220,8 @@ def fake_quantize_act(x: torch.Tensor, fmt: str, axis: int = -1,
                 raise NotImplementedError("no generated quantise kernel")
             return _contiguous(api.fake_quantize_values(x, fmt, axis=axis, impl="triton"))
         except Exception as err:
-            _fallback("fake_quantize_act", formats.get(fmt).key, err)
+            _fallback("fake_quantize_act", formats.get(fmt).key, err, "Triton", x.dtype,
+                      x.device)
     return _contiguous(api.fake_quantize_values(x, fmt, axis=axis))
 
 
@@ -254,12 +258,14 @@ def linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, side: lis
         try:
             return _contiguous(fused.linear(x, q, act_fmt or None, bias))
         except Exception as err:
-            _fallback("linear", q.fmt.key + (f" x {act_fmt}" if act_fmt else ""), err)
+            _fallback("linear", q.fmt.key + (f" x {act_fmt}" if act_fmt else ""), err, "Triton",
+                      x.dtype, x.device)
     elif where == "cpu":
         try:
             return cpu.linear(x, q, act_fmt or None, bias)
         except Exception as err:
-            _fallback("linear", q.fmt.key + (f" x {act_fmt}" if act_fmt else ""), err, "CPU")
+            _fallback("linear", q.fmt.key + (f" x {act_fmt}" if act_fmt else ""), err, "CPU",
+                      x.dtype, x.device)
     w = api.dequantize(q)
     if act_fmt and x.numel():
         x = api.fake_quantize_values(x, act_fmt, axis=-1)
@@ -330,7 +336,7 @@ def embedding(ids: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
         try:
             return cpu.gather_rows(q, ids)
         except Exception as err:
-            _fallback("embedding", q.fmt.key, err, "CPU")
+            _fallback("embedding", q.fmt.key, err, "CPU", q.dtype, ids.device)
     return _contiguous(reference.dequantize_rows(q, ids))
 
 
