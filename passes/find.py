@@ -31,6 +31,9 @@ class Site:
     bias: fx.Node | None
     weight_axis: int
     tied: tuple = ()  # the other modules holding the same weight (a tied embedding / lm_head)
+    # a linear written as ``x @ W.T`` (transformers' FalconLinear): ``weight`` is W itself, and
+    # the rewrite turns the matmul into a linear op once the weight is quantised
+    transposed: bool = False
 
 
 KEY = "qcompile"  # node.meta[KEY]: the Op record of a quantisable node
@@ -61,6 +64,24 @@ def linear_operands(node: fx.Node):
         b, x, w = node.args
         return x, w, b
     return None
+
+
+def transposed_operand(node) -> fx.Node | None:
+    """W when ``node`` is W's 2-D transpose (``W.T``, ``W.t()``, ``W.transpose(0, 1)``,
+    ``W.permute(1, 0)``, ...) of a graph input or attribute W, else None."""
+    if not isinstance(node, fx.Node) or not node.args:
+        return None
+    base, rest, t = node.args[0], tuple(node.args[1:]), node.target
+    if not (isinstance(base, fx.Node) and base.op in ("placeholder", "get_attr")) or node.kwargs:
+        return None
+    if node.op == "call_function" and t is getattr:
+        return base if rest in (("T",), ("mT",)) else None
+    name = t if node.op == "call_method" else getattr(t, "__name__", None)
+    if node.op == "call_function" and t not in (torch.t, torch.transpose, torch.permute):
+        return None
+    swaps = {"t": [()], "transpose": [(0, 1), (1, 0), (-1, -2), (-2, -1), (0, -1), (-1, 0)],
+             "permute": [(1, 0), ((1, 0),), (-1, 0), ((-1, 0),)]}
+    return base if rest in swaps.get(name, []) else None
 
 
 def _is_real(t) -> bool:
@@ -99,6 +120,13 @@ def site_name(node: fx.Node, weight: torch.Tensor | None, names: ModuleNames) ->
     return text_name(node)
 
 
+def _matmul_site(node: fx.Node, kinds) -> Site | None:
+    if "matmul" in kinds and len(node.args) == 2 and all(isinstance(a, fx.Node)
+                                                         for a in node.args):
+        return Site("matmul", "matmul", "", node.args[0], node.args[1], None, -2)
+    return None
+
+
 def _site(node: fx.Node, kinds) -> Site | None:
     """The Site of a quantisable node (its name still empty), or None."""
     if node.op != "call_function" and not (node.op == "call_method" and node.target == "matmul"):
@@ -111,9 +139,12 @@ def _site(node: fx.Node, kinds) -> Site | None:
         if isinstance(x, fx.Node) and isinstance(w, fx.Node) and (
                 not addmm or isinstance(b, fx.Node)):
             return Site("linear", "addmm" if addmm else "linear", "", x, w, b, 0 if addmm else 1)
-    elif "matmul" in kinds and (t in MATMUL_TARGETS or node.op == "call_method"):
-        if len(node.args) == 2 and all(isinstance(a, fx.Node) for a in node.args):
-            return Site("matmul", "matmul", "", node.args[0], node.args[1], None, -2)
+    elif (t in MATMUL_TARGETS or node.op == "call_method") and len(node.args) == 2 and (
+            transposed_operand(node.args[1]) is not None) and isinstance(node.args[0], fx.Node):
+        return Site("linear", "linear", "", node.args[0], transposed_operand(node.args[1]), None,
+                    1, transposed=True)
+    elif t in MATMUL_TARGETS or node.op == "call_method":
+        return _matmul_site(node, kinds)
     elif "embedding" in kinds and t in EMBEDDING_TARGETS:
         args = list(node.args) + [None] * 2
         ids, w = node.kwargs.get("input", args[0]), node.kwargs.get("weight", args[1])
@@ -143,6 +174,9 @@ def find_quantisable(gm: fx.GraphModule, kinds=("linear",), example_inputs=None,
         if site is not None:
             weight = (real_input(gm, site.weight, example_inputs)
                       if site.kind != "matmul" else None)
+            if site.transposed and not names.weight_holders(weight):
+                site, weight = _matmul_site(node, kinds), None  # not a linear layer's weight
+        if site is not None:
             site.fqn = site_name(node, weight, names)
             if weight is not None:
                 site.tied = tuple(dict.fromkeys(n for n, _, _ in names.holders.get(id(weight), ())

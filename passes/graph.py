@@ -14,7 +14,6 @@ class GraphRecord:
     """What the passes record about a whole graph, one record under ``gm.meta[KEY]``."""
     extra_inputs: list = field(default_factory=list)  # values of the placeholders passes added
     packed: list = field(default_factory=list)  # PackedWeight of each weight packed ahead of time
-    matched_rules: set = field(default_factory=set)  # indices of the rules that matched an op
     skipped: list = field(default_factory=list)  # layers the policy quantises, this graph cannot
 
 
@@ -36,8 +35,7 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     if KEY in new.meta:
         r = new.meta[KEY]
         new.meta[KEY] = dataclasses.replace(r, extra_inputs=list(r.extra_inputs),
-                                            packed=list(r.packed), skipped=list(r.skipped),
-                                            matched_rules=set(r.matched_rules))
+                                            packed=list(r.packed), skipped=list(r.skipped))
     return new
 
 

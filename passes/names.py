@@ -32,12 +32,7 @@ import torch
 from torch import fx
 
 from qcompile import config
-from qcompile.modules import linear_like
-
-# torch's own mark for a Linear whose parent reads .weight directly (MultiheadAttention.out_proj)
-_READ_BY_PARENT = getattr(torch.nn.modules.linear, "NonDynamicallyQuantizableLinear", ())
-# torch modules that read their children's .weight themselves (their fused fast paths)
-_READERS = (torch.nn.MultiheadAttention, torch.nn.TransformerEncoderLayer)
+from qcompile.modules import linear_like, skip_reason
 
 # Models compiled or explained before: frames of their submodules are named in them.
 _KNOWN_ROOTS: list[weakref.ref] = []
@@ -114,16 +109,17 @@ class ModuleNames:
                          if self.param_name(t) is not None}
         return found
 
-    def read_by_parent(self, name: str) -> str | None:
-        """read_by_parent() for the module called ``name`` in this model."""
+    def skip_reason(self, name: str) -> str | None:
+        """qcompile.modules.skip_reason() for the module called ``name`` in this model: why the
+        policy's format cannot be applied to it (None: it can, or it is not a module here)."""
         if self.root is None or not name:
             return None
-        parent_name = name.rpartition(".")[0]
         try:
-            return read_by_parent(self.root.get_submodule(name),
-                                  self.root.get_submodule(parent_name))
+            mod = self.root.get_submodule(name)
+            parent = self.root.get_submodule(name.rpartition(".")[0])
         except AttributeError:
             return None
+        return skip_reason(mod, parent) if hasattr(mod, "weight") else None
 
     def weight_holders(self, weight: torch.Tensor | None, embedding: bool = False) -> list[str]:
         """Names of the linear-like modules (with ``embedding``: the nn.Embedding modules)
@@ -133,15 +129,6 @@ class ModuleNames:
         kind = (lambda m: isinstance(m, torch.nn.Embedding)) if embedding else linear_like
         return [name for name, mod, pname in self.holders.get(id(weight), ())
                 if pname == "weight" and kind(mod)]
-
-
-def read_by_parent(mod, parent) -> str | None:
-    """Why a linear layer cannot be quantised in place because its parent reads its ``.weight``
-    directly instead of calling it (nn.MultiheadAttention's out_proj), or None."""
-    if isinstance(parent, _READERS) or isinstance(mod, _READ_BY_PARENT):
-        return (f"its parent ({type(parent).__name__}) reads .weight directly instead of calling "
-                "the layer")
-    return None
 
 
 def _source_name(source) -> str:

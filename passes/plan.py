@@ -7,10 +7,10 @@ import torch
 from torch import fx
 
 from qcompile import config
-from qcompile.modules import linear_like
+from qcompile.modules import linear_like, linear_lookalike
 from qcompile.policy import Policy
 
-from .find import MAX_NORM_REASON, embedding_options, op_record, real_input, sites
+from .find import KEY, MAX_NORM_REASON, embedding_options, op_record, real_input, sites
 from .graph import graph_record, placeholders
 from .names import ModuleNames
 
@@ -33,7 +33,6 @@ class Skipped:
     """A linear layer the policy quantises that this graph cannot quantise, and why."""
     fqn: str
     weight_shape: tuple
-    rule_index: int | None
     rule: str
     reason: str
     bits: int
@@ -44,21 +43,19 @@ def plan(gm: fx.GraphModule, policy: Policy, example_inputs=None,
     """Set the ``rule`` and ``spec`` of every found op's record (passes.find.Op): the spec
     only where the policy quantises it. Sites with a policy answer of None are left alone, and so
     are sites with operands of another dtype than float32/16/bf16 (the reason in their ``note``).
-    The graph record's ``matched_rules`` collects the indices of the rules that matched; its
-    ``skipped`` lists the layers the policy quantises that this graph
-    cannot (see ``_skipped``), each said once."""
-    matched, skipped = set(), []
+    The graph record's ``skipped`` lists the layers the policy quantises that this graph cannot
+    (``qcompile.modules.skip_reason``, ``_unreached``), said once per reason."""
+    skipped = []
     for node, site in sites(gm):
         op = op_record(node)
         rule, spec = policy.match(site.fqn, site.kind)
         op.rule, op.spec = rule, None
-        if rule is not None:
-            matched.add(rule.index)
         if spec is None:
             continue
-        reason = names.read_by_parent(site.fqn) if names is not None else None
+        reason = names.skip_reason(site.fqn) if names is not None else None
         if reason is not None and site.kind == "linear":
             skipped.append(_skip(site.fqn, example_value(site.weight), rule, spec, reason))
+            del node.meta[KEY]  # not a quantisable op after all: its row is the skipped one
             continue
         if site.kind == "embedding" and embedding_options(node).get("max_norm") is not None:
             skipped.append(_skip(site.fqn, example_value(site.weight), rule, spec,
@@ -69,10 +66,9 @@ def plan(gm: fx.GraphModule, policy: Policy, example_inputs=None,
             continue  # a dtype the formats do not take: left alone, the backend says why
         op.spec = spec
     skipped += _unreached(gm, policy, example_inputs, names)
-    record = graph_record(gm)
-    record.skipped = skipped
-    matched |= {s.rule_index for s in skipped if s.rule_index is not None}
-    record.matched_rules = matched
+    warn_skipped("blockquant", [(s.fqn, s.reason) for s in skipped],
+                 id(names.root) if names is not None else None)
+    graph_record(gm).skipped = skipped
     return gm
 
 
@@ -100,13 +96,25 @@ def _op_name(node: fx.Node) -> str:
     return getattr(t, "__name__", None) or str(t)
 
 
+def warn_skipped(who: str, skipped, scope=None):
+    """Say once per reason (and ``scope``: the model) which layers stay in full precision
+    although the policy gives them a format (``skipped``: (name, reason) pairs)."""
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in skipped:
+        by_reason.setdefault(reason, []).append(name)
+    for reason, names in by_reason.items():
+        shown = ", ".join(repr(n) for n in names[:3]) + (
+            f" and {len(names) - 3} more" if len(names) > 3 else "")
+        what = f"layer {shown} stays" if len(names) == 1 else f"layers {shown} stay"
+        config.warn(f"{who}: {what} in full precision although the policy gives "
+                    f"{'it' if len(names) == 1 else 'them'} a format: {reason} (explain() lists "
+                    f"{'it' if len(names) == 1 else 'them'})", once=(who, "skipped", reason, scope))
+
+
 def _skip(fqn, weight, rule, spec, reason) -> Skipped:
-    """Record a skipped layer and say so once: the policy asked for a format it does not get."""
-    config.warn(f"blockquant: layer {fqn!r} stays in full precision although the policy gives "
-                f"it {spec.weight.key if spec.weight else spec.act.key}: {reason} "
-                "(explain() lists it)", once=("skipped", fqn, reason))
+    """Record a layer the policy gives a format that it does not get (said by warn_skipped)."""
     shape = tuple(int(s) for s in weight.shape) if isinstance(weight, torch.Tensor) else ()
-    return Skipped(fqn, shape, rule.index if rule else None, rule.describe() if rule else "default",
+    return Skipped(fqn, shape, rule.describe() if rule else "default",
                    reason, dtype_bits(weight))
 
 
@@ -131,8 +139,11 @@ def _unreached(gm, policy: Policy, example_inputs, names: ModuleNames | None) ->
             if spec is None or spec.weight is None:
                 continue
             readers = ", ".join(sorted({_op_name(u) for u in ph.users})) or "nothing"
-            skipped.append(_skip(name, t, rule, spec,
-                                 f"its weight is read by {readers}, not by a linear op"))
+            reason = names.skip_reason(name) or (
+                f"its weight is read by {readers}, not by a linear op (x @ W^T), so the compiled "
+                "graph cannot quantise it; quantize_model_ and fake_quantize_model_, which "
+                "replace the layer itself, do")
+            skipped.append(_skip(name, t, rule, spec, reason))
     return skipped
 
 
@@ -142,26 +153,25 @@ def planned(gm: fx.GraphModule):
             if op_record(n).spec is not None]
 
 
-def warn_unmatched(policy: Policy, matched: set[int], names: ModuleNames | None = None):
-    """Warn once per policy for each rule that matches no layer of the model (with the model
-    known: every linear layer is a candidate, whichever graph it lands in), or, without it, no
-    op of this graph."""
-    if names is not None and names.root is not None:
-        modules = list(names.root.named_modules())
-        candidates = {
-            "linear": [n for n, m in modules
-                       if linear_like(m) or getattr(m, "quantised_linear", False)],
+def rule_candidates(model: torch.nn.Module) -> dict[str, list[str]]:
+    """The names a rule of each op kind may match in ``model``: linear layers (look-alikes and
+    layers quantize_model_ swapped included), embeddings, and any module for matmuls."""
+    modules = list(model.named_modules())
+    return {"linear": [n for n, m in modules if linear_like(m) or linear_lookalike(m)
+                       or getattr(m, "quantised_linear", False)],
             "embedding": [n for n, m in modules if isinstance(m, torch.nn.Embedding)
                           or getattr(m, "quantised_embedding", False)],
             "matmul": [n for n, _ in modules]}
-        for rule in policy.rules:
-            kind = (rule.spec.op if rule.spec is not None else None) or "linear"
-            if not any(rule.matches(n, kind) for n in candidates[kind]):
-                config.warn(f"blockquant: policy rule {rule.describe()} matches no layer of the "
-                            f"{type(names.root).__name__} model",
-                            once=("unmatched", repr(policy), rule.index))
-        return
+
+
+def warn_unmatched(policy: Policy, model: torch.nn.Module, who: str = "blockquant"):
+    """Warn once per entry point (``who``) and policy for each rule that matches no layer of
+    ``model`` (a typo, or a rule for another architecture): every entry point calls this with
+    the whole model, so a rule is judged against every layer, whichever graph it lands in."""
+    candidates = rule_candidates(model)
     for rule in policy.rules:
-        if rule.index not in matched:
-            config.warn(f"blockquant: policy rule {rule.describe()} matched no op",
-                        once=("unmatched", repr(policy), rule.index))
+        kind = (rule.spec.op if rule.spec is not None else None) or "linear"
+        if not any(rule.matches(n, kind) for n in candidates[kind]):
+            config.warn(f"{who}: policy rule {rule.describe()} matches no layer of the "
+                        f"{type(model).__name__} model", once=(who, "unmatched", repr(policy),
+                                                             rule.index))

@@ -26,6 +26,7 @@ from .plan import planned
 DEQUANT = torch.ops.qcompile.dequantize.default
 FQ_ACT = torch.ops.qcompile.fake_quantize_act.default
 EMBEDDING = torch.ops.qcompile.embedding.default
+LINEAR = torch._C._nn.linear
 
 
 def rewrite(gm: fx.GraphModule, impl: str = "reference") -> fx.GraphModule:
@@ -37,6 +38,8 @@ def rewrite(gm: fx.GraphModule, impl: str = "reference") -> fx.GraphModule:
 
     for node, site, spec in planned(gm):
         q = op_record(node).qtensor
+        if site.transposed:  # x @ W.T: the linear op it is, so the fuse pass finds it
+            node = _as_linear(g, node, site)
         if q is not None:
             if id(q) not in packed_nodes:
                 stem = f"qc_w{len(packed_nodes)}"
@@ -68,3 +71,17 @@ def rewrite(gm: fx.GraphModule, impl: str = "reference") -> fx.GraphModule:
     g.lint()
     gm.recompile()
     return gm
+
+
+def _as_linear(g: fx.Graph, node: fx.Node, site) -> fx.Node:
+    """Replace ``x @ W.T`` by ``linear(x, W)`` (the same product) and return the new node; the
+    transpose goes too when nothing else reads it."""
+    with g.inserting_before(node):
+        linear = g.call_function(LINEAR, (site.x, site.weight))
+    linear.meta.update(node.meta)
+    transpose = node.args[1]
+    node.replace_all_uses_with(linear)
+    g.erase_node(node)
+    if not transpose.users:
+        g.erase_node(transpose)
+    return linear

@@ -120,7 +120,8 @@ def run_passes(gm, example_inputs, policy: Policy, impl: str = "auto", names=Non
     passes.find_quantisable(gm, policy.op_kinds(), example_inputs, names)
     passes.debug_graph(gm, "find_quantisable")
     passes.plan(gm, policy, example_inputs, names)
-    warn_unmatched(policy, graph_record(gm).matched_rules, names)
+    if names.root is not None:
+        warn_unmatched(policy, names.root)
     planned = planned_sites(gm)
     passes.debug_graph(gm, "plan")
     _set_impl(gm, impl)
@@ -478,6 +479,7 @@ def compile(model: torch.nn.Module, policy: Policy | None = None, *, fullgraph: 
         raise TypeError(f"qcompile.compile: expected an nn.Module, got {type(model).__name__}")
     options = {"policy": policy, **options}
     opts = parse_options(options)
+    warn_unmatched(opts["policy"], model)  # now, not at the first call
     remember_root(model)  # the encoder's frame is named in the whole model
     _watch_eager_layers(model, opts["policy"])
     _watch_copies(model)

@@ -26,6 +26,7 @@ from qcompile import config
 from qcompile.passes import find_quantisable, plan
 from qcompile.passes.graph import copy_graph_module
 from qcompile.passes.names import names_for, remember_root
+from qcompile.passes.plan import warn_unmatched
 from qcompile.passes.report import Row, site_rows
 
 from .backend import compiled_variants
@@ -235,6 +236,7 @@ def explain(model, policy: Policy | None = None, *example_inputs, **example_kwar
         return _Recorder(gm, inputs, policy, result.rows)
 
     target = _compiled_module(model) or model
+    warn_unmatched(policy, target, "explain")
     remember_root(target)  # frames Dynamo compiles on their own are named inside it
     _trace(target, example_inputs, example_kwargs, capture)
     result.rows += module_rows(target)

@@ -2,10 +2,12 @@
 swapped for ``QuantLinear`` and embeddings for ``QuantEmbedding``, which hold only the packed
 weight) and ``fake_quantize_model_`` (the eager model a compiled one is checked against).
 
-Two iterators, ``linear_layers`` and ``embedding_layers``, decide for both which layers a
-policy quantises, with the same rules as the backend:
+``linear_layers`` and ``embedding_layers`` decide for every entry point (these two, the
+transformers loader, the streaming command, the search) which layers a policy quantises, with
+the same rules as the backend:
 - linear layers are nn.Linear (weight [N, K], blocks along axis 1) and GPT-2's Conv1D
-  (weight [K, N], blocks along axis 0); the first matching rule wins;
+  (weight [K, N], blocks along axis 0); the first matching rule wins; a module that only looks
+  like one (an MoE router holding a 2-D weight) stays in full precision (qcompile.modules);
 - embeddings (nn.Embedding [vocab, hidden], blocks along axis 1) only by a rule whose spec has
   ``op="embedding"``;
 - a weight shared between modules (a tied embedding / lm_head) is quantised for each holder the
@@ -13,7 +15,8 @@ policy quantises, with the same rules as the backend:
   does the same); a holder the policy keeps in full precision keeps the original tensor;
 - a layer whose parent reads its ``.weight`` directly instead of calling it
   (``nn.MultiheadAttention``'s ``out_proj``) cannot be swapped or quantised by the backend: it
-  is skipped with a warning, and ``explain`` shows why.
+  is skipped with a warning (one per reason), and ``explain`` shows why;
+- a policy rule that matches no layer of the model is said once per entry point.
 """
 from __future__ import annotations
 
@@ -21,11 +24,11 @@ import json
 
 import torch
 
-from . import api, config
+from . import api
 from .ops import qtensor_from, qtensor_meta
-from .modules import is_conv1d, linear_like
+from .modules import is_conv1d, linear_like, linear_lookalike, skip_reason
 from .passes.find import MAX_NORM_REASON
-from .passes.names import read_by_parent
+from .passes.plan import warn_skipped, warn_unmatched
 from .policy import Policy, PolicyError, default_policy
 from .proxy import input_scores
 
@@ -40,25 +43,20 @@ def _check_policy(policy, who: str) -> Policy:
     return policy
 
 
-def skip_reason(mod, parent) -> str | None:
-    """Why a linear layer cannot be quantised (the same rule as the backend's), or None."""
-    reason = read_by_parent(mod, parent)
-    if reason is not None:
-        return reason
-    if not mod.weight.dtype.is_floating_point:
-        return f"its weight is {mod.weight.dtype}, not a float tensor"
-    return None
-
-
-def linear_layers(model: torch.nn.Module, policy: Policy, who: str):
-    """Yield ``(name, module, spec, axis, tied)`` for every linear layer the policy gives a
-    spec; ``tied``: its weight is shared with another module. Skipped layers are marked (for
-    explain) and said once."""
+def linear_layers(model: torch.nn.Module, policy: Policy, who: str) -> list[tuple]:
+    """``(name, module, spec, axis, tied)`` for every linear layer the policy gives a spec;
+    ``tied``: its weight is shared with another module. Every entry point decides its layers
+    here, by the backend's rule (qcompile.modules): layers the policy gives a format that cannot
+    take it (``skip_reason``: look-alikes such as MoE routers, a parent reading ``.weight``) are
+    marked for explain and said once per reason, and so is every policy rule that matches no
+    layer of the model."""
+    warn_unmatched(policy, model, who)
     holders = _holder_counts(model)
     parents = {f"{pn}.{cn}" if pn else cn: pm for pn, pm in model.named_modules()
                for cn, _ in pm.named_children()}
+    layers, skipped = [], []
     for name, mod in list(model.named_modules()):
-        if not linear_like(mod):
+        if not (linear_like(mod) or linear_lookalike(mod)):
             continue
         rule, spec = policy.match(name, "linear")
         if spec is None:
@@ -66,10 +64,12 @@ def linear_layers(model: torch.nn.Module, policy: Policy, who: str):
         reason = skip_reason(mod, parents.get(name))
         if reason is not None:
             setattr(mod, SKIP_REASON_ATTR, reason)
-            config.warn(f"{who}: layer {name!r} left in full precision: {reason}",
-                        once=(who, id(mod)))
+            skipped.append((name, reason))
             continue
-        yield name, mod, spec, 0 if is_conv1d(mod) else 1, holders.get(id(mod.weight), 1) > 1
+        layers.append((name, mod, spec, 0 if is_conv1d(mod) else 1,
+                       holders.get(id(mod.weight), 1) > 1))
+    warn_skipped(who, skipped, id(model))
+    return layers
 
 
 def embedding_layers(model: torch.nn.Module, policy: Policy, who: str):
@@ -88,8 +88,7 @@ def embedding_layers(model: torch.nn.Module, policy: Policy, who: str):
             reason = f"its weight is {mod.weight.dtype}, not a float tensor"
         if reason is not None:
             setattr(mod, SKIP_REASON_ATTR, reason)
-            config.warn(f"{who}: embedding {name!r} left in full precision: {reason}",
-                        once=(who, id(mod)))
+            warn_skipped(who, [(name, reason)], id(model))
             continue
         yield name, mod, spec, holders.get(id(mod.weight), 1) > 1
 
@@ -121,6 +120,9 @@ class _Packed(torch.nn.Module):
         self.meta = qtensor_meta(q)
         self.impl = impl
         self.fmt_key = q.fmt.key
+        # for code that reads layer.weight.dtype or .shape (T5's feed-forward, many transformers
+        # models): the original weight's, on the meta device, for its values live packed
+        self.weight = torch.empty(q.shape, dtype=q.dtype, device="meta")
 
     @property
     def weight_shape(self) -> tuple:

@@ -1,6 +1,13 @@
-"""Which torch modules are linear layers: nn.Linear (weight [N, K]) and GPT-2's Conv1D
-(transformers.pytorch_utils.Conv1D, weight [K, N]). One rule for the passes, the module swapping
-and the proxy scores; transformers is imported only when it is installed."""
+"""Which torch modules are linear layers: the one rule that the backend, ``quantize_model_``,
+``fake_quantize_model_``, ``explain`` and the search share.
+
+A linear layer is an nn.Linear (weight [N, K], any subclass: transformers' FalconLinear computes
+``x @ W.T + b`` itself) or GPT-2's Conv1D (weight [K, N]). A module that is neither but holds a
+2-D float ``weight`` of its own (a mixture-of-experts router: its forward runs
+``F.linear(x, self.weight)`` and then a top-k) is a *look-alike*: its forward may do more than a
+matmul, so no helper can swap it for a quantised layer, and every helper keeps it in full
+precision with the same reason (``LOOKALIKE_REASON``). transformers is imported only when it is
+installed."""
 from __future__ import annotations
 
 import torch
@@ -22,3 +29,46 @@ def is_conv1d(mod) -> bool:
 
 def linear_like(mod) -> bool:
     return isinstance(mod, torch.nn.Linear) or is_conv1d(mod)
+
+
+def linear_lookalike(mod) -> bool:
+    """A module that is not a linear layer or an embedding but holds a 2-D float ``weight``
+    parameter of its own (an MoE router, say)."""
+    w = getattr(mod, "_parameters", {}).get("weight")
+    return (w is not None and w.dim() == 2 and w.dtype.is_floating_point
+            and not linear_like(mod) and not isinstance(mod, torch.nn.Embedding))
+
+
+def lookalike_reason(mod) -> str:
+    """Why a ``linear_lookalike`` module stays in full precision (every helper says this)."""
+    return (f"a {type(mod).__name__} holds a 2-D weight but is not a linear layer (nn.Linear, "
+            "Conv1D): its forward may do more than x @ W^T (a router's top-k), so blockquant "
+            "keeps it in full precision")
+
+
+# torch's own mark for a Linear whose parent reads .weight directly (MultiheadAttention.out_proj)
+_READ_BY_PARENT = getattr(torch.nn.modules.linear, "NonDynamicallyQuantizableLinear", ())
+# torch modules that read their children's .weight themselves (their fused fast paths)
+_READERS = (torch.nn.MultiheadAttention, torch.nn.TransformerEncoderLayer)
+
+
+def read_by_parent(mod, parent) -> str | None:
+    """Why a linear layer cannot be quantised in place because its parent reads its ``.weight``
+    directly instead of calling it (nn.MultiheadAttention's out_proj), or None."""
+    if isinstance(parent, _READERS) or isinstance(mod, _READ_BY_PARENT):
+        return (f"its parent ({type(parent).__name__}) reads .weight directly instead of calling "
+                "the layer")
+    return None
+
+
+def skip_reason(mod, parent) -> str | None:
+    """Why a linear layer or look-alike that a policy gives a format stays in full precision,
+    or None when it can be quantised: the one list every helper and the backend use."""
+    if linear_lookalike(mod):
+        return lookalike_reason(mod)
+    reason = read_by_parent(mod, parent)
+    if reason is not None:
+        return reason
+    if not mod.weight.dtype.is_floating_point:
+        return f"its weight is {mod.weight.dtype}, not a float tensor"
+    return None
