@@ -198,3 +198,13 @@ def test_a_linear_written_as_x_at_w_transposed_is_quantised(form):
         assert torch.equal(qcompile.fake_quantize_model_(copy.deepcopy(model), policy)(x), want)
     assert [(r.fqn, r.weight_fmt) for r in qcompile.explain(compiled).rows] == [
         ("inner", "int4[block_size=32]")]
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2-moe"])
+def test_explain_traced_on_a_moe_model_with_eager_experts_lists_every_layer(name):
+    model = build(name)
+    model.config._experts_implementation = "eager"  # a loop over the experts hit
+    quantised, lookalikes = expected(model)
+    rows = qcompile.explain(copy.deepcopy(model), POLICY, **inputs(name)).rows
+    assert {r.fqn for r in rows if r.weight_fmt != "-"} == quantised
+    assert {r.fqn for r in rows if r.note.startswith("skipped")} == lookalikes
