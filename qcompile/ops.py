@@ -32,6 +32,10 @@ design (qcompile's own checks raise NotImplementedError before anything is launc
 codegen does not cover, CPU tensors without Triton's interpreter, ...) the op warns once (per op
 and format) and computes the reference result. A kernel that fails in any other way does the
 same, unless QCOMPILE_STRICT=1 (the test suite's setting): then its exception propagates.
+
+Each op notes which implementation ran for each packed weight (``kernels_ran``, read by
+``explain``): "cpu", "triton", or "reference (why)". A note is made once per (op, weight,
+kernel): a call costs a dict lookup.
 """
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ import json
 import linecache
 import os
 import sys
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +76,42 @@ def qtensor_from(codes, scales, side, meta: str) -> QTensor:
     return QTensor(fmt, codes, scales, shape, dtype, axis, block, dict(zip(names, side)))
 
 
+
+
+# -- which implementation ran, per op and packed weight ------------------------------------------
+
+# op name -> {id(codes): {kernel label: None}}; an entry goes when its codes tensor does
+RAN: dict[str, dict[int, dict[str, None]]] = {"linear": {}, "dequantize": {}, "embedding": {}}
+ASKED = "reference (kernels='reference')"
+
+
+def note_kernel(op: str, codes: torch.Tensor, kernel: str):
+    """Record that ``op`` ran ``kernel`` on the packed weight whose codes are ``codes``. Called
+    on every op call: the common case (already noted) is one dict lookup."""
+    seen = RAN[op].get(id(codes))
+    if seen is None or kernel not in seen:
+        _note(RAN[op], codes, kernel)
+
+
+def _note(table: dict, codes: torch.Tensor, kernel: str):
+    key = id(codes)
+    if key not in table:
+        table[key] = {}
+        weakref.finalize(codes, table.pop, key, None)  # an id is reused once its tensor dies
+    table[key][kernel] = None
+
+
+def kernels_ran(op: str, codes) -> list[str]:
+    """The kernels ``op`` ran on the packed weight with these codes, in the order first run."""
+    return list(RAN[op].get(id(codes), ()))
+
+
+def _why(where: str, err: Exception) -> str:
+    """The reference's label after a kernel could not run: the error's first clause."""
+    first = (str(err).splitlines() or [type(err).__name__])[0].split("; ")[0]
+    first = first.removeprefix("qcompile ")
+    how = "no" if no_kernel_by_design(err) else "failed"
+    return f"reference ({how} {where} kernel: {first[:70]})"
 
 
 def _resolve(impl: str, t: torch.Tensor) -> str:
@@ -163,18 +204,27 @@ def _define(schema: str):
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, side: list[torch.Tensor], meta: str,
                impl: str = "reference") -> torch.Tensor:
     q = qtensor_from(codes, scales, side, meta)
-    where = _resolve(impl, codes)
+    where, ran = _resolve(impl, codes), ASKED
     if where == "triton":
         try:
             _launchable(codes)
-            return _contiguous(api.dequantize(q, impl="triton"))
+            w = _contiguous(api.dequantize(q, impl="triton"))
+            note_kernel("dequantize", codes, "triton")
+            return w
         except Exception as err:  # no kernel here (or, unless strict, one failed): the reference
             _fallback("dequantize", q.fmt.key, err)
+            ran = _why("Triton", err)
     elif where == "cpu" and len(q.shape) == 2:
         try:
-            return cpu.dequantize(q)
+            w = cpu.dequantize(q)
+            note_kernel("dequantize", codes, "cpu")
+            return w
         except Exception as err:
             _fallback("dequantize", q.fmt.key, err, "CPU")
+            ran = _why("CPU", err)
+    elif where == "cpu":
+        ran = "reference (no CPU kernel: not a 2-d weight)"
+    note_kernel("dequantize", codes, ran)
     return _contiguous(api.dequantize(q))
 
 
@@ -249,17 +299,24 @@ def linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, side: lis
            meta: str, act_fmt: str, bias: torch.Tensor | None,
            impl: str = "reference") -> torch.Tensor:
     q = qtensor_from(codes, scales, side, meta)
-    where = _resolve(impl, x)
+    where, ran = _resolve(impl, x), ASKED
     if where == "triton":
         try:
-            return _contiguous(fused.linear(x, q, act_fmt or None, bias))
+            y = _contiguous(fused.linear(x, q, act_fmt or None, bias))
+            note_kernel("linear", codes, "triton")
+            return y
         except Exception as err:
             _fallback("linear", q.fmt.key + (f" x {act_fmt}" if act_fmt else ""), err)
+            ran = _why("Triton", err)
     elif where == "cpu":
         try:
-            return cpu.linear(x, q, act_fmt or None, bias)
+            y = cpu.linear(x, q, act_fmt or None, bias)
+            note_kernel("linear", codes, "cpu")
+            return y
         except Exception as err:
             _fallback("linear", q.fmt.key + (f" x {act_fmt}" if act_fmt else ""), err, "CPU")
+            ran = _why("CPU", err)
+    note_kernel("linear", codes, ran)
     w = api.dequantize(q)
     if act_fmt and x.numel():
         x = api.fake_quantize_values(x, act_fmt, axis=-1)
@@ -326,11 +383,20 @@ def embedding(ids: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
                          f"{vocab} rows")
     # a decoding step gathers a row per token: the CPU kernels decode it in microseconds; many
     # rows (a prefill) and other devices go through the reference's gather, as fast per row
-    if _resolve(impl, codes) == "cpu" and ids.numel() <= EMBEDDING_KERNEL_ROWS:
+    where, ran = _resolve(impl, codes), ASKED
+    if where == "cpu" and ids.numel() <= EMBEDDING_KERNEL_ROWS:
         try:
-            return cpu.gather_rows(q, ids)
+            rows = cpu.gather_rows(q, ids)
+            note_kernel("embedding", codes, "cpu")
+            return rows
         except Exception as err:
             _fallback("embedding", q.fmt.key, err, "CPU")
+            ran = _why("CPU", err)
+    elif where == "cpu":
+        ran = f"reference (more than {EMBEDDING_KERNEL_ROWS} ids: its gather)"
+    elif where == "triton":
+        ran = "reference (no Triton gather)"
+    note_kernel("embedding", codes, ran)
     return _contiguous(reference.dequantize_rows(q, ids))
 
 
