@@ -179,8 +179,8 @@ def _rule(model, name: str, mod) -> str:
         return mod.rule
     kind = "linear" if isinstance(mod, QuantLinear) else "embedding"
     policies = getattr(model, POLICIES_ATTR, ())
-    for i, policy in enumerate(policies):
-        text = matched_rule(policy, name, kind, i if len(policies) > 1 else None)
+    for policy in policies:
+        text = matched_rule(policy, name, kind)
         if text is not None:
             return text
     return "quantize_model_ (no saved policy matches)"
