@@ -52,11 +52,16 @@ class Explanation:
     resident_weight_bytes: int = 0  # measured: the model's parameters and buffers, now
 
     def _stored(self) -> list[Row]:
-        """The rows, a packed tensor that several ops read (a tied embedding / lm_head given
-        one format) counted once."""
+        """The rows, a tensor that several ops read counted once: a packed tensor (a tied
+        embedding / lm_head given one format), and in a traced explain a tied weight its
+        holders keep or would pack in one format."""
         seen, rows = set(), []
         for r in self.rows:
-            key = id(r.qtensor.codes) if r.qtensor is not None else None
+            key = None
+            if r.qtensor is not None:
+                key = id(r.qtensor.codes)
+            elif r.tied:
+                key = (frozenset((r.fqn, *r.tied)), r.weight_fmt)
             if key is None or key not in seen:
                 rows.append(r)
                 seen.add(key)

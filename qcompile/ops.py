@@ -34,8 +34,8 @@ and format) and computes the reference result. A kernel that fails in any other 
 same, unless QCOMPILE_STRICT=1 (the test suite's setting): then its exception propagates.
 
 Each op notes which implementation ran for each packed weight (``kernels_ran``, read by
-``explain``): "cpu", "triton", or "reference (why)". A note is made once per (op, weight,
-kernel): a call costs a dict lookup.
+``explain``): "cpu", "triton", or "reference (why)". A note is made when the kernel differs
+from the one noted last for that weight: a call costs a dict lookup.
 """
 from __future__ import annotations
 
@@ -80,30 +80,36 @@ def qtensor_from(codes, scales, side, meta: str) -> QTensor:
 
 # -- which implementation ran, per op and packed weight ------------------------------------------
 
-# op name -> {id(codes): {kernel label: None}}; an entry goes when its codes tensor does
-RAN: dict[str, dict[int, dict[str, None]]] = {"linear": {}, "dequantize": {}, "embedding": {}}
+CPU, TRITON = "cpu", "triton"
 ASKED = "reference (kernels='reference')"
+OPS = ("linear", "dequantize", "embedding")
+RAN: dict[str, dict[int, dict[str, None]]] = {op: {} for op in OPS}  # {id(codes): {kernels}}
+LAST: dict[str, dict[int, str]] = {op: {} for op in OPS}  # {id(codes): the kernel noted last}
+_LAST_LINEAR, _LAST_DEQUANTIZE, _LAST_EMBEDDING = (LAST[op] for op in OPS)
 
 
 def note_kernel(op: str, codes: torch.Tensor, kernel: str):
-    """Record that ``op`` ran ``kernel`` on the packed weight whose codes are ``codes``. Called
-    on every op call: the common case (already noted) is one dict lookup."""
-    seen = RAN[op].get(id(codes))
-    if seen is None or kernel not in seen:
-        _note(RAN[op], codes, kernel)
+    """Record that ``op`` ran ``kernel`` on the packed weight whose codes are ``codes``. The ops
+    call this only when ``LAST[op]`` holds another kernel for it: a call costs one dict lookup.
+    An entry goes when its codes tensor does (ids are reused)."""
+    key, last = id(codes), LAST[op]
+    if key not in last:
+        weakref.finalize(codes, _forget, op, key)
+    last[key] = kernel
+    RAN[op].setdefault(key, {})[kernel] = None
 
 
-def _note(table: dict, codes: torch.Tensor, kernel: str):
-    key = id(codes)
-    if key not in table:
-        table[key] = {}
-        weakref.finalize(codes, table.pop, key, None)  # an id is reused once its tensor dies
-    table[key][kernel] = None
+def _forget(op: str, key: int):
+    LAST[op].pop(key, None)
+    RAN[op].pop(key, None)
 
 
 def kernels_ran(op: str, codes) -> list[str]:
     """The kernels ``op`` ran on the packed weight with these codes, in the order first run."""
     return list(RAN[op].get(id(codes), ()))
+
+
+_NOT_2D = "reference (no CPU kernel: not a 2-d weight)"
 
 
 def _why(where: str, err: Exception) -> str:
@@ -209,7 +215,8 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, side: list[torch.Tenso
         try:
             _launchable(codes)
             w = _contiguous(api.dequantize(q, impl="triton"))
-            note_kernel("dequantize", codes, "triton")
+            if _LAST_DEQUANTIZE.get(id(codes)) is not TRITON:
+                note_kernel("dequantize", codes, TRITON)
             return w
         except Exception as err:  # no kernel here (or, unless strict, one failed): the reference
             _fallback("dequantize", q.fmt.key, err)
@@ -217,14 +224,16 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, side: list[torch.Tenso
     elif where == "cpu" and len(q.shape) == 2:
         try:
             w = cpu.dequantize(q)
-            note_kernel("dequantize", codes, "cpu")
+            if _LAST_DEQUANTIZE.get(id(codes)) is not CPU:
+                note_kernel("dequantize", codes, CPU)
             return w
         except Exception as err:
             _fallback("dequantize", q.fmt.key, err, "CPU")
             ran = _why("CPU", err)
     elif where == "cpu":
-        ran = "reference (no CPU kernel: not a 2-d weight)"
-    note_kernel("dequantize", codes, ran)
+        ran = _NOT_2D
+    if _LAST_DEQUANTIZE.get(id(codes)) is not ran:
+        note_kernel("dequantize", codes, ran)
     return _contiguous(api.dequantize(q))
 
 
@@ -303,7 +312,8 @@ def linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, side: lis
     if where == "triton":
         try:
             y = _contiguous(fused.linear(x, q, act_fmt or None, bias))
-            note_kernel("linear", codes, "triton")
+            if _LAST_LINEAR.get(id(codes)) is not TRITON:
+                note_kernel("linear", codes, TRITON)
             return y
         except Exception as err:
             _fallback("linear", q.fmt.key + (f" x {act_fmt}" if act_fmt else ""), err)
@@ -311,12 +321,14 @@ def linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, side: lis
     elif where == "cpu":
         try:
             y = cpu.linear(x, q, act_fmt or None, bias)
-            note_kernel("linear", codes, "cpu")
+            if _LAST_LINEAR.get(id(codes)) is not CPU:
+                note_kernel("linear", codes, CPU)
             return y
         except Exception as err:
             _fallback("linear", q.fmt.key + (f" x {act_fmt}" if act_fmt else ""), err, "CPU")
             ran = _why("CPU", err)
-    note_kernel("linear", codes, ran)
+    if _LAST_LINEAR.get(id(codes)) is not ran:
+        note_kernel("linear", codes, ran)
     w = api.dequantize(q)
     if act_fmt and x.numel():
         x = api.fake_quantize_values(x, act_fmt, axis=-1)
@@ -369,6 +381,8 @@ torch.library.register_autograd("qcompile::linear", _linear_backward,
 # -- qcompile::embedding ------------------------------------------------------------------------
 
 EMBEDDING_KERNEL_ROWS = 16  # up to this many ids the CPU kernels decode row by row
+_NO_TRITON_GATHER = "reference (no Triton gather)"
+_MANY_IDS = f"reference (more than {EMBEDDING_KERNEL_ROWS} ids: its gather)"
 
 @_define("embedding(Tensor ids, Tensor codes, Tensor scales, Tensor[] side, str meta, "
          "str impl='reference') -> Tensor")
@@ -387,16 +401,18 @@ def embedding(ids: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
     if where == "cpu" and ids.numel() <= EMBEDDING_KERNEL_ROWS:
         try:
             rows = cpu.gather_rows(q, ids)
-            note_kernel("embedding", codes, "cpu")
+            if _LAST_EMBEDDING.get(id(codes)) is not CPU:
+                note_kernel("embedding", codes, CPU)
             return rows
         except Exception as err:
             _fallback("embedding", q.fmt.key, err, "CPU")
             ran = _why("CPU", err)
     elif where == "cpu":
-        ran = f"reference (more than {EMBEDDING_KERNEL_ROWS} ids: its gather)"
+        ran = _MANY_IDS
     elif where == "triton":
-        ran = "reference (no Triton gather)"
-    note_kernel("embedding", codes, ran)
+        ran = _NO_TRITON_GATHER
+    if _LAST_EMBEDDING.get(id(codes)) is not ran:
+        note_kernel("embedding", codes, ran)
     return _contiguous(reference.dequantize_rows(q, ids))
 
 

@@ -224,3 +224,16 @@ def test_density_counts_a_tied_weight_once():
     assert e.total_bits == stored
     assert e.density == pytest.approx(full / stored)
     assert f"{stored / full:.2f}x larger than float32" in str(e)
+
+
+def test_a_tied_pair_given_one_format_counts_once_before_quantising():
+    # a traced explain quantises nothing: the tied table, packed once for both holders, is
+    # still one table of weights
+    model = small_llama(tied=True)
+    policy = Policy({"model.embed_tokens": LayerSpec(weight="int8", op="embedding"),
+                     "lm_head": LayerSpec(weight="int8")}, default=LayerSpec(weight="nf4"))
+    e = qcompile.explain(model, policy, IDS)
+    distinct = {id(m.weight): m.weight.numel() for m in model.modules()
+                if isinstance(m, (nn.Linear, nn.Embedding))}
+    assert len(distinct) == 15  # 14 decoder linears and one table
+    assert e.total_weights == sum(distinct.values())
