@@ -69,7 +69,7 @@ def site_rows(gm) -> list[Row]:
         rows.append(Row(site.fqn, site.target, shape, rule.describe() if rule else "default",
                         wf.key if wf else "-",
                         spec.act.key if spec is not None and spec.act else "-",
-                        bits, nominal, note, index, q, dtype_name(w),
+                        bits, nominal, note, index, q, dtype_name(getattr(w, "dtype", None)),
                         tuple(site.tied)))
     for s in graph_record(gm).skipped:
         rows.append(Row(s.fqn, "-", s.weight_shape, s.rule, "-", "-", float(s.bits),
@@ -77,10 +77,10 @@ def site_rows(gm) -> list[Row]:
     return rows
 
 
-def dtype_name(w) -> str:
-    """"float32" for a float32 tensor; "" for anything else (no tensor, an integer tensor)."""
-    if isinstance(w, torch.Tensor) and w.dtype.is_floating_point:
-        return str(w.dtype).removeprefix("torch.")
+def dtype_name(dtype) -> str:
+    """"float32" for torch.float32; "" for anything else (None, an integer dtype)."""
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return str(dtype).removeprefix("torch.")
     return ""
 
 

@@ -34,7 +34,7 @@ from qcompile import config
 from qcompile.passes import find_quantisable, plan
 from qcompile.passes.graph import copy_graph_module
 from qcompile.passes.names import names_for, remember_root
-from qcompile.passes.report import Row, site_rows
+from qcompile.passes.report import Row, dtype_name, site_rows
 
 from . import formats, ops
 from .backend import compiled_variants
@@ -130,24 +130,25 @@ class Explanation:
 
 
 def _tied_groups(rows: list[Row]) -> list[list[Row]]:
-    """The rows grouped by the weight they were made from: rows that name each other as tied
-    holders (``Row.tied``) are one group."""
-    group_of: dict[str, int] = {}
-    groups: list[list[Row]] = []
+    """The rows grouped by the weight they were made from: the rows of modules that held one
+    tied weight (``Row.tied`` names the others) are one group; every other row is its own."""
+    parent: dict[str, str] = {}
+
+    def root(name: str) -> str:
+        while parent.get(name, name) != name:
+            name = parent[name]
+        return name
+
     for r in rows:
-        found = {group_of[n] for n in (r.fqn, *r.tied) if n in group_of}
-        if not found:
-            groups.append([r])
-            target = len(groups) - 1
-        else:
-            target = min(found)
-            groups[target].append(r)
-            for other in found - {target}:  # two groups that turn out to be one
-                groups[target] += groups[other]
-                groups[other] = []
-                group_of.update({n: target for n, g in group_of.items() if g == other})
-        group_of.update({n: target for n in (r.fqn, *r.tied)})
-    return [g for g in groups if g]
+        for other in r.tied:
+            a, b = root(r.fqn), root(other)
+            if a != b:
+                parent[b] = a
+    holders = {n for r in rows if r.tied for n in (r.fqn, *r.tied)}
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(root(r.fqn) if r.fqn in holders else id(r), []).append(r)
+    return list(groups.values())
 
 
 def _kernel(row: Row) -> str:
@@ -166,7 +167,7 @@ def _cpu_variant(q, row: Row) -> str:
     """"cpu (avx512_vnni)"; ", int" where int activations meet int weights (integer dots)."""
     try:
         isa = cpu.plan(q).isa
-    except Exception:  # noqa: BLE001 - the plan exists once a kernel ran; say less if not
+    except (NotImplementedError, ValueError, RuntimeError):  # it ran, so this is rare: say less
         return "cpu"
     act = formats.get(row.act_fmt) if row.act_fmt not in ("", "-") else None
     return f"cpu ({isa}, int)" if cpu_int.applies(q, act) else f"cpu ({isa})"
@@ -206,13 +207,13 @@ def module_rows(model) -> list[Row]:
             rows.append(Row(name, op, mod.weight_shape, _rule(model, name, mod), mod.fmt_key,
                             getattr(mod, "act", "") or "-", q.bits_per_element,
                             note=f"one packed table with {', '.join(sharing)}" if sharing else "",
-                            qtensor=q, dtype=str(q.dtype).removeprefix("torch."),
+                            qtensor=q, dtype=dtype_name(q.dtype),
                             tied=tuple(getattr(mod, "tied_with", ()))))
     for name, mod, reason in skipped_layers(model):
         w = mod.weight
         rows.append(Row(name, "-", tuple(w.shape), "quantize_model_", "-", "-",
                         torch.finfo(w.dtype).bits if w.dtype.is_floating_point else 32,
-                        note=f"skipped: {reason}", dtype=str(w.dtype).removeprefix("torch.")))
+                        note=f"skipped: {reason}", dtype=dtype_name(w.dtype)))
     return rows
 
 
