@@ -228,7 +228,9 @@ def quantize_model_(model: torch.nn.Module, policy: Policy | None = None) -> tor
     for its other holders (the embedding) and the linear layer gets its packed copy. The
     swapped layers are frozen: the model is for inference. Embeddings that a rule gives
     ``LayerSpec(weight=..., op="embedding")`` become ``QuantEmbedding``; a tied embedding and
-    lm_head given the same format share one packed table."""
+    lm_head given the same format share one packed table; given different formats (or one kept
+    in full precision) each keeps its own copy, said once when the model grows. Each swapped
+    layer remembers the rule that matched it (``.rule``, shown by ``explain``)."""
     policy = _check_policy(policy, "quantize_model_")
     swaps, packed = [], {}
 
