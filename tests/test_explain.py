@@ -90,11 +90,25 @@ def test_bf16_model_says_it_ran_the_reference():
         warnings.simplefilter("ignore")  # the fallback's own warning
         got = run(model, IDS).logits
     assert torch.equal(got.view(torch.int16), run(oracle, IDS).logits.view(torch.int16))
-    rows = [r for r in qcompile.explain(model).rows if r.weight_fmt != "-"]
+    e = qcompile.explain(model)
+    rows = [r for r in e.rows if r.weight_fmt != "-"]
     assert len(rows) == 15
     for r in rows:
         assert r.kernel.startswith("reference (no CPU kernel:"), (r.fqn, r.kernel)
         assert "bfloat16" in r.kernel
+    assert "x denser than bfloat16" in str(e).splitlines()[-1]
+
+
+def test_kernel_column_names_triton():
+    # the Triton kernels, in Triton's interpreter on the CPU (or on the test GPU)
+    from kernel_device import DEVICE
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32)).to(DEVICE)
+    qcompile.compile(model, Policy(default=LayerSpec(weight="nf4")), lowering="eager",
+                     kernels="triton")
+    run(model, torch.randn(2, 64, device=DEVICE))
+    rows = [r for r in qcompile.explain(model).rows if r.weight_fmt != "-"]
+    assert [(r.fqn, r.kernel) for r in rows] == [("0", "triton"), ("2", "triton")]
 
 
 class TwoBranches(nn.Module):
