@@ -74,6 +74,9 @@ def use_cpu_kernels(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
                     x, a["codes"], a["scales"], a["bias"], side.get("outlier_index"),
                     side.get("outlier_value"), fmt_id, q.scales.shape[0], plan.k, q.block))
         new.meta.update(node.meta)
+        # no Python runs when the operator does (it cannot fall back): the graph runs as soon
+        # as it is built, so explain's record says now that this weight runs the CPU kernel
+        ops.note_kernel("linear", values[a["codes"]], ops.CPU)
         node.replace_all_uses_with(new)
         g.erase_node(node)
         changed = True

@@ -2,7 +2,9 @@
 
 Rows are made from a graph after planning and quantising (before rewriting), so they say what
 the compiled graph runs: the module, the op, the rule that matched, the formats and the bits
-per weight (stored bytes where a weight was packed, the format's nominal bits otherwise).
+per weight (stored bytes where a weight was packed, the format's nominal bits otherwise) and
+the weight's own dtype (what the quantised bits are compared with). Which kernel each op ran is
+known only once it has run: explain fills ``kernel`` in then.
 """
 from __future__ import annotations
 
@@ -28,6 +30,9 @@ class Row:
     note: str = ""  # how the weight is quantised when not ahead of time, or why it is not
     index: int = 0  # the op's position among this module's ops of the same kind (0, 1, ...)
     qtensor: object = field(default=None, repr=False, compare=False)  # the packed weight
+    dtype: str = ""  # the weight's own dtype ("float32", "bfloat16", ...); "" if not known
+    tied: tuple = ()  # the other modules that held this weight when it was quantised
+    kernel: str = "-"  # what ran: "cpu (...)", "triton", "reference (why)", "not run yet"
 
     @property
     def numel(self) -> int:
@@ -64,11 +69,19 @@ def site_rows(gm) -> list[Row]:
         rows.append(Row(site.fqn, site.target, shape, rule.describe() if rule else "default",
                         wf.key if wf else "-",
                         spec.act.key if spec is not None and spec.act else "-",
-                        bits, nominal, note, index, q))
+                        bits, nominal, note, index, q, dtype_name(getattr(w, "dtype", None)),
+                        tuple(site.tied)))
     for s in graph_record(gm).skipped:
         rows.append(Row(s.fqn, "-", s.weight_shape, s.rule, "-", "-", float(s.bits),
                         note=f"skipped: {s.reason}"))
     return rows
+
+
+def dtype_name(dtype) -> str:
+    """"float32" for torch.float32; "" for anything else (None, an integer dtype)."""
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return str(dtype).removeprefix("torch.")
+    return ""
 
 
 def _tied_note(site, q, readers) -> str:

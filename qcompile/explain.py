@@ -13,10 +13,18 @@ and activation formats, bits per weight. Bits are the bytes actually stored (cod
 padding, OPQ outliers, tensor scales) where the weight was quantised (a compiled model, a layer
 swapped by ``quantize_model_``), and the format's nominal effective bits where nothing was
 quantised (a traced explain): those rows are marked ``*``. Layers the policy quantises but that
-cannot be (a parent reading ``.weight`` directly) are listed with the reason.
+cannot be (a parent reading ``.weight`` directly) are listed with the reason. The summary
+compares the bits stored with the same weights in the model's own dtype (bfloat16: 16 bits).
+
+Rows with a packed weight say which kernel their op ran (qcompile.ops records it per packed
+weight): "cpu (ISA)", "cpu (ISA, int)" for integer dot products, "triton", or "reference (why)";
+"not run yet" before the model's first call. After ``quantize_model_`` the rule column shows
+the rule that matched each swapped layer (for a loaded model: the first of its saved policies
+that gives the layer a weight format).
 """
 from __future__ import annotations
 
+import dataclasses
 import types
 from dataclasses import dataclass, field
 
@@ -27,11 +35,16 @@ from qcompile.passes import find_quantisable, plan
 from qcompile.passes.graph import copy_graph_module
 from qcompile.passes.names import names_for, remember_root
 from qcompile.passes.plan import warn_unmatched
-from qcompile.passes.report import Row, site_rows
+from qcompile.passes.report import Row, dtype_name, site_rows
 
+from . import formats, ops
 from .backend import compiled_variants
-from .layers import QuantEmbedding, QuantLinear, resident_weight_bytes, skipped_layers
+from .codegen import cpu, cpu_int
+from .layers import (POLICIES_ATTR, QuantEmbedding, QuantLinear, matched_rule,
+                     resident_weight_bytes, skipped_layers)
 from .policy import Policy, default_policy
+
+_DTYPE_BITS = {"float32": 32, "float64": 64, "float16": 16, "bfloat16": 16}
 
 
 @dataclass
@@ -40,11 +53,16 @@ class Explanation:
     resident_weight_bytes: int = 0  # measured: the model's parameters and buffers, now
 
     def _stored(self) -> list[Row]:
-        """The rows, a packed tensor that several ops read (a tied embedding / lm_head given
-        one format) counted once."""
+        """The rows, a tensor that several ops read counted once: a packed tensor (a tied
+        embedding / lm_head given one format), and in a traced explain a tied weight its
+        holders keep or would pack in one format."""
         seen, rows = set(), []
         for r in self.rows:
-            key = id(r.qtensor.codes) if r.qtensor is not None else None
+            key = None
+            if r.qtensor is not None:
+                key = id(r.qtensor.codes)
+            elif r.tied:
+                key = (frozenset((r.fqn, *r.tied)), r.weight_fmt)
             if key is None or key not in seen:
                 rows.append(r)
                 seen.add(key)
@@ -66,25 +84,113 @@ class Explanation:
     def density_vs_fp32(self) -> float:
         return 32.0 / self.avg_bits if self.rows else float("nan")
 
+    @property
+    def dtype(self) -> str:
+        """The dtype the weights had ("bfloat16"), or "mixed: float32, bfloat16"."""
+        names = sorted({r.dtype for r in self._stored() if r.dtype})
+        return names[0] if len(names) == 1 else "mixed: " + ", ".join(names)
+
+    @property
+    def baseline_bits(self) -> float:
+        """The same weights' bits in their own dtype, a weight read by several ops (a tied
+        pair) counted once."""
+        groups = _tied_groups(self._stored())
+        return sum(max(r.numel * _DTYPE_BITS.get(r.dtype, r.bits) for r in g) for g in groups)
+
+    @property
+    def density(self) -> float:
+        """How many times fewer bits than the same weights in the model's own dtype."""
+        return self.baseline_bits / self.total_bits if self.total_bits else float("nan")
+
+    def _density_text(self) -> str:
+        d, than = self.density, self.dtype
+        if d != d:
+            return "no weights"
+        return f"{d:.2f}x denser than {than}" if d >= 1 else f"{1 / d:.2f}x larger than {than}"
+
     def __str__(self) -> str:
         head = ["module", "op", "weight", "rule", "weight fmt", "act fmt", "bits/w"]
         notes = any(r.note for r in self.rows)
+        kernels = any(r.kernel != "-" for r in self.rows)
         body = [[r.fqn or "<root>", r.op + (f" #{r.index + 1}" if r.index else ""),
                  "x".join(map(str, r.weight_shape)), r.rule, r.weight_fmt, r.act_fmt,
-                 f"{r.bits:.3f}{'*' if r.nominal else ''}"] + ([r.note] if notes else [])
-                for r in self.rows]
-        head += ["note"] if notes else []
+                 f"{r.bits:.3f}{'*' if r.nominal else ''}"] + ([r.kernel] if kernels else [])
+                + ([r.note] if notes else []) for r in self.rows]
+        head += (["kernel"] if kernels else []) + (["note"] if notes else [])
         widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
         line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
         out = [line(head), line("-" * w for w in widths), *map(line, body)]
         out.append(f"total: {len(self.rows)} ops, {self.total_weights} weights, "
                    f"{self.total_bits / 8:.0f} bytes, {self.avg_bits:.3f} bits/weight, "
-                   f"{self.density_vs_fp32:.2f}x denser than float32; model holds "
+                   f"{self._density_text()}; model holds "
                    f"{self.resident_weight_bytes} bytes of parameters and buffers")
         if any(r.nominal for r in self.rows):
             out.append("* nominal: the format's effective bits (no padding or OPQ outliers); "
                        "compiled or quantize_model_ layers count the bytes stored")
         return "\n".join(out)
+
+
+def _tied_groups(rows: list[Row]) -> list[list[Row]]:
+    """The rows grouped by the weight they were made from: the rows of modules that held one
+    tied weight (``Row.tied`` names the others) are one group; every other row is its own."""
+    parent: dict[str, str] = {}
+
+    def root(name: str) -> str:
+        while parent.get(name, name) != name:
+            name = parent[name]
+        return name
+
+    for r in rows:
+        for other in r.tied:
+            a, b = root(r.fqn), root(other)
+            if a != b:
+                parent[b] = a
+    holders = {n for r in rows if r.tied for n in (r.fqn, *r.tied)}
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(root(r.fqn) if r.fqn in holders else id(r), []).append(r)
+    return list(groups.values())
+
+
+def _kernel(row: Row) -> str:
+    """What the row's op ran, from the ops' record; "-" for a row with no packed weight."""
+    q = row.qtensor
+    if q is None:
+        return "-"
+    names = ("embedding",) if row.op.endswith("embedding") else ("linear", "dequantize")
+    ran = dict.fromkeys(k for op in names for k in ops.kernels_ran(op, q.codes))
+    if not ran:
+        return "not run yet"
+    return ", ".join(_cpu_variant(q, row) if k == "cpu" else k for k in ran)
+
+
+def _cpu_variant(q, row: Row) -> str:
+    """"cpu (avx512_vnni)"; ", int" where int activations meet int weights (integer dots)."""
+    try:
+        isa = cpu.plan(q).isa
+    except (NotImplementedError, ValueError, RuntimeError):  # it ran, so this is rare: say less
+        return "cpu"
+    act = formats.get(row.act_fmt) if row.act_fmt not in ("", "-") else None
+    return f"cpu ({isa}, int)" if cpu_int.applies(q, act) else f"cpu ({isa})"
+
+
+def _with_kernels(rows: list[Row]) -> list[Row]:
+    """Copies of the rows (a compiled graph keeps its own) with the kernels run so far."""
+    return [dataclasses.replace(r, kernel=_kernel(r)) for r in rows]
+
+
+def _rule(model, name: str, mod) -> str:
+    """The rule that gave a swapped layer its format: remembered by quantize_model_, else
+    (a loaded model) the first of the model's policies that gives the layer a weight."""
+    if getattr(mod, "rule", ""):
+        return mod.rule
+    kind = "linear" if isinstance(mod, QuantLinear) else "embedding"
+    policies = getattr(model, POLICIES_ATTR, ())
+    for policy in policies:
+        text = matched_rule(policy, name, kind)
+        if text is not None:
+            return text
+    return "quantize_model_ (no saved policy matches)"
 
 
 def module_rows(model) -> list[Row]:
@@ -99,15 +205,16 @@ def module_rows(model) -> list[Row]:
             q = mod.qtensor()
             sharing = [n for n in readers[id(mod.codes)] if n != name]
             op = "qcompile.linear" if isinstance(mod, QuantLinear) else "qcompile.embedding"
-            rows.append(Row(name, op, mod.weight_shape, "quantize_model_", mod.fmt_key,
+            rows.append(Row(name, op, mod.weight_shape, _rule(model, name, mod), mod.fmt_key,
                             getattr(mod, "act", "") or "-", q.bits_per_element,
                             note=f"one packed table with {', '.join(sharing)}" if sharing else "",
-                            qtensor=q))
+                            qtensor=q, dtype=dtype_name(q.dtype),
+                            tied=tuple(getattr(mod, "tied_with", ()))))
     for name, mod, reason in skipped_layers(model):
         w = mod.weight
         rows.append(Row(name, "-", tuple(w.shape), "quantize_model_", "-", "-",
                         torch.finfo(w.dtype).bits if w.dtype.is_floating_point else 32,
-                        note=f"skipped: {reason}"))
+                        note=f"skipped: {reason}", dtype=dtype_name(w.dtype)))
     return rows
 
 
@@ -162,6 +269,7 @@ def _explain_compiled(model) -> Explanation:
                     seen.add(key)
                     result.rows.append(row)
     result.rows += module_rows(model)
+    result.rows = _with_kernels(result.rows)
     if not result.rows:
         raise RuntimeError("explain: this compiled model has no blockquant graph yet; call it "
                            "once first (torch.compile compiles lazily), or pass a policy and "
@@ -240,5 +348,6 @@ def explain(model, policy: Policy | None = None, *example_inputs, **example_kwar
     remember_root(target)  # frames Dynamo compiles on their own are named inside it
     _trace(target, example_inputs, example_kwargs, capture)
     result.rows += module_rows(target)
+    result.rows = _with_kernels(result.rows)
     result.resident_weight_bytes = resident_weight_bytes(target)
     return result

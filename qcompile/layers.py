@@ -123,6 +123,8 @@ class _Packed(torch.nn.Module):
         # for code that reads layer.weight.dtype or .shape (T5's feed-forward, many transformers
         # models): the original weight's, on the meta device, for its values live packed
         self.weight = torch.empty(q.shape, dtype=q.dtype, device="meta")
+        self.rule = ""  # the policy rule that gave this layer its format (quantize_model_)
+        self.tied_with: tuple = ()  # the other modules that held the same weight
 
     @property
     def weight_shape(self) -> tuple:
@@ -181,6 +183,45 @@ def _set_child(model, name: str, new: torch.nn.Module):
     setattr(parent, child, new)
 
 
+def matched_rule(policy: Policy, name: str, kind: str) -> str | None:
+    """The rule of ``policy`` that gives layer ``name`` (op ``kind``) a weight format, as
+    explain shows it ("default" for the policy's default), or None if none does."""
+    rule, spec = policy.match(name, kind)
+    if spec is None or spec.weight is None:
+        return None
+    return rule.describe() if rule is not None else "default"
+
+
+def _tied_holders(model) -> list[tuple[str, ...]]:
+    """The names of the modules sharing each weight held by more than one module."""
+    holders: dict[int, list[str]] = {}
+    for name, mod in model.named_modules():
+        w = getattr(mod, "weight", None)
+        if isinstance(w, torch.nn.Parameter):
+            holders.setdefault(id(w), []).append(name)
+    return [tuple(names) for names in holders.values() if len(names) > 1]
+
+
+def _warn_untied_growth(model, tied: list[tuple[str, ...]], before: int):
+    """Say once when quantize_model_ gave the holders of a tied weight different formats (so
+    each keeps its own copy) and the model's resident bytes grew."""
+    after = resident_weight_bytes(model)
+    if after <= before:
+        return
+    for names in tied:
+        given = {n: getattr(model.get_submodule(n), "fmt_key", "full precision") for n in names}
+        if len(set(given.values())) < 2:
+            continue
+        pair = " and ".join(repr(n) for n in names)
+        config.warn(
+            f"quantize_model_: {pair} shared one weight (tied), and the policy gives them "
+            f"different formats ({', '.join(f'{n}: {f}' for n, f in given.items())}), so the "
+            f"model now holds a copy for each: its parameters and buffers grew from {before} "
+            f"to {after} bytes. Give every holder one format (for an embedding, a rule with "
+            "op='embedding' and the same format for lm_head: they share one packed table), or "
+            "keep all of them in full precision", once=("untied growth", id(model), names))
+
+
 def quantize_model_(model: torch.nn.Module, policy: Policy | None = None) -> torch.nn.Module:
     """Swap, in place, every linear layer (nn.Linear, GPT-2 Conv1D) that ``policy`` gives a
     weight format for a ``QuantLinear`` holding only the packed weight, so the process keeps no
@@ -189,7 +230,9 @@ def quantize_model_(model: torch.nn.Module, policy: Policy | None = None) -> tor
     for its other holders (the embedding) and the linear layer gets its packed copy. The
     swapped layers are frozen: the model is for inference. Embeddings that a rule gives
     ``LayerSpec(weight=..., op="embedding")`` become ``QuantEmbedding``; a tied embedding and
-    lm_head given the same format share one packed table."""
+    lm_head given the same format share one packed table; given different formats (or one kept
+    in full precision) each keeps its own copy, said once when the model grows. Each swapped
+    layer remembers the rule that matched it (``.rule``, shown by ``explain``)."""
     policy = _check_policy(policy, "quantize_model_")
     swaps, packed = [], {}
 
@@ -200,18 +243,22 @@ def quantize_model_(model: torch.nn.Module, policy: Policy | None = None) -> tor
                 packed[key] = api.quantize_weight(w, fmt, axis, score)
         return packed[key]
 
+    tied, before = _tied_holders(model), resident_weight_bytes(model)
     layers = list(linear_layers(model, policy, "quantize_model_"))
     scores = proxy_scores(model, layers)
     for name, mod, spec, axis, _ in layers:
         if spec.weight is None:
             continue  # act-only: the backend quantises the activations when compiled
         q = quantise(mod.weight, spec.weight, axis, scores.get(name))
-        swaps.append((name, QuantLinear(q, mod.bias, spec.act, axis == 0)))
+        swaps.append((name, "linear", QuantLinear(q, mod.bias, spec.act, axis == 0)))
     for name, mod, spec, _ in embedding_layers(model, policy, "quantize_model_"):
-        swaps.append((name, QuantEmbedding(quantise(mod.weight, spec.weight, 1),
-                                           mod.padding_idx)))
-    for name, new in swaps:
+        swaps.append((name, "embedding", QuantEmbedding(quantise(mod.weight, spec.weight, 1),
+                                                        mod.padding_idx)))
+    for name, kind, new in swaps:
+        new.rule = matched_rule(policy, name, kind) or ""
+        new.tied_with = next((tuple(n for n in t if n != name) for t in tied if name in t), ())
         _set_child(model, name, new)
+    _warn_untied_growth(model, tied, before)
     setattr(model, POLICIES_ATTR, (*getattr(model, POLICIES_ATTR, ()), policy))
     return model
 

@@ -32,6 +32,10 @@ design (qcompile's own checks raise NotImplementedError before anything is launc
 codegen does not cover, CPU tensors without Triton's interpreter, ...) the op warns once (per op
 and format) and computes the reference result. A kernel that fails in any other way does the
 same, unless QCOMPILE_STRICT=1 (the test suite's setting): then its exception propagates.
+
+Each op notes which implementation ran for each packed weight (``kernels_ran``, read by
+``explain``): "cpu", "triton", or "reference (why)". A note is made when the kernel differs
+from the one noted last for that weight: a call costs a dict lookup.
 """
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ import json
 import linecache
 import os
 import sys
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +76,54 @@ def qtensor_from(codes, scales, side, meta: str) -> QTensor:
     return QTensor(fmt, codes, scales, shape, dtype, axis, block, dict(zip(names, side)))
 
 
+
+
+# -- which implementation ran, per op and packed weight ------------------------------------------
+
+CPU, TRITON = "cpu", "triton"
+ASKED = "reference (kernels='reference')"
+OPS = ("linear", "dequantize", "embedding")
+RAN: dict[str, dict[int, dict[str, None]]] = {op: {} for op in OPS}  # {id(codes): {kernels}}
+LAST: dict[str, dict[int, str]] = {op: {} for op in OPS}  # {id(codes): the kernel noted last}
+
+
+def note_kernel(op: str, codes: torch.Tensor, kernel: str):
+    """Record that ``op`` ran ``kernel`` on the packed weight whose codes are ``codes``. The ops
+    call this through ``ran_kernel``, which skips a kernel already noted last.
+    An entry goes when its codes tensor does (ids are reused)."""
+    key, last = id(codes), LAST[op]
+    if key not in last:
+        weakref.finalize(codes, _forget, op, key)
+    last[key] = kernel
+    RAN[op].setdefault(key, {})[kernel] = None
+
+
+def ran_kernel(op: str, codes: torch.Tensor, kernel: str):
+    """Record, at the cost of one dict lookup per call, that ``op`` ran ``kernel`` on the
+    packed weight whose codes are ``codes``."""
+    if LAST[op].get(id(codes)) is not kernel:
+        note_kernel(op, codes, kernel)
+
+
+def _forget(op: str, key: int):
+    LAST[op].pop(key, None)
+    RAN[op].pop(key, None)
+
+
+def kernels_ran(op: str, codes) -> list[str]:
+    """The kernels ``op`` ran on the packed weight with these codes, in the order first run."""
+    return list(RAN[op].get(id(codes), ()))
+
+
+_NOT_2D = "reference (no CPU kernel: not a 2-d weight)"
+
+
+def _why(where: str, err: Exception) -> str:
+    """The reference's label after a kernel could not run: the error's first clause."""
+    first = (str(err).splitlines() or [type(err).__name__])[0].split("; ")[0]
+    first = first.removeprefix("qcompile ")
+    how = "no" if no_kernel_by_design(err) else "failed"
+    return f"reference ({how} {where} kernel: {first[:70]})"
 
 
 def _resolve(impl: str, t: torch.Tensor) -> str:
@@ -166,18 +219,27 @@ def _define(schema: str):
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, side: list[torch.Tensor], meta: str,
                impl: str = "reference") -> torch.Tensor:
     q = qtensor_from(codes, scales, side, meta)
-    where = _resolve(impl, codes)
+    where, ran = _resolve(impl, codes), ASKED
     if where == "triton":
         try:
             _launchable(codes)
-            return _contiguous(api.dequantize(q, impl="triton"))
+            w = _contiguous(api.dequantize(q, impl="triton"))
+            ran_kernel("dequantize", codes, TRITON)
+            return w
         except Exception as err:  # no kernel here (or, unless strict, one failed): the reference
             _fallback("dequantize", q.fmt.key, err, "Triton", q.dtype, codes.device)
+            ran = _why("Triton", err)
     elif where == "cpu" and len(q.shape) == 2:
         try:
-            return cpu.dequantize(q)
+            w = cpu.dequantize(q)
+            ran_kernel("dequantize", codes, CPU)
+            return w
         except Exception as err:
             _fallback("dequantize", q.fmt.key, err, "CPU", q.dtype, codes.device)
+            ran = _why("CPU", err)
+    elif where == "cpu":
+        ran = _NOT_2D
+    ran_kernel("dequantize", codes, ran)
     return _contiguous(api.dequantize(q))
 
 
@@ -253,19 +315,26 @@ def linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, side: lis
            meta: str, act_fmt: str, bias: torch.Tensor | None,
            impl: str = "reference") -> torch.Tensor:
     q = qtensor_from(codes, scales, side, meta)
-    where = _resolve(impl, x)
+    where, ran = _resolve(impl, x), ASKED
     if where == "triton":
         try:
-            return _contiguous(fused.linear(x, q, act_fmt or None, bias))
+            y = _contiguous(fused.linear(x, q, act_fmt or None, bias))
+            ran_kernel("linear", codes, TRITON)
+            return y
         except Exception as err:
             _fallback("linear", q.fmt.key + (f" x {act_fmt}" if act_fmt else ""), err, "Triton",
                       x.dtype, x.device)
+            ran = _why("Triton", err)
     elif where == "cpu":
         try:
-            return cpu.linear(x, q, act_fmt or None, bias)
+            y = cpu.linear(x, q, act_fmt or None, bias)
+            ran_kernel("linear", codes, CPU)
+            return y
         except Exception as err:
             _fallback("linear", q.fmt.key + (f" x {act_fmt}" if act_fmt else ""), err, "CPU",
                       x.dtype, x.device)
+            ran = _why("CPU", err)
+    ran_kernel("linear", codes, ran)
     w = api.dequantize(q)
     if act_fmt and x.numel():
         x = api.fake_quantize_values(x, act_fmt, axis=-1)
@@ -318,6 +387,8 @@ torch.library.register_autograd("qcompile::linear", _linear_backward,
 # -- qcompile::embedding ------------------------------------------------------------------------
 
 EMBEDDING_KERNEL_ROWS = 16  # up to this many ids the CPU kernels decode row by row
+_NO_TRITON_GATHER = "reference (no Triton gather)"
+_MANY_IDS = f"reference (more than {EMBEDDING_KERNEL_ROWS} ids: its gather)"
 
 @_define("embedding(Tensor ids, Tensor codes, Tensor scales, Tensor[] side, str meta, "
          "str impl='reference') -> Tensor")
@@ -332,11 +403,20 @@ def embedding(ids: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
                          f"{vocab} rows")
     # a decoding step gathers a row per token: the CPU kernels decode it in microseconds; many
     # rows (a prefill) and other devices go through the reference's gather, as fast per row
-    if _resolve(impl, codes) == "cpu" and ids.numel() <= EMBEDDING_KERNEL_ROWS:
+    where, ran = _resolve(impl, codes), ASKED
+    if where == "cpu" and ids.numel() <= EMBEDDING_KERNEL_ROWS:
         try:
-            return cpu.gather_rows(q, ids)
+            rows = cpu.gather_rows(q, ids)
+            ran_kernel("embedding", codes, CPU)
+            return rows
         except Exception as err:
             _fallback("embedding", q.fmt.key, err, "CPU", q.dtype, ids.device)
+            ran = _why("CPU", err)
+    elif where == "cpu":
+        ran = _MANY_IDS
+    elif where == "triton":
+        ran = _NO_TRITON_GATHER
+    ran_kernel("embedding", codes, ran)
     return _contiguous(reference.dequantize_rows(q, ids))
 
 

@@ -435,7 +435,7 @@ def test_explain_lists_layers_swapped_by_quantize_model_():
     rows = {r.fqn: r for r in e.rows}
     fc = rows["transformer.h.0.mlp.c_fc"]  # Conv1D [K=64, N=256], swapped ahead of time
     assert (fc.op, fc.rule, fc.weight_fmt, fc.weight_shape) == \
-           ("qcompile.linear", "quantize_model_", "bof4s_opq", (64, 256))
+           ("qcompile.linear", "#1 '*.mlp.*'", "bof4s_opq", (64, 256))  # MIXED's rule 1
     assert rows["transformer.h.0.attn.c_attn"].act_fmt == "mxint8"
     assert rows["lm_head"].weight_fmt == "-"  # kept in full precision, still a linear
     assert e.resident_weight_bytes == qcompile.resident_weight_bytes(m)

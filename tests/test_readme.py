@@ -31,3 +31,14 @@ def test_readme_example_runs_as_written(index):
         # explain(compiled) printed rows for the layers the policy names, after a generate
         assert "self_attn.q_proj" in done.stdout and "mxint8" in done.stdout
         assert "bof4s_opq" in done.stdout and "total:" in done.stdout
+        # the tied embedding / lm_head share one packed table: the model shrinks, nothing warns
+        # of a split pair, and each summary compares with the model's float32 truthfully
+        before, after = map(int, re.search(r"weights: (\d+) -> (\d+) bytes",
+                                           done.stdout).groups())
+        assert after < before / 3, (before, after)
+        assert "shared one weight (tied)" not in done.stderr
+        totals = [line for line in done.stdout.splitlines() if line.startswith("total:")]
+        assert len(totals) == 2 and all("x denser than float32" in t for t in totals)
+        # once the model ran, the kernels: the generated CPU kernels on this float32 model
+        head = [line for line in done.stdout.splitlines() if line.startswith("module")][-1]
+        assert "kernel" in head and "cpu (" in done.stdout
