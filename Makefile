@@ -10,7 +10,8 @@ NEWEST := .venv-newest
 INTEGRATION_TESTS := tests/test_backend.py tests/test_models.py tests/test_reliability.py \
                      tests/test_policy_fuzz.py tests/test_smollm2.py tests/test_ops.py \
                      tests/test_embedding.py tests/test_hf_quantizer.py tests/test_stream.py \
-                     tests/test_proxy.py
+                     tests/test_proxy.py tests/test_agreement.py tests/test_fallbacks.py \
+                     tests/test_file_integrity.py tests/test_explain.py
 
 .PHONY: main test test-newest setup
 

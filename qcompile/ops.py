@@ -101,7 +101,7 @@ def note_kernel(op: str, codes: torch.Tensor, kernel: str):
 def ran_kernel(op: str, codes: torch.Tensor, kernel: str):
     """Record, at the cost of one dict lookup per call, that ``op`` ran ``kernel`` on the
     packed weight whose codes are ``codes``."""
-    if LAST[op].get(id(codes)) is not kernel:
+    if LAST[op].get(id(codes)) != kernel:
         note_kernel(op, codes, kernel)
 
 
