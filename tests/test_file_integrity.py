@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 import qcompile
 from qcompile import LayerSpec, Policy, config, formats
-from qcompile.layers import QuantEmbedding, QuantLinear
+from qcompile.layers import QuantLinear
 from qcompile.policy import PolicyError
 from qcompile.serialize import QuantizedFileError, saved_policies
 from qcompile.stream import quantize_checkpoint
