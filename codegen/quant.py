@@ -34,12 +34,12 @@ import struct
 
 import torch
 
-from qcompile import reference
-from qcompile.bits import F32_MAX
-from qcompile.elements import CodebookElement
-from qcompile.packing import pack
-from qcompile.qtensor import QTensor
-from qcompile.scales import E4M3
+from qcompile.formats import reference
+from qcompile.formats.bits import F32_MAX
+from qcompile.formats.elements import CodebookElement
+from qcompile.formats.packing import pack
+from qcompile.formats.qtensor import QTensor
+from qcompile.formats.scales import E4M3
 
 from .dequant import _float_lines, _next_pow2, load_kernel, triton_cdiv
 

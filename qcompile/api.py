@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from . import codegen, config, formats, reference
-from .formats import Format
-from .qtensor import QTensor
+from . import codegen, config, formats
+from .formats import Format, reference
+from .formats.qtensor import QTensor
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

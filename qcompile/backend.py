@@ -48,7 +48,7 @@ from qcompile.passes.plan import left_alone, planned as planned_sites, warn_unma
 from qcompile.passes.report import site_rows
 
 from . import config, ops
-from .modules import linear_like
+from .linear_rule import linear_like
 from .codegen import cpu, cpu_source
 from .policy import DEFAULT_POLICY_DOC, Policy, PolicyError, default_policy
 

@@ -13,11 +13,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import qcompile
-from qcompile import LayerSpec, Policy, hf
+from qcompile import LayerSpec, Policy
 from qcompile.backend import compiled_variants
-from qcompile.layers import QuantEmbedding, QuantLinear
+from qcompile.integrations import hf
 from qcompile.policy import PolicyError
 from qcompile.serialize import QuantizedFileError
+from qcompile.swap import QuantEmbedding, QuantLinear
 
 from hf_models import (IDS, MIXED, assert_same, logits, reference, save_gpt2,
                        save_llama, with_config)

@@ -21,10 +21,11 @@ from transformers import AutoModelForCausalLM
 
 import qcompile
 from qcompile import LayerSpec, Policy
-from qcompile.layers import QuantEmbedding, QuantLinear
+from qcompile.integrations.stream import (quantize_checkpoint, read_header, read_tensor,
+                                          write_safetensors)
 from qcompile.policy import PolicyError
 from qcompile.serialize import QuantizedFileError
-from qcompile.stream import quantize_checkpoint, read_header, read_tensor, write_safetensors
+from qcompile.swap import QuantEmbedding, QuantLinear
 
 from hf_models import MIXED, assert_same, reference, save_gpt2, save_llama
 
