@@ -1,4 +1,6 @@
-"""Public quantise / dequantise entry points: validate first, then dispatch on ``impl``.
+"""Public quantise / dequantise entry points: validate first, then dispatch on ``impl``, the
+kernels that run (config.IMPLS: "reference" or the generated "triton" kernels; the backend's
+``kernels`` option and the ops take these and more, config.KERNELS).
 
 Autograd: ``fake_quantize`` is a straight-through estimator (forward: exactly the quantised
 values; backward: the incoming gradient unchanged), the same for every format. ``quantize``

@@ -1,7 +1,7 @@
-"""The transformers integration (qcompile/hf.py): from_pretrained(quantization_config=
-BlockQuantConfig(policy)) against the oracle "load in float, then quantize_model_" bit for bit,
-save_pretrained -> from_pretrained (in a fresh process too), compiling the loaded model, and
-the errors for bad configs and damaged checkpoints."""
+"""The transformers integration (qcompile/integrations/hf.py): from_pretrained(
+quantization_config=BlockQuantConfig(policy)) against the oracle "load in float, then
+quantize_model_" bit for bit, save_pretrained -> from_pretrained (in a fresh process too),
+compiling the loaded model, and the errors for bad configs and damaged checkpoints."""
 import json
 import re
 import subprocess

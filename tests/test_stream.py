@@ -1,8 +1,8 @@
-"""Quantising a sharded checkpoint tensor by tensor (qcompile/stream.py, `python -m qcompile
-quantize`): the folder it writes loads with from_pretrained into the model that float loading
-plus quantize_model_ makes, bit for bit; the peak resident memory of the command stays near
-the packed model, far below the float one; bad input is refused before any work; the
-safetensors reader and writer agree with the safetensors library."""
+"""Quantising a sharded checkpoint tensor by tensor (qcompile/integrations/stream.py,
+`python -m qcompile quantize`): the folder it writes loads with from_pretrained into the model
+that float loading plus quantize_model_ makes, bit for bit; the peak resident memory of the
+command stays near the packed model, far below the float one; bad input is refused before any
+work; the safetensors reader and writer agree with the safetensors library."""
 import json
 import os
 import re
