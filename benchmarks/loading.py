@@ -38,7 +38,7 @@ def _one(mode: str, folder: str, out: str) -> dict:
 
     import qcompile
     from qcompile.__main__ import _reset_peak, _resident_mib
-    from qcompile.stream import prepare
+    from qcompile.integrations.stream import prepare
 
     start = _resident_mib() if _reset_peak() else float("nan")
     t = time.perf_counter()

@@ -30,8 +30,8 @@ from tqdm import tqdm
 
 import qcompile
 from qcompile import formats
-from qcompile.layers import linear_layers, proxy_scores
 from qcompile.search import kl_and_top1
+from qcompile.swap import linear_layers, proxy_scores
 
 from . import perplexity, report
 from .run import machine, tokens_of

@@ -93,7 +93,7 @@ def configurations(model, w8: str, w4: str, lowering: str = "inductor"):
 def quantised_layer_bytes(model) -> tuple[int, int]:
     """(bytes the QuantLinear / QuantEmbedding layers hold, float32 bytes of the weights they
     replaced), a packed tensor that two layers share (a tied embedding / lm_head) counted once."""
-    from qcompile.layers import QuantEmbedding, QuantLinear
+    from qcompile.swap import QuantEmbedding, QuantLinear
     held = fp32 = 0
     seen = set()
     for m in model.modules():

@@ -38,7 +38,8 @@ import weakref
 
 import torch
 
-from qcompile import config, formats, reference
+from qcompile import config, formats
+from qcompile.formats import reference
 
 from . import cpu_int, cpu_int_source, cpu_source
 from .cache import cache_dir, write_atomically

@@ -1,8 +1,8 @@
 """Generated dequantise kernels: packed codes + block scales -> float32 values.
 
 ``dequant_source(fmt)`` writes one kernel's source from the element and scale descriptions;
-``dequantize(q)`` launches it and does the rest in torch exactly as qcompile.reference does
-(OPQ outliers put back, padding cropped, axis moved back, cast to the original dtype).
+``dequantize(q)`` launches it and does the rest in torch exactly as qcompile.formats.reference
+does (OPQ outliers put back, padding cropped, axis moved back, cast to the original dtype).
 Every step in the kernel reproduces the reference bit for bit: element values and power-of-two
 multipliers are built from float32 bit patterns with integer ops; the only float arithmetic is
 what the reference does itself (the absmax division, the NVFP4 scale product, value * multiplier).
@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from qcompile.elements import CodebookElement, FloatElement, IntElement, LogElement
-from qcompile.reference import unblocked
-from qcompile.scales import E4M3
+from qcompile.formats.elements import CodebookElement, FloatElement, IntElement, LogElement
+from qcompile.formats.reference import unblocked
+from qcompile.formats.scales import E4M3
 
 from .cache import load_kernel  # noqa: F401  (the cache lives in cache.py; quant.py and
 # linear.py import load_kernel from here)
@@ -194,7 +194,8 @@ def _next_pow2(n: int) -> int:
 
 
 def dequantize(q) -> torch.Tensor:
-    """Same result as qcompile.reference.dequantize(q), the decode done by a generated kernel."""
+    """Same result as qcompile.formats.reference.dequantize(q), the decode done by a generated
+    kernel."""
     fmt, el = q.fmt, q.fmt.element
     n_blocks = q.scales.shape[-1]
     row_len = n_blocks * q.block

@@ -48,9 +48,10 @@ import inspect
 
 import torch
 
-from qcompile import config, reference
+from qcompile import config
 from qcompile import formats as _formats
-from qcompile.elements import IntElement
+from qcompile.formats import reference
+from qcompile.formats.elements import IntElement
 
 from . import quant as _quant
 from .dequant import (_SCALE_NAMES, _element_lines, _next_pow2, _scale_lines, _unpack_lines,

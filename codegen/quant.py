@@ -1,5 +1,5 @@
 """Generated quantise kernels: float32 blocks -> element codes + block scales, bit-exact with
-qcompile.reference.quantize for every format description (element kind x scale kind).
+qcompile.formats.reference.quantize for every format description (element kind x scale kind).
 
 ``quant_source(fmt)`` writes one kernel from the format's element (int, minifloat, logarithmic,
 codebook) and block scale (E8M0 power of two with its rule, float32 absmax signed or not, NVFP4).
@@ -20,7 +20,7 @@ Where the work is split between torch and the kernel:
     (``reference.quantile_table``); the kernel gets its thresholds like any table.
 * the kernel, per block: the NaN/Inf flag, the block scale (stored) and its multiplier, and every
   element's code.
-* torch, after: pack the codes (qcompile.packing).
+* torch, after: pack the codes (qcompile.formats.packing).
 
 Rounding is done on integers (truncate, then look at the exact remainder, or compare mantissa
 bit fields), never with rint; exponents are read from bit patterns (subnormals scaled by 2^64
@@ -34,12 +34,12 @@ import struct
 
 import torch
 
-from qcompile import reference
-from qcompile.bits import F32_MAX
-from qcompile.elements import CodebookElement
-from qcompile.packing import pack
-from qcompile.qtensor import QTensor
-from qcompile.scales import E4M3
+from qcompile.formats import reference
+from qcompile.formats.bits import F32_MAX
+from qcompile.formats.elements import CodebookElement
+from qcompile.formats.packing import pack
+from qcompile.formats.qtensor import QTensor
+from qcompile.formats.scales import E4M3
 
 from .dequant import _float_lines, _next_pow2, load_kernel, triton_cdiv
 
@@ -314,7 +314,7 @@ def quant_source(fmt) -> str:
 # ---- launch ---------------------------------------------------------------------------------
 
 def quantize(x: torch.Tensor, fmt, axis: int) -> QTensor:
-    """Same QTensor as qcompile.reference.quantize(x, fmt, axis), side data included."""
+    """Same QTensor as qcompile.formats.reference.quantize(x, fmt, axis), side data included."""
     el, sc = fmt.element, fmt.scale
     if not supported(fmt):
         raise NotImplementedError(f"no generated quantise kernel for {fmt.key}")

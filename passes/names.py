@@ -32,7 +32,7 @@ import torch
 from torch import fx
 
 from qcompile import config
-from qcompile.modules import linear_like, skip_reason
+from qcompile.linear_rule import linear_like, skip_reason
 
 # Models compiled or explained before: frames of their submodules are named in them.
 _KNOWN_ROOTS: list[weakref.ref] = []
@@ -110,7 +110,7 @@ class ModuleNames:
         return found
 
     def skip_reason(self, name: str) -> str | None:
-        """qcompile.modules.skip_reason() for the module called ``name`` in this model: why the
+        """qcompile.linear_rule.skip_reason() for the module called ``name`` in this model: why the
         policy's format cannot be applied to it (None: it can, or it is not a module here)."""
         if self.root is None or not name:
             return None

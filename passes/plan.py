@@ -7,7 +7,7 @@ import torch
 from torch import fx
 
 from qcompile import config
-from qcompile.modules import linear_like, linear_lookalike
+from qcompile.linear_rule import linear_like, linear_lookalike
 from qcompile.policy import Policy
 
 from .find import KEY, MAX_NORM_REASON, embedding_options, op_record, real_input, sites
@@ -44,7 +44,7 @@ def plan(gm: fx.GraphModule, policy: Policy, example_inputs=None,
     only where the policy quantises it. Sites with a policy answer of None are left alone, and so
     are sites with operands of another dtype than float32/16/bf16 (the reason in their ``note``).
     The graph record's ``skipped`` lists the layers the policy quantises that this graph cannot
-    (``qcompile.modules.skip_reason``, ``_unreached``), said once per reason."""
+    (``qcompile.linear_rule.skip_reason``, ``_unreached``), said once per reason."""
     skipped = []
     for node, site in sites(gm):
         op = op_record(node)

@@ -18,8 +18,8 @@ import torch
 from torch import fx
 
 from qcompile import api, config
+from qcompile.formats.qtensor import QTensor
 from qcompile.proxy import input_scores
-from qcompile.qtensor import QTensor
 
 from .find import op_record, real_input
 from .graph import graph_record, placeholders

@@ -2,24 +2,24 @@
 from . import formats
 from .api import dequantize, fake_quantize, quantize
 from .formats import Format
-from .qtensor import QTensor
+from .formats.qtensor import QTensor
 from .policy import LayerSpec, Policy
-from .layers import fake_quantize_model_, quantize_model_, resident_weight_bytes
+from .swap import fake_quantize_model_, quantize_model_, resident_weight_bytes
 from .backend import compile
 from .explain import explain
 from .search import search_policy
 from .serialize import load_quantized, save_quantized
-from . import hf_hook
+from .integrations import hf_hook
 
 hf_hook.install()  # registers BlockQuantConfig once transformers' quantizer registry loads
 
 
 def __getattr__(name):  # the transformers integration imports transformers: only when used
     if name in ("BlockQuantConfig", "BlockQuantHfQuantizer"):
-        from . import hf
+        from .integrations import hf
         return getattr(hf, name)
     if name == "quantize_checkpoint":
-        from .stream import quantize_checkpoint
+        from .integrations.stream import quantize_checkpoint
         return quantize_checkpoint
     raise AttributeError(f"module 'qcompile' has no attribute {name!r}")
 

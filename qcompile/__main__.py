@@ -1,6 +1,6 @@
 """``python -m qcompile quantize MODEL_DIR OUT_DIR --policy policy.json``: quantise a
-transformers checkpoint tensor by tensor (qcompile/stream.py, docs/saving.md), printing the
-layers packed, the sizes and the peak memory."""
+transformers checkpoint tensor by tensor (qcompile/integrations/stream.py, docs/saving.md),
+printing the layers packed, the sizes and the peak memory."""
 from __future__ import annotations
 
 import argparse
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
-    from .stream import prepare
+    from .integrations.stream import prepare
     try:
         with open(args.policy) as f:
             policy = Policy.from_json(f.read())

@@ -1,4 +1,6 @@
-"""Public quantise / dequantise entry points: validate first, then dispatch on ``impl``.
+"""Public quantise / dequantise entry points: validate first, then dispatch on ``impl``, the
+kernels that run (config.IMPLS: "reference" or the generated "triton" kernels; the backend's
+``kernels`` option and the ops take these and more, config.KERNELS).
 
 Autograd: ``fake_quantize`` is a straight-through estimator (forward: exactly the quantised
 values; backward: the incoming gradient unchanged), the same for every format. ``quantize``
@@ -8,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from . import codegen, config, formats, reference
-from .formats import Format
-from .qtensor import QTensor
+from . import codegen, config, formats
+from .formats import Format, reference
+from .formats.qtensor import QTensor
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -14,8 +14,9 @@ lowering, bit-exact with ``fake_quantize_model_``; the environment variable QCOM
 overrides it) and ``mode`` (Inductor's mode: torch.compile does not
 take ``mode`` and ``options`` together, so it goes inside options).
 
-The backend validates the options, runs the passes in ``qcompile.passes`` (find -> plan ->
-quantise weights -> rewrite -> fuse), then lowers the graph with Inductor or runs it eagerly.
+The backend validates the options, runs the six passes in ``qcompile.passes`` (find -> plan ->
+quantise weights -> rewrite -> fuse -> use CPU kernels), then lowers the graph with Inductor or
+runs it eagerly.
 Packed weights are extra graph inputs supplied by ``CompiledGraph``, so Inductor sees ordinary
 tensors; before each call it checks that the weights they were packed from did not change
 (``load_state_dict``), and packs them again if they did.
@@ -48,7 +49,7 @@ from qcompile.passes.plan import left_alone, planned as planned_sites, warn_unma
 from qcompile.passes.report import site_rows
 
 from . import config, ops
-from .modules import linear_like
+from .linear_rule import linear_like
 from .codegen import cpu, cpu_source
 from .policy import DEFAULT_POLICY_DOC, Policy, PolicyError, default_policy
 
@@ -59,7 +60,8 @@ OPTION_NAMES = ("policy", "lowering", "kernels", "mode")
 
 def parse_options(options, example_inputs=None) -> dict:
     """Validate the backend options; returns a dict with policy, lowering, impl (the
-    ``kernels`` choice, which the environment variable QCOMPILE_KERNELS overrides) and mode."""
+    ``kernels`` choice, which the environment variable QCOMPILE_KERNELS overrides, under the
+    name the ops' ``impl`` argument gives it) and mode."""
     options = dict(options or {})
     unknown = set(options) - set(OPTION_NAMES)
     if unknown:
@@ -89,7 +91,7 @@ def parse_options(options, example_inputs=None) -> dict:
     if mode != "default" and lowering == "eager":
         raise ValueError(f"blockquant: mode={mode!r} is an Inductor mode; it needs "
                          "lowering='inductor'")
-    # "auto" is resolved per call by the ops: Triton for CUDA tensors, the reference otherwise
+    # "auto" is resolved per call by the ops: Triton for CUDA tensors, C++ for CPU ones
     return {"policy": policy, "lowering": lowering, "impl": kernels, "mode": mode}
 
 
@@ -106,11 +108,11 @@ def _check_triton_can_run(example_inputs):
         raise RuntimeError("blockquant: kernels='triton' runs generated Triton kernels, which need "
                            "CUDA tensors; on CPU they run only in Triton's interpreter (set "
                            "TRITON_INTERPRET=1 before triton is imported). Use kernels='auto' "
-                           "(Triton on CUDA, the reference on CPU) or 'reference'")
+                           "(Triton on CUDA, the generated C++ kernels on CPU) or 'reference'")
 
 
 def run_passes(gm, example_inputs, policy: Policy, impl: str = "auto", names=None):
-    """All five passes on a copy of gm. Returns the rewritten graph module (its extra inputs in
+    """All six passes on a copy of gm. Returns the rewritten graph module (its extra inputs in
     ``graph_record(gm).extra_inputs``, its packed weights in ``graph_record(gm).packed``),
     the list of planned (node, site, spec) and the explain rows. ``names``: the frame's module
     names (passes.names), found from Dynamo's frame when not given."""

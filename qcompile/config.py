@@ -8,7 +8,7 @@ else is an error that names the variable, never a silent guess):
   QCOMPILE_STRICT=1        a generated kernel that fails raises instead of falling back to the
                            reference (the test suite runs this way)
   QCOMPILE_KERNELS=...     auto | reference | triton | cpu: overrides the backend's ``kernels``
-                           option
+                           option (the ops' ``impl``)
   QCOMPILE_CPU_ISA=...     avx512 | avx2 | scalar: force the CPU kernels' instruction set
   QCOMPILE_FLOAT32_DOTS=.. ieee (default) | tf32: the precision of the Triton GEMM's float
                            dots in float32 models; tf32 is faster and widens the error bound
@@ -30,8 +30,12 @@ import warnings
 PROGRESS_AFTER_S = 3.0
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
-KERNELS = ("auto", "reference", "triton", "cpu")  # the ops' and the backend's kernel choices
-IMPLS = ("reference", "triton")  # qcompile.quantize / dequantize / fake_quantize's impl=
+# The kernels, one list: the per-tensor functions qcompile.quantize / dequantize / fake_quantize
+# take IMPLS as their ``impl``; the backend's ``kernels`` option and the ops' ``impl`` take
+# KERNELS, the same two plus "cpu" (the C++ matmul kernels) and "auto" (Triton on CUDA tensors,
+# cpu on CPU ones).
+IMPLS = ("reference", "triton")
+KERNELS = ("auto", *IMPLS, "cpu")
 CPU_ISAS = ("avx512_vnni", "avx512", "avx2", "scalar")
 FLOAT32_DOTS = ("ieee", "tf32")
 

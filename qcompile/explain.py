@@ -40,9 +40,9 @@ from qcompile.passes.report import Row, dtype_name, site_rows
 from . import formats, ops
 from .backend import compiled_variants
 from .codegen import cpu, cpu_int
-from .layers import (POLICIES_ATTR, QuantEmbedding, QuantLinear, matched_rule,
-                     resident_weight_bytes, skipped_layers)
 from .policy import Policy, default_policy
+from .swap import (POLICIES_ATTR, QuantEmbedding, QuantLinear, matched_rule, resident_weight_bytes,
+                   skipped_layers)
 
 _DTYPE_BITS = {"float32": 32, "float64": 64, "float16": 16, "bfloat16": 16}
 

@@ -49,10 +49,11 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from . import api, codegen, config, formats, reference
+from . import api, codegen, config, formats
 from .codegen import cpu
 from .codegen import linear as fused
-from .qtensor import QTensor
+from .formats import reference
+from .formats.qtensor import QTensor
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

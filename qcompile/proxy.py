@@ -4,7 +4,7 @@ Outlier features sit in a few hidden dimensions. Proxy quantisation finds them w
 input column of a layer is the output of an earlier layer, and the standard deviation of that
 layer's weight row (the weights that compute the column) is the proxy for how large the column
 gets. A format with the ``proxy`` option keeps the highest-scoring input columns of each weight
-in bfloat16 (qcompile.reference) and quantises the rest; this module computes the scores.
+in bfloat16 (qcompile.formats.reference) and quantises the rest; this module computes the scores.
 
 "The layer that computes a column", for the architectures known here (HF module names):
 
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from .modules import is_conv1d, linear_like
+from .linear_rule import is_conv1d, linear_like
 
 KNOWN = ("Llama-style decoders (Llama, SmolLM2, Mistral, Qwen2: self_attn.q/k/v/o_proj, "
          "mlp.gate/up/down_proj) and GPT-2 (attn.c_attn/c_proj, mlp.c_fc/c_proj)")

@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import api, config
-from .layers import linear_layers
 from .policy import LayerSpec, Policy, PolicyError
 from .proxy import input_scores
+from .swap import linear_layers
 
 #: Cost-axis cells of the dynamic programme (its memory: layers x cells x 2 bytes).
 MAX_UNITS = 1 << 17

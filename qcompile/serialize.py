@@ -39,11 +39,11 @@ import os
 import torch
 
 from . import config, formats
-from .layers import POLICIES_ATTR, QuantEmbedding, QuantLinear, _set_child
-from .modules import conv1d_class
-from .packing import packed_length
+from .formats.packing import packed_length
+from .formats.qtensor import QTensor
+from .linear_rule import conv1d_class
 from .policy import Policy, PolicyError
-from .qtensor import QTensor
+from .swap import POLICIES_ATTR, QuantEmbedding, QuantLinear, _set_child
 
 FILE_FORMAT = "blockquant.quantized_model"
 VERSION = 2  # 2: "digests" over every tensor and the whole document; 1 had none

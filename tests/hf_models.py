@@ -12,7 +12,7 @@ from transformers.pytorch_utils import Conv1D
 
 import qcompile
 from qcompile import LayerSpec, Policy
-from qcompile.layers import POLICIES_ATTR, QuantEmbedding, QuantLinear
+from qcompile.swap import POLICIES_ATTR, QuantEmbedding, QuantLinear
 
 LLAMA = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=128)

@@ -6,7 +6,7 @@ import torch
 
 import qcompile
 from qcompile import formats
-from qcompile.packing import unpack
+from qcompile.formats.packing import unpack
 
 
 def int_operands(q):

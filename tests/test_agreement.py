@@ -1,4 +1,4 @@
-"""Every helper decides each layer by one rule (qcompile.modules): the compiled model,
+"""Every helper decides each layer by one rule (qcompile.linear_rule): the compiled model,
 ``quantize_model_``, ``fake_quantize_model_`` and ``explain`` quantise the same layers, skip the
 same ones for the same reason, and compute the same numbers.
 
@@ -19,7 +19,7 @@ import qcompile
 from archs import ARCHS, batch
 from hf_models import reference_copy
 from qcompile import LayerSpec, Policy
-from qcompile.layers import QuantLinear, skipped_layers
+from qcompile.swap import QuantLinear, skipped_layers
 
 transformers = pytest.importorskip("transformers")
 T = transformers

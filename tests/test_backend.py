@@ -286,7 +286,7 @@ def test_explain_table_and_totals():
     assert rows["transformer.h.0.attn.c_proj"].rule == "default"
     total = sum(r.numel * r.bits for r in e.rows)
     assert e.total_bits == total and e.avg_bits == total / e.total_weights
-    from qcompile.layers import resident_weight_bytes
+    from qcompile.swap import resident_weight_bytes
     assert e.resident_weight_bytes == resident_weight_bytes(gpt2()) > 0
     text = str(e)
     assert "transformer.h.1.mlp.c_proj" in text and "denser than float32" in text
@@ -376,7 +376,7 @@ def test_generate_with_kv_cache_matches_reference():
 
 
 def test_quantize_model_keeps_no_full_precision_copy_and_stays_exact():
-    from qcompile.layers import QuantLinear, quantize_model_, resident_weight_bytes
+    from qcompile.swap import QuantLinear, quantize_model_, resident_weight_bytes
     m = gpt2()
     ref = reference_copy(m, MIXED)
     fp32_linear = sum(mod.weight.numel() * 4 for n, mod in m.named_modules()

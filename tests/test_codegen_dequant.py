@@ -22,9 +22,9 @@ import qcompile.codegen  # noqa: E402
 from qcompile import formats  # noqa: E402
 from qcompile.codegen import dequant as cg  # noqa: E402
 from qcompile.codegen import quant as qq  # noqa: E402
-from qcompile.packing import pack, unpack  # noqa: E402
-from qcompile.qtensor import QTensor  # noqa: E402
-from qcompile.scales import AbsmaxScale, Pow2Scale  # noqa: E402
+from qcompile.formats.packing import pack, unpack  # noqa: E402
+from qcompile.formats.qtensor import QTensor  # noqa: E402
+from qcompile.formats.scales import AbsmaxScale, Pow2Scale  # noqa: E402
 
 FAMILIES = ["fp5_e2m2", "int5", "bfp7", "bfp3", "bl6", "dynexp6", "int2", "fp7_e3m3", "fp6_e3m2"]
 ALL = formats.names() + FAMILIES

@@ -253,7 +253,7 @@ def test_fixed_codebook_table_made_once_per_device():
     """A fixed codebook's table is made on the device once (cached), not copied per launch."""
     p = dict(k=64, n=16, bias=False, axis=1, seed=1, scale=1.0)
     x, q, b = make(p, 3, "nf4")
-    from qcompile import elements
+    from qcompile.formats import elements
     elements._table_on.cache_clear()
     ys = [fused(x, q, None, b) for _ in range(3)]
     assert elements._table_on.cache_info().misses == 1  # made once, on the kernel's device

@@ -16,9 +16,9 @@ import qcompile
 from int_formula import int_formula, int_operands
 from qcompile import LayerSpec, Policy, formats
 from qcompile.codegen import cpu, cpu_int
-from qcompile.elements import IntElement
 from qcompile.formats import Format
-from qcompile.scales import AbsmaxScale
+from qcompile.formats.elements import IntElement
+from qcompile.formats.scales import AbsmaxScale
 
 ISAS = [i for i in cpu.ISAS if cpu.ISAS.index(i) >= cpu.ISAS.index(cpu.machine_isa())]
 SETTINGS = settings(max_examples=8, suppress_health_check=[HealthCheck.too_slow,

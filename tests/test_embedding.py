@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 import qcompile
 from qcompile import LayerSpec, Policy, config, formats
+from qcompile.formats.reference import dequantize_rows
 from qcompile.policy import PolicyError
-from qcompile.reference import dequantize_rows
 from archs import small_llama as reliability_llama
 
 transformers = pytest.importorskip("transformers")
@@ -174,7 +174,7 @@ def test_quantize_model_shares_one_table_and_drops_the_float_copy():
     fp32 = qcompile.resident_weight_bytes(model)
     qm = qcompile.quantize_model_(copy.deepcopy(model), policy)
     emb = qm.model.embed_tokens
-    assert isinstance(emb, qcompile.layers.QuantEmbedding)
+    assert isinstance(emb, qcompile.swap.QuantEmbedding)
     assert emb.codes is qm.lm_head.codes and emb.scales is qm.lm_head.scales
     assert not any(isinstance(m, torch.nn.Embedding) for m in qm.modules())
     # the packed weights and the norms only: 4.5 bits a weight instead of 32

@@ -14,7 +14,7 @@ from torch import nn
 
 import qcompile
 from qcompile import LayerSpec, Policy
-from qcompile.layers import QuantEmbedding, QuantLinear
+from qcompile.swap import QuantEmbedding, QuantLinear
 from archs import small_llama
 
 IDS = torch.tensor([[1, 5, 9, 2, 77, 3, 120]])

@@ -19,10 +19,10 @@ from transformers import AutoModelForCausalLM
 
 import qcompile
 from qcompile import LayerSpec, Policy, config, formats
-from qcompile.layers import QuantLinear
+from qcompile.integrations.stream import quantize_checkpoint
 from qcompile.policy import PolicyError
 from qcompile.serialize import QuantizedFileError, saved_policies
-from qcompile.stream import quantize_checkpoint
+from qcompile.swap import QuantLinear
 
 from hf_models import IDS, LLAMA, MIXED, logits, save_llama, with_config
 

@@ -18,8 +18,9 @@ from hypothesis import strategies as st
 import oracles as O
 from format_strategies import codes_of, tiled
 import qcompile
-from qcompile import codebooks, formats
-from qcompile.qtensor import QTensor
+from qcompile import formats
+from qcompile.formats import codebooks
+from qcompile.formats.qtensor import QTensor
 
 REFERENCE = json.loads(O.PUBLISHED_JSON.read_text())  # the tests' copy of the published tables
 SHARED_REFERENCE = Path(__file__).resolve().parents[2] / "shared/reference/codebooks.json"

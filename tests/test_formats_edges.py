@@ -645,7 +645,7 @@ BAD_CALLS = [
 @pytest.mark.parametrize("call, exc, match", BAD_CALLS)
 def test_bad_calls_are_rejected_before_any_work(call, exc, match, monkeypatch):
     """The error comes from validation: the reference implementation is never entered."""
-    from qcompile import reference
+    from qcompile.formats import reference
     q4()  # built before the spies go in
     entered = []
 

@@ -1,7 +1,7 @@
-"""The transformers integration (qcompile/hf.py): from_pretrained(quantization_config=
-BlockQuantConfig(policy)) against the oracle "load in float, then quantize_model_" bit for bit,
-save_pretrained -> from_pretrained (in a fresh process too), compiling the loaded model, and
-the errors for bad configs and damaged checkpoints."""
+"""The transformers integration (qcompile/integrations/hf.py): from_pretrained(
+quantization_config=BlockQuantConfig(policy)) against the oracle "load in float, then
+quantize_model_" bit for bit, save_pretrained -> from_pretrained (in a fresh process too),
+compiling the loaded model, and the errors for bad configs and damaged checkpoints."""
 import json
 import re
 import subprocess
@@ -13,11 +13,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import qcompile
-from qcompile import LayerSpec, Policy, hf
+from qcompile import LayerSpec, Policy
 from qcompile.backend import compiled_variants
-from qcompile.layers import QuantEmbedding, QuantLinear
+from qcompile.integrations import hf
 from qcompile.policy import PolicyError
 from qcompile.serialize import QuantizedFileError
+from qcompile.swap import QuantEmbedding, QuantLinear
 
 from hf_models import (IDS, MIXED, assert_same, logits, reference, save_gpt2,
                        save_llama, with_config)

@@ -5,20 +5,21 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = {"qcompile": "qcompile", "passes": "qcompile.passes", "codegen": "qcompile.codegen",
-           "qcompile/tools": "qcompile.tools"}
+FOLDERS = {"qcompile": "qcompile", "qcompile/formats": "qcompile.formats",
+           "qcompile/integrations": "qcompile.integrations", "passes": "qcompile.passes",
+           "codegen": "qcompile.codegen", "qcompile/tools": "qcompile.tools"}
 
-# lowest first; a module not listed is a failure (a new module needs a place on the map)
+# lowest first; a module not listed is a failure (a new module needs a place on the map).
+# A folder is one layer: qcompile/formats/ is the numerical core, qcompile/integrations/ is top.
 LAYERS = [
-    ("core", ["qcompile.bits", "qcompile.config", "qcompile.elements", "qcompile.scales",
-              "qcompile.codebooks", "qcompile.formats", "qcompile.packing", "qcompile.qtensor",
-              "qcompile.reference", "qcompile.policy", "qcompile.modules"]),
+    ("core", ["qcompile.formats", "qcompile.formats.*", "qcompile.config", "qcompile.policy",
+              "qcompile.linear_rule"]),
     ("codegen", ["qcompile.codegen", "qcompile.codegen.*"]),
     ("api", ["qcompile.api"]),
     ("ops", ["qcompile.ops", "qcompile.proxy"]),
     ("passes", ["qcompile.passes", "qcompile.passes.*"]),
-    ("top", ["qcompile.layers", "qcompile.explain", "qcompile.backend", "qcompile.serialize",
-             "qcompile.hf", "qcompile.hf_hook", "qcompile.stream", "qcompile.search",
+    ("top", ["qcompile.integrations", "qcompile.integrations.*", "qcompile.swap",
+             "qcompile.explain", "qcompile.backend", "qcompile.serialize", "qcompile.search",
              "qcompile.__main__", "qcompile"]),
 ]
 TOOLS = ["qcompile.tools", "qcompile.tools.codebook_optimizer"]  # offline: never imported
@@ -113,3 +114,26 @@ def test_the_checker_sees_imports_inside_functions(tmp_path):
     assert imports("qcompile.codegen.mod", src, known) == {"qcompile.api"}
     src.write_text("def f():\n    from qcompile import reference\n")
     assert imports("qcompile.codegen.mod", src, known) == {"qcompile.reference"}
+
+
+def test_the_formats_folder_stands_alone():
+    """qcompile/formats/ is the numerical core: its modules import only each other (not config,
+    not the codegen, not torch.compile's or transformers' machinery), so a format can be read,
+    quantised and checked without the backend."""
+    source_imports = {}
+    for path in sorted((ROOT / "qcompile/formats").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        source_imports[path.stem] = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import)
+                                     for a in n.names}
+        source_imports[path.stem] |= {n.module or "" for n in ast.walk(tree)
+                                      if isinstance(n, ast.ImportFrom) and not n.level}
+    assert {"presets", "bits", "elements", "scales", "codebooks", "packing", "qtensor",
+            "reference"} <= set(source_imports)
+    for name, deps in graph().items():
+        if name.startswith("qcompile.formats"):
+            outside = sorted(d for d in deps if not d.startswith("qcompile.formats"))
+            assert not outside, f"{name} imports {outside} from outside qcompile/formats/"
+    heavy = ("torch._dynamo", "torch._inductor", "torch.fx", "triton", "transformers", "qcompile")
+    for stem, found in source_imports.items():
+        bad = sorted(m for m in found if m.startswith(heavy))
+        assert not bad, f"qcompile/formats/{stem}.py imports {bad}"

@@ -16,10 +16,10 @@ from kernel_device import dev, host
 
 import qcompile
 from qcompile import LayerSpec, Policy, formats, proxy
-from qcompile.policy import PolicyError
 from qcompile.codegen import cpu
 from qcompile.codegen.linear import gamma
-from qcompile.layers import QuantLinear
+from qcompile.policy import PolicyError
+from qcompile.swap import QuantLinear
 
 from archs import build
 from hf_models import LLAMA, save_llama

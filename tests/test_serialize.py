@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 
 import qcompile
 from qcompile import LayerSpec, Policy, formats
-from qcompile.layers import QuantEmbedding, QuantLinear
 from qcompile.policy import PolicyError
 from qcompile.serialize import QuantizedFileError, packed_layout, saved_policies
+from qcompile.swap import QuantEmbedding, QuantLinear
 
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")

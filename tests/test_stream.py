@@ -1,8 +1,8 @@
-"""Quantising a sharded checkpoint tensor by tensor (qcompile/stream.py, `python -m qcompile
-quantize`): the folder it writes loads with from_pretrained into the model that float loading
-plus quantize_model_ makes, bit for bit; the peak resident memory of the command stays near
-the packed model, far below the float one; bad input is refused before any work; the
-safetensors reader and writer agree with the safetensors library."""
+"""Quantising a sharded checkpoint tensor by tensor (qcompile/integrations/stream.py,
+`python -m qcompile quantize`): the folder it writes loads with from_pretrained into the model
+that float loading plus quantize_model_ makes, bit for bit; the peak resident memory of the
+command stays near the packed model, far below the float one; bad input is refused before any
+work; the safetensors reader and writer agree with the safetensors library."""
 import json
 import os
 import re
@@ -21,10 +21,11 @@ from transformers import AutoModelForCausalLM
 
 import qcompile
 from qcompile import LayerSpec, Policy
-from qcompile.layers import QuantEmbedding, QuantLinear
+from qcompile.integrations.stream import (quantize_checkpoint, read_header, read_tensor,
+                                          write_safetensors)
 from qcompile.policy import PolicyError
 from qcompile.serialize import QuantizedFileError
-from qcompile.stream import quantize_checkpoint, read_header, read_tensor, write_safetensors
+from qcompile.swap import QuantEmbedding, QuantLinear
 
 from hf_models import MIXED, assert_same, reference, save_gpt2, save_llama
 

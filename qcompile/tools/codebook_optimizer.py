@@ -31,7 +31,7 @@ Shipped tables. Where the BOF4 paper publishes a table (its Tables 6/7), qcompil
 published numbers (provenance "published"); this optimiser's table for that configuration is
 recorded beside it, with its distance from the published one (below 1e-3 per level), as a check.
 The optimiser's tables are shipped for the other block sizes and bit widths (provenance
-"optimised"). See qcompile.codebooks.
+"optimised"). See qcompile.formats.codebooks.
 
 CLI:  python -m qcompile.tools.codebook_optimizer --write qcompile/data/codebooks.json
 """
@@ -314,7 +314,7 @@ def main(argv=None) -> int:
 
     from tqdm import tqdm
 
-    from qcompile import codebooks
+    from qcompile.formats import codebooks
 
     previous = json.loads(args.write.read_text()) if args.write.is_file() else {}
     published = published_tables(args.reference, previous)

@@ -2,8 +2,9 @@
 
 Importing ``transformers.quantizers.auto`` (the registry) takes seconds, so ``import qcompile``
 must not do it. transformers has no plugin hook of its own, so ``install()`` puts a finder on
-``sys.meta_path`` that runs ``qcompile.hf`` (which registers BlockQuantConfig and its quantizer)
-right after the registry module has executed, before ``from_pretrained`` can read a config.
+``sys.meta_path`` that runs ``qcompile.integrations.hf`` (which registers BlockQuantConfig and
+its quantizer) right after the registry module has executed, before ``from_pretrained`` can read
+a config.
 Where the registry is imported already, it registers at once.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ def _register():
     try:
         from . import hf  # noqa: F401 - registers on import
     except Exception as e:  # noqa: BLE001 - never break importing transformers itself
-        from . import config
+        from .. import config
         config.warn(f"blockquant could not register with transformers ({type(e).__name__}: "
                     f"{e}); BlockQuantConfig checkpoints will not load")
 

@@ -16,7 +16,7 @@ from statistics import NormalDist
 import torch
 
 from .codebooks import quantile_codebook
-from .formats import Format
+from .presets import Format
 from .packing import codes_at, pack, unpack
 from .qtensor import QTensor
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .formats import Format
+from .presets import Format
 
 
 @dataclass

@@ -7,7 +7,7 @@ transformers loader, the streaming command, the search) which layers a policy qu
 the same rules as the backend:
 - linear layers are nn.Linear (weight [N, K], blocks along axis 1) and GPT-2's Conv1D
   (weight [K, N], blocks along axis 0); the first matching rule wins; a module that only looks
-  like one (an MoE router holding a 2-D weight) stays in full precision (qcompile.modules);
+  like one (an MoE router holding a 2-D weight) stays in full precision (qcompile.linear_rule);
 - embeddings (nn.Embedding [vocab, hidden], blocks along axis 1) only by a rule whose spec has
   ``op="embedding"``;
 - a weight shared between modules (a tied embedding / lm_head) is quantised for each holder the
@@ -26,7 +26,7 @@ import torch
 
 from . import api, config
 from .ops import qtensor_from, qtensor_meta
-from .modules import is_conv1d, linear_like, linear_lookalike, skip_reason
+from .linear_rule import is_conv1d, linear_like, linear_lookalike, skip_reason
 from .passes.find import MAX_NORM_REASON
 from .passes.plan import warn_skipped, warn_unmatched
 from .policy import Policy, PolicyError, default_policy
@@ -46,7 +46,7 @@ def _check_policy(policy, who: str) -> Policy:
 def linear_layers(model: torch.nn.Module, policy: Policy, who: str) -> list[tuple]:
     """``(name, module, spec, axis, tied)`` for every linear layer the policy gives a spec;
     ``tied``: its weight is shared with another module. Every entry point decides its layers
-    here, by the backend's rule (qcompile.modules): layers the policy gives a format that cannot
+    here, by the backend's rule (qcompile.linear_rule): layers the policy gives a format that cannot
     take it (``skip_reason``: look-alikes such as MoE routers, a parent reading ``.weight``) are
     marked for explain and said once per reason, and so is every policy rule that matches no
     layer of the model."""

@@ -23,11 +23,12 @@ from pathlib import Path
 
 import torch
 
-from . import api, hf
-from .explain import Explanation, module_rows
-from .layers import POLICIES_ATTR
-from .policy import Policy, PolicyError
-from .serialize import QuantizedFileError
+from .. import api
+from ..explain import Explanation, module_rows
+from ..policy import Policy, PolicyError
+from ..serialize import QuantizedFileError
+from ..swap import POLICIES_ATTR
+from . import hf
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"

@@ -16,7 +16,8 @@ format and digest (serialize.py) and the placeholders become QuantLinear / Quant
 Every shard holds the metadata document, checked against its digest before loading; every
 tensor of the loaded model, full-precision ones too, is checked against the digest saved with
 it (by its name in the model, whatever shards and names transformers wrote).
-Importing this module imports transformers and registers both classes (qcompile/hf_hook.py).
+Importing this module imports transformers and registers both classes
+(qcompile/integrations/hf_hook.py).
 """
 from __future__ import annotations
 
@@ -30,11 +31,11 @@ from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING,
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from . import api, serialize
-from .layers import (POLICIES_ATTR, QuantEmbedding, QuantLinear, _set_child, embedding_layers,
-                     linear_layers, quantize_model_)
-from .policy import POLICY_JSON_FORMAT, Policy, PolicyError
-from .serialize import METADATA_KEY, QuantizedFileError
+from .. import api, serialize
+from ..policy import POLICY_JSON_FORMAT, Policy, PolicyError
+from ..serialize import METADATA_KEY, QuantizedFileError
+from ..swap import (POLICIES_ATTR, QuantEmbedding, QuantLinear, _set_child, embedding_layers,
+                    linear_layers, quantize_model_)
 
 QUANT_METHOD = "blockquant"
 CHECKPOINT_FORMAT = "blockquant.hf_checkpoint"  # the safetensors metadata of save_pretrained
