@@ -7,7 +7,7 @@ codegen/quant.py (block scale, element code). Three kinds of kernel come out of 
 * weight-only: a [BLOCK_K, BLOCK_N] tile of W is decoded in registers (the same float32 value
   the reference dequantise gives, rounded to the weight's dtype), float32 accumulation;
 * weight + activation, float: the activation tile is fake-quantised in the prologue, block by
-  block along K, bit for bit as ``qcompile.fake_quantize`` (formats codegen/quant.supported()
+  block along K, bit for bit as ``qcompile.fake_quantize`` (formats codegen/select.quant_supported()
   covers with int or minifloat elements and a block that is a power of two), then as above;
 * weight + activation, integer (int/mxint/bfp elements on both sides, the weight block a
   multiple of the activation block): the activations are quantised once per call by a prologue

@@ -292,8 +292,8 @@ def linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, side: lis
     # the entry point raises NoKernel itself where the choice is the reference
     kernel = fused.linear if TRITON in (choice.kernel, choice.tried.lower()) else cpu.linear
     return _run("linear", codes, choice, q.fmt.key + (f" x {act_fmt}" if act_fmt else ""),
-                x.dtype, x.device, lambda: _contiguous(kernel(x, q, act_fmt or None, bias,
-                                                              choice=choice)),
+                x.dtype, x.device,
+                lambda: _contiguous(kernel(x, q, act_fmt or None, bias, choice)),
                 lambda: _reference_linear(x, q, act_fmt, bias))
 
 
