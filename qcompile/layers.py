@@ -24,7 +24,7 @@ import json
 
 import torch
 
-from . import api
+from . import api, config
 from .ops import qtensor_from, qtensor_meta
 from .modules import is_conv1d, linear_like, linear_lookalike, skip_reason
 from .passes.find import MAX_NORM_REASON
