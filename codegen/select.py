@@ -1,4 +1,4 @@
-"""Which kernel runs: every "can a generated kernel run here" rule, and its thresholds, in one place.
+"""Which kernel runs: every "can a generated kernel run here" rule and threshold, in one place.
 
 ``choose(q, act_fmt, x, impl, bias)`` answers for the fused linear with a ``Choice``: "triton"
 (variant "gemv" / "gemm"), "cpu" (variant "gemv" / "panels"), "cpu_int" (integer block dot
@@ -126,7 +126,7 @@ def splits_k(wfmt, af, variant: str) -> bool:
 def cpu_int_applies(q, af) -> bool:
     """The CPU integer path: the Triton integer path's pairs, where each activation block lies
     inside one weight block."""
-    return af is not None and _cpu_int(q.fmt, af, q.block, q.shape[1] if q.axis == 1 else q.shape[0])
+    return af is not None and _cpu_int(q.fmt, af, q.block, _weight_k(q))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -230,7 +230,9 @@ def choose_dequantize(q, impl: str) -> Choice:
     """Which kernel decodes the packed weight ``q``."""
     where = resolve(impl, q.codes)
     if where == "triton":
-        return Choice("triton") if triton_launchable(q.codes.is_cuda) else _no("Triton", NEED_LAUNCH)
+        if not triton_launchable(q.codes.is_cuda):
+            return _no("Triton", NEED_LAUNCH)
+        return Choice("triton")
     if where == "cpu":
         if len(q.shape) != 2:
             return Choice("reference", reason="no CPU kernel: not a 2-d weight")

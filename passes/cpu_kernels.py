@@ -6,7 +6,8 @@ the graph runs without autograd (compiled with grad disabled: Dynamo guards on g
 the selector (codegen/select.py ``cpu_operator``) says the op would run the CPU kernels anyway
 and nothing is lost: kernels "auto" or "cpu", the activation on the CPU, a float32 weight the
 CPU kernels read whose tables depend on the format alone (not quantile codebooks nor NVFP4's
-tensor scale, which come from the tensor's side data), no proxy columns. Anything else stays ``qcompile::linear``, which says itself what it cannot do. The format's
+tensor scale, which come from the tensor's side data), no proxy columns. Anything else stays
+``qcompile::linear``, which says itself what it cannot do. The format's
 element and multiplier tables are registered with the operator library (named by a format id).
 Int weights with int activations (codegen/cpu_int.py) become ``qcompile_cpu::int_linear``, which
 quantises the activations itself; another activation format becomes a

@@ -51,7 +51,7 @@ from . import api, config, formats, reference
 from .codegen import cpu
 from .codegen import linear as fused
 from .codegen import select
-from .codegen.select import EMBEDDING_KERNEL_ROWS, NoKernel  # noqa: F401  (the ops' names)
+from .codegen.select import NoKernel
 from .qtensor import QTensor
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
