@@ -348,12 +348,15 @@ _PLANS: dict[tuple, Plan] = {}
 def plan(q) -> Plan:
     """The Plan of a packed weight, kept while its codes tensor lives (compiled graphs call the
     same weights over and over)."""
-    key = (q.codes.data_ptr(), q.scales.data_ptr(), q.fmt.key, q.shape, q.dtype,
-           config.cpu_isa())
+    # the format by identity (formats.get gives one object per key) and the forced instruction
+    # set as written (read, not parsed, per call: a Plan is made, and the setting checked, once
+    # per value)
+    key = (q.codes.data_ptr(), q.scales.data_ptr(), id(q.fmt), q.shape, q.dtype,
+           os.environ.get("QCOMPILE_CPU_ISA", ""))
     hit = _PLANS.get(key)
-    # the same tensors, not others that reuse their memory
-    if hit is None or hit.codes() is not q.codes or hit.scales() is not q.scales or not (
-            q.codes.is_contiguous() and q.scales.is_contiguous()):
+    # the same tensors and format, not others that reuse their memory
+    if hit is None or hit.codes() is not q.codes or hit.scales() is not q.scales or \
+            hit.fmt is not q.fmt or not (q.codes.is_contiguous() and q.scales.is_contiguous()):
         _check(q)
         if len(_PLANS) > 4096:
             _PLANS.clear()

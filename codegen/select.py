@@ -173,18 +173,17 @@ _CHOICES: dict[tuple, tuple] = {}
 
 def choose(q, act_fmt, x: torch.Tensor, impl: str, bias: torch.Tensor | None = None) -> Choice:
     """Which kernel computes ``fq(x, act_fmt) @ W^T (+ bias)`` for the packed weight ``q``."""
-    where = resolve(impl, x)
+    where = impl if impl == "cpu" or impl == "triton" else resolve(impl, x)
     if where == "reference":
         return ASKED
     k = x.shape[-1]
-    rows = x.numel() // k if k else 0
     bdtype = bias.dtype if bias is not None else None
-    if where == "triton":
-        key = (where, id(q.fmt), q.shape, q.axis, q.dtype, x.dtype, k, bdtype,
-               triton_launchable(x.is_cuda), rows <= TRITON_GEMV_MAX_M)
+    if where == "triton":  # (rows <= the GEMV's, without a division)
+        key = (id(q.fmt), q.shape, q.axis, q.dtype, x.dtype, k, bdtype,
+               triton_launchable(x.is_cuda), x.numel() <= k * TRITON_GEMV_MAX_M)
     else:
-        key = (where, id(q.fmt), q.shape, q.axis, q.block, q.dtype, act_fmt, x.dtype, bdtype,
-               q.codes.is_cpu, rows <= CPU_GEMV_MAX_M)
+        key = (id(q.fmt), q.shape, q.axis, q.block, q.dtype, act_fmt, x.dtype, bdtype,
+               q.codes.is_cpu, x.numel() <= k * CPU_GEMV_MAX_M)
     hit = _CHOICES.get(key)
     if hit is None or hit[0] is not q.fmt:  # ids are reused: the same Format, not another
         if len(_CHOICES) > 4096:

@@ -155,27 +155,30 @@ _KIND = {"triton": "Triton", "cpu": "CPU", "cpu_int": "CPU"}
 _NOTED = {"triton": TRITON, "cpu": CPU, "cpu_int": CPU}
 
 
-def _run(op: str, codes, choice: select.Choice, key: str, dtype: torch.dtype,
-         device: torch.device, kernel, fallback):
-    """The chosen kernel's result (``kernel()``, which raises NoKernel where the choice is the
-    reference for want of a kernel), or the reference's (``fallback()``): said once where a
-    kernel was asked for (``_fallback``; a kernel failure raises in strict mode), and noted for
-    explain per packed weight (``codes``; None: not noted)."""
+def _run(op: str, codes, choice: select.Choice, kernel, reference, args: tuple, label: tuple):
+    """The chosen kernel's result, ``kernel(*args, choice)`` (it raises NoKernel where the choice
+    is the reference for want of a kernel), or the reference's, ``reference(*args)``: said once
+    where a kernel was asked for (``_fallback``; a kernel failure raises in strict mode), and
+    noted for explain per packed weight (``codes``; None: not noted). ``label``: (Format,
+    activation format or "", the op's float dtype, a tensor on the op's device), for the
+    warning (read only when there is one: a decoding model calls this for every layer)."""
     if choice.kernel == "reference" and not choice.tried:  # by plan: nothing to say
         ran = f"reference ({choice.reason})"
     else:
-        kind = choice.tried or _KIND[choice.kernel]
         try:
-            out = kernel()
+            out = kernel(*args, choice)
             if codes is not None:
                 ran_kernel(op, codes, _NOTED[choice.kernel])
             return out
         except Exception as err:  # no kernel here (or, unless strict, one failed)
-            _fallback(op, key, err, kind, dtype, device)
+            kind = choice.tried or _KIND[choice.kernel]
+            fmt, act_fmt, dtype, on = label
+            key = fmt.key + (f" x {act_fmt}" if act_fmt else "")
+            _fallback(op, key, err, kind, dtype, on.device)
             ran = _why(kind, err)
     if codes is not None:
         ran_kernel(op, codes, ran)
-    return fallback()
+    return reference(*args)
 
 
 def _contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -205,15 +208,18 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, side: list[torch.Tenso
                impl: str = "reference") -> torch.Tensor:
     q = qtensor_from(codes, scales, side, meta)
     choice = select.choose_dequantize(q, impl)
-    return _run("dequantize", codes, choice, q.fmt.key, q.dtype, codes.device,
-                lambda: _dequantize_kernel(q, choice.require()),
-                lambda: _contiguous(api.dequantize(q)))
+    return _run("dequantize", codes, choice, _dequantize_kernel, _dequantize_reference, (q,),
+                (q.fmt, "", q.dtype, codes))
 
 
 def _dequantize_kernel(q: QTensor, choice: select.Choice) -> torch.Tensor:
-    if choice.kernel == "cpu":
+    if choice.require().kernel == "cpu":
         return cpu.dequantize(q)
     return _contiguous(api.dequantize(q, impl="triton"))
+
+
+def _dequantize_reference(q: QTensor) -> torch.Tensor:
+    return _contiguous(api.dequantize(q))
 
 
 @torch.library.register_fake("qcompile::dequantize")
@@ -249,12 +255,17 @@ def fake_quantize_act(x: torch.Tensor, fmt: str, axis: int = -1,
     if x.numel() == 0:
         return x.clone(memory_format=torch.contiguous_format)
     choice = select.choose_fake_quantize(formats.get(fmt), x, impl)
-    if choice.kernel == "reference" and not choice.tried:
-        return _contiguous(api.fake_quantize_values(x, fmt, axis=axis))
-    return _run("fake_quantize_act", None, choice, formats.get(fmt).key, x.dtype, x.device,
-                lambda: choice.require() and _contiguous(
-                    api.fake_quantize_values(x, fmt, axis=axis, impl="triton")),
-                lambda: _contiguous(api.fake_quantize_values(x, fmt, axis=axis)))
+    return _run("fake_quantize_act", None, choice, _fake_quantize_kernel,
+                _fake_quantize_reference, (x, fmt, axis), (formats.get(fmt), "", x.dtype, x))
+
+
+def _fake_quantize_kernel(x, fmt: str, axis: int, choice: select.Choice) -> torch.Tensor:
+    choice.require()
+    return _contiguous(api.fake_quantize_values(x, fmt, axis=axis, impl="triton"))
+
+
+def _fake_quantize_reference(x, fmt: str, axis: int) -> torch.Tensor:
+    return _contiguous(api.fake_quantize_values(x, fmt, axis=axis))
 
 
 @torch.library.register_fake("qcompile::fake_quantize_act")
@@ -286,15 +297,14 @@ def linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, side: lis
            impl: str = "reference") -> torch.Tensor:
     q = qtensor_from(codes, scales, side, meta)
     choice = select.choose(q, act_fmt, x, impl, bias)
-    if choice.kernel == "reference" and not choice.tried:  # asked for: no closures to build
-        ran_kernel("linear", codes, ASKED)
-        return _reference_linear(x, q, act_fmt, bias)
     # the entry point raises NoKernel itself where the choice is the reference
-    kernel = fused.linear if TRITON in (choice.kernel, choice.tried.lower()) else cpu.linear
-    return _run("linear", codes, choice, q.fmt.key + (f" x {act_fmt}" if act_fmt else ""),
-                x.dtype, x.device,
-                lambda: _contiguous(kernel(x, q, act_fmt or None, bias, choice)),
-                lambda: _reference_linear(x, q, act_fmt, bias))
+    triton = choice.kernel == "triton" or choice.tried == "Triton"
+    return _run("linear", codes, choice, _fused_kernel if triton else cpu.linear,
+                _reference_linear, (x, q, act_fmt, bias), (q.fmt, act_fmt, x.dtype, x))
+
+
+def _fused_kernel(x, q, act_fmt, bias, choice):
+    return _contiguous(fused.linear(x, q, act_fmt, bias, choice))
 
 
 def _reference_linear(x, q, act_fmt, bias):
@@ -360,10 +370,17 @@ def embedding(ids: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
         bad = low if low < 0 else high
         raise IndexError(f"qcompile::embedding: token id {bad} is out of range for a table of "
                          f"{vocab} rows")
-    choice = select.choose_embedding(q, ids, impl)
-    return _run("embedding", codes, choice, q.fmt.key, q.dtype, ids.device,
-                lambda: choice.require() and cpu.gather_rows(q, ids),
-                lambda: _contiguous(reference.dequantize_rows(q, ids)))
+    return _run("embedding", codes, select.choose_embedding(q, ids, impl), _gather_kernel,
+                _gather_reference, (q, ids), (q.fmt, "", q.dtype, ids))
+
+
+def _gather_kernel(q: QTensor, ids: torch.Tensor, choice: select.Choice) -> torch.Tensor:
+    choice.require()
+    return cpu.gather_rows(q, ids)
+
+
+def _gather_reference(q: QTensor, ids: torch.Tensor) -> torch.Tensor:
+    return _contiguous(reference.dequantize_rows(q, ids))
 
 
 @torch.library.register_fake("qcompile::embedding")
