@@ -300,7 +300,7 @@ def linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, side: lis
     # the entry point raises NoKernel itself where the choice is the reference
     triton = choice.kernel == "triton" or choice.tried == "Triton"
     return _run("linear", codes, choice, _fused_kernel if triton else cpu.linear,
-                _reference_linear, (x, q, act_fmt, bias), (q.fmt, act_fmt, x.dtype, x))
+                _reference_linear, (x, q, act_fmt or None, bias), (q.fmt, act_fmt, x.dtype, x))
 
 
 def _fused_kernel(x, q, act_fmt, bias, choice):
