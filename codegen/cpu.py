@@ -22,8 +22,8 @@ used by the integer path of cpu_int.py), else AVX2, else scalar; ``QCOMPILE_CPU_
 
 Formats: every element of 2..8 bits and every scale kind (E8M0, float32 absmax, NVFP4), OPQ
 outliers added after the kernel. Models in float32; other dtypes (whose reference rounds the
-decoded weight to bf16/fp16) are not covered yet: NotImplementedError, so the op falls back to
-the reference with one warning.
+decoded weight to bf16/fp16) are not covered yet: NoKernel (codegen/select.py says which weights
+the kernels read), so the op falls back to the reference with one warning.
 """
 from __future__ import annotations
 
@@ -43,8 +43,10 @@ from qcompile.formats import reference
 
 from . import cpu_int, cpu_int_source, cpu_source
 from .cache import cache_dir, write_atomically
+from .select import CPU_GEMV_MAX_M as GEMV_MAX_M
+from .select import (NoKernel, choose, cpu_table_problem, require_cpu_weight,
+                     tables_from_side_data)
 
-GEMV_MAX_M = 16  # M up to this runs the GEMV kernel; more rows: decoded panels and a GEMM
 PANEL_BYTES = 1 << 20  # decoded weight rows per GEMM call: about L2-sized
 # a weight up to this size decoded is one panel: one GEMM, which beats several panels' GEMMs
 # (measured on SmolLM2's layers at M=512); bigger ones (lm_head) go in L2-sized panels, which
@@ -113,7 +115,7 @@ def _compiler() -> tuple[str, str]:
     try:
         out = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError) as err:
-        raise NotImplementedError(f"qcompile CPU kernels need a C++ compiler: {cxx!r} does not "
+        raise NoKernel(f"qcompile CPU kernels need a C++ compiler: {cxx!r} does not "
                                   f"run ({err}); set CXX, or use kernels='reference'") from err
     return cxx, out.stdout.splitlines()[0] if out.stdout else cxx
 
@@ -238,11 +240,7 @@ class Plan:
 
     def __init__(self, q):
         fmt, el = q.fmt, q.fmt.element
-        if q.dtype != torch.float32:
-            raise NotImplementedError(f"qcompile CPU kernels cover float32 weights; this one is "
-                                      f"{q.dtype} (its reference rounds W to that dtype)")
-        if el.bits < 2 or el.bits > 8:
-            raise NotImplementedError(f"qcompile CPU kernels cover 2..8-bit codes, not {el.bits}")
+        require_cpu_weight(q)
         self.bits, self.block = el.bits, q.block
         codes = torch.arange(2**el.bits)
         values = (el.decode(codes, q.side["codebook"]) if el.kind == "codebook"
@@ -273,8 +271,7 @@ class Plan:
         # the operator's name for this format: the same in every process (graphs cached on disk)
         self.format_id = int.from_bytes(hashlib.sha256(f"{fmt.key}|{isa}".encode()).digest()[:8],
                                         "little") >> 2
-        self.data_dependent = (el.kind == "codebook" and el.data_dependent) or \
-            fmt.scale.kind == "nvfp4"  # tables from the tensor's own side data
+        self.data_dependent = tables_from_side_data(fmt)
         self.outliers = _outliers(q)
         self.codes, self.scales = weakref.ref(q.codes), weakref.ref(q.scales)
         self.k = q.shape[1] if q.axis == 1 else q.shape[0]
@@ -352,12 +349,15 @@ _PLANS: dict[tuple, Plan] = {}
 def plan(q) -> Plan:
     """The Plan of a packed weight, kept while its codes tensor lives (compiled graphs call the
     same weights over and over)."""
-    key = (q.codes.data_ptr(), q.scales.data_ptr(), q.fmt.key, q.shape, q.dtype,
-           config.cpu_isa())
+    # the format by identity (formats.get gives one object per key) and the forced instruction
+    # set as written (read, not parsed, per call: a Plan is made, and the setting checked, once
+    # per value)
+    key = (q.codes.data_ptr(), q.scales.data_ptr(), id(q.fmt), q.shape, q.dtype,
+           os.environ.get("QCOMPILE_CPU_ISA", ""))
     hit = _PLANS.get(key)
-    # the same tensors, not others that reuse their memory
-    if hit is None or hit.codes() is not q.codes or hit.scales() is not q.scales or not (
-            q.codes.is_contiguous() and q.scales.is_contiguous()):
+    # the same tensors and format, not others that reuse their memory
+    if hit is None or hit.codes() is not q.codes or hit.scales() is not q.scales or \
+            hit.fmt is not q.fmt or not (q.codes.is_contiguous() and q.scales.is_contiguous()):
         _check(q)
         if len(_PLANS) > 4096:
             _PLANS.clear()
@@ -366,10 +366,8 @@ def plan(q) -> Plan:
 
 
 def _check(q):
-    if q.codes.device.type != "cpu":
-        raise NotImplementedError("qcompile CPU kernels run on CPU tensors")
-    if len(q.shape) != 2 or q.axis not in (0, 1):
-        raise NotImplementedError("qcompile CPU kernels cover 2-d weights")
+    if q.codes.device.type != "cpu" or len(q.shape) != 2 or q.axis not in (0, 1):
+        require_cpu_weight(q)
     if not (q.codes.is_contiguous() and q.scales.is_contiguous()):
         raise ValueError("qcompile CPU kernels read codes and scales in memory order: they must "
                          "be contiguous (qcompile.quantize makes them so)")
@@ -390,13 +388,10 @@ def gather_rows(q, ids: torch.Tensor) -> torch.Tensor:
     """Rows ``ids`` of a packed table [vocab, hidden] (blocks along axis 1), each decoded by the
     kernels: the reference's values, bit for bit. For a few rows (a decoding step); the
     reference's gather serves many rows as fast and keeps OPQ tables."""
-    if q.axis != 1 or q.dtype != torch.float32:
-        raise NotImplementedError("qcompile CPU kernels gather rows of float32 tables with "
-                                  "blocks along axis 1")
+    why = cpu_table_problem(q)
+    if why:
+        raise NoKernel(why)
     p = plan(q)
-    if p.outliers is not None:
-        raise NotImplementedError("tables with OPQ outliers or proxy columns are gathered by "
-                                  "the reference")
     k = q.shape[1]
     rows = ids.reshape(-1).tolist()
     out = torch.empty((len(rows), k), dtype=torch.float32)
@@ -417,16 +412,17 @@ def dequantize(q) -> torch.Tensor:
     return (w if q.axis == 1 else w.t()).contiguous()
 
 
-def linear(x: torch.Tensor, q, act_fmt=None, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, q, act_fmt=None, bias: torch.Tensor | None = None,
+           choice=None) -> torch.Tensor:
     """fq(x) @ W^T + bias for a packed weight (Conv1D [K, N] weights too: their codes are stored
-    K-last like nn.Linear's), in x's shape with the last axis N. Kept short: decoding a model
-    calls this for every linear layer and token."""
-    if x.dtype != torch.float32 or (bias is not None and bias.dtype != torch.float32):
-        raise NotImplementedError(f"qcompile CPU kernels cover float32 models, not {x.dtype}")
+    K-last like nn.Linear's), in x's shape with the last axis N. ``choice``: the selector's
+    answer (asked here when not given). Kept short: decoding a model calls this for every
+    linear layer and token."""
+    choice = (choice or choose(q, act_fmt, x, "cpu", bias)).require()
     p = plan(q)
     x2 = x if x.dim() == 2 else x.reshape(-1, p.k)
     af = formats.get(act_fmt) if act_fmt else None
-    if cpu_int.applies(q, af):
+    if choice.kernel == "cpu_int":
         y = cpu_int.linear(p, q, x2.contiguous(), af, _contiguous(bias))
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[1])
     if af is not None and x2.numel():
@@ -439,7 +435,7 @@ def linear(x: torch.Tensor, q, act_fmt=None, bias: torch.Tensor | None = None) -
     m = x2.shape[0]
     if m == 0:
         y = x2.new_empty((0, q.scales.shape[0]))
-    elif m <= GEMV_MAX_M:
+    elif choice.variant == "gemv":
         y = p.gemv(q, x2, bias)
     else:
         y = _panels(x2, q, p, bias)

@@ -1,12 +1,12 @@
 """The CPU integer path: int weights times int activations, exact integer block dot products.
 
-``applies(q, af)`` says whether a packed weight and an activation format take this path: the
-same pairs as the Triton integer path (codegen/linear.int_path: int elements with power-of-two
-or absmax scales on both sides, no OPQ, products summed exactly), where each activation block
-lies inside one weight block. ``linear`` quantises the activations in C++ (the reference's
-codes and scales, bit for bit) and returns the Triton integer path's formula (see
-cpu_int_source.py), on every instruction set. Other activation formats are fake-quantised by
-the reference and multiplied by the weight-only kernels (within the float32 bound).
+Which pairs take it is the selector's rule (codegen/select.py ``cpu_int_applies``: the Triton
+integer path's pairs, int elements with power-of-two or absmax scales on both sides, no OPQ,
+products summed exactly, where each activation block lies inside one weight block). ``linear``
+quantises the activations in C++ (the reference's codes and scales, bit for bit) and returns
+the Triton integer path's formula (see cpu_int_source.py), on every instruction set. Other
+activation formats are fake-quantised by the reference and multiplied by the weight-only
+kernels (within the float32 bound).
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import functools
 import torch
 
 from . import cpu_int_source
-from .linear import int_path
 
 _RULES = {"floor": 0, "ceil": 1, "rceil": 2, "even": 3}
 
@@ -40,17 +39,6 @@ class IntArgs(ctypes.Structure):
                 ("block", ctypes.c_int64), ("mult_table", ctypes.c_void_p),
                 ("maxv", ctypes.c_float), ("wstep", ctypes.c_float), ("bias", ctypes.c_void_p),
                 ("y", ctypes.c_void_p), ("N", ctypes.c_int64)]
-
-
-def applies(q, af) -> bool:
-    return af is not None and _pair(q.fmt, af, q.block, q.shape[1] if q.axis == 1 else q.shape[0])
-
-
-@functools.lru_cache(maxsize=1024)
-def _pair(wfmt, af, block: int, k: int) -> bool:
-    """Cached: the Python entry asks on every call of a layer."""
-    # each activation block inside one weight block
-    return int_path(wfmt, af, "gemv") and block % af.block_for(k) == 0
 
 
 @functools.lru_cache(maxsize=256)

@@ -17,6 +17,7 @@ from qcompile.formats.scales import E4M3
 
 from .cache import load_kernel  # noqa: F401  (the cache lives in cache.py; quant.py and
 # linear.py import load_kernel from here)
+from .select import NoKernel
 
 F32_NAN = 0x7FC00000  # the float32 NaN torch writes for math.nan
 F32_INF = 0x7F800000
@@ -28,7 +29,7 @@ def _float_lines(el: FloatElement, code: str, out: str) -> list[str]:
     b, m = el.bits, el.man_bits
     emin = el.emin
     if not (-126 <= emin and el.emax <= 127):
-        raise NotImplementedError(f"{el.describe()}: exponent range leaves float32 normals")
+        raise NoKernel(f"{el.describe()}: exponent range leaves float32 normals")
     lines = [
         f"# {el.describe()}: sign | {el.exp_bits}-bit exponent (bias {el.bias}) | {m}-bit mantissa",
         f"{out}_mag = {code} & {2 ** (b - 1) - 1}",
@@ -79,7 +80,7 @@ def _element_lines(el, code: str, out: str, mask: str = "in_range") -> list[str]
     if isinstance(el, CodebookElement):
         return [f"# {el.describe()}: table lookup (the table is a kernel argument)",
                 f"{out} = tl.load(table_ptr + {code}, mask={mask}, other=0.0)"]
-    raise NotImplementedError(f"no decoder for element {el!r}")
+    raise NoKernel(f"no decoder for element {el!r}")
 
 
 def _select_tree_lines(el, code: str, out: str) -> list[str]:
@@ -127,7 +128,7 @@ def multiplier_lines(fmt, sc: str, out: str) -> list[str]:
         return (["# NVFP4: E4M3 block scale times the float32 tensor scale"]
                 + _float_lines(E4M3, sc, "bs")
                 + [f"{out} = bs * tl.load(tensor_scale_ptr)"])
-    raise NotImplementedError(f"no multiplier for scale {fmt.scale!r}")
+    raise NoKernel(f"no multiplier for scale {fmt.scale!r}")
 
 
 def _unpack_lines(bits: int, idx: str = "cols", row: str = "row_codes", mask: str = "in_range") -> list[str]:

@@ -7,7 +7,7 @@ codegen/quant.py (block scale, element code). Three kinds of kernel come out of 
 * weight-only: a [BLOCK_K, BLOCK_N] tile of W is decoded in registers (the same float32 value
   the reference dequantise gives, rounded to the weight's dtype), float32 accumulation;
 * weight + activation, float: the activation tile is fake-quantised in the prologue, block by
-  block along K, bit for bit as ``qcompile.fake_quantize`` (formats codegen/quant.supported()
+  block along K, bit for bit as ``qcompile.fake_quantize`` (formats codegen/select.quant_supported()
   covers with int or minifloat elements and a block that is a power of two), then as above;
 * weight + activation, integer (int/mxint/bfp elements on both sides, the weight block a
   multiple of the activation block): the activations are quantised once per call by a prologue
@@ -49,17 +49,17 @@ import inspect
 import torch
 
 from qcompile import config
-from qcompile import formats as _formats
 from qcompile.formats import reference
-from qcompile.formats.elements import IntElement
+from qcompile import formats as _formats
 
 from . import quant as _quant
 from .dequant import (_SCALE_NAMES, _element_lines, _next_pow2, _scale_lines, _unpack_lines,
                       int_code_lines, load_kernel, multiplier_lines, triton_cdiv)
 from .dequant import dequantize as _dequantize
+from .select import (TRITON_GEMV_MAX_M, NoKernel, choose, fusable_act, int_path,  # noqa: F401
+                     quant_supported, splits_k)
 
-GEMV_MAX_M = 1  # M up to this runs the GEMV-shaped kernel; M = 2..16 a GEMM with BLOCK_M 16
-MAX_ACT_BLOCK = 256  # larger activation blocks are fake-quantised outside the kernel
+GEMV_MAX_M = TRITON_GEMV_MAX_M  # M = 2..16 run the GEMM with BLOCK_M 16
 UNIT = 2.0**-23  # the bound's unit roundoff: covers round-to-nearest and truncating adders
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -71,34 +71,6 @@ def gamma(n) -> float:
 
 def interpreting() -> bool:
     return config.triton_interpret()
-
-
-# ---- what runs where ------------------------------------------------------------------------
-
-def _pow2(n) -> bool:
-    return isinstance(n, int) and n > 0 and n & (n - 1) == 0
-
-
-def fusable_act(af) -> bool:
-    """Can the kernel prologue fake-quantise activations of format ``af``?"""
-    return (af.element.kind in ("int", "float", "log") and af.scale.kind in ("pow2", "absmax")
-            and af.opq is None and _quant.supported(af)
-            and _pow2(af.block_size) and af.block_size <= MAX_ACT_BLOCK)
-
-
-def int_path(wfmt, af, variant: str) -> bool:
-    """Integer block dot products: int elements on both sides, each activation block (one K
-    tile) inside one weight block, products summed exactly (|D| < 2^24 for the float32 cast)."""
-    if af is None or not fusable_act(af) or wfmt.opq is not None or wfmt.proxy is not None:
-        return False
-    we, ae = wfmt.element, af.element
-    if not (isinstance(we, IntElement) and isinstance(ae, IntElement)):
-        return False
-    if wfmt.scale.kind not in ("pow2", "absmax") or wfmt.block_size is None:
-        return False
-    if wfmt.block_size % af.block_size or (variant == "gemm" and af.block_size < 16):
-        return False
-    return af.block_size * we.qmax * ae.qmax < 2**24
 
 
 # ---- source -------------------------------------------------------------------------------
@@ -226,11 +198,6 @@ def _nibble_lines(start: str = "k0", length: str = "BLOCK_K") -> list[str]:
 
 MAX_SPLIT_K = 32  # rows of the float GEMV's workspace
 MIN_PROGRAMS = 4 * 132  # M = 1: several programs per SM of an H100
-
-
-def splits_k(wfmt, af, variant: str) -> bool:
-    """Does the kernel split K? The float GEMV only: the integer formula fixes the tile order."""
-    return variant == "gemv" and not int_path(wfmt, af, variant)
 
 
 def split_k(a) -> int:
@@ -398,7 +365,7 @@ def linear_source(wfmt, act_fmt=None, *, variant: str = "gemm", dtype=torch.floa
     wfmt = _formats.get(wfmt)
     af = _formats.get(act_fmt) if act_fmt else None
     if af is not None and not fusable_act(af):
-        raise NotImplementedError(f"activation format {af.key} cannot be fused in the prologue")
+        raise NoKernel(f"activation format {af.key} cannot be fused in the prologue")
     if variant not in ("gemm", "gemv"):
         raise ValueError(f"variant must be 'gemm' or 'gemv', got {variant!r}")
     interpret = interpreting() if interpret is None else interpret
@@ -580,21 +547,14 @@ def _int_operands(x2, af):
     return xq, ax
 
 
-def linear(x: torch.Tensor, q, act_fmt=None, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, q, act_fmt=None, bias: torch.Tensor | None = None,
+           choice=None) -> torch.Tensor:
     """The fused linear on generated kernels: fake_quantize(x, act_fmt) @ W^T (+ bias) where
-    W = dequantize(q) is [N, K] (axis=1) or [K, N] (axis=0, GPT-2 Conv1D: x @ W). Raises
-    NotImplementedError where no kernel applies (the caller falls back to the reference)."""
-    if len(q.shape) != 2 or q.axis not in (0, 1):
-        raise NotImplementedError("fused linear needs a 2-d weight with blocks along K")
+    W = dequantize(q) is [N, K] (axis=1) or [K, N] (axis=0, GPT-2 Conv1D: x @ W). ``choice``:
+    the selector's answer (codegen/select.py), asked here when not given. Raises NoKernel
+    where no kernel applies (the caller falls back to the reference)."""
+    choice = (choice or choose(q, act_fmt, x, "triton", bias)).require()
     k_len, n_len = (q.shape[1], q.shape[0]) if q.axis == 1 else (q.shape[0], q.shape[1])
-    if x.shape[-1] != k_len:
-        raise NotImplementedError(f"x has {x.shape[-1]} features, the weight {k_len}")
-    if x.dtype != q.dtype or (bias is not None and bias.dtype != x.dtype):
-        raise NotImplementedError("x, the weight and the bias must share one dtype")
-    if x.dtype not in _DTYPE_NAMES:
-        raise NotImplementedError(f"no fused linear for {x.dtype}")
-    if not (x.is_cuda or interpreting()):
-        raise NotImplementedError("Triton kernels need CUDA tensors (or TRITON_INTERPRET=1)")
     af = _formats.get(act_fmt) if act_fmt else None
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k_len)
@@ -609,12 +569,12 @@ def linear(x: torch.Tensor, q, act_fmt=None, bias: torch.Tensor | None = None) -
         if not opq:
             config.warn(f"qcompile linear: activation format {af.key} is quantised outside the "
                         "fused kernel (no prologue for it)", once=("act outside", af.key))
-        if _quant.supported(af):
+        if quant_supported(af):
             x2 = _dequantize(_quant.quantize(x2, af, 1))
         else:
             x2 = reference.fake_quantize(x2, af, 1)
         af = None
-    variant = "gemv" if m_len <= GEMV_MAX_M else "gemm"
+    variant = choice.variant
     interp = interpreting()
     kernel = _kernel(q.fmt, af, variant, x.dtype, opq, interp, config.float32_dots())
 

@@ -42,19 +42,10 @@ from qcompile.formats.qtensor import QTensor
 from qcompile.formats.scales import E4M3
 
 from .dequant import _float_lines, _next_pow2, load_kernel, triton_cdiv
+from .select import NoKernel
+from .select import quant_supported as supported
 
 F32_NAN = 0x7FC00000
-
-
-def supported(fmt) -> bool:
-    """Every format get() builds (presets, families, overrides). Not generated: a signed absmax
-    scale on an integer or minifloat element, which only a hand-built Format has (its multiplier
-    is -Inf for a negative subnormal block maximum; the NaN element inputs that makes are
-    matched for codebooks, but these encoders were never checked on them)."""
-    el, sc = fmt.element, fmt.scale
-    if sc.kind == "absmax" and sc.signed and el.kind != "codebook":
-        return False
-    return el.kind in ("int", "float", "log", "codebook") and sc.kind in ("pow2", "absmax", "nvfp4")
 
 
 # ---- constants derived from the element descriptions --------------------------------------
@@ -199,7 +190,7 @@ def _scale_lines(fmt) -> list[str]:
         return _absmax_scale_lines(fmt)
     if kind == "nvfp4":
         return _nvfp4_scale_lines(fmt)
-    raise NotImplementedError(f"no generated block scale for {fmt.scale!r}")
+    raise NoKernel(f"no generated block scale for {fmt.scale!r}")
 
 
 # ---- elements: lines computing int32 code `dst` from float32 `src` (x on the element's grid) --
@@ -273,7 +264,7 @@ def quant_source(fmt) -> str:
     """Readable Triton source of the quantise kernel for ``fmt`` (element + scale description)."""
     el, sc = fmt.element, fmt.scale
     if not supported(fmt):
-        raise NotImplementedError(f"no generated quantise kernel for {fmt.key}")
+        raise NoKernel(f"no generated quantise kernel for {fmt.key}")
     args = ["x_ptr", "codes_ptr", "scales_ptr"]
     if el.kind == "codebook":
         args.append("thr_ptr")
@@ -317,7 +308,7 @@ def quantize(x: torch.Tensor, fmt, axis: int) -> QTensor:
     """Same QTensor as qcompile.formats.reference.quantize(x, fmt, axis), side data included."""
     el, sc = fmt.element, fmt.scale
     if not supported(fmt):
-        raise NotImplementedError(f"no generated quantise kernel for {fmt.key}")
+        raise NoKernel(f"no generated quantise kernel for {fmt.key}")
     # -- tensor-level steps in torch (they need the whole tensor before any block is encoded):
     # the reference's own blocking (OPQ outliers out), tensor scale and quantile table --
     b = reference.blocked(x, fmt, axis)

@@ -2,12 +2,12 @@
 
 Both compute the same thing with the same C++ kernels (codegen/cpu.py); the operator is called
 without a Python frame, which a decoding model pays for every layer and token. It is used where
-the op would run the CPU kernels anyway and nothing is lost:
-- the kernels option is "auto" or "cpu" and the activation is on the CPU;
-- the graph runs without autograd (compiled with grad disabled: Dynamo guards on grad mode);
-- the weight is float32 and its format's tables depend on the format alone (not quantile
-  codebooks nor NVFP4's tensor scale, which come from the tensor's side data).
-Anything else stays ``qcompile::linear``, which says itself what it cannot do. The format's
+the graph runs without autograd (compiled with grad disabled: Dynamo guards on grad mode) and
+the selector (codegen/select.py ``cpu_operator``) says the op would run the CPU kernels anyway
+and nothing is lost: kernels "auto" or "cpu", the activation on the CPU, a float32 weight the
+CPU kernels read whose tables depend on the format alone (not quantile codebooks nor NVFP4's
+tensor scale, which come from the tensor's side data), no proxy columns. Anything else stays
+``qcompile::linear``, which says itself what it cannot do. The format's
 element and multiplier tables are registered with the operator library (named by a format id).
 Int weights with int activations (codegen/cpu_int.py) become ``qcompile_cpu::int_linear``, which
 quantises the activations itself; another activation format becomes a
@@ -19,7 +19,7 @@ import torch
 from torch import fx
 
 from qcompile import formats, ops
-from qcompile.codegen import cpu, cpu_int
+from qcompile.codegen import cpu, select
 
 from .graph import input_values
 
@@ -49,21 +49,21 @@ def use_cpu_kernels(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
         if node.op != "call_function" or node.target not in LINEAR:
             continue
         a = _arguments(node)
-        if a["impl"] not in ("auto", "cpu") or not _on_cpu(a["x"]):
-            continue
         try:
+            af = formats.get(a["act_fmt"]) if a["act_fmt"] else None
             q = ops.qtensor_from(values[a["codes"]], values[a["scales"]],
                                  [values[s] for s in a["side"]], a["meta"])
-            plan = cpu.plan(q)
+            choice = select.cpu_operator(q, af, a["impl"], _on_cpu(a["x"]))
+            plan = cpu.plan(q) if choice.kernel != "reference" else None
         except (KeyError, NotImplementedError, ValueError):
             continue  # not graph inputs, or no CPU kernel: the op says so when it runs
-        if plan.data_dependent or "proxy_index" in q.side:
-            continue  # the Python entry: tables from side data, proxy columns added there
+        if plan is None:
+            continue  # the Python entry: it says itself what it cannot do
         side = dict(zip(q.side, a["side"]))
         fmt_id = plan.register()  # loads the operator library on first use
-        x, af = a["x"], formats.get(a["act_fmt"]) if a["act_fmt"] else None
+        x = a["x"]
         with g.inserting_before(node):
-            if cpu_int.applies(q, af):
+            if choice.kernel == "cpu_int":
                 new = g.call_function(torch.ops.qcompile_cpu.int_linear.default, (
                     x, a["codes"], a["scales"], a["bias"], fmt_id, plan.register_act(af),
                     q.scales.shape[0], plan.k, q.block))

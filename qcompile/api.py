@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import codegen, config, formats
+from .codegen.select import NoKernel, quant_supported, triton_launchable
 from .formats import Format, reference
 from .formats.qtensor import QTensor
 
@@ -62,7 +63,7 @@ def _check_proxy_score(x, fmt: Format, axis: int, score):
 def _check_triton_can_run(t: torch.Tensor, what: str):
     """impl="triton" runs generated Triton kernels: CUDA tensors, or CPU ones in Triton's
     interpreter. Checked before any work (before triton is even imported)."""
-    if t.is_cuda or config.triton_interpret():
+    if triton_launchable(t.is_cuda):
         return
     raise RuntimeError(
         f"qcompile.{what}(impl='triton'): the generated Triton kernels need CUDA tensors, or "
@@ -82,13 +83,13 @@ def quantize(x: torch.Tensor, fmt, *, axis: int = -1, impl: str = "reference",
     score = _check_proxy_score(x, fmt, axis, proxy_score)
     x = x.detach()
     if score is not None and impl == "triton":
-        raise NotImplementedError(f"quantize(impl='triton') has no generated kernel for the "
-                                  f"proxy columns of {fmt.key}; use impl='reference' (weights "
-                                  "are quantised once, ahead of time)")
+        raise NoKernel(f"quantize(impl='triton') has no generated kernel for the "
+                       f"proxy columns of {fmt.key}; use impl='reference' (weights "
+                       "are quantised once, ahead of time)")
     if impl == "triton":
         _check_triton_can_run(x, "quantize")
-        if not codegen.supported(fmt):
-            raise NotImplementedError(
+        if not quant_supported(fmt):
+            raise NoKernel(
                 f"quantize(impl='triton') has no generated kernel for {fmt.key} (every preset "
                 "has one; a signed absmax scale on a non-codebook element does not); "
                 "use impl='reference'")

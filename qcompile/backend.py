@@ -50,7 +50,7 @@ from qcompile.passes.report import site_rows
 
 from . import config, ops
 from .linear_rule import linear_like
-from .codegen import cpu, cpu_source
+from .codegen import cpu, cpu_source, select
 from .policy import DEFAULT_POLICY_DOC, Policy, PolicyError, default_policy
 
 LOWERINGS = ("inductor", "eager")
@@ -104,7 +104,7 @@ def _check_triton_can_run(example_inputs):
                            "kernels='reference' or 'auto'") from err
     tensors = [t for t in (example_inputs or ()) if isinstance(t, torch.Tensor)]
     on_cpu = any(not t.is_cuda for t in tensors) if tensors else not torch.cuda.is_available()
-    if on_cpu and not config.triton_interpret():
+    if not select.triton_launchable(not on_cpu):
         raise RuntimeError("blockquant: kernels='triton' runs generated Triton kernels, which need "
                            "CUDA tensors; on CPU they run only in Triton's interpreter (set "
                            "TRITON_INTERPRET=1 before triton is imported). Use kernels='auto' "

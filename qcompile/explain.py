@@ -39,7 +39,7 @@ from qcompile.passes.report import Row, dtype_name, site_rows
 
 from . import formats, ops
 from .backend import compiled_variants
-from .codegen import cpu, cpu_int
+from .codegen import cpu, select
 from .policy import Policy, default_policy
 from .swap import (POLICIES_ATTR, QuantEmbedding, QuantLinear, matched_rule, resident_weight_bytes,
                    skipped_layers)
@@ -171,7 +171,7 @@ def _cpu_variant(q, row: Row) -> str:
     except (NotImplementedError, ValueError, RuntimeError):  # it ran, so this is rare: say less
         return "cpu"
     act = formats.get(row.act_fmt) if row.act_fmt not in ("", "-") else None
-    return f"cpu ({isa}, int)" if cpu_int.applies(q, act) else f"cpu ({isa})"
+    return f"cpu ({isa}, int)" if select.cpu_int_applies(q, act) else f"cpu ({isa})"
 
 
 def _with_kernels(rows: list[Row]) -> list[Row]:

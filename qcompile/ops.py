@@ -27,11 +27,12 @@ definition of each format); "triton" runs the generated Triton kernels of qcompi
 (dequantise, quantise, the fused linear of codegen/linear.py); "cpu" the generated C++ kernels
 of codegen/cpu.py (the linear and the dequantise of 2-d weights; int x int layers quantise
 their activations in C++, other activation formats are quantised by the reference); "auto" is
-"triton" for CUDA tensors and "cpu" otherwise. Where no kernel exists for a format or input by
-design (qcompile's own checks raise NotImplementedError before anything is launched: a format
-codegen does not cover, CPU tensors without Triton's interpreter, ...) the op warns once (per op
-and format) and computes the reference result. A kernel that fails in any other way does the
-same, unless QCOMPILE_STRICT=1 (the test suite's setting): then its exception propagates.
+"triton" for CUDA tensors and "cpu" otherwise. Which kernel runs is codegen/select.py's answer;
+where no kernel exists for a format or input by design (the selector's reason, or a
+``NoKernel`` a generator raises: a format codegen does not cover, CPU tensors without Triton's
+interpreter, ...) the op warns once (per op, format, dtype and device) and computes the
+reference result. A kernel that fails in any other way does the same, unless
+QCOMPILE_STRICT=1 (the test suite's setting): then its exception propagates.
 
 Each op notes which implementation ran for each packed weight (``kernels_ran``, read by
 ``explain``): "cpu", "triton", or "reference (why)". A note is made when the kernel differs
@@ -41,17 +42,16 @@ from __future__ import annotations
 
 import functools
 import json
-import linecache
-import os
-import sys
 import weakref
 
 import torch
 import torch.nn.functional as F
 
-from . import api, codegen, config, formats
+from . import api, config, formats
 from .codegen import cpu
 from .codegen import linear as fused
+from .codegen import select
+from .codegen.select import NoKernel
 from .formats import reference
 from .formats.qtensor import QTensor
 
@@ -82,7 +82,7 @@ def qtensor_from(codes, scales, side, meta: str) -> QTensor:
 # -- which implementation ran, per op and packed weight ------------------------------------------
 
 CPU, TRITON = "cpu", "triton"
-ASKED = "reference (kernels='reference')"
+ASKED = f"reference ({select.ASKED.reason})"
 OPS = ("linear", "dequantize", "embedding")
 RAN: dict[str, dict[int, dict[str, None]]] = {op: {} for op in OPS}  # {id(codes): {kernels}}
 LAST: dict[str, dict[int, str]] = {op: {} for op in OPS}  # {id(codes): the kernel noted last}
@@ -116,9 +116,6 @@ def kernels_ran(op: str, codes) -> list[str]:
     return list(RAN[op].get(id(codes), ()))
 
 
-_NOT_2D = "reference (no CPU kernel: not a 2-d weight)"
-
-
 def _why(where: str, err: Exception) -> str:
     """The reference's label after a kernel could not run: the error's first clause."""
     first = (str(err).splitlines() or [type(err).__name__])[0].split("; ")[0]
@@ -127,51 +124,12 @@ def _why(where: str, err: Exception) -> str:
     return f"reference ({how} {where} kernel: {first[:70]})"
 
 
-def _resolve(impl: str, t: torch.Tensor) -> str:
-    if impl not in config.KERNELS:
-        raise ValueError(f"qcompile ops: unknown impl {impl!r}; choose one of "
-                         f"{', '.join(config.KERNELS)}")
-    if impl == "auto":
-        return "triton" if t.is_cuda else "cpu"
-    return impl
-
-
-def _launchable(t: torch.Tensor):
-    """Generated kernels run on CUDA tensors, or on CPU ones in Triton's interpreter."""
-    if not (t.is_cuda or config.triton_interpret()):
-        raise NotImplementedError("Triton kernels need CUDA tensors (or TRITON_INTERPRET=1)")
-
-
-# -- fallback: "no kernel for this by design" versus "the kernel failed" ----------------------
-
-def _own_dirs() -> tuple[str, ...]:
-    """The folders of qcompile's own code (qcompile/, and codegen/ and passes/ wherever they are
-    installed), each ending in a path separator."""
-    dirs = [os.path.dirname(os.path.abspath(__file__))]
-    for name in ("qcompile.codegen", "qcompile.passes"):
-        mod = sys.modules.get(name)
-        if mod is not None and getattr(mod, "__file__", None):
-            dirs.append(os.path.dirname(os.path.abspath(mod.__file__)))
-    return tuple(os.path.join(d, "") for d in dirs)
-
-
 def no_kernel_by_design(err: BaseException) -> bool:
     """Whether ``err`` says that no generated kernel exists or can run for this format / input /
-    device: a NotImplementedError raised by a ``raise`` statement in qcompile's own code (its
-    checks, made before any kernel is launched). Anything else (an error inside a kernel, in
-    Triton or in torch, a NotImplementedError from someone else's code) is a failure."""
-    if not isinstance(err, NotImplementedError) or err.__traceback__ is None:
-        return False
-    tb = err.__traceback__
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    name = tb.tb_frame.f_code.co_filename
-    if name.startswith("<"):  # generated code (kernels run from a string), the REPL, exec
-        return False
-    path = os.path.abspath(name)
-    if not path.startswith(_own_dirs()):
-        return False
-    return linecache.getline(path, tb.tb_lineno).lstrip().startswith("raise")
+    device (a NoKernel, the selector's and the generators' answer, raised before any kernel is
+    launched). Anything else (an error inside a kernel, in Triton or in torch, any other
+    NotImplementedError) is a failure."""
+    return isinstance(err, NoKernel)
 
 
 def _fallback(op: str, key: str, err: Exception, kind: str, dtype: torch.dtype,
@@ -184,7 +142,7 @@ def _fallback(op: str, key: str, err: Exception, kind: str, dtype: torch.dtype,
     where = f"qcompile::{op} ({str(dtype).replace('torch.', '')} on {device.type})"
     if no_kernel_by_design(err):
         message = (f"{where}: no generated {kind} kernel for {key} "
-                   f"({type(err).__name__}: {first}); using the reference implementation")
+                   f"(NotImplementedError: {first}); using the reference implementation")
     elif config.strict():
         raise err
     else:
@@ -192,6 +150,36 @@ def _fallback(op: str, key: str, err: Exception, kind: str, dtype: torch.dtype,
                    f"({type(err).__name__}: {first}); using the reference implementation "
                    "instead (QCOMPILE_STRICT=1 makes this an error)")
     config.warn(message, once=("qcompile.ops", op, key, kind, dtype, str(device)))
+
+
+_KIND = {"triton": "Triton", "cpu": "CPU", "cpu_int": "CPU"}
+_NOTED = {"triton": TRITON, "cpu": CPU, "cpu_int": CPU}
+
+
+def _run(op: str, codes, choice: select.Choice, kernel, reference, args: tuple, label: tuple):
+    """The chosen kernel's result, ``kernel(*args, choice)`` (it raises NoKernel where the choice
+    is the reference for want of a kernel), or the reference's, ``reference(*args)``: said once
+    where a kernel was asked for (``_fallback``; a kernel failure raises in strict mode), and
+    noted for explain per packed weight (``codes``; None: not noted). ``label``: (Format,
+    activation format or "", the op's float dtype, a tensor on the op's device), for the
+    warning (read only when there is one: a decoding model calls this for every layer)."""
+    if choice.kernel == "reference" and not choice.tried:  # by plan: nothing to say
+        ran = f"reference ({choice.reason})"
+    else:
+        try:
+            out = kernel(*args, choice)
+            if codes is not None:
+                ran_kernel(op, codes, _NOTED[choice.kernel])
+            return out
+        except Exception as err:  # no kernel here (or, unless strict, one failed)
+            kind = choice.tried or _KIND[choice.kernel]
+            fmt, act_fmt, dtype, on = label
+            key = fmt.key + (f" x {act_fmt}" if act_fmt else "")
+            _fallback(op, key, err, kind, dtype, on.device)
+            ran = _why(kind, err)
+    if codes is not None:
+        ran_kernel(op, codes, ran)
+    return reference(*args)
 
 
 def _contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -220,27 +208,18 @@ def _define(schema: str):
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, side: list[torch.Tensor], meta: str,
                impl: str = "reference") -> torch.Tensor:
     q = qtensor_from(codes, scales, side, meta)
-    where, ran = _resolve(impl, codes), ASKED
-    if where == "triton":
-        try:
-            _launchable(codes)
-            w = _contiguous(api.dequantize(q, impl="triton"))
-            ran_kernel("dequantize", codes, TRITON)
-            return w
-        except Exception as err:  # no kernel here (or, unless strict, one failed): the reference
-            _fallback("dequantize", q.fmt.key, err, "Triton", q.dtype, codes.device)
-            ran = _why("Triton", err)
-    elif where == "cpu" and len(q.shape) == 2:
-        try:
-            w = cpu.dequantize(q)
-            ran_kernel("dequantize", codes, CPU)
-            return w
-        except Exception as err:
-            _fallback("dequantize", q.fmt.key, err, "CPU", q.dtype, codes.device)
-            ran = _why("CPU", err)
-    elif where == "cpu":
-        ran = _NOT_2D
-    ran_kernel("dequantize", codes, ran)
+    choice = select.choose_dequantize(q, impl)
+    return _run("dequantize", codes, choice, _dequantize_kernel, _dequantize_reference, (q,),
+                (q.fmt, "", q.dtype, codes))
+
+
+def _dequantize_kernel(q: QTensor, choice: select.Choice) -> torch.Tensor:
+    if choice.require().kernel == "cpu":
+        return cpu.dequantize(q)
+    return _contiguous(api.dequantize(q, impl="triton"))
+
+
+def _dequantize_reference(q: QTensor) -> torch.Tensor:
     return _contiguous(api.dequantize(q))
 
 
@@ -276,15 +255,17 @@ def fake_quantize_act(x: torch.Tensor, fmt: str, axis: int = -1,
                       impl: str = "reference") -> torch.Tensor:
     if x.numel() == 0:
         return x.clone(memory_format=torch.contiguous_format)
-    if _resolve(impl, x) == "triton":
-        try:
-            _launchable(x)
-            if not codegen.supported(formats.get(fmt)):
-                raise NotImplementedError("no generated quantise kernel")
-            return _contiguous(api.fake_quantize_values(x, fmt, axis=axis, impl="triton"))
-        except Exception as err:
-            _fallback("fake_quantize_act", formats.get(fmt).key, err, "Triton", x.dtype,
-                      x.device)
+    choice = select.choose_fake_quantize(formats.get(fmt), x, impl)
+    return _run("fake_quantize_act", None, choice, _fake_quantize_kernel,
+                _fake_quantize_reference, (x, fmt, axis), (formats.get(fmt), "", x.dtype, x))
+
+
+def _fake_quantize_kernel(x, fmt: str, axis: int, choice: select.Choice) -> torch.Tensor:
+    choice.require()
+    return _contiguous(api.fake_quantize_values(x, fmt, axis=axis, impl="triton"))
+
+
+def _fake_quantize_reference(x, fmt: str, axis: int) -> torch.Tensor:
     return _contiguous(api.fake_quantize_values(x, fmt, axis=axis))
 
 
@@ -316,26 +297,18 @@ def linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, side: lis
            meta: str, act_fmt: str, bias: torch.Tensor | None,
            impl: str = "reference") -> torch.Tensor:
     q = qtensor_from(codes, scales, side, meta)
-    where, ran = _resolve(impl, x), ASKED
-    if where == "triton":
-        try:
-            y = _contiguous(fused.linear(x, q, act_fmt or None, bias))
-            ran_kernel("linear", codes, TRITON)
-            return y
-        except Exception as err:
-            _fallback("linear", q.fmt.key + (f" x {act_fmt}" if act_fmt else ""), err, "Triton",
-                      x.dtype, x.device)
-            ran = _why("Triton", err)
-    elif where == "cpu":
-        try:
-            y = cpu.linear(x, q, act_fmt or None, bias)
-            ran_kernel("linear", codes, CPU)
-            return y
-        except Exception as err:
-            _fallback("linear", q.fmt.key + (f" x {act_fmt}" if act_fmt else ""), err, "CPU",
-                      x.dtype, x.device)
-            ran = _why("CPU", err)
-    ran_kernel("linear", codes, ran)
+    choice = select.choose(q, act_fmt, x, impl, bias)
+    # the entry point raises NoKernel itself where the choice is the reference
+    triton = choice.kernel == "triton" or choice.tried == "Triton"
+    return _run("linear", codes, choice, _fused_kernel if triton else cpu.linear,
+                _reference_linear, (x, q, act_fmt or None, bias), (q.fmt, act_fmt, x.dtype, x))
+
+
+def _fused_kernel(x, q, act_fmt, bias, choice):
+    return _contiguous(fused.linear(x, q, act_fmt, bias, choice))
+
+
+def _reference_linear(x, q, act_fmt, bias):
     w = api.dequantize(q)
     if act_fmt and x.numel():
         x = api.fake_quantize_values(x, act_fmt, axis=-1)
@@ -387,10 +360,6 @@ torch.library.register_autograd("qcompile::linear", _linear_backward,
 
 # -- qcompile::embedding ------------------------------------------------------------------------
 
-EMBEDDING_KERNEL_ROWS = 16  # up to this many ids the CPU kernels decode row by row
-_NO_TRITON_GATHER = "reference (no Triton gather)"
-_MANY_IDS = f"reference (more than {EMBEDDING_KERNEL_ROWS} ids: its gather)"
-
 @_define("embedding(Tensor ids, Tensor codes, Tensor scales, Tensor[] side, str meta, "
          "str impl='reference') -> Tensor")
 def embedding(ids: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
@@ -402,22 +371,16 @@ def embedding(ids: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
         bad = low if low < 0 else high
         raise IndexError(f"qcompile::embedding: token id {bad} is out of range for a table of "
                          f"{vocab} rows")
-    # a decoding step gathers a row per token: the CPU kernels decode it in microseconds; many
-    # rows (a prefill) and other devices go through the reference's gather, as fast per row
-    where, ran = _resolve(impl, codes), ASKED
-    if where == "cpu" and ids.numel() <= EMBEDDING_KERNEL_ROWS:
-        try:
-            rows = cpu.gather_rows(q, ids)
-            ran_kernel("embedding", codes, CPU)
-            return rows
-        except Exception as err:
-            _fallback("embedding", q.fmt.key, err, "CPU", q.dtype, ids.device)
-            ran = _why("CPU", err)
-    elif where == "cpu":
-        ran = _MANY_IDS
-    elif where == "triton":
-        ran = _NO_TRITON_GATHER
-    ran_kernel("embedding", codes, ran)
+    return _run("embedding", codes, select.choose_embedding(q, ids, impl), _gather_kernel,
+                _gather_reference, (q, ids), (q.fmt, "", q.dtype, ids))
+
+
+def _gather_kernel(q: QTensor, ids: torch.Tensor, choice: select.Choice) -> torch.Tensor:
+    choice.require()
+    return cpu.gather_rows(q, ids)
+
+
+def _gather_reference(q: QTensor, ids: torch.Tensor) -> torch.Tensor:
     return _contiguous(reference.dequantize_rows(q, ids))
 
 

@@ -446,7 +446,7 @@ def test_ops_fall_back_to_the_reference_with_one_warning(monkeypatch):
     with pytest.warns(UserWarning, match="need CUDA tensors"):
         w = torch.ops.qcompile.dequantize(*op_args(q), "triton")
     assert torch.equal(w, qcompile.dequantize(q))
-    monkeypatch.setattr("qcompile.codegen.supported", lambda fmt: False)
+    monkeypatch.setattr("qcompile.codegen.select.quant_supported", lambda fmt: False)
     with pytest.warns(UserWarning, match="fake_quantize_act"):
         got = torch.ops.qcompile.fake_quantize_act(x, "mxint8", -1, "triton")
     assert torch.equal(got, qcompile.fake_quantize(x, "mxint8"))

@@ -15,7 +15,7 @@ import oracles
 import qcompile
 from int_formula import int_formula, int_operands
 from qcompile import LayerSpec, Policy, formats
-from qcompile.codegen import cpu, cpu_int
+from qcompile.codegen import cpu, cpu_int, select
 from qcompile.formats import Format
 from qcompile.formats.elements import IntElement
 from qcompile.formats.scales import AbsmaxScale
@@ -115,7 +115,7 @@ def test_integer_linear_is_the_formula_bit_for_bit(wfmt, act, isa, p):
     x, w, axis, b = p
     q = qcompile.quantize(w, wfmt, axis=axis)
     af = formats.get(act)
-    if not cpu_int.applies(q, af):  # an activation block across two weight blocks
+    if not select.cpu_int_applies(q, af):  # an activation block across two weight blocks
         assert q.block % af.block_for(x.shape[1])
         return
     y = cpu.linear(x, q, act, b)
@@ -162,12 +162,12 @@ def test_which_pairs_take_the_integer_path():
     leave = [("mxint8", "mxfp8_e4m3"), ("nf4", "mxint8"), ("int4[opq=true]", "int8"),
              ("mxint8", "nvfp4"), ("mxfp4", "mxint8")]
     for wfmt, act in take:
-        assert cpu_int.applies(qcompile.quantize(w, wfmt, axis=1), formats.get(act))
+        assert select.cpu_int_applies(qcompile.quantize(w, wfmt, axis=1), formats.get(act))
     for wfmt, act in leave:
-        assert not cpu_int.applies(qcompile.quantize(w, wfmt, axis=1), formats.get(act))
+        assert not select.cpu_int_applies(qcompile.quantize(w, wfmt, axis=1), formats.get(act))
     # K = 48: the int8 weight block is clamped to 48, the 32-element activation blocks are not
     q = qcompile.quantize(torch.randn(8, 48), "int8", axis=1)
-    assert not cpu_int.applies(q, formats.get("mxint8"))
+    assert not select.cpu_int_applies(q, formats.get("mxint8"))
 
 
 def test_the_compiled_model_runs_the_integer_formula():

@@ -383,7 +383,7 @@ def test_strict_mode_keeps_fallbacks_that_are_by_design(monkeypatch):
     monkeypatch.setenv("QCOMPILE_STRICT", "1")
     monkeypatch.setattr(config, "_said", set())
     x = torch.randn(3, 64)
-    monkeypatch.setattr("qcompile.codegen.supported", lambda fmt: False)
+    monkeypatch.setattr("qcompile.codegen.select.quant_supported", lambda fmt: False)
     with pytest.warns(UserWarning, match="no generated Triton kernel for mxint8"):
         got = FQ_ACT(x, "mxint8", -1, "triton")
     assert torch.equal(got, qcompile.fake_quantize(x, "mxint8"))
