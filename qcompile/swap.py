@@ -46,10 +46,10 @@ def _check_policy(policy, who: str) -> Policy:
 def linear_layers(model: torch.nn.Module, policy: Policy, who: str) -> list[tuple]:
     """``(name, module, spec, axis, tied)`` for every linear layer the policy gives a spec;
     ``tied``: its weight is shared with another module. Every entry point decides its layers
-    here, by the backend's rule (qcompile.linear_rule): layers the policy gives a format that cannot
-    take it (``skip_reason``: look-alikes such as MoE routers, a parent reading ``.weight``) are
-    marked for explain and said once per reason, and so is every policy rule that matches no
-    layer of the model."""
+    here, by the backend's rule (qcompile.linear_rule): layers the policy gives a format that
+    cannot take it (``skip_reason``: look-alikes such as MoE routers, a parent reading
+    ``.weight``) are marked for explain and said once per reason, and so is every policy rule
+    that matches no layer of the model."""
     warn_unmatched(policy, model, who)
     holders = _holder_counts(model)
     parents = {f"{pn}.{cn}" if pn else cn: pm for pn, pm in model.named_modules()
