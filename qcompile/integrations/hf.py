@@ -263,10 +263,15 @@ def _untie(model, swapped: set):
             del model.all_tied_weights_keys[target]
 
 
-def _stand_in(weight, parameter: bool = False) -> torch.Tensor:
-    """A meta tensor for a packed layer's weight until loading ends, marked so that
-    transformers' weight init leaves it alone."""
-    t = torch.empty(weight.shape, dtype=weight.dtype, device="meta")
+def _stand_in(weight, parameter: bool = False, device="meta") -> torch.Tensor:
+    """A tensor of ``weight``'s shape and dtype for a packed layer's weight until loading ends,
+    marked so that transformers' weight init leaves it alone: on the meta device, or on
+    ``device`` as one element seen through zero strides (transformers 5.25 reads the model's
+    device from its first parameter while loading, and refuses the meta device)."""
+    if device == "meta":
+        t = torch.empty(weight.shape, dtype=weight.dtype, device="meta")
+    else:
+        t = torch.zeros((), dtype=weight.dtype, device=device).expand(weight.shape)
     if parameter:
         t = torch.nn.Parameter(t, requires_grad=False)
     t._is_hf_initialized = True
@@ -355,7 +360,7 @@ def _quantize_op():
                         q = api.quantize_weight(value.to(mod.weight.dtype), spec.weight,
                                                 axis)
                     self.quantizer.packed[name] = q
-                    mod.weight = _stand_in(mod.weight, parameter=True)
+                    mod.weight = _stand_in(mod.weight, parameter=True, device=value.device)
                     if missing_keys is not None:
                         missing_keys.discard(key)
                 return out
