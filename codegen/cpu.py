@@ -41,7 +41,7 @@ import torch
 from qcompile import config, formats
 from qcompile.formats import reference
 
-from . import cpu_int, cpu_int_source, cpu_source
+from . import constants, cpu_int, cpu_int_source, cpu_source
 from .cache import cache_dir, write_atomically
 from .select import CPU_GEMV_MAX_M as GEMV_MAX_M
 from .select import (NoKernel, choose, cpu_table_problem, require_cpu_weight,
@@ -242,24 +242,15 @@ class Plan:
         fmt, el = q.fmt, q.fmt.element
         require_cpu_weight(q)
         self.bits, self.block = el.bits, q.block
-        codes = torch.arange(2**el.bits)
-        values = (el.decode(codes, q.side["codebook"]) if el.kind == "codebook"
-                  and el.data_dependent else el.decode(codes)).to(torch.float32)
+        values = constants.element_values(el, q.side)
         self.table = torch.zeros(max(16, values.numel()), dtype=torch.float32)
         self.table[:values.numel()] = values
-        self.step, self.dec = 0.0, 1 if el.bits > 4 else 0
-        if el.bits == 8:
-            signed = codes.to(torch.uint8).view(torch.int8).to(torch.float32)
-            step = values[1].item()
-            exact = step > 0 and torch.frexp(torch.tensor(step))[0].item() == 0.5
-            if exact and torch.equal((signed * step).view(torch.int32), values.view(torch.int32)):
-                self.dec, self.step = 2, step
-        if fmt.scale.kind == "absmax":
-            self.scale, self.maxv, self.mult_table = 1, float(el.max_value), None
-        else:
-            self.scale, self.maxv = 0, 1.0
-            every = torch.arange(256, dtype=torch.int32).to(torch.uint8)
-            self.mult_table = fmt.scale.multiplier(every, el, q.side).to(torch.float32)
+        step = constants.exact_int_step(values)
+        self.dec, self.step = (2, step) if step is not None else (1 if el.bits > 4 else 0, 0.0)
+        self.mult_table = constants.multiplier_table(fmt, q.side)
+        # byte scale codes: a table of multipliers; float32 ones: the reference's s / max_value
+        self.scale, self.maxv = (0, 1.0) if self.mult_table is not None else \
+            (1, float(el.max_value))
         combo = (self.bits, self.scale, self.dec)
         tag = cpu_source.tag(*combo)
         isa = chosen_isa()

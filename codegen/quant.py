@@ -30,8 +30,6 @@ interpreter and a GPU agree.
 """
 from __future__ import annotations
 
-import struct
-
 import torch
 
 from qcompile.formats import reference
@@ -41,32 +39,12 @@ from qcompile.formats.packing import pack
 from qcompile.formats.qtensor import QTensor
 from qcompile.formats.scales import E4M3
 
+from .constants import carry_threshold, max_value_split
 from .dequant import _float_lines, _next_pow2, load_kernel, triton_cdiv
 from .select import NoKernel
 from .select import quant_supported as supported
 
 F32_NAN = 0x7FC00000
-
-
-# ---- constants derived from the element descriptions --------------------------------------
-
-def _f32_bits(v: float) -> int:
-    return struct.unpack("<I", struct.pack("<f", v))[0]
-
-
-def _carry_threshold(el) -> int:
-    """The smallest 23-bit mantissa field t with el.carries(1.t): a top-binade value m in [1, 2)
-    rounds up to 2 on the element's grid iff its float32 mantissa bits are >= t (2^23: never).
-    Found by bisection over the element's own reference rule, which is monotone in m."""
-    lo, hi = 0, 1 << 23
-    while lo < hi:
-        mid = (lo + hi) // 2
-        m = torch.tensor([(127 << 23) | mid], dtype=torch.int32).view(torch.float32)
-        if bool(el.carries(m)[0]):
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
 
 
 # ---- small line builders shared by several kernels ----------------------------------------
@@ -122,13 +100,12 @@ def _pow2_scale_lines(fmt) -> list[str]:
         lines.append(f"e = am_top + tl.where(am_mant != 0, 1, 0){_plus(-el.emax)}  # ceil(log2 amax) - emax")
     elif rule == "rceil":
         mv = float(el.max_value)
-        mv_bits = _f32_bits(mv)
-        mv_top, mv_mant = (mv_bits >> 23) - 127, mv_bits & 0x7FFFFF
+        mv_top, mv_mant = max_value_split(el)
         lines += [f"# smallest e with max_value * 2^e >= amax, max_value = {mv!r} = 1.m * 2^{mv_top}:",
                   f"# e = top - {mv_top}, plus 1 iff amax's mantissa exceeds max_value's ({mv_mant:#x})",
                   f"e = am_top{_plus(-mv_top)} + tl.where(am_mant > {mv_mant:#x}, 1, 0)"]
     else:  # even
-        t = _carry_threshold(el)
+        t = carry_threshold(el)
         lines += [f"# floor after rounding amax to the {el.describe()} grid in its top binade: the",
                   f"# binade moves up iff amax's mantissa rounds up to 2 there (mantissa >= {t:#x})",
                   f"e = am_top{_plus(-el.emax)} + tl.where(am_mant >= {t:#x}, 1, 0)"]
@@ -227,7 +204,7 @@ def _float_encode_lines(el, src: str, dst: str) -> list[str]:
 
 
 def _log_encode_lines(el, src: str, dst: str) -> list[str]:
-    t, kmin, b = _carry_threshold(el), el.kmin, el.bits
+    t, kmin, b = carry_threshold(el), el.kmin, el.bits
     assert kmin >= -126, "the exponent below is exact for normal |n| only; subnormals clamp to kmin"
     return [f"# {el.describe()}: nearest power of two 2^k in the log domain, k in [{kmin}, 0];",
             f"# k = floor(log2 |n|) + 1 iff the mantissa is >= sqrt(2) (mantissa bits >= {t:#x})",
@@ -329,8 +306,7 @@ def quantize(x: torch.Tensor, fmt, axis: int) -> QTensor:
     # -- the kernel: block scales and element codes --
     total = lead.numel() * n_blocks
     codes = torch.zeros(lead.numel(), n_blocks * block, dtype=torch.uint8, device=x.device)
-    scales = torch.empty(total, dtype=torch.float32 if sc.kind == "absmax" else torch.uint8,
-                         device=x.device)
+    scales = torch.empty(total, dtype=sc.stored_dtype, device=x.device)
     if total:
         block_e = _next_pow2(block)
         block_b = max(1, min(_next_pow2(total), 4096 // block_e))

@@ -137,8 +137,7 @@ def _cpu_int(wfmt, af, block: int, k: int) -> bool:
 def tables_from_side_data(fmt) -> bool:
     """The format's decode tables come from the tensor's own side data (quantile codebooks,
     NVFP4's tensor scale), not from the format alone."""
-    return (fmt.element.kind == "codebook" and fmt.element.data_dependent) or \
-        fmt.scale.kind == "nvfp4"
+    return bool(fmt.whole_tensor_side)
 
 
 def cpu_weight_problem(on_cpu: bool, two_d: bool, dtype, bits: int) -> str:

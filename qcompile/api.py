@@ -122,7 +122,7 @@ def quantize_weight(w: torch.Tensor, fmt, axis: int,
     lead = 1 - axis
     step = max(1, CHUNK_ELEMENTS // max(1, w.shape[axis]))
     if w.dim() != 2 or w.shape[lead] <= step or w.numel() >= 2**31 \
-            or (fmt.element.kind == "codebook" and fmt.element.data_dependent):
+            or fmt.whole_tensor_side:
         # (from 2**31 elements on outlier_index is int64)
         return quantize(w, fmt, axis=axis, proxy_score=score)
     parts = [reference.quantize(piece, fmt, axis, score) for piece in w.split(step, dim=lead)]

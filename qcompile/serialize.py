@@ -566,9 +566,8 @@ def packed_layout(fmt, shape, axis: int, block: int) -> dict:
     blocks along ``axis`` (OPQ outlier lists: shape None, their length depends on the data)."""
     k, lead = shape[axis], [d for i, d in enumerate(shape) if i != axis]
     n_blocks = -(-k // block)
-    scale_dtype = {"pow2": torch.uint8, "absmax": torch.float32, "nvfp4": torch.uint8}
     layout = {"codes": (torch.uint8, [*lead, packed_length(n_blocks * block, fmt.bits)]),
-              "scales": (scale_dtype[fmt.scale.kind], [*lead, n_blocks])}
+              "scales": (fmt.scale.stored_dtype, [*lead, n_blocks])}
     if fmt.proxy is not None:  # the order quantize puts side data in
         kept = fmt.proxy_count(k)
         layout["side_proxy_index"] = (torch.int32, [kept])
@@ -577,10 +576,8 @@ def packed_layout(fmt, shape, axis: int, block: int) -> dict:
         padded = math.prod(lead) * n_blocks * block
         layout["side_outlier_index"] = (torch.int32 if padded < 2**31 else torch.int64, None)
         layout["side_outlier_value"] = (torch.bfloat16, None)
-    if fmt.scale.kind == "nvfp4":
-        layout["side_tensor_scale"] = (torch.float32, [1])
-    if fmt.element.kind == "codebook" and fmt.element.data_dependent:
-        layout["side_codebook"] = (torch.float32, [2**fmt.bits])
+    for name, (dtype, side_shape) in fmt.whole_tensor_side.items():
+        layout[f"side_{name}"] = (dtype, side_shape)
     return layout
 
 

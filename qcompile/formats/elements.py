@@ -59,6 +59,9 @@ class IntElement:
         step = self.frac_bits + self.emax
         return round_half_even(m * 2.0**step) >= 2.0 ** (step + 1)
 
+    def whole_tensor_side(self) -> dict:
+        return {}
+
     def describe(self) -> str:
         scale = f" x 2^-{self.frac_bits}" if self.frac_bits else ""
         return f"INT{self.bits}{scale}"
@@ -145,6 +148,9 @@ class FloatElement:
     def carries(self, m: torch.Tensor) -> torch.Tensor:
         return round_half_even(m * 2.0**self.man_bits) >= 2.0 ** (self.man_bits + 1)
 
+    def whole_tensor_side(self) -> dict:
+        return {}
+
     def describe(self) -> str:
         suffix = {"none": "", "fn": "fn (NaN only)", "ieee": " (IEEE Inf/NaN)"}[self.specials]
         return f"FP{self.bits} E{self.exp_bits}M{self.man_bits}{suffix}"
@@ -190,6 +196,9 @@ class LogElement:
 
     def carries(self, m: torch.Tensor) -> torch.Tensor:
         return m >= SQRT2_UP
+
+    def whole_tensor_side(self) -> dict:
+        return {}
 
     def describe(self) -> str:
         return f"LOG{self.bits} (sign + {self.bits - 1}-bit exponent)"
@@ -243,6 +252,11 @@ class CodebookElement:
     def decode(self, codes: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
         table = self.table_tensor(codes.device) if table is None else table
         return table[codes.long()]
+
+    def whole_tensor_side(self) -> dict:
+        """Side tensors describing the whole tensor: name -> (dtype, shape). A data-dependent
+        table travels with each tensor."""
+        return {"codebook": (torch.float32, [2**self.bits])} if self.data_dependent else {}
 
     def describe(self) -> str:
         return f"{2 ** self.bits}-level codebook {self.table}"

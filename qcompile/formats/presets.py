@@ -89,6 +89,13 @@ class Format:
         return self.element.bits + (self.scale.bits / block if block else 0.0)
 
     @property
+    def whole_tensor_side(self) -> dict:
+        """The side tensors that describe the whole tensor rather than a block (NVFP4's tensor
+        scale, a quantile table), name -> (dtype, shape), in the order quantize stores them:
+        such a tensor is quantised whole, and its decode tables come from its side data."""
+        return {**self.scale.whole_tensor_side(), **self.element.whole_tensor_side()}
+
+    @property
     def key(self) -> str:
         base = get(self.preset) if self.preset else None
         diffs = []

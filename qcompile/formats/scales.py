@@ -32,6 +32,10 @@ class Pow2Scale:
     rule: str = "floor"
     kind = "pow2"
     bits = 8
+    stored_dtype = torch.uint8  # the E8M0 code
+
+    def whole_tensor_side(self) -> dict:
+        return {}
 
     def __post_init__(self):
         if self.rule not in POW2_RULES:
@@ -75,6 +79,10 @@ class AbsmaxScale:
     signed: bool = False
     kind = "absmax"
     bits = 32
+    stored_dtype = torch.float32  # s itself
+
+    def whole_tensor_side(self) -> dict:
+        return {}
 
     def compute(self, blocks, element, bad):
         if self.signed:
@@ -109,6 +117,11 @@ class NVFP4Scale:
 
     kind = "nvfp4"
     bits = 8
+    stored_dtype = torch.uint8  # the E4M3 code
+
+    def whole_tensor_side(self) -> dict:
+        """Side tensors describing the whole tensor: name -> (dtype, shape)."""
+        return {"tensor_scale": (torch.float32, [1])}
 
     @staticmethod
     def tensor_scale(blocks) -> torch.Tensor:
