@@ -95,7 +95,7 @@ def _entries(q, x):
 
 def bound_fraction(y, x, w) -> float:
     """max |y - x W^T| / (2 gamma(K + 2) |x| |W|^T), the documented float32 bound; <= 1 passes."""
-    from qcompile.codegen.linear import gamma
+    from qcompile.codegen.triton.linear import gamma
     ref = x.double() @ w.double().T
     bound = 2 * gamma(w.shape[1] + 2) * (x.double().abs() @ w.double().abs().T)
     return float(((y.double() - ref).abs() / bound.clamp(min=1e-300)).max())

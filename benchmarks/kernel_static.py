@@ -81,8 +81,8 @@ def compile_all(out: Path, dtype_name: str = "float16", kernels=STATIC_KERNELS,
     from triton.compiler import ASTSource
 
     from qcompile import formats
-    from qcompile.codegen.dequant import load_kernel
-    from qcompile.codegen.linear import linear_source
+    from qcompile.codegen.cache import load_kernel
+    from qcompile.codegen.triton.linear import linear_source
 
     out.mkdir(parents=True, exist_ok=True)
     rows = []

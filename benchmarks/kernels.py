@@ -1,4 +1,4 @@
-"""Fused block-scaled linear kernels (codegen/linear.py) against torch's fp16/bf16 matmul.
+"""Fused block-scaled linear kernels (codegen/triton/linear.py) against torch's fp16/bf16 matmul.
 
 On a GPU: M in {1, 16, 256, 4096} x (N, K) in {(4096, 4096), (11008, 4096), (4096, 11008)},
 weight-only nf4 / int4 / mxfp4 and mxint8 weights with mxint8 activations (W8A8), an fp16
@@ -76,7 +76,7 @@ def timer(device: str, repeats: int):
 def bound_fraction(y, xq, w_nk) -> float:
     """max |y - F.linear(xq, W)| / (2 gamma(K + 2) (|xq| |W|^T)): <= 1 is within the bound."""
     import torch.nn.functional as F
-    from qcompile.codegen.linear import gamma
+    from qcompile.codegen.triton.linear import gamma
     ref = F.linear(xq.float(), w_nk.float()).double()
     s = xq.double().abs() @ w_nk.double().abs().T
     bound = 2 * gamma(w_nk.shape[1] + 2) * s
@@ -88,7 +88,7 @@ def measure(m, n, k, device, dtype, run, peak, use_bnb=True) -> list[dict]:
     import torch
 
     import qcompile
-    from qcompile.codegen.linear import linear
+    from qcompile.codegen.triton.linear import linear
     g = torch.Generator(device="cpu").manual_seed(m * 7 + n + k)
     x = torch.randn(m, k, generator=g).to(device=device, dtype=dtype)
     w = (torch.randn(n, k, generator=g) * 0.02).to(device=device, dtype=dtype)

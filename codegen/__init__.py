@@ -1,22 +1,27 @@
-"""Kernel generation from a Format description: Triton kernels for CUDA tensors and C++ kernels
-for CPU tensors, their cache and their launch (installed as qcompile.codegen).
+"""Kernel generation from a Format description, for two targets (installed as qcompile.codegen).
 
-Triton (dequant.py: dequantise; quant.py: quantise; linear.py: the fused block-scaled linear):
-each kernel is generated as readable Python/Triton source and run from that very string
-(cache.py: load_kernel compiles and executes it, and hands Triton the same text through
-linecache); a copy named by content hash is written to a private cache folder for people to
-read, never read back to run. On a machine without a GPU they run only with TRITON_INTERPRET=1
-set before triton is imported.
+Shared by both: select.py, which kernel runs (``choose`` and its siblings; ``NoKernel`` where
+none exists by design); constants.py, the constants a format's kernels need, derived once from
+the reference; cache.py, the private kernel cache (cache_dir, write_atomically, load_kernel).
 
-C++ (cpu.py: build, instruction set, launch of the weight-only kernels, C++ in cpu_source.py;
-cpu_int.py: the integer-activation path, C++ in cpu_int_source.py): one translation unit per
-instruction set, compiled by the system compiler into a checked shared library in the same
-cache folder. cache.py: the kernel cache (cache_dir, write_atomically, load_kernel).
+triton/ (CUDA tensors, or CPU ones under TRITON_INTERPRET=1 set before triton is imported):
+dequant.py (dequantise), quant.py (quantise) and linear.py (the fused block-scaled linear) write
+readable Python/Triton source from the registry of element and scale emitters (emit.py) and run
+that very string (load_kernel compiles and executes it and hands Triton the same text through
+linecache); a copy named by content hash is written to the cache folder for people to read,
+never read back to run.
+
+C++ (CPU tensors; cpu.py: build, instruction set, launch of the weight-only kernels, C++ in
+cpu_source.py; cpu_int.py: the integer-activation path, C++ in cpu_int_source.py): one
+translation unit per instruction set, compiled by the system compiler into a checked shared
+library in the same cache folder.
+
 Set QCOMPILE_DUMP_KERNELS=1 to print each source when it is first built.
 """
-from .dequant import dequant_source, dequantize, load_kernel
-from .quant import quant_source, quantize, supported
-from .linear import linear_source  # the fused linear itself: qcompile.codegen.linear.linear
+from .cache import load_kernel
+from .triton.dequant import dequant_source, dequantize
+from .triton.linear import linear_source  # the fused linear: qcompile.codegen.triton.linear.linear
+from .triton.quant import quant_source, quantize, supported
 
 __all__ = ["dequantize", "dequant_source", "load_kernel", "quantize", "quant_source", "supported",
            "linear_source"]

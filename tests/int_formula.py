@@ -1,6 +1,6 @@
 """The integer W+A path's result, computed independently of every kernel from the reference
 QTensors: exact int64 block dot products D_t, scaled by fl32(a_x a_w), summed in float32 in K
-order (codegen/linear.py states the formula). The oracle of the Triton and the CPU integer
+order (codegen/triton/linear.py states the formula). The oracle of the Triton and the CPU integer
 kernels."""
 import torch
 

@@ -20,8 +20,8 @@ from hypothesis.extra import numpy as hnp  # noqa: E402
 import qcompile  # noqa: E402
 import qcompile.codegen  # noqa: E402
 from qcompile import formats  # noqa: E402
-from qcompile.codegen import dequant as cg  # noqa: E402
-from qcompile.codegen import quant as qq  # noqa: E402
+from qcompile.codegen.triton import dequant as cg  # noqa: E402
+from qcompile.codegen.triton import quant as qq  # noqa: E402
 from qcompile.formats.packing import pack, unpack  # noqa: E402
 from qcompile.formats.qtensor import QTensor  # noqa: E402
 from qcompile.formats.scales import AbsmaxScale, Pow2Scale  # noqa: E402

@@ -1,4 +1,4 @@
-"""The generated fused linear (codegen/linear.py) and the dispatch of the qcompile ops to it.
+"""The generated fused linear (codegen/triton/linear.py) and the dispatch of the qcompile ops to it.
 
 Oracles: the reference dequantised weight and fake-quantised activations, multiplied out in
 float64. Float kernels must lie within the documented float32 bound
@@ -25,7 +25,7 @@ from hypothesis import strategies as st  # noqa: E402
 import qcompile  # noqa: E402
 from qcompile import LayerSpec, Policy, config, formats, ops  # noqa: E402
 import qcompile.codegen.cache  # noqa: E402
-from qcompile.codegen import linear as cg  # noqa: E402
+from qcompile.codegen.triton import linear as cg  # noqa: E402
 from int_formula import int_formula  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",
@@ -565,8 +565,8 @@ import sys, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from qcompile import formats
-from qcompile.codegen.dequant import load_kernel
-from qcompile.codegen.linear import linear_source
+from qcompile.codegen.cache import load_kernel
+from qcompile.codegen.triton.linear import linear_source
 
 DT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 for wf, af, variant, dtype in [("nf4", None, "gemm", "float16"), ("mxfp4", None, "gemv", "bfloat16"),
@@ -595,7 +595,7 @@ for wf, af, variant, dtype in [("nf4", None, "gemm", "float16"), ("mxfp4", None,
                                     "enable_fp_fusion": False})
         assert len(k.asm["cubin"]) > 0
     print("compiled", wf, af, variant, dtype, len(tuner.configs), "configs", flush=True)
-from qcompile.codegen.linear import ACT_QUANT_TILE, act_quant_source
+from qcompile.codegen.triton.linear import ACT_QUANT_TILE, act_quant_source
 for af, dtype in [("mxint8", "bfloat16"), ("int8", "float16"), ("bfp8", "float32")]:
     fn = load_kernel(act_quant_source(af, getattr(torch, dtype)), "act_quant_kernel")
     sig = {n: {"x_ptr": "*" + DT[dtype], "xq_ptr": "*i8", "ax_ptr": "*fp32"}.get(

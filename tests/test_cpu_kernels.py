@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import qcompile
 from qcompile import LayerSpec, Policy, formats
 from qcompile.codegen import cpu
-from qcompile.codegen.linear import gamma
+from qcompile.codegen.triton.linear import gamma
 
 ISAS = [i for i in cpu.ISAS if cpu.ISAS.index(i) >= cpu.ISAS.index(cpu.machine_isa())]
 FORMATS = formats.names() + ["int2", "int5", "int7", "fp5_e2m2", "fp6_e3m2", "bfp5", "bl6",

@@ -250,7 +250,7 @@ def test_tiny_absmax_blocks_stay_finite_and_bounded(name, smax):
 
 
 @pytest.mark.xfail(strict=True, reason="absmax scales clamp an overflowing multiplier "
-                   "fp32(max / s) to FLT_MAX (qcompile/scales.py, codegen/quant.py), which "
+                   "fp32(max / s) to FLT_MAX (qcompile/scales.py, codegen/triton/quant.py), which "
                    "squashes the block; the oracle asks for the nearest representable value")
 @pytest.mark.parametrize("name, smax", TINY_ABSMAX)
 def test_tiny_absmax_blocks_round_to_nearest(name, smax):

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 import qcompile  # noqa: E402
 from qcompile import formats  # noqa: E402
 from qcompile.codegen import cache  # noqa: E402
-from qcompile.codegen import dequant as cg  # noqa: E402
+from qcompile.codegen.triton import dequant as cg  # noqa: E402
 
 SRC = cg.dequant_source(formats.get("int4"))
 DIGEST = hashlib.sha256(SRC.encode()).hexdigest()[:16]
@@ -129,7 +129,8 @@ def test_file_swapped_after_generation_is_never_run(folder, tmp_path, monkeypatc
 _REAL_COMPILE = r"""
 import sys
 from qcompile import formats
-from qcompile.codegen import cache, dequant
+from qcompile.codegen import cache
+from qcompile.codegen.triton import dequant
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource

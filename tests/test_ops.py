@@ -348,7 +348,7 @@ def test_inductor_matmul_rule_on_q_times_k_transposed():
 
 @cpu_only
 def test_strict_mode_lets_a_failing_kernel_raise(monkeypatch):
-    from qcompile.codegen import linear as cg
+    from qcompile.codegen.triton import linear as cg
     q = weight(1, fmt="int4")
     x = torch.randn(3, 70)
     ref = LINEAR(x, *op_args(q), "", None, "reference")
@@ -398,7 +398,7 @@ def test_strict_mode_keeps_fallbacks_that_are_by_design(monkeypatch):
 
 @cpu_only
 def test_no_kernel_by_design_tells_our_checks_from_failures():
-    from qcompile.codegen import linear as cg
+    from qcompile.codegen.triton import linear as cg
     q3 = qcompile.quantize(torch.randn(2, 3, 32), "int4")  # not a 2-d weight: our own check
     with pytest.raises(NotImplementedError) as ours:
         cg.linear(torch.randn(2, 32), q3)

@@ -17,7 +17,7 @@ from kernel_device import dev, host
 import qcompile
 from qcompile import LayerSpec, Policy, formats, proxy
 from qcompile.codegen import cpu
-from qcompile.codegen.linear import gamma
+from qcompile.codegen.triton.linear import gamma
 from qcompile.policy import PolicyError
 from qcompile.swap import QuantLinear
 

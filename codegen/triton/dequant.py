@@ -15,9 +15,9 @@ from qcompile.formats.elements import CodebookElement, FloatElement, IntElement,
 from qcompile.formats.reference import unblocked
 from qcompile.formats.scales import E4M3
 
-from .cache import load_kernel  # noqa: F401  (the cache lives in cache.py; quant.py and
+from ..cache import load_kernel  # noqa: F401  (the cache lives in cache.py; quant.py and
 # linear.py import load_kernel from here)
-from .select import NoKernel
+from ..select import NoKernel
 
 F32_NAN = 0x7FC00000  # the float32 NaN torch writes for math.nan
 F32_INF = 0x7F800000

@@ -1,8 +1,8 @@
 """Generated fused block-scaled linear kernels: y = fq(x) @ W^T (+ bias), W a packed QTensor.
 
 One generator, ``linear_source``, writes every kernel from the Format descriptions, reusing the
-decode lines of codegen/dequant.py (unpack, element, block multiplier) and the quantise lines of
-codegen/quant.py (block scale, element code). Three kinds of kernel come out of it:
+decode lines of codegen/triton/dequant.py (unpack, element, block multiplier) and the quantise lines of
+codegen/triton/quant.py (block scale, element code). Three kinds of kernel come out of it:
 
 * weight-only: a [BLOCK_K, BLOCK_N] tile of W is decoded in registers (the same float32 value
   the reference dequantise gives, rounded to the weight's dtype), float32 accumulation;
@@ -56,7 +56,7 @@ from . import quant as _quant
 from .dequant import (_SCALE_NAMES, _element_lines, _next_pow2, _scale_lines, _unpack_lines,
                       int_code_lines, load_kernel, multiplier_lines, triton_cdiv)
 from .dequant import dequantize as _dequantize
-from .select import (TRITON_GEMV_MAX_M, NoKernel, choose, fusable_act, int_path,  # noqa: F401
+from ..select import (TRITON_GEMV_MAX_M, NoKernel, choose, fusable_act, int_path,  # noqa: F401
                      quant_supported, splits_k)
 
 GEMV_MAX_M = TRITON_GEMV_MAX_M  # M = 2..16 run the GEMM with BLOCK_M 16

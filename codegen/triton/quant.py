@@ -39,10 +39,10 @@ from qcompile.formats.packing import pack
 from qcompile.formats.qtensor import QTensor
 from qcompile.formats.scales import E4M3
 
-from .constants import carry_threshold, max_value_split
+from ..constants import carry_threshold, max_value_split
 from .dequant import _float_lines, _next_pow2, load_kernel, triton_cdiv
-from .select import NoKernel
-from .select import quant_supported as supported
+from ..select import NoKernel
+from ..select import quant_supported as supported
 
 F32_NAN = 0x7FC00000
 
@@ -158,7 +158,7 @@ def _nvfp4_scale_lines(fmt) -> list[str]:
 def _scale_lines(fmt) -> list[str]:
     """Block scale lines. They read `amax` (float32 per block, |x| max), `bad` (per block), and
     for a signed absmax also `xbits` / `valid` (the tile), for NVFP4 `ts_ptr`; they define
-    `stored` (the scale as saved) and `qmul` (float32 per block). codegen/linear.py splices
+    `stored` (the scale as saved) and `qmul` (float32 per block). codegen/triton/linear.py splices
     them into its activation prologue with the same names."""
     kind = fmt.scale.kind
     if kind == "pow2":
