@@ -59,12 +59,15 @@ def _resources(ptx_file: Path) -> dict:
 
 def _signature(fn, fmt, dtype_name: str) -> tuple[dict, dict]:
     """Triton's signature of the kernel and its divisibility attributes, as a launch gives."""
+    import torch
+
+    from qcompile.codegen.triton import emit
+
     d = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[dtype_name]
     ptrs = {"x_ptr": "*" + d, "xq_ptr": "*i8", "ax_ptr": "*fp32", "codes_ptr": "*u8",
-            "table_ptr": "*fp32",
-            "tensor_scale_ptr": "*fp32", "bias_ptr": "*" + d, "out_ptr": "*" + d,
-            "ws_ptr": "*fp32",
-            "scales_ptr": "*fp32" if fmt.scale.kind == "absmax" else "*u8"}
+            "bias_ptr": "*" + d, "out_ptr": "*" + d, "ws_ptr": "*fp32",
+            "scales_ptr": {torch.float32: "*fp32", torch.uint8: "*u8"}[fmt.scale.stored_dtype],
+            **{name: "*fp32" for name in emit.decode_operands(fmt)}}  # float32 tables
     sig = {n: ptrs.get(n, "constexpr" if n.isupper() and len(n) > 1 else "i32")
            for n in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)

@@ -19,6 +19,9 @@ import torch
 from qcompile import config, formats
 from qcompile.formats.elements import IntElement
 
+from .errors import NoKernel  # noqa: F401  (re-exported: qcompile.codegen.select.NoKernel)
+from .triton import emit
+
 TRITON_GEMV_MAX_M = 1  # M up to this runs the GEMV-shaped Triton kernel; more rows a GEMM
 CPU_GEMV_MAX_M = 16  # M up to this runs the CPU GEMV kernel; more rows decoded panels and a GEMM
 MAX_ACT_BLOCK = 256  # larger activation blocks are fake-quantised outside the fused kernel
@@ -26,15 +29,6 @@ EMBEDDING_KERNEL_ROWS = 16  # up to this many ids the CPU kernels decode row by 
 CPU_CODE_BITS = range(2, 9)  # code widths the CPU kernels decode
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NEED_LAUNCH = "Triton kernels need CUDA tensors (or TRITON_INTERPRET=1)"
-
-
-class NoKernel(NotImplementedError):
-    """No generated kernel exists or can run for this format / input / device, by design
-    (decided before anything is launched): the caller uses the reference."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,14 +75,12 @@ def triton_launchable(on_cuda: bool) -> bool:
 
 def quant_supported(fmt) -> bool:
     """Whether a quantise kernel is generated for ``fmt``: every format get() builds (presets,
-    families, overrides). Not generated: a signed absmax scale on an integer or minifloat
-    element, which only a hand-built Format has (its multiplier is -Inf for a negative
-    subnormal block maximum; the NaN element inputs that makes are matched for codebooks, but
-    these encoders were never checked on them)."""
-    el, sc = fmt.element, fmt.scale
-    if sc.kind == "absmax" and sc.signed and el.kind != "codebook":
-        return False
-    return el.kind in ("int", "float", "log", "codebook") and sc.kind in ("pow2", "absmax", "nvfp4")
+    families, overrides), the kinds with Triton emitters (codegen/triton/emit.py). Not
+    generated: a signed absmax scale on an integer or minifloat element, which only a hand-built
+    Format has (its multiplier is -Inf for a negative subnormal block maximum; the NaN element
+    inputs that makes are matched for codebooks, but these encoders were never checked on
+    them)."""
+    return emit.encodable(fmt)
 
 
 def _pow2(n) -> bool:
@@ -97,7 +89,7 @@ def _pow2(n) -> bool:
 
 def fusable_act(af) -> bool:
     """Can the fused kernel's prologue fake-quantise activations of format ``af``?"""
-    return (af.element.kind in ("int", "float", "log") and af.scale.kind in ("pow2", "absmax")
+    return (emit.reads_no_operands(af)  # the prologue has no parameter for a table
             and af.opq is None and quant_supported(af)
             and _pow2(af.block_size) and af.block_size <= MAX_ACT_BLOCK)
 

@@ -328,7 +328,7 @@ def test_quant_source_comes_from_the_description():
     # and scale kind (comments and the docstring name the table, the code does not)
     assert qq.quant_source(formats.get("nf4", block_size=32)) == src
     assert code_of(qq.quant_source(formats.get("af4"))) == code_of(src)
-    assert "ts_ptr" in qq.quant_source(formats.get("nvfp4"))  # NVFP4's tensor scale: an input
+    assert "tensor_scale_ptr" in qq.quant_source(formats.get("nvfp4"))  # NVFP4's tensor scale: an input
     # each pow2 scale rule is its own code, not only its own comment
     rules = [qq.quant_source(formats.get("mxfp4", scale_rule=r)) for r in ("floor", "ceil", "rceil", "even")]
     assert len({code_of(s) for s in rules}) == 4

@@ -250,10 +250,17 @@ def test_gemm_program_order_groups_row_tiles():
 
 
 def test_fixed_codebook_table_made_once_per_device():
-    """A fixed codebook's table is made on the device once (cached), not copied per launch."""
+    """A fixed codebook's table is made on the device once (cached), not copied per launch;
+    a 4-bit one decodes in registers and gets no table at all."""
     p = dict(k=64, n=16, bias=False, axis=1, seed=1, scale=1.0)
-    x, q, b = make(p, 3, "nf4")
     from qcompile.formats import elements
+    x, q, b = make(p, 3, "nf4")
+    fused(x, q, None, b)  # the kernel's source written (its constants read off the table)
+    elements._table_on.cache_clear()
+    y = fused(x, q, None, b)
+    assert elements._table_on.cache_info().misses == 0  # a select tree: no table operand
+    assert torch.equal(y, check(x, q, b))
+    x, q, b = make(p, 3, "dynexp8")
     elements._table_on.cache_clear()
     ys = [fused(x, q, None, b) for _ in range(3)]
     assert elements._table_on.cache_info().misses == 1  # made once, on the kernel's device
