@@ -586,7 +586,8 @@ for wf, af, variant, dtype in [("nf4", None, "gemm", "float16"), ("mxfp4", None,
     d = DT[dtype]
     sig = {"x_ptr": "*" + d, "xq_ptr": "*i8", "ax_ptr": "*fp32", "codes_ptr": "*u8",
            "table_ptr": "*fp32", "tensor_scale_ptr": "*fp32",
-           "scales_ptr": "*fp32" if fmt.scale.kind == "absmax" else "*u8", "bias_ptr": "*" + d,
+           "scales_ptr": {torch.float32: "*fp32", torch.uint8: "*u8"}[fmt.scale.stored_dtype],
+           "bias_ptr": "*" + d,
            "out_ptr": "*i16" if d == "bf16" else "*" + d, "ws_ptr": "*fp32"}
     fn, heuristics = tuner.fn, {}
     while not isinstance(fn, triton.runtime.JITFunction):  # autotune(heuristics(jit))
