@@ -7,6 +7,7 @@ import torch
 from torch import fx
 
 from qcompile import config
+from qcompile.experts import candidates as expert_candidates
 from qcompile.linear_rule import linear_like, linear_lookalike
 from qcompile.policy import Policy
 
@@ -154,11 +155,14 @@ def planned(gm: fx.GraphModule):
 
 
 def rule_candidates(model: torch.nn.Module) -> dict[str, list[str]]:
-    """The names a rule of each op kind may match in ``model``: linear layers (look-alikes and
-    layers quantize_model_ swapped included), embeddings, and any module for matmuls."""
+    """The names a rule of each op kind may match in ``model``: linear layers (look-alikes,
+    layers quantize_model_ swapped and mixture-of-experts tensors included), embeddings, and
+    any module for matmuls."""
     modules = list(model.named_modules())
     return {"linear": [n for n, m in modules if linear_like(m) or linear_lookalike(m)
-                       or getattr(m, "quantised_linear", False)],
+                       or getattr(m, "quantised_linear", False)
+                       or getattr(m, "quantised_experts", False)]
+            + [name for name, _, _ in expert_candidates(model)],
             "embedding": [n for n, m in modules if isinstance(m, torch.nn.Embedding)
                           or getattr(m, "quantised_embedding", False)],
             "matmul": [n for n, _ in modules]}
