@@ -125,15 +125,24 @@ def dtype_bits(v) -> int:
 
 def _unreached(gm, policy: Policy, example_inputs, names: ModuleNames | None) -> list[Skipped]:
     """Linear layers whose weight this graph reads, but not through a linear op the backend can
-    quantise (nn.MultiheadAttention's out_proj inside its fused kernel, say)."""
+    quantise (nn.MultiheadAttention's out_proj inside its fused kernel, say), and the
+    mixture-of-experts tensors (qcompile.experts) the policy gives a format, which compiled
+    graphs keep in full precision for now."""
     if names is None or names.root is None:
         return []
     consumed = {id(real_input(gm, s.weight, example_inputs)) for _, s in sites(gm)
                 if s.kind == "linear"}
+    experts = {id(mod._parameters[attr]): name for name, mod, attr in
+               expert_candidates(names.root)}
     skipped = []
     for ph in placeholders(gm):
         t = real_input(gm, ph, example_inputs)
         if t is None or id(t) in consumed:
+            continue
+        if id(t) in experts:
+            rule, spec = policy.match(experts[id(t)], "linear")
+            if spec is not None and spec.weight is not None:
+                skipped.append(_skip(experts[id(t)], t, rule, spec, EXPERTS_COMPILED_REASON))
             continue
         for name in names.weight_holders(t):
             rule, spec = policy.match(name, "linear")
@@ -146,6 +155,29 @@ def _unreached(gm, policy: Policy, example_inputs, names: ModuleNames | None) ->
                 "replace the layer itself, do")
             skipped.append(_skip(name, t, rule, spec, reason))
     return skipped
+
+
+EXPERTS_COMPILED_REASON = (
+    "it is a mixture-of-experts tensor, and compiled graphs do not quantise expert tensors yet; "
+    "quantize_model_ (before compiling) and fake_quantize_model_ do")
+
+
+def float_experts(policy: Policy, model: torch.nn.Module) -> list[Skipped]:
+    """The mixture-of-experts tensors of ``model`` that ``policy`` gives a weight format and
+    that compiled graphs keep in full precision (all of them, for now)."""
+    out = []
+    for name, mod, attr in expert_candidates(model):
+        rule, spec = policy.match(name, "linear")
+        if spec is not None and spec.weight is not None:
+            out.append(_skip(name, mod._parameters[attr], rule, spec, EXPERTS_COMPILED_REASON))
+    return out
+
+
+def warn_float_experts(policy: Policy, model: torch.nn.Module, who: str = "blockquant"):
+    """Say, by name, once per model, which expert tensors the policy gives a format that a
+    compiled graph keeps in full precision: a graph may never hold them (an eager loop over
+    the experts breaks the graph and runs outside it), so this is said for the whole model."""
+    warn_skipped(who, [(s.fqn, s.reason) for s in float_experts(policy, model)], id(model))
 
 
 def planned(gm: fx.GraphModule):
