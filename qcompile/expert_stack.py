@@ -85,6 +85,7 @@ class PackedExperts(torch.nn.Module):
         return QTensor(self.fmt, self.codes[e], self.scales[e], torch.Size(self.matrix_shape),
                        self.dtype, self.axis - 1, self.block, side)
 
+    @torch.compiler.disable  # compiled graphs call it as it is (a break), not traced inside
     def decode(self, e: int) -> torch.Tensor:
         """Expert ``e``'s matrix, dequantised (its kernel noted for explain against the stack's
         codes)."""

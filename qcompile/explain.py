@@ -139,12 +139,12 @@ class Explanation:
         widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
         line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
         out = [line(head), line("-" * w for w in widths), *map(line, body)]
+        if self.rest:
+            out.append(_rest_text(self.rest))
         out.append(f"total: {len(self.rows)} ops, {self.total_weights} weights, "
                    f"{self.total_bits / 8:.0f} bytes, {self.avg_bits:.3f} bits/weight, "
                    f"{self._density_text()}; model holds "
                    f"{self.resident_weight_bytes} bytes of parameters and buffers")
-        if self.rest:
-            out.append(_rest_text(self.rest))
         if any(r.nominal for r in self.rows):
             out.append("* nominal: the format's effective bits (no padding or OPQ outliers); "
                        "compiled or quantize_model_ layers count the bytes stored")
