@@ -14,7 +14,11 @@ padding, OPQ outliers, tensor scales) where the weight was quantised (a compiled
 swapped by ``quantize_model_``), and the format's nominal effective bits where nothing was
 quantised (a traced explain): those rows are marked ``*``. Layers the policy quantises but that
 cannot be (a parent reading ``.weight`` directly) are listed with the reason. The summary
-compares the bits stored with the same weights in the model's own dtype (bfloat16: 16 bits).
+compares the bits stored with the same weights in the model's own dtype (bfloat16: 16 bits),
+and counts every weight of the model: the parameters no row covers (norms, biases, embedding
+tables no rule names, expert biases) at their own dtype's bits, listed on a line that says why
+they stay in full precision. A mixture-of-experts tensor has a row of its own (op "experts",
+"E x N x K"): packed by ``quantize_model_``, or skipped with the reason.
 
 Rows with a packed weight say which kernel their op ran (qcompile.ops records it per packed
 weight): "cpu (ISA)", "cpu (ISA, int)" for integer dot products, "triton", or "reference (why)";

@@ -16,7 +16,12 @@ the same rules as the backend:
 - a layer whose parent reads its ``.weight`` directly instead of calling it
   (``nn.MultiheadAttention``'s ``out_proj``) cannot be swapped or quantised by the backend: it
   is skipped with a warning (one per reason), and ``explain`` shows why;
-- a policy rule that matches no layer of the model is said once per entry point.
+- a policy rule that matches no layer of the model is said once per entry point;
+- mixture-of-experts tensors (3-D parameters, one matrix per expert: qcompile.experts) are
+  layers named after the parameter (``expert_layers``): ``fake_quantize_model_`` quantises
+  each expert's matrix along its reduction axis, ``quantize_model_`` packs all experts of a
+  tensor into one ``PackedExperts`` that the experts module's forward decodes per expert
+  (qcompile.expert_stack).
 """
 from __future__ import annotations
 
@@ -276,7 +281,9 @@ def quantize_model_(model: torch.nn.Module, policy: Policy | None = None) -> tor
     ``LayerSpec(weight=..., op="embedding")`` become ``QuantEmbedding``; a tied embedding and
     lm_head given the same format share one packed table; given different formats (or one kept
     in full precision) each keeps its own copy, said once when the model grows. Each swapped
-    layer remembers the rule that matched it (``.rule``, shown by ``explain``)."""
+    layer remembers the rule that matched it (``.rule``, shown by ``explain``). Each
+    mixture-of-experts tensor the policy gives a format becomes a ``PackedExperts`` holding all
+    of its experts packed (qcompile.expert_stack); biases stay as they are."""
     policy = _check_policy(policy, "quantize_model_")
     swaps, packed = [], {}
 
@@ -336,7 +343,8 @@ def fake_quantize_model_(model: torch.nn.Module, policy: Policy | None = None) -
     and embedding table ``policy`` (None: the backend default) quantises: the eager model that
     a compiled model with ``lowering="eager"`` equals bit for bit. A tied weight is untied
     first: each quantised holder gets its own fake-quantised copy, the others keep the original.
-    Returns the model."""
+    A mixture-of-experts tensor gets each expert's matrix fake-quantised along its reduction
+    axis, in place. Returns the model."""
     from torch.nn.utils import parametrize
     policy = _check_policy(policy, "fake_quantize_model_")
     expert_tensors = expert_layers(model, policy, "fake_quantize_model_")  # before any change

@@ -295,3 +295,13 @@ def test_the_compiled_path_says_by_name_that_experts_stay_float():
     with pytest.warns(UserWarning, match="'model.layers.0.mlp.experts.gate_up_proj'.*compiled "
                       "graphs do not quantise expert tensors"):
         qcompile.compile(copy.deepcopy(model), POLICY, lowering="eager")
+
+
+def test_a_quantised_model_compiles_and_runs_its_packed_experts():
+    # quantize_model_ first: the compiled model decodes the packed experts (outside its graphs)
+    model = build("mixtral", "eager")
+    policy = Policy({"*.experts.*": LayerSpec(weight="nf4")}, default=None)
+    want = logits(emulation(model, "mixtral", policy))
+    packed = qcompile.quantize_model_(copy.deepcopy(model), policy)
+    qcompile.compile(packed, policy, lowering="eager")
+    assert torch.equal(logits(packed), want)
