@@ -158,8 +158,9 @@ def _unreached(gm, policy: Policy, example_inputs, names: ModuleNames | None) ->
 
 
 EXPERTS_COMPILED_REASON = (
-    "it is a mixture-of-experts tensor, and compiled graphs do not quantise expert tensors yet; "
-    "quantize_model_ (before compiling) and fake_quantize_model_ do")
+    "it is a 3-D parameter (a mixture-of-experts tensor: one matrix per expert), and compiled "
+    "graphs do not quantise expert tensors yet; quantize_model_ (before compiling) and "
+    "fake_quantize_model_ do")
 
 
 def float_experts(policy: Policy, model: torch.nn.Module) -> list[Skipped]:

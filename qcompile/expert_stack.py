@@ -193,7 +193,7 @@ class ExpertsView:
                 index.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):
             used, inverse = torch.unique(index, return_inverse=True)
             decoded = torch.stack([self.packed.decode(int(e)) for e in used]) if used.numel() \
-                else self.packed.decode_experts(()).narrow(0, 0, 0)
+                else self.packed.codes.new_empty((0, *self.packed.matrix_shape), dtype=self.dtype)
             picked = self._oriented(decoded)[inverse]
         else:
             return self.full()[(index, *rest)]

@@ -103,6 +103,9 @@ def _probe(mod, attrs: list[str]) -> tuple[dict[str, int], dict[str, str]]:
     """Run ``mod``'s forward on small probe inputs (one per plausible hidden size) and return
     ``({attr: reduction axis}, {attr: why not})``."""
     params = {a: mod._parameters[a] for a in attrs}
+    if any(p.device.type == "meta" for p in params.values()):  # a forward needs values
+        why = "its values are not loaded yet (meta device), so its forward cannot be probed"
+        return {}, {a: unrecognised_reason(why) for a in attrs}
     errors = []
     for args in _probe_inputs(mod, params):
         tracker = _Tracker(params)

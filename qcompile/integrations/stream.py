@@ -25,7 +25,7 @@ import torch
 
 from .. import api
 from ..experts import candidates as expert_candidates
-from ..explain import Explanation, module_rows
+from ..explain import Explanation, module_rows, uncovered
 from ..passes.plan import warn_skipped
 from ..policy import Policy, PolicyError
 from ..serialize import QuantizedFileError
@@ -220,7 +220,8 @@ class Job:
         written = _deduplicated(model, state)
         write_safetensors(self.out_dir / WEIGHTS, written, {"format": "pt", **metadata})
         held = sum(t.numel() * t.element_size() for t in written.values())  # a tied one once
-        return Quantized(Explanation(module_rows(model), held),
+        rows = module_rows(model)
+        return Quantized(Explanation(rows, held, uncovered(model, rows)),
                          sum(os.path.getsize(p) for p, _, _ in self.headers),
                          os.path.getsize(self.out_dir / WEIGHTS), time.perf_counter() - start)
 
