@@ -40,7 +40,8 @@ _TRANSPOSING = {"T", "mT", "H", "mH"}
 # reads of metadata only
 _METADATA = {"size", "dim", "numel", "data_ptr", "element_size", "is_contiguous", "stride",
              "storage_offset", "is_floating_point", "get_device", "__len__", "nelement",
-             "untyped_storage", "_is_view", "__hash__"}
+             "untyped_storage", "_is_view", "__hash__", "shape", "dtype", "device", "ndim",
+             "is_cuda", "layout", "requires_grad"}
 
 
 @dataclass(frozen=True)
@@ -174,14 +175,13 @@ class _Tracker(TorchFunctionMode):
         name = name.split(".")[0].rsplit("::", 1)[-1]
         operands = [(i, a) for i, a in enumerate(args) if self._of(a)] + \
                    [(k, v) for k, v in kwargs.items() if self._of(v)]
-        if not operands or name in _METADATA or name in ("shape", "dtype", "device", "ndim",
-                                                           "is_cuda", "layout", "requires_grad"):
+        if not operands or name in _METADATA:
             return
         if name in _MATMULS or name == "linear":
             for where, t in operands:
                 self._matmul(name, where, t)
             return
-        (where, t), = operands[:1]
+        where, t = operands[0]
         attr, axes = self._of(t)
         derived = self._derive(name, args, axes) if where == 0 and len(operands) == 1 else None
         if derived is None:
