@@ -7,6 +7,7 @@ import torch
 from torch import fx
 
 from qcompile import config
+from qcompile.experts import candidates as expert_candidates
 from qcompile.linear_rule import linear_like, linear_lookalike
 from qcompile.policy import Policy
 
@@ -124,15 +125,24 @@ def dtype_bits(v) -> int:
 
 def _unreached(gm, policy: Policy, example_inputs, names: ModuleNames | None) -> list[Skipped]:
     """Linear layers whose weight this graph reads, but not through a linear op the backend can
-    quantise (nn.MultiheadAttention's out_proj inside its fused kernel, say)."""
+    quantise (nn.MultiheadAttention's out_proj inside its fused kernel, say), and the
+    mixture-of-experts tensors (qcompile.experts) the policy gives a format, which compiled
+    graphs keep in full precision for now."""
     if names is None or names.root is None:
         return []
     consumed = {id(real_input(gm, s.weight, example_inputs)) for _, s in sites(gm)
                 if s.kind == "linear"}
+    experts = {id(mod._parameters[attr]): name for name, mod, attr in
+               expert_candidates(names.root)}
     skipped = []
     for ph in placeholders(gm):
         t = real_input(gm, ph, example_inputs)
         if t is None or id(t) in consumed:
+            continue
+        if id(t) in experts:
+            rule, spec = policy.match(experts[id(t)], "linear")
+            if spec is not None and spec.weight is not None:
+                skipped.append(_skip(experts[id(t)], t, rule, spec, EXPERTS_COMPILED_REASON))
             continue
         for name in names.weight_holders(t):
             rule, spec = policy.match(name, "linear")
@@ -147,6 +157,30 @@ def _unreached(gm, policy: Policy, example_inputs, names: ModuleNames | None) ->
     return skipped
 
 
+EXPERTS_COMPILED_REASON = (
+    "it is a 3-D parameter (a mixture-of-experts tensor: one matrix per expert), and compiled "
+    "graphs do not quantise expert tensors yet; quantize_model_ (before compiling) and "
+    "fake_quantize_model_ do")
+
+
+def float_experts(policy: Policy, model: torch.nn.Module) -> list[Skipped]:
+    """The mixture-of-experts tensors of ``model`` that ``policy`` gives a weight format and
+    that compiled graphs keep in full precision (all of them, for now)."""
+    out = []
+    for name, mod, attr in expert_candidates(model):
+        rule, spec = policy.match(name, "linear")
+        if spec is not None and spec.weight is not None:
+            out.append(_skip(name, mod._parameters[attr], rule, spec, EXPERTS_COMPILED_REASON))
+    return out
+
+
+def warn_float_experts(policy: Policy, model: torch.nn.Module, who: str = "blockquant"):
+    """Say, by name, once per model, which expert tensors the policy gives a format that a
+    compiled graph keeps in full precision: a graph may never hold them (an eager loop over
+    the experts breaks the graph and runs outside it), so this is said for the whole model."""
+    warn_skipped(who, [(s.fqn, s.reason) for s in float_experts(policy, model)], id(model))
+
+
 def planned(gm: fx.GraphModule):
     """(node, site, spec) of every op the plan quantises."""
     return [(n, site, op_record(n).spec) for n, site in sites(gm)
@@ -154,11 +188,14 @@ def planned(gm: fx.GraphModule):
 
 
 def rule_candidates(model: torch.nn.Module) -> dict[str, list[str]]:
-    """The names a rule of each op kind may match in ``model``: linear layers (look-alikes and
-    layers quantize_model_ swapped included), embeddings, and any module for matmuls."""
+    """The names a rule of each op kind may match in ``model``: linear layers (look-alikes,
+    layers quantize_model_ swapped and mixture-of-experts tensors included), embeddings, and
+    any module for matmuls."""
     modules = list(model.named_modules())
     return {"linear": [n for n, m in modules if linear_like(m) or linear_lookalike(m)
-                       or getattr(m, "quantised_linear", False)],
+                       or getattr(m, "quantised_linear", False)
+                       or getattr(m, "quantised_experts", False)]
+            + [name for name, _, _ in expert_candidates(model)],
             "embedding": [n for n, m in modules if isinstance(m, torch.nn.Embedding)
                           or getattr(m, "quantised_embedding", False)],
             "matmul": [n for n, _ in modules]}

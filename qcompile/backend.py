@@ -45,11 +45,12 @@ import torch
 from qcompile import passes
 from qcompile.passes.graph import copy_graph_module, graph_record
 from qcompile.passes.names import frame_description, names_for, remember_root
-from qcompile.passes.plan import left_alone, planned as planned_sites, warn_unmatched
+from qcompile.passes.plan import left_alone, planned as planned_sites, warn_float_experts, \
+    warn_unmatched
 from qcompile.passes.report import site_rows
 
 from . import config, ops
-from .linear_rule import linear_like
+from .linear_rule import forward_beyond_linear, linear_like
 from .codegen import cpu, cpu_source, select
 from .policy import DEFAULT_POLICY_DOC, Policy, PolicyError, default_policy
 
@@ -124,6 +125,7 @@ def run_passes(gm, example_inputs, policy: Policy, impl: str = "auto", names=Non
     passes.plan(gm, policy, example_inputs, names)
     if names.root is not None:
         warn_unmatched(policy, names.root)
+        warn_float_experts(policy, names.root)
     planned = planned_sites(gm)
     passes.debug_graph(gm, "plan")
     _set_impl(gm, impl)
@@ -454,7 +456,8 @@ class _EagerWatch:
 def _watch_eager_layers(model: torch.nn.Module, policy: Policy):
     """Arm a watch on every linear layer the policy quantises (again, in a copy)."""
     for name, mod in model.named_modules():
-        if not linear_like(mod) or policy.match(name, "linear")[1] is None:
+        if not linear_like(mod) or policy.match(name, "linear")[1] is None \
+                or forward_beyond_linear(mod) is not None:  # kept in full precision anyway
             continue
         watches = [h for h in mod._forward_pre_hooks.values() if isinstance(h, _EagerWatch)]
         for watch in watches:
@@ -482,6 +485,7 @@ def compile(model: torch.nn.Module, policy: Policy | None = None, *, fullgraph: 
     options = {"policy": policy, **options}
     opts = parse_options(options)
     warn_unmatched(opts["policy"], model)  # now, not at the first call
+    warn_float_experts(opts["policy"], model)
     remember_root(model)  # the encoder's frame is named in the whole model
     _watch_eager_layers(model, opts["policy"])
     _watch_copies(model)

@@ -14,7 +14,11 @@ padding, OPQ outliers, tensor scales) where the weight was quantised (a compiled
 swapped by ``quantize_model_``), and the format's nominal effective bits where nothing was
 quantised (a traced explain): those rows are marked ``*``. Layers the policy quantises but that
 cannot be (a parent reading ``.weight`` directly) are listed with the reason. The summary
-compares the bits stored with the same weights in the model's own dtype (bfloat16: 16 bits).
+compares the bits stored with the same weights in the model's own dtype (bfloat16: 16 bits),
+and counts every weight of the model: the parameters no row covers (norms, biases, embedding
+tables no rule names, expert biases) at their own dtype's bits, listed on a line that says why
+they stay in full precision. A mixture-of-experts tensor has a row of its own (op "experts",
+"E x N x K"): packed by ``quantize_model_``, or skipped with the reason.
 
 Rows with a packed weight say which kernel their op ran (qcompile.ops records it per packed
 weight): "cpu (ISA)", "cpu (ISA, int)" for integer dot products, "triton", or "reference (why)";
@@ -34,23 +38,39 @@ from qcompile import config
 from qcompile.passes import find_quantisable, plan
 from qcompile.passes.graph import copy_graph_module
 from qcompile.passes.names import names_for, remember_root
-from qcompile.passes.plan import warn_unmatched
+from qcompile.passes.plan import float_experts, warn_unmatched
 from qcompile.passes.report import Row, dtype_name, site_rows
 
 from . import formats, ops
 from .backend import compiled_variants
 from .codegen import cpu, select
+from .experts import EXPERTS_OP
+from .experts import candidates as expert_candidates
 from .policy import Policy, default_policy
-from .swap import (POLICIES_ATTR, QuantEmbedding, QuantLinear, matched_rule, resident_weight_bytes,
-                   skipped_layers)
+from .swap import (POLICIES_ATTR, SKIPPED_EXPERTS_ATTR, QuantEmbedding, QuantLinear, matched_rule,
+                   resident_weight_bytes, skipped_layers)
 
 _DTYPE_BITS = {"float32": 32, "float64": 64, "float16": 16, "bfloat16": 16}
+
+
+@dataclass
+class Rest:
+    """A parameter of the model that no row covers: it stays in full precision, for ``reason``."""
+    name: str
+    numel: int
+    dtype: str
+    reason: str
+
+    @property
+    def bits(self) -> int:
+        return _DTYPE_BITS.get(self.dtype, 32)
 
 
 @dataclass
 class Explanation:
     rows: list[Row] = field(default_factory=list)
     resident_weight_bytes: int = 0  # measured: the model's parameters and buffers, now
+    rest: list[Rest] = field(default_factory=list)  # the model's other weights, full precision
 
     def _stored(self) -> list[Row]:
         """The rows, a tensor that several ops read counted once: a packed tensor (a tied
@@ -70,11 +90,13 @@ class Explanation:
 
     @property
     def total_weights(self) -> int:
-        return sum(r.numel for r in self._stored())
+        """Every weight of the model: the rows' and the rest's (``rest``)."""
+        return sum(r.numel for r in self._stored()) + sum(r.numel for r in self.rest)
 
     @property
     def total_bits(self) -> float:
-        return sum(r.numel * r.bits for r in self._stored())
+        return sum(r.numel * r.bits for r in self._stored()) + \
+            sum(r.numel * r.bits for r in self.rest)
 
     @property
     def avg_bits(self) -> float:
@@ -87,7 +109,7 @@ class Explanation:
     @property
     def dtype(self) -> str:
         """The dtype the weights had ("bfloat16"), or "mixed: float32, bfloat16"."""
-        names = sorted({r.dtype for r in self._stored() if r.dtype})
+        names = sorted({r.dtype for r in (*self._stored(), *self.rest) if r.dtype})
         return names[0] if len(names) == 1 else "mixed: " + ", ".join(names)
 
     @property
@@ -95,7 +117,8 @@ class Explanation:
         """The same weights' bits in their own dtype, a weight read by several ops (a tied
         pair) counted once."""
         groups = _tied_groups(self._stored())
-        return sum(max(r.numel * _DTYPE_BITS.get(r.dtype, r.bits) for r in g) for g in groups)
+        return sum(max(r.numel * _DTYPE_BITS.get(r.dtype, r.bits) for r in g) for g in groups) \
+            + sum(r.numel * r.bits for r in self.rest)
 
     @property
     def density(self) -> float:
@@ -113,13 +136,15 @@ class Explanation:
         notes = any(r.note for r in self.rows)
         kernels = any(r.kernel != "-" for r in self.rows)
         body = [[r.fqn or "<root>", r.op + (f" #{r.index + 1}" if r.index else ""),
-                 "x".join(map(str, r.weight_shape)), r.rule, r.weight_fmt, r.act_fmt,
+                 _shape_text(r), r.rule, r.weight_fmt, r.act_fmt,
                  f"{r.bits:.3f}{'*' if r.nominal else ''}"] + ([r.kernel] if kernels else [])
                 + ([r.note] if notes else []) for r in self.rows]
         head += (["kernel"] if kernels else []) + (["note"] if notes else [])
         widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
         line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
         out = [line(head), line("-" * w for w in widths), *map(line, body)]
+        if self.rest:
+            out.append(_rest_text(self.rest))
         out.append(f"total: {len(self.rows)} ops, {self.total_weights} weights, "
                    f"{self.total_bits / 8:.0f} bytes, {self.avg_bits:.3f} bits/weight, "
                    f"{self._density_text()}; model holds "
@@ -128,6 +153,62 @@ class Explanation:
             out.append("* nominal: the format's effective bits (no padding or OPQ outliers); "
                        "compiled or quantize_model_ layers count the bytes stored")
         return "\n".join(out)
+
+
+def _shape_text(row: Row) -> str:
+    """"96x32"; an expert tensor's "4 x 96x32" (E experts, each one's matrix)."""
+    if row.op == EXPERTS_OP and len(row.weight_shape) == 3:
+        return f"{row.weight_shape[0]} x " + "x".join(map(str, row.weight_shape[1:]))
+    return "x".join(map(str, row.weight_shape))
+
+
+# why a parameter no row covers stays in full precision, in the order explain lists them
+VECTORS = "vectors (norm scales, biases): blockquant quantises matrices"
+TABLES = "embedding tables: quantised only by a rule with op='embedding'"
+EXPERT_BIASES = "expert biases: kept in the model's dtype"
+OTHER = "parameters no linear layer or expert tensor reads as its weight"
+
+
+def _rest_text(rest: list[Rest]) -> str:
+    """The line saying which weights stay in full precision outside the rows, and why."""
+    parts = []
+    for reason in (VECTORS, TABLES, EXPERT_BIASES, OTHER):
+        group = [r for r in rest if r.reason == reason]
+        if group:
+            names = "" if reason == VECTORS else " (" + ", ".join(
+                r.name for r in group[:3]) + (" ..." if len(group) > 3 else "") + ")"
+            parts.append(f"{sum(r.numel for r in group)} weights in {len(group)} {reason}{names}")
+    return "full precision outside the rows (counted in the total): " + "; ".join(parts)
+
+
+def uncovered(model, rows: list[Row]) -> list[Rest]:
+    """The model's parameters that no row covers (each tensor once), with why each stays in
+    full precision: a row covers its module's ``weight``, or the parameter it is named after
+    (an expert tensor)."""
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    covered = set()
+    for r in rows:
+        mod = modules.get(r.fqn)
+        w = getattr(mod, "_parameters", {}).get("weight") if mod is not None else None
+        if w is not None:
+            covered.add(id(w))
+        if r.fqn in params:
+            covered.add(id(params[r.fqn]))
+    owners = {id(m) for _, m, _ in expert_candidates(model)} | {
+        id(m) for m in modules.values()
+        if any(getattr(c, "quantised_experts", False) for c in m.children())}
+    rest = []
+    for mname, mod in modules.items():
+        for attr, p in mod._parameters.items():
+            if p is None or id(p) in covered:
+                continue
+            covered.add(id(p))
+            reason = VECTORS if p.dim() <= 1 else TABLES if isinstance(mod, torch.nn.Embedding) \
+                else EXPERT_BIASES if id(mod) in owners and p.dim() == 2 else OTHER
+            rest.append(Rest(f"{mname}.{attr}".lstrip("."), p.numel(), dtype_name(p.dtype),
+                             reason))
+    return rest
 
 
 def _tied_groups(rows: list[Row]) -> list[list[Row]]:
@@ -158,7 +239,9 @@ def _kernel(row: Row) -> str:
     if q is None:
         return "-"
     names = ("embedding",) if row.op.endswith("embedding") else ("linear", "dequantize")
-    ran = dict.fromkeys(k for op in names for k in ops.kernels_ran(op, q.codes))
+    # an expert row's QTensor is one expert's: its codes are a view of the stack's, noted
+    codes = q.codes._base if row.op == EXPERTS_OP and q.codes._base is not None else q.codes
+    ran = dict.fromkeys(k for op in names for k in ops.kernels_ran(op, codes))
     if not ran:
         return "not run yet"
     return ", ".join(_cpu_variant(q, row) if k == "cpu" else k for k in ran)
@@ -184,7 +267,7 @@ def _rule(model, name: str, mod) -> str:
     (a loaded model) the first of the model's policies that gives the layer a weight."""
     if getattr(mod, "rule", ""):
         return mod.rule
-    kind = "linear" if isinstance(mod, QuantLinear) else "embedding"
+    kind = "embedding" if isinstance(mod, QuantEmbedding) else "linear"
     policies = getattr(model, POLICIES_ATTR, ())
     for policy in policies:
         text = matched_rule(policy, name, kind)
@@ -210,12 +293,48 @@ def module_rows(model) -> list[Row]:
                             note=f"one packed table with {', '.join(sharing)}" if sharing else "",
                             qtensor=q, dtype=dtype_name(q.dtype),
                             tied=tuple(getattr(mod, "tied_with", ()))))
+        if getattr(mod, "quantised_experts", False):
+            rows.append(_experts_row(model, name, mod))
+        for attr, reason in getattr(mod, SKIPPED_EXPERTS_ATTR, {}).items():
+            if isinstance(mod._parameters.get(attr), torch.Tensor):
+                w = mod._parameters[attr]
+                rows.append(Row(f"{name}.{attr}".lstrip("."), EXPERTS_OP, tuple(w.shape),
+                                "quantize_model_", "-", "-", torch.finfo(w.dtype).bits,
+                                note=f"skipped: {reason}", dtype=dtype_name(w.dtype)))
     for name, mod, reason in skipped_layers(model):
         w = mod.weight
         rows.append(Row(name, "-", tuple(w.shape), "quantize_model_", "-", "-",
                         torch.finfo(w.dtype).bits if w.dtype.is_floating_point else 32,
                         note=f"skipped: {reason}", dtype=dtype_name(w.dtype)))
     return rows
+
+
+def _float_expert_rows(policy: Policy, model, rows: list[Row]) -> list[Row]:
+    """Rows for the expert tensors the policy gives a format that compiled graphs keep in
+    full precision, where no graph row has them already (an eager loop over the experts runs
+    outside the graphs)."""
+    have = {r.fqn for r in rows}
+    return [Row(s.fqn, "-", s.weight_shape, s.rule, "-", "-", float(s.bits),
+                note=f"skipped: {s.reason}") for s in float_experts(policy, model)
+            if s.fqn not in have]
+
+
+def _with_module_rows(traced: list[Row], mine: list[Row]) -> list[Row]:
+    """The graphs' rows, then the modules' (``module_rows``): an expert tensor that
+    quantize_model_ skipped has the module's row only (it says why)."""
+    experts = {r.fqn for r in mine if r.op == EXPERTS_OP}
+    return [r for r in traced if r.fqn not in experts] + mine
+
+
+def _experts_row(model, name: str, packed) -> Row:
+    """The row of an expert tensor ``quantize_model_`` packed: E experts of one matrix shape,
+    the bits of everything stored (codes, scales, side data of every expert)."""
+    note = f"each expert reduced along axis {packed.axis}"
+    if packed.act_note:
+        note += f"; {packed.act_note}"
+    return Row(name, EXPERTS_OP, tuple(packed.shape), _rule(model, name, packed),
+               packed.fmt_key, "-", packed.bits_per_element, note=note,
+               qtensor=packed.expert_qtensor(0), dtype=dtype_name(packed.dtype))
 
 
 def _compiled_module(model):
@@ -268,8 +387,9 @@ def _explain_compiled(model) -> Explanation:
                 if key not in seen:
                     seen.add(key)
                     result.rows.append(row)
-    result.rows += module_rows(model)
+    result.rows = _with_module_rows(result.rows, module_rows(model))
     result.rows = _with_kernels(result.rows)
+    result.rest = uncovered(model, result.rows)
     if not result.rows:
         raise RuntimeError("explain: this compiled model has no blockquant graph yet; call it "
                            "once first (torch.compile compiles lazily), or pass a policy and "
@@ -347,7 +467,9 @@ def explain(model, policy: Policy | None = None, *example_inputs, **example_kwar
     warn_unmatched(policy, target, "explain")
     remember_root(target)  # frames Dynamo compiles on their own are named inside it
     _trace(target, example_inputs, example_kwargs, capture)
-    result.rows += module_rows(target)
+    result.rows = _with_module_rows(result.rows + _float_expert_rows(policy, target, result.rows),
+                                    module_rows(target))
     result.rows = _with_kernels(result.rows)
+    result.rest = uncovered(target, result.rows)
     result.resident_weight_bytes = resident_weight_bytes(target)
     return result

@@ -39,6 +39,32 @@ def linear_lookalike(mod) -> bool:
             and not linear_like(mod) and not isinstance(mod, torch.nn.Embedding))
 
 
+def forward_beyond_linear(mod) -> str | None:
+    """Why an nn.Linear subclass with a forward of its own is not a linear layer, or None: its
+    forward, run once on a probe input, must return ``F.linear(x, W, b)`` (within float
+    rounding: transformers' FalconLinear computes ``x @ W.T + b``); Llama 4's router, an
+    nn.Linear subclass, returns top-k scores as well."""
+    if type(mod).forward is torch.nn.Linear.forward or not isinstance(mod, torch.nn.Linear):
+        return None
+    w = mod.weight
+    if not w.dtype.is_floating_point:
+        return None
+    meta = w.device.type == "meta"  # weights not loaded yet: the result's type and shape only
+    gen = None if meta else torch.Generator(device=w.device).manual_seed(0)
+    x = torch.randn(2, w.shape[1], generator=gen, device=w.device).to(w.dtype)
+    with torch.no_grad():
+        expected = torch.nn.functional.linear(x, w, mod.bias)
+        try:
+            out = mod.forward(x)  # not mod(x): no hooks run for a probe
+        except Exception as e:  # a forward that needs more than x
+            return f"its forward does more than x @ W^T + b (it fails on x alone: {type(e).__name__})"
+    if not isinstance(out, torch.Tensor) or out.shape != expected.shape or not meta and \
+            not torch.allclose(out.float(), expected.float(), rtol=1e-2, atol=1e-3):
+        what = type(out).__name__ if not isinstance(out, torch.Tensor) else "another tensor"
+        return f"its forward returns {what}, not x @ W^T + b"
+    return None
+
+
 def lookalike_reason(mod) -> str:
     """Why a ``linear_lookalike`` module stays in full precision (every helper says this)."""
     return (f"a {type(mod).__name__} holds a 2-D weight but is not a linear layer (nn.Linear, "
@@ -66,6 +92,10 @@ def skip_reason(mod, parent) -> str | None:
     or None when it can be quantised: the one list every helper and the backend use."""
     if linear_lookalike(mod):
         return lookalike_reason(mod)
+    beyond = forward_beyond_linear(mod)
+    if beyond is not None:
+        return (f"a {type(mod).__name__} is an nn.Linear whose own forward is not a linear "
+                f"layer's: {beyond} (a router's top-k), so blockquant keeps it in full precision")
     reason = read_by_parent(mod, parent)
     if reason is not None:
         return reason

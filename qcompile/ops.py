@@ -213,6 +213,15 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, side: list[torch.Tenso
                 (q.fmt, "", q.dtype, codes))
 
 
+def dequantize_noted(q: QTensor, impl: str, noted: torch.Tensor) -> torch.Tensor:
+    """``qcompile::dequantize``'s body for a QTensor that is one piece of a larger packed
+    tensor (one expert of a mixture's stack), its kernel noted for explain against ``noted``,
+    the codes of the whole (eager only: not an op)."""
+    choice = select.choose_dequantize(q, impl)
+    return _run("dequantize", noted, choice, _dequantize_kernel, _dequantize_reference, (q,),
+                (q.fmt, "", q.dtype, q.codes))
+
+
 def _dequantize_kernel(q: QTensor, choice: select.Choice) -> torch.Tensor:
     if choice.require().kernel == "cpu":
         return cpu.dequantize(q)

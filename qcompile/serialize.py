@@ -67,11 +67,24 @@ class QuantizedFileError(ValueError):
 
 # -- saving -----------------------------------------------------------------------------------
 
+def refuse_packed_experts(model: torch.nn.Module, who: str):
+    """Packed mixture-of-experts tensors (qcompile.expert_stack) have no place in the saved
+    formats yet: refuse before writing a file that could not be loaded."""
+    experts = [n for n, m in model.named_modules() if getattr(m, "quantised_experts", False)]
+    if experts:
+        raise QuantizedFileError(
+            f"{who}: the model holds packed mixture-of-experts tensors ({experts[0]!r}"
+            f"{' and more' if len(experts) > 1 else ''}), which the saved format cannot hold "
+            "yet: save the float model and quantise it again after loading "
+            "(qcompile.quantize_model_ is deterministic)")
+
+
 def save_quantized(model: torch.nn.Module, path) -> None:
     """Write ``model`` (after ``qcompile.quantize_model_``) to ``path``: one safetensors file
     holding every tensor once and the metadata ``load_quantized`` needs."""
     from safetensors.torch import save_file
     model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    refuse_packed_experts(model, "save_quantized")
     tensors, packed, modules = packed_state(model)
     if not modules:
         raise QuantizedFileError(

@@ -16,7 +16,12 @@ the same rules as the backend:
 - a layer whose parent reads its ``.weight`` directly instead of calling it
   (``nn.MultiheadAttention``'s ``out_proj``) cannot be swapped or quantised by the backend: it
   is skipped with a warning (one per reason), and ``explain`` shows why;
-- a policy rule that matches no layer of the model is said once per entry point.
+- a policy rule that matches no layer of the model is said once per entry point;
+- mixture-of-experts tensors (3-D parameters, one matrix per expert: qcompile.experts) are
+  layers named after the parameter (``expert_layers``): ``fake_quantize_model_`` quantises
+  each expert's matrix along its reduction axis, ``quantize_model_`` packs all experts of a
+  tensor into one ``PackedExperts`` that the experts module's forward decodes per expert
+  (qcompile.expert_stack).
 """
 from __future__ import annotations
 
@@ -24,7 +29,9 @@ import json
 
 import torch
 
-from . import api, config
+from . import api, config, experts
+from .expert_stack import install as install_experts
+from .expert_stack import pack_experts
 from .ops import qtensor_from, qtensor_meta
 from .linear_rule import is_conv1d, linear_like, linear_lookalike, skip_reason
 from .passes.find import MAX_NORM_REASON
@@ -33,6 +40,11 @@ from .policy import Policy, PolicyError, default_policy
 from .proxy import input_scores
 
 SKIP_REASON_ATTR = "_qcompile_skipped"
+SKIPPED_EXPERTS_ATTR = "_qcompile_skipped_experts"  # {parameter attribute: reason} on a module
+PROXY_EXPERTS_REASON = ("proxy quantisation keeps the weight columns that the previous layer's "
+                        "weights score highest, and an expert tensor's inputs come from a router, "
+                        "not from one previous layer: give expert tensors a format without the "
+                        "proxy option")
 POLICIES_ATTR = "_qcompile_policies"  # the policies quantize_model_ applied, in order (saved)
 
 
@@ -69,6 +81,43 @@ def linear_layers(model: torch.nn.Module, policy: Policy, who: str) -> list[tupl
         layers.append((name, mod, spec, 0 if is_conv1d(mod) else 1,
                        holders.get(id(mod.weight), 1) > 1))
     warn_skipped(who, skipped, id(model))
+    return layers
+
+
+def expert_layers(model: torch.nn.Module, policy: Policy, who: str) -> list[tuple]:
+    """``(ExpertTensor, spec)`` for every mixture-of-experts tensor (qcompile.experts) the
+    policy gives a weight format, matched by the parameter's name. Tensors that cannot take it
+    (a layout the probe does not recognise, a proxy format) are marked for explain and said
+    once per reason; an activation format, which expert tensors do not take yet, is said once
+    and the weight is quantised alone. Call it before changing the model: it runs each experts
+    module's forward once on a probe input."""
+    wanted = {}
+    for name, _, _ in experts.candidates(model):
+        rule, spec = policy.match(name, "linear")
+        if spec is not None and spec.weight is not None:
+            wanted[name] = spec
+    if not wanted:
+        return []
+    found, unrecognised = experts.expert_tensors(model, set(wanted))
+    skipped, layers = list(unrecognised.items()), []
+    for t in found:
+        spec = wanted[t.name]
+        if spec.weight.proxy is not None:
+            skipped.append((t.name, PROXY_EXPERTS_REASON))
+        else:
+            layers.append((t, spec))
+    by_name = {name: (mod, attr) for name, mod, attr in experts.candidates(model)}
+    for name, reason in skipped:
+        mod, attr = by_name[name]
+        mod.__dict__.setdefault(SKIPPED_EXPERTS_ATTR, {})[attr] = reason
+    warn_skipped(who, skipped, id(model))
+    acted = [t.name for t, spec in layers if spec.act is not None]
+    if acted:
+        config.warn(f"{who}: the policy gives expert tensor(s) {', '.join(map(repr, acted[:3]))}"
+                    f"{' and more' if len(acted) > 3 else ''} an activation format, which "
+                    "expert tensors do not take yet: their weights are quantised, their inputs "
+                    "stay in full precision (explain notes it)", once=(who, "expert act",
+                                                                      id(model)))
     return layers
 
 
@@ -232,7 +281,9 @@ def quantize_model_(model: torch.nn.Module, policy: Policy | None = None) -> tor
     ``LayerSpec(weight=..., op="embedding")`` become ``QuantEmbedding``; a tied embedding and
     lm_head given the same format share one packed table; given different formats (or one kept
     in full precision) each keeps its own copy, said once when the model grows. Each swapped
-    layer remembers the rule that matched it (``.rule``, shown by ``explain``)."""
+    layer remembers the rule that matched it (``.rule``, shown by ``explain``). Each
+    mixture-of-experts tensor the policy gives a format becomes a ``PackedExperts`` holding all
+    of its experts packed (qcompile.expert_stack); biases stay as they are."""
     policy = _check_policy(policy, "quantize_model_")
     swaps, packed = [], {}
 
@@ -244,6 +295,7 @@ def quantize_model_(model: torch.nn.Module, policy: Policy | None = None) -> tor
         return packed[key]
 
     tied, before = _tied_holders(model), resident_weight_bytes(model)
+    expert_tensors = expert_layers(model, policy, "quantize_model_")  # probes: model unchanged
     layers = list(linear_layers(model, policy, "quantize_model_"))
     scores = proxy_scores(model, layers)
     for name, mod, spec, axis, _ in layers:
@@ -258,6 +310,12 @@ def quantize_model_(model: torch.nn.Module, policy: Policy | None = None) -> tor
         new.rule = matched_rule(policy, name, kind) or ""
         new.tied_with = next((tuple(n for n in t if n != name) for t in tied if name in t), ())
         _set_child(model, name, new)
+    for t, spec in expert_tensors:
+        packed = pack_experts(t.tensor, spec.weight, t.axis)
+        packed.rule = matched_rule(policy, t.name, "linear") or ""
+        if spec.act is not None:
+            packed.act_note = f"act {spec.act.key} not applied: expert inputs stay full precision"
+        install_experts(t.module, t.attr, packed)
     _warn_untied_growth(model, tied, before)
     setattr(model, POLICIES_ATTR, (*getattr(model, POLICIES_ATTR, ()), policy))
     return model
@@ -285,9 +343,11 @@ def fake_quantize_model_(model: torch.nn.Module, policy: Policy | None = None) -
     and embedding table ``policy`` (None: the backend default) quantises: the eager model that
     a compiled model with ``lowering="eager"`` equals bit for bit. A tied weight is untied
     first: each quantised holder gets its own fake-quantised copy, the others keep the original.
-    Returns the model."""
+    A mixture-of-experts tensor gets each expert's matrix fake-quantised along its reduction
+    axis, in place. Returns the model."""
     from torch.nn.utils import parametrize
     policy = _check_policy(policy, "fake_quantize_model_")
+    expert_tensors = expert_layers(model, policy, "fake_quantize_model_")  # before any change
     layers = list(linear_layers(model, policy, "fake_quantize_model_"))
     scores = proxy_scores(model, layers)  # from the weights before any is changed
     for name, mod, spec, axis, tied in layers:
@@ -314,7 +374,17 @@ def fake_quantize_model_(model: torch.nn.Module, policy: Policy | None = None) -
             mod.weight = torch.nn.Parameter(fq, requires_grad=w.requires_grad)
         else:
             w.data = fq
+    for t, spec in expert_tensors:
+        _fake_quantize_experts(t.tensor, spec.weight, t.axis)
     return model
+
+
+def _fake_quantize_experts(w: torch.Tensor, fmt, axis: int):
+    """Each expert's matrix of ``w`` [E, a, b] fake-quantised along ``axis``, in place, one
+    expert at a time."""
+    with torch.no_grad():
+        for e in range(w.shape[0]):
+            w.data[e] = api.fake_quantize(w.data[e], fmt, axis=axis - 1)
 
 
 def skipped_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, str]]:

@@ -284,7 +284,10 @@ def test_explain_table_and_totals():
     assert "* nominal" in str(e) and "8.250*" in str(e)
     assert rows["transformer.h.1.mlp.c_fc"].rule.endswith("'*.mlp.*'")
     assert rows["transformer.h.0.attn.c_proj"].rule == "default"
-    total = sum(r.numel * r.bits for r in e.rows)
+    # the totals count every weight of the model: the rows' and, in float32, all the others
+    every = sum(p.numel() for p in gpt2().parameters())
+    total = sum(r.numel * r.bits for r in e.rows) + 32 * (every - sum(r.numel for r in e.rows))
+    assert e.total_weights == every
     assert e.total_bits == total and e.avg_bits == total / e.total_weights
     from qcompile.swap import resident_weight_bytes
     assert e.resident_weight_bytes == resident_weight_bytes(gpt2()) > 0

@@ -159,7 +159,9 @@ def test_density_compares_with_the_models_own_dtype(dtype, name, bits):
     swapped = [m for m in model.modules() if isinstance(m, QuantLinear)]
     weights = sum(m.weight_shape[0] * m.weight_shape[1] for m in swapped)
     stored = 8 * sum(t.nbytes for m in swapped for t in m.buffers())
-    want = weights * bits / stored
+    # every weight counts: the norms and the embedding table stay parameters, in the dtype
+    rest = sum(p.numel() for p in model.parameters())
+    want = (weights + rest) * bits / (stored + rest * bits)
     e = qcompile.explain(model, policy, IDS)
     assert e.density == pytest.approx(want, rel=1e-12)
     assert f"{want:.2f}x denser than {name}" in str(e)
@@ -233,7 +235,8 @@ def test_density_counts_a_tied_weight_once():
         qcompile.quantize_model_(model, policy)
     e = qcompile.explain(model, policy, IDS)
     linears = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]  # lm_head too
-    full = 32 * sum(w.numel() for w in linears)
+    norms = 32 * sum(p.numel() for p in model.parameters() if p.dim() == 1)  # every weight
+    full = 32 * sum(w.numel() for w in linears) + norms
     stored = full + 8 * sum(t.nbytes for t in model.model.embed_tokens.buffers())
     assert e.total_bits == stored
     assert e.density == pytest.approx(full / stored)
@@ -250,4 +253,5 @@ def test_a_tied_pair_given_one_format_counts_once_before_quantising():
     distinct = {id(m.weight): m.weight.numel() for m in model.modules()
                 if isinstance(m, (nn.Linear, nn.Embedding))}
     assert len(distinct) == 15  # 14 decoder linears and one table
-    assert e.total_weights == sum(distinct.values())
+    norms = sum(p.numel() for p in model.parameters() if p.dim() == 1)  # every weight counts
+    assert e.total_weights == sum(distinct.values()) + norms

@@ -14,12 +14,13 @@ FOLDERS = {"qcompile": "qcompile", "qcompile/formats": "qcompile.formats",
 # A folder is one layer: qcompile/formats/ is the numerical core, qcompile/integrations/ is top.
 LAYERS = [
     ("core", ["qcompile.formats", "qcompile.formats.*", "qcompile.config", "qcompile.policy",
-              "qcompile.linear_rule"]),
+              "qcompile.linear_rule", "qcompile.experts"]),
     ("codegen", ["qcompile.codegen", "qcompile.codegen.*"]),
     ("api", ["qcompile.api"]),
     ("ops", ["qcompile.ops", "qcompile.proxy"]),
     ("passes", ["qcompile.passes", "qcompile.passes.*"]),
     ("top", ["qcompile.integrations", "qcompile.integrations.*", "qcompile.swap",
+             "qcompile.expert_stack",
              "qcompile.explain", "qcompile.backend", "qcompile.serialize", "qcompile.search",
              "qcompile.__main__", "qcompile"]),
 ]

@@ -24,7 +24,9 @@ from pathlib import Path
 import torch
 
 from .. import api
-from ..explain import Explanation, module_rows
+from ..experts import candidates as expert_candidates
+from ..explain import Explanation, module_rows, uncovered
+from ..passes.plan import warn_skipped
 from ..policy import Policy, PolicyError
 from ..serialize import QuantizedFileError
 from ..swap import POLICIES_ATTR
@@ -218,13 +220,28 @@ class Job:
         written = _deduplicated(model, state)
         write_safetensors(self.out_dir / WEIGHTS, written, {"format": "pt", **metadata})
         held = sum(t.numel() * t.element_size() for t in written.values())  # a tied one once
-        return Quantized(Explanation(module_rows(model), held),
+        rows = module_rows(model)
+        return Quantized(Explanation(rows, held, uncovered(model, rows)),
                          sum(os.path.getsize(p) for p, _, _ in self.headers),
                          os.path.getsize(self.out_dir / WEIGHTS), time.perf_counter() - start)
 
 
 def _size(entry: dict) -> int:
     return entry["data_offsets"][1] - entry["data_offsets"][0]
+
+
+STREAM_EXPERTS_REASON = (
+    "it is a mixture-of-experts tensor, which the streaming command does not quantise yet: "
+    "from_pretrained(..., quantization_config=qcompile.BlockQuantConfig(policy)) and "
+    "quantize_model_ do")
+
+
+def _warn_float_experts(model, policy: Policy):
+    """Say, by name, which expert tensors the policy gives a format that the stream writes in
+    full precision."""
+    names = [n for n, _, _ in expert_candidates(model) if (s := policy.match(n, "linear")[1])
+             is not None and s.weight is not None]
+    warn_skipped("quantize_checkpoint", [(n, STREAM_EXPERTS_REASON) for n in names], id(model))
 
 
 def prepare(model_dir, out_dir, policy: Policy, dtype: torch.dtype | None = None) -> Job:
@@ -248,6 +265,7 @@ def prepare(model_dir, out_dir, policy: Policy, dtype: torch.dtype | None = None
         dtype = getattr(torch, dtype)
     model = _meta_model(config, dtype)
     plan = hf.layer_plan(model, policy)
+    _warn_float_experts(model, policy)
     if not plan:
         raise PolicyError(f"quantize_checkpoint: the policy quantises no layer of this "
                           f"{type(model).__name__}: {policy!r}")
