@@ -7,7 +7,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = {"qcompile": "qcompile", "qcompile/formats": "qcompile.formats",
            "qcompile/integrations": "qcompile.integrations", "passes": "qcompile.passes",
-           "codegen": "qcompile.codegen", "qcompile/tools": "qcompile.tools"}
+           "codegen": "qcompile.codegen", "codegen/cpu": "qcompile.codegen.cpu",
+           "qcompile/tools": "qcompile.tools"}
 
 # lowest first; a module not listed is a failure (a new module needs a place on the map).
 # A folder is one layer: qcompile/formats/ is the numerical core, qcompile/integrations/ is top.
