@@ -7,6 +7,7 @@ rows, else decoded panels and torch's GEMM), as compiled graphs do; ``dequantize
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import torch
 
@@ -63,16 +64,23 @@ def linear(x: torch.Tensor, q, act_fmt=None, bias: torch.Tensor | None = None,
     linear layer and token."""
     choice = (choice or choose(q, act_fmt, x, "cpu", bias)).require()
     p = plan(q)
-    af = formats.get(act_fmt) if act_fmt else None
-    n, fmt_id = q.scales.shape[0], p.register()  # (registering loads the operators)
+    fmt_id = p.op_id if p.op_id is not None else p.register()  # (loads the operators)
     if choice.kernel == "cpu_int":
-        return torch.ops.qcompile_cpu.int_linear.default(
-            x, q.codes, q.scales, bias, fmt_id, p.register_act(af), n, p.k, q.block)
-    if af is not None and x.numel():
-        x = reference.fake_quantize(x.reshape(-1, p.k), af, 1).reshape(x.shape)
+        return _operator("int_linear")(x, q.codes, q.scales, bias, fmt_id,
+                                       p.register_act(formats.get(act_fmt)), p.n, p.k, q.block)
+    if act_fmt and x.numel():
+        x = reference.fake_quantize(x.reshape(-1, p.k), formats.get(act_fmt), 1).reshape(x.shape)
     index, value = p.apart if p.apart is not None else (None, None)
-    return torch.ops.qcompile_cpu.linear.default(x, q.codes, q.scales, bias, index, value,
-                                                 fmt_id, n, p.k, q.block)
+    return _operator("linear")(x, q.codes, q.scales, bias, index, value, fmt_id, p.n, p.k,
+                               q.block)
+
+
+@functools.lru_cache(maxsize=None)
+def _operator(name: str):
+    """The C++ function behind ``torch.ops.qcompile_cpu.<name>.default``: called without the
+    overload's Python frame (a decoding model calls it for every layer and token)."""
+    overload = getattr(torch.ops.qcompile_cpu, name).default
+    return getattr(overload, "_op", overload)
 
 
 def quantize_act(lib, x2: torch.Tensor, af):

@@ -107,6 +107,7 @@ void add_kept_apart(const Format& f, const Args& a, const at::Tensor& x2, const 
 }
 
 at::Tensor shaped(const at::Tensor& y, const at::Tensor& x, int64_t n) {
+    if (x.dim() == 2) return y;
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
     shape.push_back(n);
     return y.view(shape);
@@ -125,9 +126,9 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor
     TORCH_CHECK(scales.size(0) == n, "qcompile_cpu::linear: the weight has ", scales.size(0),
                 " rows, not ", n);
     const int64_t n_blocks = scales.size(1), padded = n_blocks * block;
-    at::Tensor x2 = x.reshape({-1, k});
+    at::Tensor x2 = x.dim() == 2 ? x : x.reshape({-1, k});
     if (padded != k) x2 = at::constant_pad_nd(x2, {0, padded - k});
-    x2 = x2.contiguous();
+    if (!x2.is_contiguous()) x2 = x2.contiguous();
     const int64_t m = x2.size(0);
     at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
     Args a{};

@@ -72,8 +72,9 @@ class Plan:
         self.outliers = _outliers(q, self.apart)
         self.codes, self.scales = weakref.ref(q.codes), weakref.ref(q.scales)
         self.k = q.shape[1] if q.axis == 1 else q.shape[0]
+        self.n = q.scales.shape[0]
         self.padded = q.scales.shape[-1] * q.block
-        self._op_id = None
+        self.op_id = None  # the operator's id of the format, once registered
 
     def args(self, q, x, y, bias) -> Args:
         n, n_blocks = q.scales.shape[0], q.scales.shape[-1]
@@ -91,8 +92,8 @@ class Plan:
         tables), once; returns the format's id for ``qcompile_cpu::linear`` / ``int_linear``:
         the same in every process where the tables depend on the format alone (graphs cached
         on disk name it), else an id of this plan's own, dropped with the plan."""
-        if self._op_id is not None:
-            return self._op_id
+        if self.op_id is not None:
+            return self.op_id
         op = op_library()
         if self.data_dependent:
             op_id = -next(_PRIVATE_IDS)
@@ -104,7 +105,7 @@ class Plan:
             self.table.data_ptr(), self.table.numel(),
             self.mult_table.data_ptr() if self.mult_table is not None else None, self.maxv,
             self.step, _address(self.int_fn) if self.int_fn is not None else None, self.wstep)
-        self._op_id = op_id
+        self.op_id = op_id
         return op_id
 
     def register_act(self, af) -> int:
