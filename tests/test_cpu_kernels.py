@@ -323,6 +323,22 @@ def test_processes_building_at_once_all_succeed(fresh_cache):
     assert len(libs) == 1 and not [p for p in fresh_cache.iterdir() if p.name.startswith(".")]
 
 
+def test_the_cpp_files_are_package_data():
+    """An installed package builds from the shipped files: every C++ file of codegen/cpu/ (and
+    each one a library is built from) is matched by pyproject.toml's package data."""
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+    setup = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    setup = setup["tool"]["setuptools"]
+    assert "qcompile.codegen.cpu" in setup["packages"]
+    shipped = setup["package-data"]["qcompile.codegen.cpu"]
+    built = cpu_build.source_files(cpu_build.KERNEL_FILES + cpu_build.OPERATOR_FILES)
+    folder = [f for f in cpu_build.HERE.iterdir() if f.suffix in (".cpp", ".h")]
+    assert len(folder) >= 6 and set(built) <= set(folder)
+    assert all(any(fnmatch.fnmatch(f.name, pattern) for pattern in shipped) for f in folder)
+
+
 def test_a_missing_compiler_is_a_clear_error(fresh_cache, monkeypatch):
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     with pytest.raises(NotImplementedError, match="need a C\\+\\+ compiler.*CXX"):
