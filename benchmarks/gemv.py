@@ -4,7 +4,7 @@ A decoding step reads every weight once, so a weight-only GEMV should run at the
 memory. Per format and (N, K) this times, interleaved call by call in one process:
 
 * the C++ operator ``torch.ops.qcompile_cpu.linear`` (what compiled graphs call) and the Python
-  entry ``qcompile.codegen.cpu.linear``;
+  entry ``qcompile.codegen.cpu.linear`` (the selector and the weight's plan, then that operator);
 * a streaming read of the same number of bytes: a float32 buffer reduced by ``torch.sum``,
   ``torch.amax`` and ``torch.dot`` with itself (each reads it once; on this 2-core EPYC all three
   reach the same ~25-30 GB/s from DRAM within noise); the fastest (medians) is the reference, so

@@ -11,10 +11,11 @@ that very string (load_kernel compiles and executes it and hands Triton the same
 linecache); a copy named by content hash is written to the cache folder for people to read,
 never read back to run.
 
-C++ (CPU tensors; cpu.py: build, instruction set, launch of the weight-only kernels, C++ in
-cpu_source.py; cpu_int.py: the integer-activation path, C++ in cpu_int_source.py): one
-translation unit per instruction set, compiled by the system compiler into a checked shared
-library in the same cache folder.
+cpu/ (CPU tensors): C++ source files shipped as package data (args.h, the argument structs
+every translation unit includes; simd.h, decode.h; kernels.cpp, int_kernels.cpp; operator.cpp,
+the torch operators qcompile_cpu::linear / int_linear, the one CPU linear driver), built by the
+system compiler once per instruction set into checked shared libraries in the same cache folder
+(build.py); plans.py reads a packed weight's tables, entry.py holds the Python entry points.
 
 Set QCOMPILE_DUMP_KERNELS=1 to print each source when it is first built.
 """

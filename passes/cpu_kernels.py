@@ -1,6 +1,6 @@
 """Pass 6 (CPU graphs): ``qcompile::linear`` -> ``qcompile_cpu::linear``, the C++ operator.
 
-Both compute the same thing with the same C++ kernels (codegen/cpu.py); the operator is called
+Both compute the same thing with the same C++ operator (codegen/cpu/operator.cpp), called here
 without a Python frame, which a decoding model pays for every layer and token. It is used where
 the graph runs without autograd (compiled with grad disabled: Dynamo guards on grad mode) and
 the selector (codegen/select.py ``cpu_operator``) says the op would run the CPU kernels anyway
@@ -9,9 +9,9 @@ CPU kernels read whose tables depend on the format alone (not quantile codebooks
 tensor scale, which come from the tensor's side data), no proxy columns. Anything else stays
 ``qcompile::linear``, which says itself what it cannot do. The format's
 element and multiplier tables are registered with the operator library (named by a format id).
-Int weights with int activations (codegen/cpu_int.py) become ``qcompile_cpu::int_linear``, which
-quantises the activations itself; another activation format becomes a
-``qcompile::fake_quantize_act`` node before ``qcompile_cpu::linear``.
+Int weights with int activations (codegen/cpu/int_kernels.cpp) become
+``qcompile_cpu::int_linear``, which quantises the activations itself; another activation format
+becomes a ``qcompile::fake_quantize_act`` node before ``qcompile_cpu::linear``.
 """
 from __future__ import annotations
 

@@ -51,7 +51,7 @@ from qcompile.passes.report import site_rows
 
 from . import config, ops
 from .linear_rule import forward_beyond_linear, linear_like
-from .codegen import cpu, cpu_source, select
+from .codegen import cpu, select
 from .policy import DEFAULT_POLICY_DOC, Policy, PolicyError, default_policy
 
 LOWERINGS = ("inductor", "eager")
@@ -180,13 +180,14 @@ def _lower(gm, inputs, lowering, mode="default"):
 def _inductor_cache_tag():
     """Inductor's on-disk graph cache does not hash a custom op's fake implementation nor a C++
     operator's schema: tag our graphs with the source of the ops (qcompile/ops.py and the CPU
-    operator's codegen/cpu*.py), so a new version of them is never served an old graph."""
+    operator's files, codegen/cpu/build.py operator_files), so a new version of them is never
+    served an old graph."""
     cfg = getattr(torch.compiler, "config", None)
     if cfg is None or not hasattr(cfg, "cache_key_tag"):
         return contextlib.nullcontext()
     digest = hashlib.sha256()
-    for module in (ops, cpu, cpu_source):
-        with open(module.__file__, "rb") as f:
+    for path in (ops.__file__, *cpu.operator_files()):
+        with open(path, "rb") as f:
             digest.update(f.read())
     return cfg.patch(cache_key_tag=f"{cfg.cache_key_tag}|qcompile-ops-{digest.hexdigest()[:16]}")
 

@@ -25,7 +25,7 @@ tensors get none. ``fake_quantize_act`` is straight through (identity gradient);
 The bodies dispatch on ``impl``: "reference" runs qcompile's reference implementation (the
 definition of each format); "triton" runs the generated Triton kernels of qcompile.codegen
 (dequantise, quantise, the fused linear of codegen/triton/linear.py); "cpu" the generated C++ kernels
-of codegen/cpu.py (the linear and the dequantise of 2-d weights; int x int layers quantise
+of codegen/cpu/ (the linear and the dequantise of 2-d weights; int x int layers quantise
 their activations in C++, other activation formats are quantised by the reference); "auto" is
 "triton" for CUDA tensors and "cpu" otherwise. Which kernel runs is codegen/select.py's answer;
 where no kernel exists for a format or input by design (the selector's reason, or a

@@ -1,4 +1,4 @@
-"""The CPU integer path (codegen/cpu_int.py): int weights times int activations.
+"""The CPU integer path (codegen/cpu/int_kernels.cpp): int weights times int activations.
 
 Oracles: the reference quantiser (the definition of each format) for the C++ activation codes and
 block multipliers, bit for bit, on inputs drawn where the scale rules and the rounding decide
@@ -15,7 +15,7 @@ import oracles
 import qcompile
 from int_formula import int_formula, int_operands
 from qcompile import LayerSpec, Policy, formats
-from qcompile.codegen import cpu, cpu_int, select
+from qcompile.codegen import cpu, select
 from qcompile.formats import Format
 from qcompile.formats.elements import IntElement
 from qcompile.formats.scales import AbsmaxScale
@@ -72,7 +72,7 @@ def activations(draw, af):
 def test_activation_codes_are_the_references(act, isa, data):
     af = act_format(act)
     x = data.draw(activations(af))
-    xq, ax, xsum = cpu_int.quantize_act(cpu.library(), x, af)
+    xq, ax, xsum = cpu.quantize_act(cpu.library(), x, af)
     codes, a = int_operands(qcompile.quantize(x, af, axis=-1))
     assert torch.equal(xq.long(), codes)
     assert torch.equal(ax.isnan(), a.isnan()) and same_bits(ax[~ax.isnan()], a[~a.isnan()])
@@ -87,7 +87,7 @@ def test_activation_edge_blocks(isa):
                       + [5e-45] * 32 + [1e-30] * 32])
     for act in ACTS + ["mxint8[block_size=256]", "int8[block_size=512]"]:
         af = act_format(act)
-        xq, ax, _ = cpu_int.quantize_act(cpu.library(), x, af)
+        xq, ax, _ = cpu.quantize_act(cpu.library(), x, af)
         codes, a = int_operands(qcompile.quantize(x, af, axis=-1))
         assert torch.equal(xq.long(), codes), act
         assert torch.equal(ax.isnan(), a.isnan()) and same_bits(ax[~ax.isnan()], a[~a.isnan()])

@@ -1,4 +1,4 @@
-"""The generated C++ CPU kernels (codegen/cpu.py): decoded weights equal the reference's bit for
+"""The C++ CPU kernels (codegen/cpu/): decoded weights equal the reference's bit for
 bit, for every format; the linear stays within the float32 bound of docs/architecture.md; each
 instruction set this machine has (AVX-512, AVX2, scalar: forced with QCOMPILE_CPU_ISA); the
 backend runs them by default on CPU tensors; the build cache rebuilds what it cannot trust."""
@@ -16,6 +16,9 @@ from hypothesis import strategies as st
 import qcompile
 from qcompile import LayerSpec, Policy, formats
 from qcompile.codegen import cpu
+from qcompile.codegen.cpu import build as cpu_build
+from qcompile.codegen.cpu import isa as cpu_isa
+from qcompile.codegen.cpu import plans as cpu_plans
 from qcompile.codegen.triton.linear import gamma
 
 ISAS = [i for i in cpu.ISAS if cpu.ISAS.index(i) >= cpu.ISAS.index(cpu.machine_isa())]
@@ -175,6 +178,25 @@ def test_the_operator_is_the_python_path_bit_for_bit():
             assert same_bits(y, cpu.linear(x, q, None, b))
 
 
+def test_tables_from_side_data_are_registered_while_their_plan_lives():
+    """A quantile codebook's tables come from the tensor: cpu.linear runs the operator under an
+    id of that weight's plan alone, which names nothing once the plan is gone."""
+    import gc
+    g = torch.Generator().manual_seed(3)
+    q1, q2 = (qcompile.quantize(torch.randn(24, 64, generator=g), "quantile4", axis=1)
+              for _ in range(2))
+    p1, p2 = cpu.plan(q1), cpu.plan(q2)
+    x = torch.randn(2, 64, generator=g)
+    assert p1.register() != p2.register()  # the same format, different tables
+    args = (q1.codes, q1.scales, None, None, None, p1.register(), 24, 64, q1.block)
+    assert same_bits(torch.ops.qcompile_cpu.linear(x, *args), cpu.linear(x, q1))
+    cpu_plans._PLANS.clear()
+    del p1
+    gc.collect()
+    with pytest.raises(RuntimeError, match="is not registered"):
+        torch.ops.qcompile_cpu.linear(x, *args)
+
+
 @pytest.mark.parametrize("fmt", ["mxint8", "int8"])
 def test_int8_blocks_with_tiny_or_zero_multipliers(fmt, isa):
     """The factored int8 path (sum x*code, times multiplier*step) hands a block whose product
@@ -236,7 +258,7 @@ def test_instruction_set_choice(monkeypatch):
     with pytest.raises(ValueError, match="QCOMPILE_CPU_ISA.*avx512, avx2, scalar"):
         cpu.chosen_isa()
     monkeypatch.setenv("QCOMPILE_CPU_ISA", "avx512")
-    monkeypatch.setattr(cpu, "machine_isa", lambda: "avx2")
+    monkeypatch.setattr(cpu_isa, "machine_isa", lambda: "avx2")
     with pytest.raises(RuntimeError, match="has only avx2; choose one of avx2, scalar"):
         cpu.chosen_isa()
     monkeypatch.delenv("QCOMPILE_CPU_ISA")
@@ -249,8 +271,8 @@ def test_instruction_set_choice(monkeypatch):
 def fresh_cache(tmp_path, monkeypatch):
     """An empty kernel cache folder and no library loaded in this process."""
     monkeypatch.setenv("QCOMPILE_KERNEL_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(cpu, "_LIBS", {})
-    monkeypatch.setattr(cpu, "_PLANS", {})
+    monkeypatch.setattr(cpu_build, "_LIBS", {})
+    monkeypatch.setattr(cpu_plans, "_PLANS", {})
     return tmp_path / "cache"
 
 
@@ -268,9 +290,9 @@ def test_a_damaged_library_is_rebuilt(fresh_cache):
     damaged = path.with_name("damaged")
     damaged.write_bytes(path.read_bytes()[: size // 3])  # truncated, in a new file: the loaded
     os.replace(damaged, path)                             # library's pages stay mapped
-    cpu._LIBS.clear()
+    cpu_build._LIBS.clear()
     lib = cpu.library(isa)  # the damaged file was never opened: its bytes fail the sidecar hash
-    assert path.stat().st_size == size and lib.qc_isa() == cpu._ISA_NUMBER[isa]
+    assert path.stat().st_size == size and lib.qc_isa() == cpu_isa.ISA_NUMBER[isa]
 
 
 def test_a_library_built_from_other_source_is_rebuilt(fresh_cache):
@@ -280,7 +302,7 @@ def test_a_library_built_from_other_source_is_rebuilt(fresh_cache):
     impostor = scalar.with_name("impostor")
     impostor.write_bytes(avx2.read_bytes())  # a valid library, not the one its name promises
     os.replace(impostor, scalar)
-    cpu._LIBS.clear()
+    cpu_build._LIBS.clear()
     assert cpu.library("scalar").qc_isa() == 0  # the impostor was refused and rebuilt
     assert scalar.read_bytes() != avx2.read_bytes()
 
@@ -299,6 +321,22 @@ def test_processes_building_at_once_all_succeed(fresh_cache):
         assert p.wait(timeout=600) == 0, p.stderr.read().decode()[-2000:]
     libs = [p for p in fresh_cache.iterdir() if p.suffix == ".so"]
     assert len(libs) == 1 and not [p for p in fresh_cache.iterdir() if p.name.startswith(".")]
+
+
+def test_the_cpp_files_are_package_data():
+    """An installed package builds from the shipped files: every C++ file of codegen/cpu/ (and
+    each one a library is built from) is matched by pyproject.toml's package data."""
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+    setup = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    setup = setup["tool"]["setuptools"]
+    assert "qcompile.codegen.cpu" in setup["packages"]
+    shipped = setup["package-data"]["qcompile.codegen.cpu"]
+    built = cpu_build.source_files(cpu_build.KERNEL_FILES + cpu_build.OPERATOR_FILES)
+    folder = [f for f in cpu_build.HERE.iterdir() if f.suffix in (".cpp", ".h")]
+    assert len(folder) >= 6 and set(built) <= set(folder)
+    assert all(any(fnmatch.fnmatch(f.name, pattern) for pattern in shipped) for f in folder)
 
 
 def test_a_missing_compiler_is_a_clear_error(fresh_cache, monkeypatch):

@@ -8,6 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = {"qcompile": "qcompile", "qcompile/formats": "qcompile.formats",
            "qcompile/integrations": "qcompile.integrations", "passes": "qcompile.passes",
            "codegen": "qcompile.codegen", "codegen/triton": "qcompile.codegen.triton",
+           "codegen/cpu": "qcompile.codegen.cpu",
            "qcompile/tools": "qcompile.tools"}
 
 # lowest first; a module not listed is a failure (a new module needs a place on the map).

@@ -1,0 +1,225 @@
+// The torch operators qcompile_cpu::linear and qcompile_cpu::int_linear: the one CPU linear
+// driver. Compiled graphs call them without a Python frame per call (a decoding model calls a
+// linear per layer and token), and codegen/cpu/entry.py's ``linear`` calls them too, so the
+// choice between the GEMV kernel, one decoded panel and cache-sized panels is made here alone.
+//
+// The kernel libraries (kernels.cpp, int_kernels.cpp) stay plain C, built per instruction set
+// and loaded with ctypes; Python registers each format once per process (``qc_register``: its
+// kernels' entry points and a copy of its tables) under an id: for tables that depend on the
+// format alone, one derived from the format key and the instruction set, so that a graph that
+// Inductor cached on disk names the same format in every process, and a graph run before its
+// format was registered fails loudly instead of using another format's tables; for tables from
+// a tensor's side data, a negative id of that tensor's plan, dropped with it (qc_unregister).
+//
+// Compile-time values (-D flags from codegen/cpu/build.py): QC_GEMV_MAX_M (rows up to which the
+// GEMV kernel runs), QC_PANEL_BYTES (decoded weight rows per GEMM call: about L2-sized),
+// QC_WHOLE_BYTES (a weight up to this size decoded is one panel), QC_SOURCE_HASH.
+#include <algorithm>
+#include <cstdint>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "args.h"
+
+#if !defined(QC_GEMV_MAX_M) || !defined(QC_PANEL_BYTES) || !defined(QC_WHOLE_BYTES) || \
+    !defined(QC_SOURCE_HASH)
+#error "built by codegen/cpu/build.py, which defines the QC_ values of the driver"
+#endif
+
+namespace {
+struct Format {
+    LinearFn linear; DecodeFn decode; ValuesFn values;
+    std::vector<float> table, mult;  // element values; multipliers of byte scales (or empty)
+    float maxv, step;
+    IntFn int_linear;  // int elements: the integer path (else null)
+    float wstep;       // 2^-frac of an int element
+};
+struct Act {  // an activation format of the integer path: ActArgs' format fields
+    ActFn quantize;
+    int64_t block_size;
+    int32_t scale, rule, is_signed, emax, frac, qmax;
+    float maxv, xstep;
+};
+std::unordered_map<int64_t, Format> g_formats;
+std::unordered_map<int64_t, Act> g_acts;
+std::mutex g_lock;
+constexpr int64_t kGemvMaxM = QC_GEMV_MAX_M;
+constexpr int64_t kPanelBytes = QC_PANEL_BYTES;
+constexpr int64_t kWholeBytes = QC_WHOLE_BYTES;
+
+template <class T>
+const T& lookup(const std::unordered_map<int64_t, T>& table, int64_t id) {
+    std::lock_guard<std::mutex> guard(g_lock);
+    auto it = table.find(id);
+    TORCH_CHECK(it != table.end(), "qcompile_cpu: format ", id,
+                " is not registered in this process (compile the model with the blockquant "
+                "backend in this process)");
+    return it->second;  // a reference into a node-based map: stays valid while others insert
+}
+
+// y = x2 @ W^T (+ b) for the weight that ``a`` describes: the GEMV kernel for a few rows of x;
+// else the weight decoded, whole if small (one GEMM), else in cache-sized panels of rows and
+// torch's GEMM, so that the decode cost is spread over the rows of x.
+void blocks_linear(const Format& f, Args& a, const at::Tensor& x2, const at::Tensor& b,
+                   at::Tensor& y) {
+    const int64_t m = a.M, n = a.N, padded = a.ldx;
+    const int threads = at::get_num_threads();
+    if (m == 0) return;
+    if (m <= kGemvMaxM) {
+        a.bias = b.defined() ? b.data_ptr<float>() : nullptr;
+        a.y = y.data_ptr<float>();
+        f.linear(&a, threads);
+        return;
+    }
+    if (4 * n * padded <= kWholeBytes) {
+        at::Tensor w = at::empty({n, padded}, x2.options());
+        f.decode(&a, 0, n, w.data_ptr<float>(), threads);
+        y = b.defined() ? at::addmm(b, x2, w.t()) : at::mm(x2, w.t());
+        return;
+    }
+    const int64_t rows = std::max<int64_t>(16, kPanelBytes / (4 * padded));
+    at::Tensor panel = at::empty({rows, padded}, x2.options());
+    for (int64_t n0 = 0; n0 < n; n0 += rows) {
+        const int64_t n1 = std::min(n, n0 + rows);
+        at::Tensor w = panel.narrow(0, 0, n1 - n0);
+        f.decode(&a, n0, n1, w.data_ptr<float>(), threads);
+        at::Tensor out = y.narrow(1, n0, n1 - n0);
+        if (b.defined()) out.copy_(at::addmm(b.narrow(0, n0, n1 - n0), x2, w.t()));
+        else out.copy_(at::mm(x2, w.t()));
+    }
+}
+
+// y += x2[:, c] * (value - decoded value) for the weights kept apart from the blocks (OPQ
+// outliers, proxy columns) at flat positions r * padded + c.
+void add_kept_apart(const Format& f, const Args& a, const at::Tensor& x2, const at::Tensor& index,
+                    const at::Tensor& value, at::Tensor& y) {
+    const int64_t padded = a.ldx;
+    at::Tensor flat = index.to(at::kLong).contiguous();
+    at::Tensor decoded = at::empty({flat.numel()}, x2.options());
+    f.values(&a, flat.data_ptr<int64_t>(), flat.numel(), decoded.data_ptr<float>());
+    at::Tensor delta = value.to(at::kFloat) - decoded;
+    y.index_add_(1, at::floor_divide(flat, padded),
+                 x2.index_select(1, flat.remainder(padded)) * delta);
+}
+
+at::Tensor shaped(const at::Tensor& y, const at::Tensor& x, int64_t n) {
+    if (x.dim() == 2) return y;
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+    shape.push_back(n);
+    return y.view(shape);
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                  const std::optional<at::Tensor>& bias,
+                  const std::optional<at::Tensor>& outlier_index,
+                  const std::optional<at::Tensor>& outlier_value,
+                  int64_t format, int64_t n, int64_t k, int64_t block) {
+    const Format& f = lookup(g_formats, format);
+    TORCH_CHECK(x.scalar_type() == at::kFloat && x.size(-1) == k,
+                "qcompile_cpu::linear: x must be float32 [..., ", k, "]");
+    TORCH_CHECK(codes.is_contiguous() && scales.is_contiguous(),
+                "qcompile_cpu::linear: codes and scales must be contiguous");
+    TORCH_CHECK(scales.size(0) == n, "qcompile_cpu::linear: the weight has ", scales.size(0),
+                " rows, not ", n);
+    const int64_t n_blocks = scales.size(1), padded = n_blocks * block;
+    at::Tensor x2 = x.dim() == 2 ? x : x.reshape({-1, k});
+    if (padded != k) x2 = at::constant_pad_nd(x2, {0, padded - k});
+    if (!x2.is_contiguous()) x2 = x2.contiguous();
+    const int64_t m = x2.size(0);
+    at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+    Args a{};
+    a.x = x2.data_ptr<float>(); a.M = m; a.ldx = padded;
+    a.codes = codes.data_ptr<uint8_t>(); a.row_bytes = codes.size(-1);
+    a.scales = scales.data_ptr(); a.n_blocks = n_blocks; a.block = block;
+    a.table = f.table.data(); a.mult_table = f.mult.empty() ? nullptr : f.mult.data();
+    a.maxv = f.maxv; a.step = f.step; a.N = n;
+    at::Tensor y = at::empty({m, n}, x.options());
+    blocks_linear(f, a, x2, b, y);
+    if (outlier_index.has_value() && m > 0 && outlier_index->numel() > 0)
+        add_kept_apart(f, a, x2, *outlier_index, *outlier_value, y);
+    return shaped(y, x, n);
+}
+
+// The integer path: activations quantised by the C++ quantiser, integer block dot products.
+at::Tensor int_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                      const std::optional<at::Tensor>& bias, int64_t format, int64_t act,
+                      int64_t n, int64_t k, int64_t block) {
+    const Format& f = lookup(g_formats, format);
+    const Act& q = lookup(g_acts, act);
+    TORCH_CHECK(f.int_linear != nullptr, "qcompile_cpu::int_linear: format ", format,
+                " has no integer elements");
+    TORCH_CHECK(x.scalar_type() == at::kFloat && x.size(-1) == k,
+                "qcompile_cpu::int_linear: x must be float32 [..., ", k, "]");
+    TORCH_CHECK(codes.is_contiguous() && scales.is_contiguous() && scales.size(0) == n,
+                "qcompile_cpu::int_linear: codes and scales must be contiguous, with ", n, " rows");
+    const at::Tensor x2 = x.reshape({-1, k}).contiguous();
+    const int64_t m = x2.size(0), tile = std::min(q.block_size, std::max<int64_t>(k, 1));
+    const int64_t n_tiles = (k + tile - 1) / tile;
+    TORCH_CHECK(block % tile == 0, "qcompile_cpu::int_linear: activation blocks of ", tile,
+                " across weight blocks of ", block);
+    at::Tensor xq = at::empty({m, n_tiles * tile}, x.options().dtype(at::kChar));
+    at::Tensor ax = at::empty({m, n_tiles}, x.options());
+    at::Tensor xsum = at::empty({m, n_tiles}, x.options().dtype(at::kInt));
+    const int threads = at::get_num_threads();
+    ActArgs aa{};
+    aa.x = x2.data_ptr<float>(); aa.M = m; aa.ldx = k; aa.K = k;
+    aa.tile = tile; aa.n_tiles = n_tiles; aa.clamped = q.block_size > k;
+    aa.scale = q.scale; aa.rule = q.rule; aa.is_signed = q.is_signed;
+    aa.emax = q.emax; aa.frac = q.frac; aa.qmax = q.qmax; aa.maxv = q.maxv; aa.xstep = q.xstep;
+    aa.xq = xq.data_ptr<int8_t>(); aa.ax = ax.data_ptr<float>(); aa.xsum = xsum.data_ptr<int32_t>();
+    q.quantize(&aa, threads);
+    at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+    at::Tensor y = at::empty({m, n}, x.options());
+    IntArgs ia{};
+    ia.xq = xq.data_ptr<int8_t>(); ia.ax = ax.data_ptr<float>(); ia.xsum = xsum.data_ptr<int32_t>();
+    ia.M = m; ia.n_tiles = n_tiles; ia.tile = tile;
+    ia.codes = codes.data_ptr<uint8_t>(); ia.row_bytes = codes.size(-1);
+    ia.scales = scales.data_ptr(); ia.n_blocks = scales.size(1); ia.block = block;
+    ia.mult_table = f.mult.empty() ? nullptr : f.mult.data(); ia.maxv = f.maxv; ia.wstep = f.wstep;
+    ia.bias = b.defined() ? b.data_ptr<float>() : nullptr; ia.y = y.data_ptr<float>(); ia.N = n;
+    if (m > 0) f.int_linear(&ia, threads);
+    return shaped(y, x, n);
+}
+}  // namespace
+
+TORCH_LIBRARY(qcompile_cpu, m) {
+    m.def("linear(Tensor x, Tensor codes, Tensor scales, Tensor? bias, Tensor? outlier_index, "
+          "Tensor? outlier_value, int format, int n, int k, int block) -> Tensor");
+    m.def("int_linear(Tensor x, Tensor codes, Tensor scales, Tensor? bias, int format, int act, "
+          "int n, int k, int block) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(qcompile_cpu, CPU, m) {
+    m.impl("linear", &linear);
+    m.impl("int_linear", &int_linear);
+}
+
+// Registration: an id registered once keeps its first entry (the same id always names the same
+// tables), so that a graph running on another thread never sees its format change.
+extern "C" {
+const char* qc_source_hash() { return QC_SOURCE_HASH; }
+void qc_register(int64_t id, void* linear, void* decode, void* values, const float* table,
+                 int64_t table_len, const float* mult, float maxv, float step, void* int_linear,
+                 float wstep) {
+    Format f{(LinearFn)linear, (DecodeFn)decode, (ValuesFn)values,
+             std::vector<float>(table, table + table_len),
+             mult ? std::vector<float>(mult, mult + 256) : std::vector<float>(), maxv, step,
+             (IntFn)int_linear, wstep};
+    std::lock_guard<std::mutex> guard(g_lock);
+    g_formats.emplace(id, std::move(f));
+}
+void qc_unregister(int64_t id) {
+    std::lock_guard<std::mutex> guard(g_lock);
+    g_formats.erase(id);
+}
+void qc_register_act(int64_t id, void* quantize, int64_t block_size, int32_t scale, int32_t rule,
+                     int32_t is_signed, int32_t emax, int32_t frac, int32_t qmax, float maxv,
+                     float xstep) {
+    Act a{(ActFn)quantize, block_size, scale, rule, is_signed, emax, frac, qmax, maxv, xstep};
+    std::lock_guard<std::mutex> guard(g_lock);
+    g_acts.emplace(id, a);
+}
+}
