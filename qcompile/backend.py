@@ -48,7 +48,7 @@ from qcompile.passes.names import frame_description, names_for, remember_root
 from qcompile.passes.plan import left_alone, planned as planned_sites, warn_unmatched
 from qcompile.passes.report import site_rows
 
-from . import config, ops
+from . import config, ops, tensor_parallel
 from .linear_rule import linear_like
 from .codegen import cpu, cpu_source, select
 from .policy import DEFAULT_POLICY_DOC, Policy, PolicyError, default_policy
@@ -124,6 +124,7 @@ def run_passes(gm, example_inputs, policy: Policy, impl: str = "auto", names=Non
     passes.plan(gm, policy, example_inputs, names)
     if names.root is not None:
         warn_unmatched(policy, names.root)
+        tensor_parallel.check_compile(names.root, policy)
     planned = planned_sites(gm)
     passes.debug_graph(gm, "plan")
     _set_impl(gm, impl)
@@ -482,6 +483,7 @@ def compile(model: torch.nn.Module, policy: Policy | None = None, *, fullgraph: 
     options = {"policy": policy, **options}
     opts = parse_options(options)
     warn_unmatched(opts["policy"], model)  # now, not at the first call
+    tensor_parallel.check_compile(model, opts["policy"])
     remember_root(model)  # the encoder's frame is named in the whole model
     _watch_eager_layers(model, opts["policy"])
     _watch_copies(model)

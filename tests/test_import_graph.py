@@ -19,6 +19,7 @@ LAYERS = [
     ("ops", ["qcompile.ops", "qcompile.proxy"]),
     ("passes", ["qcompile.passes", "qcompile.passes.*"]),
     ("top", ["qcompile.integrations", "qcompile.integrations.*", "qcompile.swap",
+             "qcompile.tensor_parallel",
              "qcompile.explain", "qcompile.backend", "qcompile.serialize", "qcompile.search",
              "qcompile.__main__", "qcompile"]),
 ]
