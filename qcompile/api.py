@@ -106,7 +106,7 @@ def quantize(x: torch.Tensor, fmt, *, axis: int = -1, impl: str = "reference",
 
 # side data made row by row (OPQ outliers, proxy values) or the same for every row (proxy index)
 ROW_SIDE = {"outlier_index", "outlier_value", "proxy_index", "proxy_value"}
-CHUNK_ELEMENTS = 1 << 22  # 16 MiB of float32 per piece
+CHUNK_ELEMENTS = 1 << 20  # 4 MiB of float32 per piece
 
 
 def quantize_weight(w: torch.Tensor, fmt, axis: int,

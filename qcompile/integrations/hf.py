@@ -21,6 +21,8 @@ Importing this module imports transformers and registers both classes
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import os
 
@@ -345,6 +347,25 @@ def _shard_doc(path: str) -> dict:
 _OP = None
 
 
+def give_back_freed_memory():
+    """Return the memory freed since the last call to the system: glibc keeps freed blocks in
+    its heap (its mmap threshold adapts upwards after the first large free), so without this
+    the float tensors and quantisation temporaries of every weight packed so far stay resident
+    until loading ends (SmolLM2, every linear nf4: 631 MB of anonymous memory at the peak for
+    538 MB of float32 weights; 200 MB with it). A no-op where the C library is not glibc."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
 def _quantize_op():
     """The conversion op class, made on first use: transformers.core_model_loading is not
     importable while the registry module (which imports this one) is still executing."""
@@ -360,7 +381,8 @@ def _quantize_op():
 
             def convert(self, input_dict, model=None, missing_keys=None, **kwargs):
                 out, stream = {}, self.quantizer.stream
-                for key, value in input_dict.items():
+                for key in list(input_dict):
+                    value = input_dict.pop(key)  # so that the float tensor dies once packed
                     value = value[0] if isinstance(value, list) else value
                     name = key.removesuffix(".weight")
                     if not key.endswith(".weight") or name not in stream:
@@ -371,10 +393,11 @@ def _quantize_op():
                     if tensor_parallel.is_distributed(mod.weight):  # value: this rank's shard
                         self.quantizer.meshes[name] = mod.weight.device_mesh
                     with torch.no_grad():  # in the model's dtype, as plain loading casts it
-                        q = api.quantize_weight(value.to(mod.weight.dtype), spec.weight,
-                                                axis)
-                    self.quantizer.packed[name] = q
+                        self.quantizer.packed[name] = api.quantize_weight(
+                            value.to(mod.weight.dtype), spec.weight, axis)
                     mod.weight = _stand_in(mod.weight, parameter=True, device=value.device)
+                    del value
+                    give_back_freed_memory()  # the float tensor and the temporaries
                     if missing_keys is not None:
                         missing_keys.discard(key)
                 return out
