@@ -21,8 +21,6 @@ Importing this module imports transformers and registers both classes
 """
 from __future__ import annotations
 
-import ctypes
-import functools
 import json
 import os
 
@@ -347,24 +345,6 @@ def _shard_doc(path: str) -> dict:
 _OP = None
 
 
-def give_back_freed_memory():
-    """Return the memory freed since the last call to the system: glibc keeps freed blocks in
-    its heap (its mmap threshold adapts upwards after the first large free), so without this
-    the float tensors and quantisation temporaries of every weight packed so far stay resident
-    until loading ends (SmolLM2, every linear nf4: 631 MB of anonymous memory at the peak for
-    538 MB of float32 weights; 200 MB with it). A no-op where the C library is not glibc."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@functools.cache
-def _malloc_trim():
-    try:
-        return ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return None
-
 
 def _quantize_op():
     """The conversion op class, made on first use: transformers.core_model_loading is not
@@ -397,7 +377,7 @@ def _quantize_op():
                             value.to(mod.weight.dtype), spec.weight, axis)
                     mod.weight = _stand_in(mod.weight, parameter=True, device=value.device)
                     del value
-                    give_back_freed_memory()  # the float tensor and the temporaries
+                    api.give_back_freed_memory()  # the float tensor and temporaries
                     if missing_keys is not None:
                         missing_keys.discard(key)
                 return out
