@@ -16,6 +16,20 @@ from __future__ import annotations
 import torch
 
 WHO = "tensor parallelism"
+SHARDED_ATTR = "_qcompile_tp_shard"  # a packed layer holding this rank's shard only
+
+
+def refuse_sharded(model, doing: str):
+    """Refuse ``doing`` (saving) a model whose packed layers hold one rank's shard: the file
+    would hold the shard as if it were the whole weight."""
+    for name, mod in model.named_modules():
+        if getattr(mod, SHARDED_ATTR, False):
+            raise ValueError(
+                f"{WHO}: {doing} a tensor-parallel quantised model is not supported: layer "
+                f"{name!r} holds only this rank's shard of its packed weight. Save from one "
+                "process (from_pretrained without tp_plan, with BlockQuantConfig, then "
+                "save_pretrained); under a tp_plan, load the float checkpoint with "
+                "BlockQuantConfig and each rank packs its own shard")
 
 
 def is_distributed(t) -> bool:
@@ -32,6 +46,17 @@ def chunk_offsets(size: int, parts: int) -> list[int]:
     ceil(size / parts) per rank, the last ones shorter or empty)."""
     step = -(-size // parts)
     return [min(r * step, size) for r in range(parts)]
+
+
+def refuse_saved_under_plan(model):
+    """Refuse loading a saved packed checkpoint into a model that a tp_plan parallelised: its
+    packed weights are whole, and the plan's styles would run them as shards."""
+    if (getattr(model, "_tp_size", None) or 1) > 1 or any(is_distributed(p) for p in model.parameters()):
+        raise ValueError(f"{WHO}: loading a saved blockquant checkpoint under a tp_plan is not "
+                         "supported: its packed weights are whole tensors, not this rank's "
+                         "shards; under a tp_plan, load the float checkpoint with "
+                         "BlockQuantConfig (each rank packs its own shard), or load this folder "
+                         "without tp_plan")
 
 
 def check_split(name: str, weight, fmt, axis: int, kind: str = "linear", act=None):
@@ -173,6 +198,7 @@ def keep_style(model, name: str, old: torch.nn.Module, new: torch.nn.Module, mes
         return  # not parallel
     style = _style_or_refuse(model, name)
     new._hf_quantized_needs_local_tp = True  # transformers: run the forward on local tensors
+    setattr(new, SHARDED_ATTR, True)
     w = old.weight
     new.out_features, new.in_features = (w.shape[1], w.shape[0]) if new.conv1d else w.shape
     style.install_forward(new, mesh)

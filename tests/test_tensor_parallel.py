@@ -14,8 +14,12 @@ import pytest
 import torch
 import transformers
 
+import qcompile
+from qcompile import LayerSpec, Policy
+
 HERE = Path(__file__).parent
 BOUND = 1e-5  # relative to the largest logit: float32 sums reordered across 2 ranks
+NF4 = Policy({"lm_head": None}, default=LayerSpec(weight="nf4"))  # as tests/tp_worker.py
 LLAMA = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
              tie_word_embeddings=True)
 
@@ -33,6 +37,9 @@ def checkpoints(root: Path):
     # hidden 64: o_proj's halves of 32 columns cut nf4's blocks of 64
     save(root / "llama64", transformers.LlamaForCausalLM(transformers.LlamaConfig(
         hidden_size=64, intermediate_size=128, **LLAMA)))
+    transformers.LlamaForCausalLM.from_pretrained(  # a saved packed model
+        root / "llama", quantization_config=qcompile.BlockQuantConfig(NF4)).save_pretrained(
+            root / "llama_packed")
     save(root / "gpt2", transformers.GPT2LMHeadModel(transformers.GPT2Config(
         n_layer=1, n_embd=64, n_head=2, vocab_size=128, n_positions=16,
         tie_word_embeddings=False)))
@@ -72,9 +79,12 @@ def test_sharded_logits_equal_one_process(results, case):
     ("compile_float", ["'model.layers.0.self_attn.q_proj' holds a float DTensor weight",
                        "quantize_model_"]),
     ("gpt2_conv1d", ["out_features"]),  # transformers cannot shard GPT-2's Conv1D at all
+    ("save_sharded", ["saving a tensor-parallel quantised model is not supported",
+                      "holds only this rank's shard"]),
+    ("saved_sharded", ["out_features"]),  # transformers: the packed layers are not linear
 ])
 def test_unsupported_split_refused(results, case, words):
     error = results[case].get("error", "")
-    assert error.startswith("ValueError"), results[case]
+    assert error.startswith("ValueError"), (case, results[case])
     for w in words:
         assert w in error, (w, error)

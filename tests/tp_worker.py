@@ -60,9 +60,9 @@ def compare(model, folder, policy, only=None) -> dict:
 
 
 def load(folder, policy=None, **kwargs):
-    config = qcompile.BlockQuantConfig(policy) if policy is not None else None
-    return AutoModelForCausalLM.from_pretrained(folder, quantization_config=config,
-                                                **kwargs).eval()
+    if policy is not None:  # (quantization_config=None would drop a saved folder's own)
+        kwargs["quantization_config"] = qcompile.BlockQuantConfig(policy)
+    return AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
 
 
 def case(fn):
@@ -74,7 +74,7 @@ def case(fn):
 
 def main(folder, out):
     llama, llama64, gpt2 = (str(Path(folder) / n) for n in ("llama", "llama64", "gpt2"))
-    auto = {"tp_plan": "auto"}
+    auto, packed = {"tp_plan": "auto"}, str(Path(folder) / "llama_packed")
     results = {
         "llama_nf4": case(lambda: compare(load(llama, NF4, **auto), llama, NF4)),
         "llama_mixed": case(lambda: compare(load(llama, MIXED, **auto), llama, MIXED)),
@@ -87,6 +87,9 @@ def main(folder, out):
                                                                     tp_size=2)), gpt2, ALL_NF4, only=GPT2_PLAN)),
         "gpt2_conv1d": case(lambda: load(gpt2, ALL_NF4, distributed_config=DistributedConfig(
             tp_plan=CONV1D_PLAN, tp_size=2))),
+        "save_sharded": case(lambda: load(llama, NF4, **auto).save_pretrained(
+            Path(folder) / f"resaved{dist.get_rank()}")),
+        "saved_sharded": case(lambda: load(packed, **auto)),
         "cut_blocks": case(lambda: load(llama64, NF4, **auto)),
         "nvfp4": case(lambda: load(llama, NVFP4, **auto)),
         "compile_float": case(lambda: qcompile.compile(load(llama, **auto), NF4)),

@@ -209,6 +209,7 @@ class BlockQuantHfQuantizer(HfQuantizer):
         self.doc = doc
 
     def _finish_saved(self, model):
+        tensor_parallel.refuse_saved_under_plan(model)
         doc, loaded = self.doc, {}
         for owner in doc["packed"]:
             for leaf, t in model.get_submodule(owner)._buffers.items():
