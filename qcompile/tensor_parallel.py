@@ -51,7 +51,8 @@ def chunk_offsets(size: int, parts: int) -> list[int]:
 def refuse_saved_under_plan(model):
     """Refuse loading a saved packed checkpoint into a model that a tp_plan parallelised: its
     packed weights are whole, and the plan's styles would run them as shards."""
-    if (getattr(model, "_tp_size", None) or 1) > 1 or any(is_distributed(p) for p in model.parameters()):
+    parallel = (getattr(model, "_tp_size", None) or 1) > 1
+    if parallel or any(is_distributed(p) for p in model.parameters()):
         raise ValueError(f"{WHO}: loading a saved blockquant checkpoint under a tp_plan is not "
                          "supported: its packed weights are whole tensors, not this rank's "
                          "shards; under a tp_plan, load the float checkpoint with "
@@ -110,7 +111,7 @@ def _check_format(where: str, fmt, what: str):
 def _check_blocks(where: str, k: int, parts: int, fmt, what: str):
     block = fmt.block_for(k)
     offsets = chunk_offsets(k, parts)
-    cut = [o for o in offsets if o % block or (o * fmt.bits) % 8]
+    cut = [o for o in offsets if o < k and (o % block or (o * fmt.bits) % 8)]  # (o == k: empty)
     if cut:
         raise ValueError(f"{WHO}: row-parallel split of {where} at K={cut} (of {k}, over "
                          f"{parts} ranks at {offsets}) cuts {what} blocks of {block}: a rank's "

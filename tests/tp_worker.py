@@ -72,6 +72,10 @@ def case(fn):
         return {"error": f"{type(e).__name__}: {e}"}
 
 
+def plan(tp_plan: dict) -> dict:
+    return {"distributed_config": DistributedConfig(tp_plan=tp_plan, tp_size=2)}
+
+
 def main(folder, out):
     llama, llama64, gpt2 = (str(Path(folder) / n) for n in ("llama", "llama64", "gpt2"))
     auto, packed = {"tp_plan": "auto"}, str(Path(folder) / "llama_packed")
@@ -82,11 +86,9 @@ def main(folder, out):
             qcompile.compile(load(llama, MIXED, **auto), MIXED, lowering="eager"), llama, MIXED)),
         "llama_quantize_model": case(lambda: compare(
             qcompile.quantize_model_(load(llama, **auto), NF4), llama, NF4)),
-        "gpt2_lm_head": case(lambda: compare(load(gpt2, ALL_NF4, distributed_config=
-                                                  DistributedConfig(tp_plan=GPT2_PLAN,
-                                                                    tp_size=2)), gpt2, ALL_NF4, only=GPT2_PLAN)),
-        "gpt2_conv1d": case(lambda: load(gpt2, ALL_NF4, distributed_config=DistributedConfig(
-            tp_plan=CONV1D_PLAN, tp_size=2))),
+        "gpt2_lm_head": case(lambda: compare(load(gpt2, ALL_NF4, **plan(GPT2_PLAN)), gpt2,
+                                             ALL_NF4, only=GPT2_PLAN)),
+        "gpt2_conv1d": case(lambda: load(gpt2, ALL_NF4, **plan(CONV1D_PLAN))),
         "save_sharded": case(lambda: load(llama, NF4, **auto).save_pretrained(
             Path(folder) / f"resaved{dist.get_rank()}")),
         "saved_sharded": case(lambda: load(packed, **auto)),
