@@ -8,6 +8,9 @@ quantises the detached values: a QTensor carries no gradient.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
+
 import torch
 
 from . import codegen, config, formats
@@ -104,9 +107,28 @@ def quantize(x: torch.Tensor, fmt, *, axis: int = -1, impl: str = "reference",
     return run(x, fmt, axis)
 
 
+def give_back_freed_memory():
+    """Return the memory freed since the last call to the system (glibc's malloc_trim): glibc
+    keeps freed blocks in its heap once its mmap threshold has adapted upwards, so quantising
+    piece by piece, or tensor by tensor while loading, would otherwise grow the process by
+    every piece's temporaries (a 113 MB embedding: 183 MB above the float tensor, 46 MB with
+    it). A no-op where the C library is not glibc."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
 # side data made row by row (OPQ outliers, proxy values) or the same for every row (proxy index)
 ROW_SIDE = {"outlier_index", "outlier_value", "proxy_index", "proxy_value"}
-CHUNK_ELEMENTS = 1 << 22  # 16 MiB of float32 per piece
+CHUNK_ELEMENTS = 1 << 20  # 4 MiB of float32 per piece
 
 
 def quantize_weight(w: torch.Tensor, fmt, axis: int,
@@ -125,7 +147,10 @@ def quantize_weight(w: torch.Tensor, fmt, axis: int,
             or fmt.whole_tensor_side:
         # (from 2**31 elements on outlier_index is int64)
         return quantize(w, fmt, axis=axis, proxy_score=score)
-    parts = [reference.quantize(piece, fmt, axis, score) for piece in w.split(step, dim=lead)]
+    parts = []
+    for piece in w.split(step, dim=lead):
+        parts.append(reference.quantize(piece, fmt, axis, score))
+        give_back_freed_memory()  # the piece's temporaries: else the heap grows piece by piece
     if any(set(p.side) - ROW_SIDE for p in parts):
         return quantize(w, fmt, axis=axis, proxy_score=score)
     first = parts[0]

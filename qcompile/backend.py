@@ -49,7 +49,7 @@ from qcompile.passes.plan import left_alone, planned as planned_sites, warn_floa
     warn_unmatched
 from qcompile.passes.report import site_rows
 
-from . import config, ops
+from . import config, ops, tensor_parallel
 from .linear_rule import forward_beyond_linear, linear_like
 from .codegen import cpu, select
 from .policy import DEFAULT_POLICY_DOC, Policy, PolicyError, default_policy
@@ -126,6 +126,7 @@ def run_passes(gm, example_inputs, policy: Policy, impl: str = "auto", names=Non
     if names.root is not None:
         warn_unmatched(policy, names.root)
         warn_float_experts(policy, names.root)
+        tensor_parallel.check_compile(names.root, policy)
     planned = planned_sites(gm)
     passes.debug_graph(gm, "plan")
     _set_impl(gm, impl)
@@ -487,6 +488,7 @@ def compile(model: torch.nn.Module, policy: Policy | None = None, *, fullgraph: 
     opts = parse_options(options)
     warn_unmatched(opts["policy"], model)  # now, not at the first call
     warn_float_experts(opts["policy"], model)
+    tensor_parallel.check_compile(model, opts["policy"])
     remember_root(model)  # the encoder's frame is named in the whole model
     _watch_eager_layers(model, opts["policy"])
     _watch_copies(model)

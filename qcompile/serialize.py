@@ -38,7 +38,7 @@ import os
 
 import torch
 
-from . import config, formats
+from . import config, formats, tensor_parallel
 from .formats.packing import packed_length
 from .formats.qtensor import QTensor
 from .linear_rule import conv1d_class
@@ -129,6 +129,7 @@ def save_quantized(model: torch.nn.Module, path) -> None:
 def packed_state(model: torch.nn.Module):
     """``(tensors, packed, modules)`` of the quantised layers: each packed QTensor's parts once
     (CPU, under its owner's name) and the "packed" and "modules" entries of the metadata."""
+    tensor_parallel.refuse_sharded(model, "saving")
     tensors, packed, modules, owners = {}, {}, {}, {}
     for name, mod in model.named_modules(remove_duplicate=False):
         if not isinstance(mod, (QuantLinear, QuantEmbedding)):

@@ -29,7 +29,7 @@ import json
 
 import torch
 
-from . import api, config, experts
+from . import api, config, experts, tensor_parallel
 from .expert_stack import install as install_experts
 from .expert_stack import pack_experts
 from .ops import qtensor_from, qtensor_meta
@@ -289,26 +289,32 @@ def quantize_model_(model: torch.nn.Module, policy: Policy | None = None) -> tor
 
     def quantise(w, fmt, axis, score=None):  # one packed tensor per (weight, format, axis)
         key = (id(w), fmt.key, axis)
-        if key not in packed:
+        if key not in packed:  # under tensor parallelism: this rank's shard
             with torch.no_grad():
-                packed[key] = api.quantize_weight(w, fmt, axis, score)
+                packed[key] = api.quantize_weight(tensor_parallel.local(w), fmt, axis, score)
         return packed[key]
 
-    tied, before = _tied_holders(model), resident_weight_bytes(model)
-    expert_tensors = expert_layers(model, policy, "quantize_model_")  # probes: model unchanged
     layers = list(linear_layers(model, policy, "quantize_model_"))
+    embeddings = list(embedding_layers(model, policy, "quantize_model_"))
+    tensor_parallel.check_layers(model, [
+        *((n, m.weight, s, a, "linear") for n, m, s, a, _ in layers if s.weight),
+        *((n, m.weight, s, 1, "embedding") for n, m, s, _ in embeddings)])
+    expert_tensors = expert_layers(model, policy, "quantize_model_")  # probes: model unchanged
+    tied, before = _tied_holders(model), resident_weight_bytes(model)
     scores = proxy_scores(model, layers)
     for name, mod, spec, axis, _ in layers:
         if spec.weight is None:
             continue  # act-only: the backend quantises the activations when compiled
         q = quantise(mod.weight, spec.weight, axis, scores.get(name))
         swaps.append((name, "linear", QuantLinear(q, mod.bias, spec.act, axis == 0)))
-    for name, mod, spec, _ in embedding_layers(model, policy, "quantize_model_"):
+    for name, mod, spec, _ in embeddings:
         swaps.append((name, "embedding", QuantEmbedding(quantise(mod.weight, spec.weight, 1),
                                                         mod.padding_idx)))
     for name, kind, new in swaps:
         new.rule = matched_rule(policy, name, kind) or ""
         new.tied_with = next((tuple(n for n in t if n != name) for t in tied if name in t), ())
+        if kind == "linear":
+            tensor_parallel.keep_style(model, name, model.get_submodule(name), new)
         _set_child(model, name, new)
     for t, spec in expert_tensors:
         packed = pack_experts(t.tensor, spec.weight, t.axis)
@@ -397,6 +403,7 @@ def resident_weight_bytes(model) -> int:
     """Bytes held by the model's parameters and buffers (each storage counted once)."""
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
+        t = tensor_parallel.local(t)  # this rank's part of a DTensor
         key = (t.untyped_storage().data_ptr(), t.device)
         if key not in seen:
             seen.add(key)

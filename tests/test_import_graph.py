@@ -22,6 +22,7 @@ LAYERS = [
     ("passes", ["qcompile.passes", "qcompile.passes.*"]),
     ("top", ["qcompile.integrations", "qcompile.integrations.*", "qcompile.swap",
              "qcompile.expert_stack",
+             "qcompile.tensor_parallel",
              "qcompile.explain", "qcompile.backend", "qcompile.serialize", "qcompile.search",
              "qcompile.__main__", "qcompile"]),
 ]

@@ -31,7 +31,7 @@ from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING,
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .. import api, serialize
+from .. import api, serialize, tensor_parallel
 from ..policy import POLICY_JSON_FORMAT, Policy, PolicyError
 from ..serialize import METADATA_KEY, QuantizedFileError
 from ..swap import (POLICIES_ATTR, QuantEmbedding, QuantLinear, _set_child, embedding_layers,
@@ -109,6 +109,8 @@ class BlockQuantHfQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
         self.stream: dict[str, tuple] = {}  # layers packed as their weight loads
         self.packed: dict[str, object] = {}  # their QTensors, until loading ends
+        self.meshes: dict[str, object] = {}  # the device mesh of each one sharded (tp_plan)
+        self.checked = False  # the tensor-parallel splits, checked before the first weight
         self.doc: dict | None = None  # a saved model's metadata
 
     @property
@@ -134,6 +136,11 @@ class BlockQuantHfQuantizer(HfQuantizer):
         return model
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        if not self.checked and not self.pre_quantized:  # the model is parallelised by now
+            self.checked = True
+            tensor_parallel.check_layers(model, [
+                (name, model.get_submodule(name).weight, spec, axis, kind)
+                for name, (kind, spec, axis) in self.stream.items()])
         return (not self.pre_quantized and param_name.endswith(".weight")
                 and param_name.removesuffix(".weight") in self.stream)
 
@@ -144,7 +151,7 @@ class BlockQuantHfQuantizer(HfQuantizer):
         if self.pre_quantized:
             self._finish_saved(model)
         else:
-            swap_packed(model, self.stream, self.packed)
+            swap_packed(model, self.stream, self.packed, self.meshes)
             self.packed.clear()
             # the tied weights, and any layer whose weight the checkpoint did not hold
             quantize_model_(model, self.policy)
@@ -202,6 +209,7 @@ class BlockQuantHfQuantizer(HfQuantizer):
         self.doc = doc
 
     def _finish_saved(self, model):
+        tensor_parallel.refuse_saved_under_plan(model)
         doc, loaded = self.doc, {}
         for owner in doc["packed"]:
             for leaf, t in model.get_submodule(owner)._buffers.items():
@@ -218,14 +226,19 @@ class BlockQuantHfQuantizer(HfQuantizer):
         setattr(model, POLICIES_ATTR, (self.policy,))
 
 
-def swap_packed(model, plan: dict, packed: dict):
+def swap_packed(model, plan: dict, packed: dict, meshes: dict | None = None):
     """Swap each layer named in ``packed`` ({name: QTensor}) for its QuantLinear /
-    QuantEmbedding, as ``quantize_model_`` builds them (``plan`` from ``layer_plan``)."""
+    QuantEmbedding, as ``quantize_model_`` builds them (``plan`` from ``layer_plan``); a layer
+    sharded on a device mesh (``meshes``) keeps its tp_plan style."""
     for name, q in packed.items():
         kind, spec, axis = plan[name]
         mod = model.get_submodule(name)
-        _set_child(model, name, QuantLinear(q, mod.bias, spec.act, axis == 0)
-                   if kind == "linear" else QuantEmbedding(q, mod.padding_idx))
+        if kind == "linear":
+            new = QuantLinear(q, mod.bias, spec.act, axis == 0)
+            tensor_parallel.keep_style(model, name, mod, new, (meshes or {}).get(name))
+        else:
+            new = QuantEmbedding(q, mod.padding_idx)
+        _set_child(model, name, new)
 
 
 def checkpoint_state(model, policy: Policy) -> tuple[dict, dict]:
@@ -334,6 +347,7 @@ def _shard_doc(path: str) -> dict:
 _OP = None
 
 
+
 def _quantize_op():
     """The conversion op class, made on first use: transformers.core_model_loading is not
     importable while the registry module (which imports this one) is still executing."""
@@ -349,7 +363,8 @@ def _quantize_op():
 
             def convert(self, input_dict, model=None, missing_keys=None, **kwargs):
                 out, stream = {}, self.quantizer.stream
-                for key, value in input_dict.items():
+                for key in list(input_dict):
+                    value = input_dict.pop(key)  # so that the float tensor dies once packed
                     value = value[0] if isinstance(value, list) else value
                     name = key.removesuffix(".weight")
                     if not key.endswith(".weight") or name not in stream:
@@ -357,11 +372,14 @@ def _quantize_op():
                         continue
                     kind, spec, axis = stream[name]
                     mod = model.get_submodule(name)
+                    if tensor_parallel.is_distributed(mod.weight):  # value: this rank's shard
+                        self.quantizer.meshes[name] = mod.weight.device_mesh
                     with torch.no_grad():  # in the model's dtype, as plain loading casts it
-                        q = api.quantize_weight(value.to(mod.weight.dtype), spec.weight,
-                                                axis)
-                    self.quantizer.packed[name] = q
+                        self.quantizer.packed[name] = api.quantize_weight(
+                            value.to(mod.weight.dtype), spec.weight, axis)
                     mod.weight = _stand_in(mod.weight, parameter=True, device=value.device)
+                    del value
+                    api.give_back_freed_memory()  # the float tensor and temporaries
                     if missing_keys is not None:
                         missing_keys.discard(key)
                 return out

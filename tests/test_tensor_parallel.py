@@ -1,0 +1,90 @@
+"""Tensor parallelism (docs/distributed.md): two ranks under ``torchrun --nproc-per-node 2``
+(gloo, CPU) load tiny Llama and GPT-2 checkpoints with transformers' tp_plan and
+BlockQuantConfig (tests/tp_worker.py); each sharded model gives the logits of the same model
+quantised in one process, within float32 reordering (the row-parallel sums), holds about half
+the packed bytes per rank, and every split blockquant cannot pack shard by shard is refused
+with a message naming the layer and why."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+import qcompile
+from qcompile import LayerSpec, Policy
+
+HERE = Path(__file__).parent
+BOUND = 1e-5  # relative to the largest logit: float32 sums reordered across 2 ranks
+NF4 = Policy({"lm_head": None}, default=LayerSpec(weight="nf4"))  # as tests/tp_worker.py
+LLAMA = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+             tie_word_embeddings=True)
+
+
+def save(folder, model):
+    model.save_pretrained(folder)
+    return folder
+
+
+def checkpoints(root: Path):
+    torch.manual_seed(0)
+    # hidden 128: the row-parallel halves (64 columns) start on nf4's / int4's blocks of 64
+    save(root / "llama", transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=128, intermediate_size=256, **LLAMA)))
+    # hidden 64: o_proj's halves of 32 columns cut nf4's blocks of 64
+    save(root / "llama64", transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, **LLAMA)))
+    transformers.LlamaForCausalLM.from_pretrained(  # a saved packed model
+        root / "llama", quantization_config=qcompile.BlockQuantConfig(NF4)).save_pretrained(
+            root / "llama_packed")
+    save(root / "gpt2", transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=1, n_embd=64, n_head=2, vocab_size=128, n_positions=16,
+        tie_word_embeddings=False)))
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tp")
+    checkpoints(root)
+    out = root / "results.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone",
+         "--nproc-per-node", "2", str(HERE / "tp_worker.py"), str(root), str(out)],
+        capture_output=True, text=True, timeout=240, env=env, cwd=HERE.parent)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("case", ["llama_nf4", "llama_mixed", "llama_mixed_compiled",
+                                  "llama_quantize_model", "gpt2_lm_head"])
+def test_sharded_logits_equal_one_process(results, case):
+    got = results[case]
+    assert "error" not in got, got
+    assert got["rel_err"] <= BOUND, got
+    # each rank holds its half of every sharded packed weight, never the whole (GPT-2: lm_head,
+    # the only layer its plan shards)
+    assert len(got["rank_bytes"]) == 2
+    assert all(b <= 0.55 * got["whole_bytes"] for b in got["rank_bytes"]), got
+
+
+@pytest.mark.parametrize("case, words", [
+    ("cut_blocks", ["row-parallel split of layer 'model.layers.0.self_attn.o_proj'",
+                    "K=[32]", "cuts weight blocks of 64"]),
+    ("nvfp4", ["column-parallel split", "'model.layers.0.self_attn.q_proj'", "nvfp4",
+               "whole tensor (tensor_scale)"]),
+    ("compile_float", ["'model.layers.0.self_attn.q_proj' holds a float DTensor weight",
+                       "quantize_model_"]),
+    ("gpt2_conv1d", ["out_features"]),  # transformers cannot shard GPT-2's Conv1D at all
+    ("save_sharded", ["saving a tensor-parallel quantised model is not supported",
+                      "holds only this rank's shard"]),
+    ("saved_sharded", ["out_features"]),  # transformers: the packed layers are not linear
+])
+def test_unsupported_split_refused(results, case, words):
+    error = results[case].get("error", "")
+    assert error.startswith("ValueError"), (case, results[case])
+    for w in words:
+        assert w in error, (w, error)

@@ -1,0 +1,105 @@
+"""The ranks of tests/test_tensor_parallel.py: run under ``torchrun --nproc-per-node 2``
+(gloo, CPU) as ``tp_worker.py FOLDER OUT.json``; FOLDER holds the tiny checkpoints the test
+saved. Every rank runs each case; rank 0 adds the single-process oracle (float loading, then
+quantize_model_) and writes one JSON object of results, {case: {...}}."""
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM
+from transformers.distributed import DistributedConfig
+
+sys.path.insert(0, str(Path(__file__).parent))
+import qcompile  # noqa: E402
+from qcompile import LayerSpec, Policy  # noqa: E402
+from qcompile.swap import QuantLinear  # noqa: E402
+
+IDS = torch.tensor([[1, 5, 9, 2, 77, 3, 120, 64, 11]])
+NF4 = Policy({"lm_head": None}, default=LayerSpec(weight="nf4"))
+MIXED = Policy({"lm_head": LayerSpec(weight="int4"),  # tied to the embedding: packed after loading
+                "*.mlp.down_proj": LayerSpec(weight="bof4s_opq"),  # row-parallel, outliers
+                "re:.*self_attn\\.[qk]_proj": LayerSpec(weight="mxint8", act="mxint8")},
+               default=LayerSpec(weight="int4"))
+ALL_NF4 = Policy({}, default=LayerSpec(weight="nf4"))  # GPT-2's tied lm_head too
+NVFP4 = Policy({"lm_head": None}, default=LayerSpec(weight="nvfp4"))
+GPT2_PLAN = {"lm_head": "colwise_gather_output"}  # its own lm_head (untied): vocab-sharded
+CONV1D_PLAN = {"transformer.h.*.mlp.c_fc": "colwise"}
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(IDS).logits.float()
+
+
+def packed_bytes(model, only=None) -> int:
+    """Bytes of the packed layers (those named ``only``, or all)."""
+    return sum(t.numel() * t.element_size() for n, m in model.named_modules()
+               if isinstance(m, QuantLinear) and (only is None or n in only)
+               for t in m.buffers())
+
+
+def oracle(folder, policy):
+    return qcompile.quantize_model_(AutoModelForCausalLM.from_pretrained(folder).eval(), policy)
+
+
+def compare(model, folder, policy, only=None) -> dict:
+    """The sharded model against the single-process one: the largest logit difference relative
+    to the largest logit, and this rank's packed bytes (of the layers named ``only``: those the
+    plan shards, or all) and the whole model's."""
+    got, mine = logits(model), packed_bytes(model, only)
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    if dist.get_rank() != 0:
+        return {}
+    ref = oracle(folder, policy)
+    want = logits(ref)
+    return {"rel_err": ((got - want).abs().max() / want.abs().max()).item(),
+            "rank_bytes": every, "whole_bytes": packed_bytes(ref, only)}
+
+
+def load(folder, policy=None, **kwargs):
+    if policy is not None:  # (quantization_config=None would drop a saved folder's own)
+        kwargs["quantization_config"] = qcompile.BlockQuantConfig(policy)
+    return AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
+
+
+def case(fn):
+    try:
+        return fn()
+    except (ValueError, TypeError) as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+def plan(tp_plan: dict) -> dict:
+    return {"distributed_config": DistributedConfig(tp_plan=tp_plan, tp_size=2)}
+
+
+def main(folder, out):
+    llama, llama64, gpt2 = (str(Path(folder) / n) for n in ("llama", "llama64", "gpt2"))
+    auto, packed = {"tp_plan": "auto"}, str(Path(folder) / "llama_packed")
+    results = {
+        "llama_nf4": case(lambda: compare(load(llama, NF4, **auto), llama, NF4)),
+        "llama_mixed": case(lambda: compare(load(llama, MIXED, **auto), llama, MIXED)),
+        "llama_mixed_compiled": case(lambda: compare(
+            qcompile.compile(load(llama, MIXED, **auto), MIXED, lowering="eager"), llama, MIXED)),
+        "llama_quantize_model": case(lambda: compare(
+            qcompile.quantize_model_(load(llama, **auto), NF4), llama, NF4)),
+        "gpt2_lm_head": case(lambda: compare(load(gpt2, ALL_NF4, **plan(GPT2_PLAN)), gpt2,
+                                             ALL_NF4, only=GPT2_PLAN)),
+        "gpt2_conv1d": case(lambda: load(gpt2, ALL_NF4, **plan(CONV1D_PLAN))),
+        "save_sharded": case(lambda: load(llama, NF4, **auto).save_pretrained(
+            Path(folder) / f"resaved{dist.get_rank()}")),
+        "saved_sharded": case(lambda: load(packed, **auto)),
+        "cut_blocks": case(lambda: load(llama64, NF4, **auto)),
+        "nvfp4": case(lambda: load(llama, NVFP4, **auto)),
+        "compile_float": case(lambda: qcompile.compile(load(llama, **auto), NF4)),
+    }
+    if dist.get_rank() == 0:
+        Path(out).write_text(json.dumps(
+            {k: v if isinstance(v, dict) else {"loaded": True} for k, v in results.items()}))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
