@@ -237,7 +237,6 @@ def checkpoint_state(model, policy: Policy) -> tuple[dict, dict]:
             "save_pretrained: the model was quantised again after loading (its policies: "
             f"{getattr(model, POLICIES_ATTR, ())}), config.json can name one policy: use "
             "qcompile.save_quantized")
-    serialize.refuse_packed_experts(model, "save_pretrained")
     tensors, packed, modules = serialize.packed_state(model)
     state = model.state_dict()
     for name, mod in model.named_modules():
