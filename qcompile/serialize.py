@@ -659,12 +659,14 @@ def _format(owner: str, entry: dict):
                                  "qcompile.formats.names() lists the presets") from None
 
 
-def _packed(owner: str, entry: dict, loaded: dict, device):
-    """The checked packed tensor of ``owner`` on ``device``: a QTensor, or for an expert stack
-    the list of its experts' QTensors."""
+def _packed(owner: str, entry: dict, loaded: dict, device=None):
+    """The checked packed tensor of ``owner`` (moved to ``device`` when given): a QTensor, or
+    for an expert stack the list of its experts' QTensors."""
     if "ragged" in entry:
-        return [q.to(device) for q in expert_qtensors(owner, entry, loaded)]
-    return _qtensor(owner, entry, loaded).to(device)
+        stack = expert_qtensors(owner, entry, loaded)
+        return stack if device is None else [q.to(device) for q in stack]
+    q = _qtensor(owner, entry, loaded)
+    return q if device is None else q.to(device)
 
 
 def _install(model, name: str, entry: dict, packed, bias):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import torch
 from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING,
@@ -32,6 +33,8 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .. import api, serialize
+from ..expert_stack import PackedExperts
+from ..expert_stack import install as install_experts
 from ..policy import POLICY_JSON_FORMAT, Policy, PolicyError
 from ..serialize import METADATA_KEY, QuantizedFileError
 from ..swap import (POLICIES_ATTR, QuantEmbedding, QuantLinear, _set_child, embedding_layers,
@@ -155,6 +158,7 @@ class BlockQuantHfQuantizer(HfQuantizer):
     # -- saving -------------------------------------------------------------------------------
 
     def get_state_dict_and_metadata(self, model):
+        keep_stacks_fused(model)
         return checkpoint_state(model, self.policy)
 
     def is_serializable(self, *args, **kwargs):
@@ -181,13 +185,16 @@ class BlockQuantHfQuantizer(HfQuantizer):
         serialize._check_modules(doc, model)
         for name, entry in doc["modules"].items():
             packed_from = doc["packed"][entry["packed"]]["dtype"]
-            dtype = serialize._dtype_name(model.get_submodule(name).weight.dtype)
+            dtype = serialize._dtype_name(_float_weight(model, name, entry).dtype)
             if packed_from != dtype:  # the packed layers would compute in another dtype
                 raise QuantizedFileError(
                     f"layer {name!r} was packed from {packed_from} weights, the model is built "
                     f"in {dtype}: load with dtype=torch.{packed_from}")
         _untie(model, set(doc["modules"]))
         for name, entry in doc["modules"].items():
+            if entry["kind"] == "experts":
+                _prepare_stack(model, name, doc)
+                continue
             mod = model.get_submodule(name)
             holder = torch.nn.Module()  # the saved buffers load into it by name
             holder.weight = _stand_in(mod.weight)  # not a parameter: no key to load
@@ -208,14 +215,54 @@ class BlockQuantHfQuantizer(HfQuantizer):
                 if t.is_meta:
                     raise QuantizedFileError(f"tensor {owner}.{leaf} is not in the checkpoint")
                 loaded[f"{owner}.{leaf}"] = t
-        qtensors = {owner: serialize._qtensor(owner, entry, loaded)
+        qtensors = {owner: serialize._packed(owner, entry, loaded)  # where they loaded
                     for owner, entry in doc["packed"].items()}
         # every tensor as loaded (full-precision ones too) against the digest saved with it
         serialize.verify_tensors(doc, model.state_dict())
         for name, entry in doc["modules"].items():
-            bias = model.get_submodule(name)._parameters.get("bias")
-            _set_child(model, name, serialize._build(entry, qtensors[entry["packed"]], bias))
+            bias = None if entry["kind"] == "experts" else \
+                model.get_submodule(name)._parameters.get("bias")
+            serialize._install(model, name, entry, qtensors[entry["packed"]], bias)
         setattr(model, POLICIES_ATTR, (self.policy,))
+
+
+def _float_weight(model, name: str, entry: dict) -> torch.Tensor:
+    """The float weight of the model that the file's layer ``name`` packs."""
+    if entry["kind"] == "experts":
+        prefix, _, attr = name.rpartition(".")
+        return model.get_submodule(prefix)._parameters[attr]
+    return model.get_submodule(name).weight
+
+
+def _prepare_stack(model, name: str, doc: dict):
+    """The expert parameter ``name`` becomes a holder of the saved stack's buffers (of their
+    saved shapes, on the meta device), which the checkpoint's tensors load into by name."""
+    prefix, _, attr = name.rpartition(".")
+    mod, holder = model.get_submodule(prefix), torch.nn.Module()
+    for leaf in serialize.stack_leaves(doc["packed"][name]):
+        dtype, shape = doc["tensors"][f"{name}.{leaf}"]
+        holder.register_buffer(leaf, torch.empty(shape, dtype=getattr(torch, dtype),
+                                                 device="meta"))
+    del mod._parameters[attr]
+    mod.add_module(attr, holder)
+
+
+def keep_stacks_fused(model):
+    """Drop from the model's weight conversions (which save_pretrained reverts, e.g. splitting
+    ``experts.gate_up_proj`` back into per-expert ``w1`` / ``w3`` checkpoint tensors) those that
+    write a packed expert stack: the stack's buffers are saved as they are, under the model's
+    names, which the conversions do not match when loading."""
+    from transformers.core_model_loading import WeightConverter
+    stacks = [n for n, m in model.named_modules() if isinstance(m, PackedExperts)]
+    if not stacks:
+        return
+
+    def writes_a_stack(conversion) -> bool:
+        return isinstance(conversion, WeightConverter) and any(
+            re.search(t.replace("*", r"[^.]+"), n) for t in conversion.target_patterns
+            for n in stacks)
+    kept = getattr(model, "_weight_conversions", None) or []
+    model._weight_conversions = [c for c in kept if not writes_a_stack(c)]
 
 
 def swap_packed(model, plan: dict, packed: dict):
