@@ -38,7 +38,7 @@ from ..expert_stack import install as install_experts
 from ..policy import POLICY_JSON_FORMAT, Policy, PolicyError
 from ..serialize import METADATA_KEY, QuantizedFileError
 from ..swap import (POLICIES_ATTR, QuantEmbedding, QuantLinear, _set_child, embedding_layers,
-                    linear_layers, quantize_model_)
+                    expert_layers, linear_layers, pack_expert_tensor, quantize_model_)
 
 QUANT_METHOD = "blockquant"
 CHECKPOINT_FORMAT = "blockquant.hf_checkpoint"  # the safetensors metadata of save_pretrained
@@ -112,6 +112,8 @@ class BlockQuantHfQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
         self.stream: dict[str, tuple] = {}  # layers packed as their weight loads
         self.packed: dict[str, object] = {}  # their QTensors, until loading ends
+        self.expert_stream: dict[str, tuple] = {}  # expert tensors packed as they load
+        self.packed_experts: dict[str, object] = {}  # their PackedExperts, until loading ends
         self.doc: dict | None = None  # a saved model's metadata
 
     @property
@@ -134,11 +136,17 @@ class BlockQuantHfQuantizer(HfQuantizer):
             plan = {}  # proxy columns are scored from other layers' full-precision weights:
             # every weight loads first, then quantize_model_ packs them all
         self.stream = {name: entry for name, entry in plan.items() if name not in tied}
+        # expert tensors, fused by transformers' conversions (per-expert checkpoint tensors
+        # stacked into the 3-d parameter) before the quantize op sees them
+        self.expert_stream = {t.name: (t, spec) for t, spec in
+                              expert_layers(model, self.policy, WHO, meta_stand_ins=True)}
         return model
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
-        return (not self.pre_quantized and param_name.endswith(".weight")
-                and param_name.removesuffix(".weight") in self.stream)
+        if self.pre_quantized:
+            return False
+        return param_name in self.expert_stream or (
+            param_name.endswith(".weight") and param_name.removesuffix(".weight") in self.stream)
 
     def get_quantize_ops(self):
         return _quantize_op()(self)
@@ -149,6 +157,10 @@ class BlockQuantHfQuantizer(HfQuantizer):
         else:
             swap_packed(model, self.stream, self.packed)
             self.packed.clear()
+            for name, packed in self.packed_experts.items():
+                prefix, _, attr = name.rpartition(".")
+                install_experts(model.get_submodule(prefix), attr, packed)
+            self.packed_experts.clear()
             # the tied weights, and any layer whose weight the checkpoint did not hold
             quantize_model_(model, self.policy)
             _untie(model, {n for n, m in model.named_modules()
@@ -397,6 +409,11 @@ def _quantize_op():
                 out, stream = {}, self.quantizer.stream
                 for key, value in input_dict.items():
                     value = value[0] if isinstance(value, list) else value
+                    if key in self.quantizer.expert_stream:
+                        self.pack_experts(key, value, model)
+                        if missing_keys is not None:
+                            missing_keys.discard(key)
+                        continue
                     name = key.removesuffix(".weight")
                     if not key.endswith(".weight") or name not in stream:
                         out[key] = value  # not a weight the policy packs: loaded as usual
@@ -411,6 +428,16 @@ def _quantize_op():
                     if missing_keys is not None:
                         missing_keys.discard(key)
                 return out
+
+            def pack_experts(self, name, value, model):
+                """The fused expert tensor ``name`` packed, one expert at a time, as
+                quantize_model_ packs it."""
+                t, spec = self.quantizer.expert_stream[name]
+                param = t.module._parameters[t.attr]
+                self.quantizer.packed_experts[name] = pack_expert_tensor(
+                    value.to(param.dtype), t, spec, self.quantizer.policy)
+                t.module._parameters[t.attr] = _stand_in(param, parameter=True,
+                                                         device=value.device)
 
         _OP = BlockQuantize
     return _OP
