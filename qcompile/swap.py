@@ -31,7 +31,7 @@ import torch
 
 from . import api, config, experts
 from .expert_stack import install as install_experts
-from .expert_stack import pack_experts
+from .expert_stack import PackedExperts, pack_experts
 from .ops import qtensor_from, qtensor_meta
 from .linear_rule import is_conv1d, linear_like, linear_lookalike, skip_reason
 from .passes.find import MAX_NORM_REASON
@@ -318,11 +318,15 @@ def quantize_model_(model: torch.nn.Module, policy: Policy | None = None) -> tor
     return model
 
 
-def pack_expert_tensor(w: torch.Tensor, t, spec, policy: Policy):
+def pack_expert_tensor(w: torch.Tensor, t, spec, policy: Policy) -> PackedExperts:
     """The ``PackedExperts`` of the expert tensor ``t`` (values ``w`` [E, a, b]) in ``spec``'s
     weight format, marked with the rule that gave it and the activation format it does not
     apply."""
-    packed = pack_experts(w, spec.weight, t.axis)
+    return mark_expert_stack(pack_experts(w, spec.weight, t.axis), t, spec, policy)
+
+
+def mark_expert_stack(packed: PackedExperts, t, spec, policy: Policy) -> PackedExperts:
+    """``packed`` (the expert tensor ``t``) marked as quantize_model_ marks it."""
     packed.rule = matched_rule(policy, t.name, "linear") or ""
     if spec.act is not None:
         packed.act_note = f"act {spec.act.key} not applied: expert inputs stay full precision"
