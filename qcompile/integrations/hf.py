@@ -10,8 +10,13 @@ GPT-2's weight init still reads ``.weight`` while loading). Weights that transfo
 loading (an embedding and its lm_head) are packed after loading with ``quantize_model_``, which
 keeps the sharing rules of docs/policies.md.
 
-Loading a saved model: the packed layers are swapped for placeholders holding buffers of the
-saved shapes before the weights load; after loading each packed weight is checked against its
+Mixture-of-experts tensors are packed as transformers' conversion mapping hands them over
+(per-expert checkpoint tensors stacked into the 3-d parameter), expert by expert; they are
+saved fused under the model's names (the conversion back to per-expert tensors is not applied
+to them) and loaded back the same way.
+
+Loading a saved model: the packed layers (and expert stacks) are swapped for placeholders
+holding buffers of the saved shapes before the weights load; after loading each packed weight is checked against its
 format and digest (serialize.py) and the placeholders become QuantLinear / QuantEmbedding.
 Every shard holds the metadata document, checked against its digest before loading; every
 tensor of the loaded model, full-precision ones too, is checked against the digest saved with
