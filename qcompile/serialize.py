@@ -21,17 +21,18 @@ meta-device model is complete after loading) and, as safetensors string metadata
                   "document": digest of the whole document but this one field}}
 
 A packed QTensor is stored as "<owner>.codes", "<owner>.scales" and "<owner>.side_<name>", the
-owner being the first module holding it; modules sharing it (a tied embedding / lm_head given one
-format) name the same owner and share it again after loading. Each tensor is checked against the
-metadata and the layout its format implies before it is used, and "digest" (a hash of the format
-description and the packed bytes) makes sure bytes are never read as another format, even one
-with the same layout. A packed mixture-of-experts tensor (qcompile.expert_stack) is the entry
-of kind "experts" named after its 3-d parameter: each expert's parts stacked along a leading E
-axis, or, for side data of varying length ("ragged"), concatenated with "<owner>.offsets_<k>";
-each part is checked against the layout of one expert's matrix. "digests" (version 2) covers every tensor of the file, full-precision ones
-too, and every field of the document: a byte changed after saving is refused, naming the tensor
-or the metadata entry. A digest stored in the file catches damage and careless edits, not
-someone who rewrites the digests too (docs/saving.md).
+owner being the first module holding it; modules sharing it (a tied embedding / lm_head given
+one format) name the same owner and share it again after loading. Each tensor is checked against
+the metadata and the layout its format implies before it is used, and "digest" (a hash of the
+format description and the packed bytes) makes sure bytes are never read as another format, even
+one with the same layout. A packed mixture-of-experts tensor (qcompile.expert_stack) is the
+entry of kind "experts" named after its 3-d parameter: each expert's parts stacked along a
+leading E axis, or, for side data of varying length ("ragged"), concatenated with
+"<owner>.offsets_<k>"; each part is checked against the layout of one expert's matrix. "digests"
+(version 2) covers every tensor of the file, full-precision ones too, and every field of the
+document: a byte changed after saving is refused, naming the tensor or the metadata entry. A
+digest stored in the file catches damage and careless edits, not someone who rewrites the
+digests too (docs/saving.md).
 """
 from __future__ import annotations
 

@@ -16,11 +16,12 @@ saved fused under the model's names (the conversion back to per-expert tensors i
 to them) and loaded back the same way.
 
 Loading a saved model: the packed layers (and expert stacks) are swapped for placeholders
-holding buffers of the saved shapes before the weights load; after loading each packed weight is checked against its
-format and digest (serialize.py) and the placeholders become QuantLinear / QuantEmbedding.
-Every shard holds the metadata document, checked against its digest before loading; every
-tensor of the loaded model, full-precision ones too, is checked against the digest saved with
-it (by its name in the model, whatever shards and names transformers wrote).
+holding buffers of the saved shapes before the weights load; after loading each packed weight is
+checked against its format and digest (serialize.py) and the placeholders become QuantLinear /
+QuantEmbedding. Every shard holds the metadata document, checked against its digest before
+loading; every tensor of the loaded model, full-precision ones too, is checked against the
+digest saved with it (by its name in the model, whatever shards and names transformers wrote).
+
 Importing this module imports transformers and registers both classes
 (qcompile/integrations/hf_hook.py).
 """

@@ -363,16 +363,16 @@ def _check_pieces(pieces: dict, slots: dict, model_dir) -> set:
         if lacking:
             raise QuantizedFileError(f"{model_dir}: the checkpoint lacks part {lacking[0][1]} of "
                                      f"expert {lacking[0][0]} of {target!r}")
+        along = piece.axis - 1  # the matrix axis the parts are concatenated along
         for e in range(n):
+            keys = [got[(e, j)][0] for j in range(piece.parts)]
             shapes = [got[(e, j)][1] for j in range(piece.parts)]
-            joined = list(shapes[0])
-            joined[piece.axis - 1] = sum(s[piece.axis - 1] for s in shapes)
-            if joined != list(matrix) or any(
-                    [d for i, d in enumerate(s) if i != piece.axis - 1]
-                    != [d for i, d in enumerate(matrix) if i != piece.axis - 1] for s in shapes):
+            rest = [[d for i, d in enumerate(s) if i != along] for s in [*shapes, matrix]]
+            if any(len(s) != len(matrix) for s in shapes) or any(r != rest[-1] for r in rest) \
+                    or sum(s[along] for s in shapes) != matrix[along]:
                 raise QuantizedFileError(
-                    f"{model_dir}: the checkpoint's tensors {[got[(e, j)][0] for j in range(piece.parts)]} "
-                    f"of shapes {shapes} do not make expert {e}'s matrix {list(matrix)} of {target!r}")
+                    f"{model_dir}: the checkpoint's tensors {keys} of shapes {shapes} do not "
+                    f"make expert {e}'s matrix {list(matrix)} of {target!r}")
     return set(by_target)
 
 
