@@ -27,7 +27,8 @@ from test_moe import (ARCHS, IDS, POLICY, _packed_bits, build, emulation, expert
 
 T = pytest.importorskip("transformers")
 logging.getLogger("transformers").setLevel(logging.ERROR)
-pytestmark = pytest.mark.filterwarnings("ignore:.*tables with OPQ outliers are gathered by the ref")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:.*tables with OPQ outliers are gathered by the ref")
 NAMES = ["mixtral", "qwen3-moe", "gpt-oss"]  # per-expert renamed, per-expert, fused checkpoints
 EXPERTS_NF4 = Policy({"*.experts.*": LayerSpec(weight="nf4")}, default=None)
 # OPQ outliers: a different count per expert, so side data concatenated with offsets
@@ -218,4 +219,5 @@ def test_search_policy_chooses_formats_for_expert_tensors():
     picked = {n: s for n, s in rules.items() if n in tensors and s is not None}
     assert picked and result.bits <= 6.0
     packed = stacks(qcompile.quantize_model_(copy.deepcopy(model), result.policy))
-    assert {n: m.fmt_key for n, m in packed.items()} == {n: s.weight.key for n, s in picked.items()}
+    chosen = {n: s.weight.key for n, s in picked.items()}
+    assert {n: m.fmt_key for n, m in packed.items()} == chosen
