@@ -127,6 +127,7 @@ class _zero_stand_ins:
     def __exit__(self, *exc):
         self.mod._parameters.update(self.saved)
 
+
 def _probe(mod, attrs: list[str]) -> tuple[dict[str, int], dict[str, str]]:
     """Run ``mod``'s forward on small probe inputs (one per plausible hidden size) and return
     ``({attr: reduction axis}, {attr: why not})``."""

@@ -416,7 +416,7 @@ def _quantize_op():
                 for key, value in input_dict.items():
                     value = value[0] if isinstance(value, list) else value
                     if key in self.quantizer.expert_stream:
-                        self.pack_experts(key, value, model)
+                        self.pack_experts(key, value)
                         if missing_keys is not None:
                             missing_keys.discard(key)
                         continue
@@ -435,7 +435,7 @@ def _quantize_op():
                         missing_keys.discard(key)
                 return out
 
-            def pack_experts(self, name, value, model):
+            def pack_experts(self, name, value):
                 """The fused expert tensor ``name`` packed, one expert at a time, as
                 quantize_model_ packs it."""
                 t, spec = self.quantizer.expert_stream[name]
