@@ -119,7 +119,7 @@ def pack_experts(w: torch.Tensor, fmt, axis: int) -> PackedExperts:
 def install(module: torch.nn.Module, attr: str, packed: PackedExperts):
     """Put ``packed`` in place of ``module``'s parameter ``attr`` (dropping the float tensor):
     the holder as the submodule ``attr``, its view where the forward looks first."""
-    del module._parameters[attr]
+    module._parameters.pop(attr, None)  # (a loading holder in its place is replaced)
     module.add_module(attr, packed)
     object.__setattr__(module, attr, ExpertsView(packed))
 

@@ -71,10 +71,14 @@ def candidates(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, str]]
     return out
 
 
-def expert_tensors(model: torch.nn.Module, names=None) -> tuple[list[ExpertTensor], dict]:
+def expert_tensors(model: torch.nn.Module, names=None, meta_stand_ins: bool = False
+                   ) -> tuple[list[ExpertTensor], dict]:
     """The recognised expert tensors among ``candidates(model)`` (only those named in ``names``
     when given), and ``{name: reason}`` for the candidates that cannot be recognised. Each
-    module holding candidates is probed once."""
+    module holding candidates is probed once. ``meta_stand_ins``: a module whose parameters
+    are not loaded yet (meta device, as while transformers loads a model) is probed with
+    zero-filled stand-ins of one matrix each (how the forward reads a tensor does not depend
+    on its values)."""
     by_module: dict[int, list] = {}
     for name, mod, attr in candidates(model):
         if names is None or name in names:
@@ -82,7 +86,12 @@ def expert_tensors(model: torch.nn.Module, names=None) -> tuple[list[ExpertTenso
     found, unrecognised = [], {}
     for group in by_module.values():
         mod = group[0][1]
-        axes, reasons = _probe(mod, [attr for _, _, attr in group])
+        attrs = [attr for _, _, attr in group]
+        if meta_stand_ins:
+            with _zero_stand_ins(mod):
+                axes, reasons = _probe(mod, attrs)
+        else:
+            axes, reasons = _probe(mod, attrs)
         for name, _, attr in group:
             if attr in axes:
                 found.append(ExpertTensor(name, mod, attr, axes[attr]))
@@ -99,6 +108,25 @@ def unrecognised_reason(why: str) -> str:
 
 
 # -- the probe --------------------------------------------------------------------------------
+
+class _zero_stand_ins:
+    """Within it, ``mod``'s meta-device parameters are zeros on the CPU, one matrix seen
+    through a zero stride along the leading axis (grouped matmuls need matrices with strides);
+    put back on exit."""
+
+    def __init__(self, mod):
+        self.mod, self.saved = mod, {}
+
+    def __enter__(self):
+        for attr, p in self.mod._parameters.items():
+            if p is not None and p.device.type == "meta":
+                self.saved[attr] = p
+                zero = torch.zeros(p.shape[1:], dtype=p.dtype, device="cpu").expand(p.shape)
+                self.mod._parameters[attr] = torch.nn.Parameter(zero, requires_grad=False)
+
+    def __exit__(self, *exc):
+        self.mod._parameters.update(self.saved)
+
 
 def _probe(mod, attrs: list[str]) -> tuple[dict[str, int], dict[str, str]]:
     """Run ``mod``'s forward on small probe inputs (one per plausible hidden size) and return

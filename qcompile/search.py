@@ -17,6 +17,13 @@
    rounds at most). A uniform candidate that fits the budget and measures better still is
    returned instead, and the result says so.
 
+Mixture-of-experts tensors (qcompile.experts) are layers of the search like linear layers: a
+candidate packs each expert's matrix along its reduction axis, as ``quantize_model_`` does; its
+cost is the stored bits of all experts, its sensitivity the KL with the dequantised experts in
+the model. Their inputs take no activation format (``quantize_model_`` applies none to
+experts), so a candidate's activation part does not change them, and a proxy candidate, which
+expert tensors refuse, leaves them in full precision.
+
 docs/search.md explains the method and its resolution.
 """
 from __future__ import annotations
@@ -34,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import api, config
+from . import api, config, experts
 from .policy import LayerSpec, Policy, PolicyError
 from .proxy import input_scores
 from .swap import linear_layers
@@ -116,7 +123,7 @@ class Sensitivities:
     labels: list[str]
     kl: np.ndarray
     cost: list[list[int]]
-    packed: dict = field(repr=False, default_factory=dict)  # (i, j) -> QTensor
+    packed: dict = field(repr=False, default_factory=dict)  # (i, j) -> QTensor (a list per expert)
     passes: int = 0
     seconds: dict = field(default_factory=dict)
 
@@ -222,24 +229,53 @@ def _budget(bits) -> Fraction:
     return Fraction(bits)
 
 
-def _searched_layers(model, patterns, keep: Policy) -> list[tuple[str, torch.nn.Module, int]]:
-    """(name, module, axis) of the linear layers matched by ``patterns`` and by no keep rule."""
+class _ExpertSlot:
+    """A mixture-of-experts tensor as the search handles a layer: ``weight`` reads and replaces
+    the 3-d parameter the experts module's forward reads; ``axis`` of the layer tuple is the
+    reduction axis of each expert's 2-d matrix."""
+
+    takes_act = False  # quantize_model_ applies no activation format to expert tensors
+
+    def __init__(self, t: experts.ExpertTensor):
+        self.module, self.attr = t.module, t.attr
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module._parameters[self.attr]
+
+    @weight.setter
+    def weight(self, value):
+        self.module._parameters[self.attr] = value
+
+
+def _searched_layers(model, patterns, keep: Policy) -> list[tuple[str, object, int]]:
+    """(name, module, axis) of the linear layers, and (name, _ExpertSlot, axis) of the expert
+    tensors, matched by ``patterns`` and by no keep rule."""
     from torch.nn.utils import parametrize
     if isinstance(patterns, str):
         patterns = [patterns]
     chooser = Policy([(p, None) for p in patterns]) if patterns is not None else None
+
+    def searched(name):
+        return keep.match(name)[0] is None and (chooser is None or
+                                                chooser.match(name)[0] is not None)
     out = []
     for name, mod, _, axis, _ in linear_layers(model, Policy({}, default=LayerSpec("int8")),
                                                "search_policy"):
-        if keep.match(name)[0] is not None:
-            continue
-        if chooser is not None and chooser.match(name)[0] is None:
+        if not searched(name):
             continue
         if parametrize.is_parametrized(mod, "weight"):
             config.warn(f"search_policy: layer {name!r} is not searched: its weight is computed "
                         "by a parametrization", once=("search", id(mod)))
             continue
         out.append((name, mod, axis))
+    wanted = {name for name, _, _ in experts.candidates(model) if searched(name)}
+    if wanted:
+        found, unrecognised = experts.expert_tensors(model, wanted)
+        out += [(t.name, _ExpertSlot(t), t.axis - 1) for t in found]
+        for name, why in unrecognised.items():
+            config.warn(f"search_policy: {name!r} is not searched: {why}",
+                        once=("search experts", name))
     if not out:
         raise ValueError(f"search_policy: the model has no quantisable layer to search "
                          f"(nn.Linear or GPT-2 Conv1D, matched by patterns={patterns!r} and by no "
@@ -258,7 +294,7 @@ def _check_nominal(layers, cands, budget: Fraction):
         w = mod.weight
         if spec is None or spec.weight is None:
             return _float_bits(w)
-        return spec.weight.effective_bits(w.shape[axis])
+        return spec.weight.effective_bits(w.shape[axis + w.dim() - 2])  # experts: [E, a, b]
     total = sum(m.weight.numel() for _, m, _ in layers)
     best = {_label(c): sum(nominal(c, m, a) * m.weight.numel() for _, m, a in layers) / total
             for c in cands}
@@ -374,7 +410,7 @@ def _applied(mod, weight, act):
     try:
         if weight is not None:
             mod.weight = torch.nn.Parameter(weight, requires_grad=False)
-        if act is not None:
+        if act is not None and getattr(mod, "takes_act", True):
             handle = mod.register_forward_pre_hook(
                 lambda m, args: (api.fake_quantize(args[0], act, axis=-1), *args[1:]))
         yield
@@ -397,12 +433,17 @@ def _quantise(layers, cands, scores, progress) -> Sensitivities:
                                                disable=not progress, leave=False)):
         w = mod.weight.detach()
         for j, c in enumerate(cands):
-            if c is not None and c.weight is not None:
+            stack = isinstance(mod, _ExpertSlot)
+            if c is None or c.weight is None or (stack and c.weight.proxy is not None):
+                s.cost[i][j] = w.numel() * _float_bits(w)  # (experts refuse proxy formats)
+            elif stack:  # each expert's matrix, as quantize_model_ packs it
+                qs = s.packed[i, j] = [api.quantize(w[e], c.weight, axis=axis)
+                                       for e in range(w.shape[0])]
+                s.cost[i][j] = 8 * sum(q.nbytes for q in qs)
+            else:
                 score = scores[name] if c.weight.proxy is not None else None
                 q = s.packed[i, j] = api.quantize(w, c.weight, axis=axis, proxy_score=score)
                 s.cost[i][j] = 8 * q.nbytes
-            else:
-                s.cost[i][j] = w.numel() * _float_bits(w)
     s.seconds["quantise"] = time.perf_counter() - start
     return s
 
@@ -421,6 +462,8 @@ def _run_passes(runner, layers, s: Sensitivities, progress):
 
 def _weight(s: Sensitivities, i, j):
     q = s.packed.get((i, j))
+    if isinstance(q, list):  # an expert stack
+        return torch.stack([api.dequantize(e) for e in q])
     return api.dequantize(q) if q is not None else None
 
 
@@ -497,7 +540,8 @@ def search_policy(model: torch.nn.Module, calibration, bits: float, candidates, 
     names = [x[0] for x in layers]
     proxied = any(c is not None and c.weight is not None and c.weight.proxy is not None
                   for c in cands)
-    scores = input_scores(model, names) if proxied and sensitivities is None else {}
+    linear = [n for n, mod, _ in layers if not isinstance(mod, _ExpertSlot)]
+    scores = input_scores(model, linear) if proxied and sensitivities is None else {}
     if sensitivities is not None and (sensitivities.layers != names
                                       or sensitivities.candidates != cands):
         raise ValueError("sensitivities were measured for other layers or candidates; measure "

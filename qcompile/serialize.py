@@ -9,9 +9,10 @@ meta-device model is complete after loading) and, as safetensors string metadata
 
     {"format": "blockquant.quantized_model", "version": 2,
      "policies": [the policy JSON of each quantize_model_ call, in order],
-     "packed":   {owner: {"fmt", "shape", "dtype", "axis", "block", "side", "digest"}},
-     "modules":  {name: {"kind": "linear" | "conv1d" | "embedding", "packed": owner, "impl",
-                         "act", "bias" (linear, conv1d) | "padding_idx" (embedding)}},
+     "packed":   {owner: {"fmt", "shape", "dtype", "axis", "block", "side", "digest"}
+                         (+ "ragged" for an expert stack [E, a, b])},
+     "modules":  {name: {"kind": "linear" | "conv1d" | "embedding" | "experts", "packed": owner,
+                         "impl", "act", "bias" (linear, conv1d) | "padding_idx" (embedding)}},
      "parameters": {name: requires_grad}, "buffers": [name, ...],
      "aliases":  {name: the name it shares a tensor with},
      "tensors":  {name: [dtype, shape]},
@@ -20,14 +21,18 @@ meta-device model is complete after loading) and, as safetensors string metadata
                   "document": digest of the whole document but this one field}}
 
 A packed QTensor is stored as "<owner>.codes", "<owner>.scales" and "<owner>.side_<name>", the
-owner being the first module holding it; modules sharing it (a tied embedding / lm_head given one
-format) name the same owner and share it again after loading. Each tensor is checked against the
-metadata and the layout its format implies before it is used, and "digest" (a hash of the format
-description and the packed bytes) makes sure bytes are never read as another format, even one
-with the same layout. "digests" (version 2) covers every tensor of the file, full-precision ones
-too, and every field of the document: a byte changed after saving is refused, naming the tensor
-or the metadata entry. A digest stored in the file catches damage and careless edits, not
-someone who rewrites the digests too (docs/saving.md).
+owner being the first module holding it; modules sharing it (a tied embedding / lm_head given
+one format) name the same owner and share it again after loading. Each tensor is checked against
+the metadata and the layout its format implies before it is used, and "digest" (a hash of the
+format description and the packed bytes) makes sure bytes are never read as another format, even
+one with the same layout. A packed mixture-of-experts tensor (qcompile.expert_stack) is the
+entry of kind "experts" named after its 3-d parameter: each expert's parts stacked along a
+leading E axis, or, for side data of varying length ("ragged"), concatenated with
+"<owner>.offsets_<k>"; each part is checked against the layout of one expert's matrix. "digests"
+(version 2) covers every tensor of the file, full-precision ones too, and every field of the
+document: a byte changed after saving is refused, naming the tensor or the metadata entry. A
+digest stored in the file catches damage and careless edits, not someone who rewrites the
+digests too (docs/saving.md).
 """
 from __future__ import annotations
 
@@ -40,6 +45,8 @@ import torch
 
 from . import config, formats, tensor_parallel
 from .formats.packing import packed_length
+from .expert_stack import PackedExperts
+from .expert_stack import install as install_experts
 from .formats.qtensor import QTensor
 from .linear_rule import conv1d_class
 from .policy import Policy, PolicyError
@@ -53,9 +60,13 @@ DOC_FIELDS_V1 = ("format", "version", "policies", "packed", "modules", "paramete
 DOC_FIELDS = (*DOC_FIELDS_V1, "digests")
 DIGEST_FIELDS = ("tensors", "entries", "document")
 PACKED_FIELDS = ("fmt", "shape", "dtype", "axis", "block", "side", "digest")
+# an expert stack [E, a, b] (qcompile.expert_stack): "ragged" names its side data concatenated
+# over the experts with offsets (a different length per expert)
+STACK_FIELDS = (*PACKED_FIELDS, "ragged")
 MODULE_FIELDS = {"linear": ("kind", "packed", "impl", "act", "bias"),
                  "conv1d": ("kind", "packed", "impl", "act", "bias"),
-                 "embedding": ("kind", "packed", "impl", "padding_idx")}
+                 "embedding": ("kind", "packed", "impl", "padding_idx"),
+                 "experts": ("kind", "packed", "impl")}
 AXIS_OF_KIND = {"linear": 1, "conv1d": 0, "embedding": 1}
 WEIGHT_DTYPES = ("float32", "float16", "bfloat16")
 RESAVE = "load it and save it again with qcompile.save_quantized"
@@ -67,28 +78,16 @@ class QuantizedFileError(ValueError):
 
 # -- saving -----------------------------------------------------------------------------------
 
-def refuse_packed_experts(model: torch.nn.Module, who: str):
-    """Packed mixture-of-experts tensors (qcompile.expert_stack) have no place in the saved
-    formats yet: refuse before writing a file that could not be loaded."""
-    experts = [n for n, m in model.named_modules() if getattr(m, "quantised_experts", False)]
-    if experts:
-        raise QuantizedFileError(
-            f"{who}: the model holds packed mixture-of-experts tensors ({experts[0]!r}"
-            f"{' and more' if len(experts) > 1 else ''}), which the saved format cannot hold "
-            "yet: save the float model and quantise it again after loading "
-            "(qcompile.quantize_model_ is deterministic)")
-
-
 def save_quantized(model: torch.nn.Module, path) -> None:
     """Write ``model`` (after ``qcompile.quantize_model_``) to ``path``: one safetensors file
     holding every tensor once and the metadata ``load_quantized`` needs."""
     from safetensors.torch import save_file
     model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
-    refuse_packed_experts(model, "save_quantized")
     tensors, packed, modules = packed_state(model)
     if not modules:
         raise QuantizedFileError(
-            "save_quantized: the model has no quantised layer (QuantLinear / QuantEmbedding); "
+            "save_quantized: the model has no quantised layer (QuantLinear / QuantEmbedding / "
+            "packed experts); "
             "call qcompile.quantize_model_(model, policy) first (a model compiled by the "
             "backend keeps its packed weights in the compiled code, not in its modules)")
     parameters, buffers, aliases, seen, storages = {}, [], {}, {}, set()
@@ -144,7 +143,30 @@ def packed_state(model: torch.nn.Module):
             desc = _describe(q)
             packed[name] = {**desc, "digest": _digest(desc, parts.values())}
         modules[name] = _module_entry(mod, owners[key])
+    for name, mod in model.named_modules():
+        if isinstance(mod, PackedExperts):  # an expert stack: its own owner, never shared
+            _check_key(mod.fmt)
+            desc = {"fmt": mod.fmt_key, "shape": list(mod.shape), "dtype": _dtype_name(mod.dtype),
+                    "axis": mod.axis, "block": mod.block, "side": list(mod.side_names),
+                    "ragged": list(mod.ragged)}
+            parts = {leaf: getattr(mod, leaf).detach().cpu().contiguous()
+                     for leaf in stack_leaves(desc)}
+            tensors.update({f"{name}.{leaf}": t for leaf, t in parts.items()})
+            packed[name] = {**desc, "digest": _digest(desc, parts.values())}
+            modules[name] = {"kind": "experts", "packed": name, "impl": mod.impl}
     return tensors, packed, modules
+
+
+def stack_leaves(entry: dict) -> list[str]:
+    """The buffers of an expert stack, in the order its digest reads them."""
+    return ["codes", "scales", *(f"side_{k}" for k in entry["side"]),
+            *(f"offsets_{k}" for k in entry["ragged"])]
+
+
+def _packed_leaves(entry: dict) -> list[str]:
+    if "ragged" in entry:
+        return stack_leaves(entry)
+    return ["codes", "scales", *(f"side_{k}" for k in entry["side"])]
 
 
 def _check_key(fmt):
@@ -178,6 +200,8 @@ def _state(model):
         skip = set()
         if isinstance(mod, (QuantLinear, QuantEmbedding)):
             skip = {"codes", "scales", *(f"side_{k}" for k in mod.side_names)}
+        elif isinstance(mod, PackedExperts):
+            skip = set(mod._buffers)
         for role, table in (("parameter", mod._parameters), ("buffer", mod._buffers)):
             for leaf, t in table.items():
                 if t is not None and leaf not in skip:
@@ -325,7 +349,7 @@ def _load(path, model, device):
     _check_state(doc, target)
     with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
         loaded = {name: _checked_tensor(f, name, doc["tensors"][name]) for name in keys}
-    qtensors = {owner: _qtensor(owner, entry, loaded).to(device)
+    qtensors = {owner: _packed(owner, entry, loaded, device)
                 for owner, entry in doc["packed"].items()}
     policies = _policies(doc)
     # last, the digests (the checks above name a problem more precisely where they find one)
@@ -340,7 +364,7 @@ def _load(path, model, device):
                if name not in doc["aliases"]})
     fp.update({name: fp[canonical] for name, canonical in doc["aliases"].items()})
     for name, entry in doc["modules"].items():
-        _set_child(target, name, _build(entry, qtensors[entry["packed"]], fp.get(f"{name}.bias")))
+        _install(target, name, entry, qtensors[entry["packed"]], fp.get(f"{name}.bias"))
     for name, t in fp.items():
         prefix, _, leaf = name.rpartition(".")
         setattr(target.get_submodule(prefix) if prefix else target, leaf, t)
@@ -422,14 +446,20 @@ def _check_doc(doc, file_format: str = FILE_FORMAT):
     _need(isinstance(doc["packed"], dict), "packed", "expected a JSON object")
     for owner, entry in doc["packed"].items():
         where = f"packed[{owner!r}]"
-        _fields(entry, where, PACKED_FIELDS)
+        stack = isinstance(entry, dict) and "ragged" in entry  # an expert stack [E, a, b]
+        _fields(entry, where, STACK_FIELDS if stack else PACKED_FIELDS)
         _need(isinstance(entry["fmt"], str), where, f"fmt {entry['fmt']!r} is not a format key")
-        _need(_is_shape(entry["shape"]) and len(entry["shape"]) == 2, where,
-              f"shape {entry['shape']!r} is not the shape of a 2-d weight")
+        dims, axes = (3, (1, 2)) if stack else (2, (0, 1))
+        _need(_is_shape(entry["shape"]) and len(entry["shape"]) == dims, where,
+              f"shape {entry['shape']!r} is not the shape of a {dims}-d weight")
         _need(entry["dtype"] in WEIGHT_DTYPES, where,
               f"dtype {entry['dtype']!r} is not one of {WEIGHT_DTYPES}")
-        _need(_is_int(entry["axis"]) and entry["axis"] in (0, 1), where,
-              f"axis {entry['axis']!r} is not 0 or 1")
+        _need(_is_int(entry["axis"]) and entry["axis"] in axes, where,
+              f"axis {entry['axis']!r} is not {axes[0]} or {axes[1]}")
+        if stack:
+            _need(isinstance(entry["ragged"], list) and isinstance(entry["side"], list)
+                  and all(k in entry["side"] for k in entry["ragged"]), where,
+                  f"ragged {entry['ragged']!r} is not a list of its side data's names")
         _need(_is_int(entry["block"]) and entry["block"] >= 1, where,
               f"block {entry['block']!r} is not a positive integer")
         _need(isinstance(entry["side"], list) and all(isinstance(s, str) for s in entry["side"]),
@@ -443,12 +473,20 @@ def _check_doc(doc, file_format: str = FILE_FORMAT):
         _fields(entry, where, MODULE_FIELDS[kind])
         _need(isinstance(entry["packed"], str) and entry["packed"] in doc["packed"], where,
               f"packed {entry['packed']!r} names no entry of 'packed'")
-        _need(doc["packed"][entry["packed"]]["axis"] == AXIS_OF_KIND[kind], where,
-              f"a {kind} is packed along axis {AXIS_OF_KIND[kind]}, its packed entry says "
-              f"{doc['packed'][entry['packed']]['axis']}")
+        stack = "ragged" in doc["packed"][entry["packed"]]
+        if kind == "experts":
+            _need(stack and entry["packed"] == name, where,
+                  "an expert tensor names its own packed expert stack")
+        else:
+            _need(not stack, where, f"a {kind} cannot hold an expert stack")
+            _need(doc["packed"][entry["packed"]]["axis"] == AXIS_OF_KIND[kind], where,
+                  f"a {kind} is packed along axis {AXIS_OF_KIND[kind]}, its packed entry says "
+                  f"{doc['packed'][entry['packed']]['axis']}")
         _need(isinstance(entry["impl"], str) and entry["impl"] in config.KERNELS, where,
               f"impl {entry['impl']!r} is not one of {config.KERNELS}")
-        if kind == "embedding":
+        if kind == "experts":
+            pass
+        elif kind == "embedding":
             _need(entry["padding_idx"] is None or _is_int(entry["padding_idx"]), where,
                   f"padding_idx {entry['padding_idx']!r} is not an integer or null")
         else:
@@ -475,7 +513,7 @@ def _check_doc(doc, file_format: str = FILE_FORMAT):
         isinstance(v, list) and len(v) == 2 and isinstance(v[0], str) and _is_shape(v[1])
         for v in doc["tensors"].values()), "tensors", "expected {name: [dtype, shape]}")
     packed = {f"{owner}.{leaf}" for owner, e in doc["packed"].items()
-              for leaf in ("codes", "scales", *(f"side_{k}" for k in e["side"]))}
+              for leaf in _packed_leaves(e)}
     unlisted, unknown = sorted((packed | saved) - set(doc["tensors"])), sorted(
         set(doc["tensors"]) - packed - saved)
     _need(not unlisted, "tensors", f"{unlisted} are not listed")
@@ -506,13 +544,16 @@ def _policies(doc) -> list[Policy]:
 
 def _kind_class(kind: str):
     return {"linear": torch.nn.Linear, "conv1d": conv1d_class(),
-            "embedding": torch.nn.Embedding}[kind]
+            "embedding": torch.nn.Embedding, "experts": None}[kind]
 
 
 def _check_modules(doc, model):
     """Each quantised module of the file names a float layer of the model of the same kind and
     weight shape (with a bias where the file has one)."""
     for name, entry in doc["modules"].items():
+        if entry["kind"] == "experts":
+            _check_expert_tensor(name, doc["packed"][name]["shape"], model)
+            continue
         try:
             mod = model.get_submodule(name)
         except AttributeError:
@@ -545,10 +586,31 @@ def _check_modules(doc, model):
                                      "model's does not match")
 
 
+def _check_expert_tensor(name: str, shape: list, model):
+    """The file's expert stack ``name`` names a float 3-d parameter of the model of its shape."""
+    prefix, _, attr = name.rpartition(".")
+    try:
+        mod = model.get_submodule(prefix)
+    except AttributeError:
+        raise QuantizedFileError(f"expert tensor {name!r} of the file is not in the model (a "
+                                 "model of another architecture or configuration?)") from None
+    if isinstance(mod._modules.get(attr), PackedExperts):
+        raise QuantizedFileError(f"expert tensor {name!r} of the model is quantised already: "
+                                 "load into a freshly built float model")
+    p = mod._parameters.get(attr)
+    if p is None or p.dim() != 3:
+        raise QuantizedFileError(f"expert tensor {name!r}: the file holds packed experts, the "
+                                 f"model has no 3-d parameter {attr!r} in {prefix!r}")
+    if list(p.shape) != shape:
+        raise QuantizedFileError(f"expert tensor {name!r}: the file's experts have shape "
+                                 f"{shape}, the model's {list(p.shape)}")
+
+
 def _check_state(doc, model):
     """The model's parameters and buffers, once its quantised layers are swapped, are exactly the
     file's, by name, role and shape."""
-    swapped = {f"{name}.weight" for name in doc["modules"]}
+    swapped = {name if entry["kind"] == "experts" else f"{name}.weight"
+               for name, entry in doc["modules"].items()}
     mine = {name: (role, t) for name, _, _, t, role in _state(model) if name not in swapped}
     roles = {**{n: "parameter" for n in doc["parameters"]}, **{n: "buffer" for n in doc["buffers"]}}
     for name in sorted(set(roles) - set(mine)):
@@ -595,14 +657,96 @@ def packed_layout(fmt, shape, axis: int, block: int) -> dict:
     return layout
 
 
-def _qtensor(owner: str, entry: dict, loaded: dict) -> QTensor:
-    """The packed tensor of ``owner``, each part checked against what its format implies."""
+def _format(owner: str, entry: dict):
     try:
-        fmt = formats.get(entry["fmt"])
+        return formats.get(entry["fmt"])
     except (ValueError, TypeError) as e:
         raise QuantizedFileError(f"packed weight {owner!r}: format key {entry['fmt']!r}: {e}; "
                                  "qcompile.formats.names() lists the presets") from None
-    shape, axis = entry["shape"], entry["axis"]
+
+
+def _packed(owner: str, entry: dict, loaded: dict, device=None):
+    """The checked packed tensor of ``owner`` (moved to ``device`` when given): a QTensor, or
+    for an expert stack the list of its experts' QTensors."""
+    if "ragged" in entry:
+        stack = expert_qtensors(owner, entry, loaded)
+        return stack if device is None else [q.to(device) for q in stack]
+    q = _qtensor(owner, entry, loaded)
+    return q if device is None else q.to(device)
+
+
+def _install(model, name: str, entry: dict, packed, bias):
+    """Put the loaded layer ``name`` in the model: a QuantLinear / QuantEmbedding swapped in, or
+    an expert stack in place of its 3-d parameter."""
+    if entry["kind"] != "experts":
+        _set_child(model, name, _build(entry, packed, bias))
+        return
+    prefix, _, attr = name.rpartition(".")
+    axis = packed[0].axis + 1
+    install_experts(model.get_submodule(prefix), attr, PackedExperts(packed, axis, entry["impl"]))
+
+
+def expert_qtensors(owner: str, entry: dict, loaded: dict) -> list[QTensor]:
+    """The experts of the stack ``owner`` [E, a, b], each part checked against what its format
+    implies for one expert's matrix, stacked along a leading E axis (or, "ragged", concatenated
+    with offsets)."""
+    fmt = _format(owner, entry)
+    if fmt.proxy is not None:
+        raise QuantizedFileError(f"packed experts {owner!r}: format {fmt.key!r} has proxy "
+                                 "columns, which expert tensors do not take")
+    (n, *matrix), axis, block = entry["shape"], entry["axis"] - 1, entry["block"]
+    layout = _checked_layout(owner, entry, fmt, matrix, axis)
+    ragged = entry["ragged"]
+    uneven = [leaf[5:] for leaf, (_, want) in layout.items() if want is None]
+    if not set(ragged) <= set(uneven):
+        raise QuantizedFileError(f"packed experts {owner!r}: only side data of varying length "
+                                 f"({uneven}) may be ragged, the metadata says {ragged}")
+    parts = {leaf: loaded[f"{owner}.{leaf}"] for leaf in stack_leaves(entry)}
+    for leaf, (dtype, want) in layout.items():
+        t, shape = parts[leaf], list(parts[leaf].shape)
+        if leaf[5:] in ragged:
+            ok, need = t.dim() == 1, "[n]"
+        else:
+            ok = shape[:1] == [n] and (shape[1:] == want if want is not None else t.dim() == 2)
+            need = f"[{n}, {'n' if want is None else ', '.join(map(str, want))}]"
+        if t.dtype != dtype or not ok:
+            raise QuantizedFileError(
+                f"tensor {owner}.{leaf}: format {fmt.key!r} of {n} experts of {matrix} needs "
+                f"{_dtype_name(dtype)} {need}, the file holds {_dtype_name(t.dtype)} {shape}")
+    for k in ragged:
+        _check_offsets(owner, k, parts[f"offsets_{k}"], n, parts[f"side_{k}"].shape[0])
+    _check_digest(owner, entry, fmt, parts)
+    stack = []
+    for e in range(n):
+        side = {}
+        for k in entry["side"]:
+            t = parts[f"side_{k}"]
+            if k in ragged:
+                off = parts[f"offsets_{k}"]
+                t = t[int(off[e]):int(off[e + 1])]
+            else:
+                t = t[e]
+            side[k] = t
+        if fmt.opq is not None:
+            _check_outliers(f"{owner}[{e}]", side["outlier_index"], side["outlier_value"],
+                            math.prod(layout["scales"][1]) * block)
+        stack.append(QTensor(fmt, parts["codes"][e], parts["scales"][e], torch.Size(matrix),
+                             getattr(torch, entry["dtype"]), axis, block, side))
+    return stack
+
+
+def _check_offsets(owner: str, k: str, off: torch.Tensor, n: int, length: int):
+    if off.dtype != torch.int64 or list(off.shape) != [n + 1]:
+        raise QuantizedFileError(f"tensor {owner}.offsets_{k}: {n} experts need int64 [{n + 1}], "
+                                 f"the file holds {_dtype_name(off.dtype)} {list(off.shape)}")
+    if int(off[0]) != 0 or int(off[-1]) != length or not bool((off[1:] >= off[:-1]).all()):
+        raise QuantizedFileError(f"tensor {owner}.offsets_{k}: offsets must ascend from 0 to "
+                                 f"{length}, the length of side_{k}")
+
+
+def _checked_layout(owner: str, entry: dict, fmt, shape, axis: int) -> dict:
+    """``packed_layout`` of one weight of ``shape``, its block and side data checked against the
+    metadata."""
     if entry["block"] != fmt.block_for(shape[axis]):
         raise QuantizedFileError(f"packed weight {owner!r}: block {entry['block']} does not match "
                                  f"format {fmt.key!r}, whose block on rows of {shape[axis]} is "
@@ -613,6 +757,23 @@ def _qtensor(owner: str, entry: dict, loaded: dict) -> QTensor:
         raise QuantizedFileError(f"packed weight {owner!r}: format {fmt.key!r} has side data "
                                  f"{[k[5:] for k in list(layout)[2:]]}, the metadata lists "
                                  f"{entry['side']}")
+    return layout
+
+
+def _check_digest(owner: str, entry: dict, fmt, parts: dict):
+    desc = {k: entry[k] for k in entry if k != "digest"}
+    if _digest(desc, parts.values()) != entry["digest"]:
+        raise QuantizedFileError(
+            f"packed weight {owner!r}: its bytes do not match the format description of the "
+            f"metadata (format {fmt.key!r}, shape {entry['shape']}, axis {entry['axis']}): the "
+            "digest differs, so the metadata or the tensors were changed after saving")
+
+
+def _qtensor(owner: str, entry: dict, loaded: dict) -> QTensor:
+    """The packed tensor of ``owner``, each part checked against what its format implies."""
+    fmt = _format(owner, entry)
+    shape, axis = entry["shape"], entry["axis"]
+    layout = _checked_layout(owner, entry, fmt, shape, axis)
     parts = {leaf: loaded[f"{owner}.{leaf}"] for leaf in layout}
     for leaf, (dtype, want) in layout.items():
         t = parts[leaf]
@@ -627,12 +788,7 @@ def _qtensor(owner: str, entry: dict, loaded: dict) -> QTensor:
     if fmt.opq is not None:
         _check_outliers(owner, parts["side_outlier_index"], parts["side_outlier_value"],
                         math.prod(layout["scales"][1]) * entry["block"])
-    desc = {k: entry[k] for k in PACKED_FIELDS if k != "digest"}
-    if _digest(desc, parts.values()) != entry["digest"]:
-        raise QuantizedFileError(
-            f"packed weight {owner!r}: its bytes do not match the format description of the "
-            f"metadata (format {fmt.key!r}, shape {shape}, axis {axis}): the digest differs, so "
-            "the metadata or the tensors were changed after saving")
+    _check_digest(owner, entry, fmt, parts)
     side = {k: parts[f"side_{k}"] for k in entry["side"]}
     return QTensor(fmt, parts["codes"], parts["scales"], torch.Size(shape),
                    getattr(torch, entry["dtype"]), axis, entry["block"], side)

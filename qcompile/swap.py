@@ -31,7 +31,7 @@ import torch
 
 from . import api, config, experts, tensor_parallel
 from .expert_stack import install as install_experts
-from .expert_stack import pack_experts
+from .expert_stack import PackedExperts, pack_experts
 from .ops import qtensor_from, qtensor_meta
 from .linear_rule import is_conv1d, linear_like, linear_lookalike, skip_reason
 from .passes.find import MAX_NORM_REASON
@@ -84,13 +84,14 @@ def linear_layers(model: torch.nn.Module, policy: Policy, who: str) -> list[tupl
     return layers
 
 
-def expert_layers(model: torch.nn.Module, policy: Policy, who: str) -> list[tuple]:
+def expert_layers(model: torch.nn.Module, policy: Policy, who: str,
+                  meta_stand_ins: bool = False) -> list[tuple]:
     """``(ExpertTensor, spec)`` for every mixture-of-experts tensor (qcompile.experts) the
     policy gives a weight format, matched by the parameter's name. Tensors that cannot take it
     (a layout the probe does not recognise, a proxy format) are marked for explain and said
     once per reason; an activation format, which expert tensors do not take yet, is said once
     and the weight is quantised alone. Call it before changing the model: it runs each experts
-    module's forward once on a probe input."""
+    module's forward once on a probe input (``meta_stand_ins``: see experts.expert_tensors)."""
     wanted = {}
     for name, _, _ in experts.candidates(model):
         rule, spec = policy.match(name, "linear")
@@ -98,7 +99,7 @@ def expert_layers(model: torch.nn.Module, policy: Policy, who: str) -> list[tupl
             wanted[name] = spec
     if not wanted:
         return []
-    found, unrecognised = experts.expert_tensors(model, set(wanted))
+    found, unrecognised = experts.expert_tensors(model, set(wanted), meta_stand_ins)
     skipped, layers = list(unrecognised.items()), []
     for t in found:
         spec = wanted[t.name]
@@ -317,14 +318,25 @@ def quantize_model_(model: torch.nn.Module, policy: Policy | None = None) -> tor
             tensor_parallel.keep_style(model, name, model.get_submodule(name), new)
         _set_child(model, name, new)
     for t, spec in expert_tensors:
-        packed = pack_experts(t.tensor, spec.weight, t.axis)
-        packed.rule = matched_rule(policy, t.name, "linear") or ""
-        if spec.act is not None:
-            packed.act_note = f"act {spec.act.key} not applied: expert inputs stay full precision"
-        install_experts(t.module, t.attr, packed)
+        install_experts(t.module, t.attr, pack_expert_tensor(t.tensor, t, spec, policy))
     _warn_untied_growth(model, tied, before)
     setattr(model, POLICIES_ATTR, (*getattr(model, POLICIES_ATTR, ()), policy))
     return model
+
+
+def pack_expert_tensor(w: torch.Tensor, t, spec, policy: Policy) -> PackedExperts:
+    """The ``PackedExperts`` of the expert tensor ``t`` (values ``w`` [E, a, b]) in ``spec``'s
+    weight format, marked with the rule that gave it and the activation format it does not
+    apply."""
+    return mark_expert_stack(pack_experts(w, spec.weight, t.axis), t, spec, policy)
+
+
+def mark_expert_stack(packed: PackedExperts, t, spec, policy: Policy) -> PackedExperts:
+    """``packed`` (the expert tensor ``t``) marked as quantize_model_ marks it."""
+    packed.rule = matched_rule(policy, t.name, "linear") or ""
+    if spec.act is not None:
+        packed.act_note = f"act {spec.act.key} not applied: expert inputs stay full precision"
+    return packed
 
 
 class _FakeQuantize(torch.nn.Module):

@@ -10,12 +10,18 @@ GPT-2's weight init still reads ``.weight`` while loading). Weights that transfo
 loading (an embedding and its lm_head) are packed after loading with ``quantize_model_``, which
 keeps the sharing rules of docs/policies.md.
 
-Loading a saved model: the packed layers are swapped for placeholders holding buffers of the
-saved shapes before the weights load; after loading each packed weight is checked against its
-format and digest (serialize.py) and the placeholders become QuantLinear / QuantEmbedding.
-Every shard holds the metadata document, checked against its digest before loading; every
-tensor of the loaded model, full-precision ones too, is checked against the digest saved with
-it (by its name in the model, whatever shards and names transformers wrote).
+Mixture-of-experts tensors are packed as transformers' conversion mapping hands them over
+(per-expert checkpoint tensors stacked into the 3-d parameter), expert by expert; they are
+saved fused under the model's names (the conversion back to per-expert tensors is not applied
+to them) and loaded back the same way.
+
+Loading a saved model: the packed layers (and expert stacks) are swapped for placeholders
+holding buffers of the saved shapes before the weights load; after loading each packed weight is
+checked against its format and digest (serialize.py) and the placeholders become QuantLinear /
+QuantEmbedding. Every shard holds the metadata document, checked against its digest before
+loading; every tensor of the loaded model, full-precision ones too, is checked against the
+digest saved with it (by its name in the model, whatever shards and names transformers wrote).
+
 Importing this module imports transformers and registers both classes
 (qcompile/integrations/hf_hook.py).
 """
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import torch
 from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING,
@@ -32,10 +39,12 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .. import api, serialize, tensor_parallel
+from ..expert_stack import PackedExperts
+from ..expert_stack import install as install_experts
 from ..policy import POLICY_JSON_FORMAT, Policy, PolicyError
 from ..serialize import METADATA_KEY, QuantizedFileError
 from ..swap import (POLICIES_ATTR, QuantEmbedding, QuantLinear, _set_child, embedding_layers,
-                    linear_layers, quantize_model_)
+                    expert_layers, linear_layers, pack_expert_tensor, quantize_model_)
 
 QUANT_METHOD = "blockquant"
 CHECKPOINT_FORMAT = "blockquant.hf_checkpoint"  # the safetensors metadata of save_pretrained
@@ -111,6 +120,8 @@ class BlockQuantHfQuantizer(HfQuantizer):
         self.packed: dict[str, object] = {}  # their QTensors, until loading ends
         self.meshes: dict[str, object] = {}  # the device mesh of each one sharded (tp_plan)
         self.checked = False  # the tensor-parallel splits, checked before the first weight
+        self.expert_stream: dict[str, tuple] = {}  # expert tensors packed as they load
+        self.packed_experts: dict[str, object] = {}  # their PackedExperts, until loading ends
         self.doc: dict | None = None  # a saved model's metadata
 
     @property
@@ -133,16 +144,22 @@ class BlockQuantHfQuantizer(HfQuantizer):
             plan = {}  # proxy columns are scored from other layers' full-precision weights:
             # every weight loads first, then quantize_model_ packs them all
         self.stream = {name: entry for name, entry in plan.items() if name not in tied}
+        # expert tensors, fused by transformers' conversions (per-expert checkpoint tensors
+        # stacked into the 3-d parameter) before the quantize op sees them
+        self.expert_stream = {t.name: (t, spec) for t, spec in
+                              expert_layers(model, self.policy, WHO, meta_stand_ins=True)}
         return model
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
-        if not self.checked and not self.pre_quantized:  # the model is parallelised by now
+        if self.pre_quantized:
+            return False
+        if not self.checked:  # the model is parallelised by now
             self.checked = True
             tensor_parallel.check_layers(model, [
                 (name, model.get_submodule(name).weight, spec, axis, kind)
                 for name, (kind, spec, axis) in self.stream.items()])
-        return (not self.pre_quantized and param_name.endswith(".weight")
-                and param_name.removesuffix(".weight") in self.stream)
+        return param_name in self.expert_stream or (
+            param_name.endswith(".weight") and param_name.removesuffix(".weight") in self.stream)
 
     def get_quantize_ops(self):
         return _quantize_op()(self)
@@ -153,6 +170,10 @@ class BlockQuantHfQuantizer(HfQuantizer):
         else:
             swap_packed(model, self.stream, self.packed, self.meshes)
             self.packed.clear()
+            for name, packed in self.packed_experts.items():
+                prefix, _, attr = name.rpartition(".")
+                install_experts(model.get_submodule(prefix), attr, packed)
+            self.packed_experts.clear()
             # the tied weights, and any layer whose weight the checkpoint did not hold
             quantize_model_(model, self.policy)
             _untie(model, {n for n, m in model.named_modules()
@@ -162,6 +183,7 @@ class BlockQuantHfQuantizer(HfQuantizer):
     # -- saving -------------------------------------------------------------------------------
 
     def get_state_dict_and_metadata(self, model):
+        keep_stacks_fused(model)
         return checkpoint_state(model, self.policy)
 
     def is_serializable(self, *args, **kwargs):
@@ -188,13 +210,16 @@ class BlockQuantHfQuantizer(HfQuantizer):
         serialize._check_modules(doc, model)
         for name, entry in doc["modules"].items():
             packed_from = doc["packed"][entry["packed"]]["dtype"]
-            dtype = serialize._dtype_name(model.get_submodule(name).weight.dtype)
+            dtype = serialize._dtype_name(_float_weight(model, name, entry).dtype)
             if packed_from != dtype:  # the packed layers would compute in another dtype
                 raise QuantizedFileError(
                     f"layer {name!r} was packed from {packed_from} weights, the model is built "
                     f"in {dtype}: load with dtype=torch.{packed_from}")
         _untie(model, set(doc["modules"]))
         for name, entry in doc["modules"].items():
+            if entry["kind"] == "experts":
+                _prepare_stack(model, name, doc)
+                continue
             mod = model.get_submodule(name)
             holder = torch.nn.Module()  # the saved buffers load into it by name
             holder.weight = _stand_in(mod.weight)  # not a parameter: no key to load
@@ -216,14 +241,54 @@ class BlockQuantHfQuantizer(HfQuantizer):
                 if t.is_meta:
                     raise QuantizedFileError(f"tensor {owner}.{leaf} is not in the checkpoint")
                 loaded[f"{owner}.{leaf}"] = t
-        qtensors = {owner: serialize._qtensor(owner, entry, loaded)
+        qtensors = {owner: serialize._packed(owner, entry, loaded)  # where they loaded
                     for owner, entry in doc["packed"].items()}
         # every tensor as loaded (full-precision ones too) against the digest saved with it
         serialize.verify_tensors(doc, model.state_dict())
         for name, entry in doc["modules"].items():
-            bias = model.get_submodule(name)._parameters.get("bias")
-            _set_child(model, name, serialize._build(entry, qtensors[entry["packed"]], bias))
+            bias = None if entry["kind"] == "experts" else \
+                model.get_submodule(name)._parameters.get("bias")
+            serialize._install(model, name, entry, qtensors[entry["packed"]], bias)
         setattr(model, POLICIES_ATTR, (self.policy,))
+
+
+def _float_weight(model, name: str, entry: dict) -> torch.Tensor:
+    """The float weight of the model that the file's layer ``name`` packs."""
+    if entry["kind"] == "experts":
+        prefix, _, attr = name.rpartition(".")
+        return model.get_submodule(prefix)._parameters[attr]
+    return model.get_submodule(name).weight
+
+
+def _prepare_stack(model, name: str, doc: dict):
+    """The expert parameter ``name`` becomes a holder of the saved stack's buffers (of their
+    saved shapes, on the meta device), which the checkpoint's tensors load into by name."""
+    prefix, _, attr = name.rpartition(".")
+    mod, holder = model.get_submodule(prefix), torch.nn.Module()
+    for leaf in serialize.stack_leaves(doc["packed"][name]):
+        dtype, shape = doc["tensors"][f"{name}.{leaf}"]
+        holder.register_buffer(leaf, torch.empty(shape, dtype=getattr(torch, dtype),
+                                                 device="meta"))
+    del mod._parameters[attr]
+    mod.add_module(attr, holder)
+
+
+def keep_stacks_fused(model):
+    """Drop from the model's weight conversions (which save_pretrained reverts, e.g. splitting
+    ``experts.gate_up_proj`` back into per-expert ``w1`` / ``w3`` checkpoint tensors) those that
+    write a packed expert stack: the stack's buffers are saved as they are, under the model's
+    names, which the conversions do not match when loading."""
+    from transformers.core_model_loading import WeightConverter
+    stacks = [n for n, m in model.named_modules() if isinstance(m, PackedExperts)]
+    if not stacks:
+        return
+
+    def writes_a_stack(conversion) -> bool:
+        return isinstance(conversion, WeightConverter) and any(
+            re.search(t.replace("*", r"[^.]+"), n) for t in conversion.target_patterns
+            for n in stacks)
+    kept = getattr(model, "_weight_conversions", None) or []
+    model._weight_conversions = [c for c in kept if not writes_a_stack(c)]
 
 
 def swap_packed(model, plan: dict, packed: dict, meshes: dict | None = None):
@@ -250,7 +315,6 @@ def checkpoint_state(model, policy: Policy) -> tuple[dict, dict]:
             "save_pretrained: the model was quantised again after loading (its policies: "
             f"{getattr(model, POLICIES_ATTR, ())}), config.json can name one policy: use "
             "qcompile.save_quantized")
-    serialize.refuse_packed_experts(model, "save_pretrained")
     tensors, packed, modules = serialize.packed_state(model)
     state = model.state_dict()
     for name, mod in model.named_modules():
@@ -366,6 +430,11 @@ def _quantize_op():
                 for key in list(input_dict):
                     value = input_dict.pop(key)  # so that the float tensor dies once packed
                     value = value[0] if isinstance(value, list) else value
+                    if key in self.quantizer.expert_stream:
+                        self.pack_experts(key, value)
+                        if missing_keys is not None:
+                            missing_keys.discard(key)
+                        continue
                     name = key.removesuffix(".weight")
                     if not key.endswith(".weight") or name not in stream:
                         out[key] = value  # not a weight the policy packs: loaded as usual
@@ -383,6 +452,16 @@ def _quantize_op():
                     if missing_keys is not None:
                         missing_keys.discard(key)
                 return out
+
+            def pack_experts(self, name, value):
+                """The fused expert tensor ``name`` packed, one expert at a time, as
+                quantize_model_ packs it."""
+                t, spec = self.quantizer.expert_stream[name]
+                param = t.module._parameters[t.attr]
+                self.quantizer.packed_experts[name] = pack_expert_tensor(
+                    value.to(param.dtype), t, spec, self.quantizer.policy)
+                t.module._parameters[t.attr] = _stand_in(param, parameter=True,
+                                                         device=value.device)
 
         _OP = BlockQuantize
     return _OP

@@ -4,6 +4,14 @@ a time, packs each weight the policy quantises as soon as it is read and keeps o
 model, so memory stays about the packed model plus one float tensor (and its quantisation
 temporaries), whatever the size of the float model or of its shards.
 
+Mixture-of-experts tensors (qcompile.experts) are packed too, as ``quantize_model_`` packs
+them: a fused 3-d checkpoint tensor [E, a, b] as it is read; per-expert checkpoint tensors
+(``experts.0.gate_proj.weight``, which transformers' conversion mapping stacks, and
+concatenates, into ``experts.gate_up_proj`` while loading) expert by expert, each expert's
+matrix packed as soon as its parts are read, so memory stays one expert's matrix. The
+conversions the stream does are those stacks and concatenations and transformers' renamings;
+any other conversion is refused by name.
+
 The output folder is what ``save_pretrained`` writes for a model loaded with
 ``BlockQuantConfig(policy)``: ``from_pretrained(out)`` (after ``import qcompile``) gives the
 model that ``from_pretrained(model_dir)`` followed by ``quantize_model_(model, policy)`` makes,
@@ -15,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 import time
@@ -24,12 +33,12 @@ from pathlib import Path
 import torch
 
 from .. import api
-from ..experts import candidates as expert_candidates
+from ..expert_stack import PackedExperts
+from ..expert_stack import install as install_experts
 from ..explain import Explanation, module_rows, uncovered
-from ..passes.plan import warn_skipped
 from ..policy import Policy, PolicyError
 from ..serialize import QuantizedFileError
-from ..swap import POLICIES_ATTR
+from ..swap import POLICIES_ATTR, expert_layers, mark_expert_stack, pack_expert_tensor
 from . import hf
 
 WEIGHTS = "model.safetensors"
@@ -178,6 +187,8 @@ class Job:
     plan: dict  # hf.layer_plan: the layers to pack
     slots: dict  # _slots: where each tensor goes
     headers: list  # (path, safetensors header, data offset) per shard
+    experts: dict  # {expert tensor name: (ExpertTensor, spec)} to pack
+    routes: dict  # {checkpoint key: model key, or the Piece of an expert tensor it is}
 
     def run(self, progress: bool = True) -> Quantized:
         from tqdm.auto import tqdm
@@ -187,6 +198,7 @@ class Job:
         for name in self.plan:
             holders.setdefault(id(model.get_submodule(name).weight), []).append(name)
         cache, packed, done = {}, {}, set()  # by (weight, format, axis); by layer; slot ids
+        experts = _ExpertAssembly(model, self.experts, self.policy)
         total = sum(_size(e) for _, h, _ in self.headers for e in h.values())
         with tqdm(total=total, unit="B", unit_scale=True, desc="quantising",
                   disable=not progress) as bar:
@@ -194,14 +206,19 @@ class Job:
                 with open(path, "rb") as f:
                     for key in sorted(header, key=lambda k: header[k]["data_offsets"][0]):
                         bar.set_postfix_str(key, refresh=False)
-                        places = self.slots[key]
-                        if id(places) not in done:  # a tied weight may be saved twice
-                            done.add(id(places))
-                            _load(model, read_tensor(f, header[key], data_start), places,
-                                  self.plan, holders, cache, packed)
+                        route = self.routes[key]
+                        if isinstance(route, Piece):
+                            experts.add(route, read_tensor(f, header[key], data_start))
+                        elif route in self.experts:  # a fused expert tensor
+                            experts.add_fused(route, read_tensor(f, header[key], data_start))
+                        elif id(self.slots[route]) not in done:  # a tied weight may be saved
+                            done.add(id(self.slots[route]))  # twice
+                            _load(model, read_tensor(f, header[key], data_start),
+                                  self.slots[route], self.plan, holders, cache, packed)
                         bar.update(_size(header[key]))
 
         hf.swap_packed(model, self.plan, packed)
+        experts.install()
         setattr(model, POLICIES_ATTR, (self.policy,))
         hf._untie(model, set(self.plan))
         state, metadata = hf.checkpoint_state(model, self.policy)
@@ -230,18 +247,133 @@ def _size(entry: dict) -> int:
     return entry["data_offsets"][1] - entry["data_offsets"][0]
 
 
-STREAM_EXPERTS_REASON = (
-    "it is a mixture-of-experts tensor, which the streaming command does not quantise yet: "
-    "from_pretrained(..., quantization_config=qcompile.BlockQuantConfig(policy)) and "
-    "quantize_model_ do")
+@dataclass(frozen=True)
+class Piece:
+    """A per-expert checkpoint tensor: part ``part`` of ``parts`` (concatenated along the
+    matrix axis ``axis`` when several) of expert ``expert``'s matrix of the expert tensor
+    ``target``."""
+    target: str
+    expert: int
+    part: int
+    parts: int
+    axis: int
 
 
-def _warn_float_experts(model, policy: Policy):
-    """Say, by name, which expert tensors the policy gives a format that the stream writes in
-    full precision."""
-    names = [n for n, _, _ in expert_candidates(model) if (s := policy.match(n, "linear")[1])
-             is not None and s.weight is not None]
-    warn_skipped("quantize_checkpoint", [(n, STREAM_EXPERTS_REASON) for n in names], id(model))
+class _ExpertAssembly:
+    """Expert tensors as they stream in: a fused tensor packed at once, per-expert pieces joined
+    into each expert's matrix and packed as soon as it is whole (float expert tensors are
+    filled in place)."""
+
+    def __init__(self, model, experts: dict, policy: Policy):
+        self.model, self.experts, self.policy = model, experts, policy
+        self.pending: dict[tuple, dict] = {}  # (target, expert) -> {part: tensor}
+        self.stacks: dict[str, dict] = {}  # target -> {expert: QTensor}
+        self.done: dict[str, PackedExperts] = {}
+
+    def _param(self, name):
+        prefix, _, attr = name.rpartition(".")
+        return self.model.get_submodule(prefix), attr
+
+    def add_fused(self, name: str, t: torch.Tensor):
+        mod, attr = self._param(name)
+        t = t.to(mod._parameters[attr].dtype)
+        self.done[name] = pack_expert_tensor(t, *self.experts[name], self.policy)
+
+    def add(self, piece: Piece, t: torch.Tensor):
+        parts = self.pending.setdefault((piece.target, piece.expert), {})
+        parts[piece.part] = t
+        if len(parts) < piece.parts:
+            return
+        del self.pending[(piece.target, piece.expert)]
+        matrix = torch.cat([parts[j] for j in range(piece.parts)], dim=piece.axis - 1)
+        mod, attr = self._param(piece.target)
+        meta = mod._parameters[attr]
+        matrix = matrix.to(meta.dtype)  # as from_pretrained casts it
+        if piece.target not in self.experts:  # kept in float: filled in place
+            if meta.is_meta:
+                meta = torch.nn.Parameter(torch.empty(meta.shape, dtype=meta.dtype),
+                                          requires_grad=meta.requires_grad)
+                mod._parameters[attr] = meta
+            with torch.no_grad():
+                meta[piece.expert] = matrix
+            return
+        t_, spec = self.experts[piece.target]
+        stack = self.stacks.setdefault(piece.target, {})
+        with torch.no_grad():
+            stack[piece.expert] = api.quantize_weight(matrix, spec.weight, t_.axis - 1)
+        if len(stack) == meta.shape[0]:
+            qs = [stack.pop(e) for e in range(meta.shape[0])]
+            self.done[piece.target] = mark_expert_stack(PackedExperts(qs, t_.axis), t_, spec,
+                                                        self.policy)
+
+    def install(self):
+        for name, packed in self.done.items():
+            install_experts(*self._param(name), packed)
+
+
+def _conversions(model):
+    """transformers' (renamings, converters) for ``model``'s checkpoints, as from_pretrained
+    applies them."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming
+    mapping = get_model_conversion_mapping(model)
+    return ([c for c in mapping if isinstance(c, WeightRenaming)],
+            [c for c in mapping if isinstance(c, WeightConverter)])
+
+
+def _route(key: str, slots: dict, conversions, model_dir) -> "str | Piece | None":
+    """Where the checkpoint tensor ``key`` goes: a model key (renamed as from_pretrained renames
+    it), the Piece of an expert tensor it is, or None (not in the model)."""
+    from transformers.core_model_loading import Concatenate, MergeModulelist, rename_source_key
+    if key in slots:
+        return key
+    renamings, converters = conversions
+    renamed, pattern = rename_source_key(key, renamings, converters)
+    if renamed not in slots:
+        return None
+    if pattern is None:
+        return renamed
+    conv = next(c for c in converters if pattern in c.source_patterns)
+    ops = list(conv.operations)
+    kinds = [type(op) for op in ops]
+    if kinds not in ([MergeModulelist], [MergeModulelist, Concatenate]) or ops[0].dim != 0 \
+            or (len(ops) == 2 and ops[1].dim not in (1, 2)):
+        raise QuantizedFileError(
+            f"{model_dir}: transformers converts checkpoint tensor {key!r} into {renamed!r} with "
+            f"{[k.__name__ for k in kinds]}, which the streaming command does not do (it stacks "
+            "per-expert tensors and concatenates them along a matrix axis); quantise it with "
+            "from_pretrained(path, quantization_config=qcompile.BlockQuantConfig(policy))")
+    glob = re.escape(pattern).replace(r"\*", r"(\d+)")
+    expert = int(re.search(glob, key).group(1))
+    return Piece(renamed, expert, conv.source_patterns.index(pattern), len(conv.source_patterns),
+                 ops[1].dim if len(ops) == 2 else 1)
+
+
+def _check_pieces(pieces: dict, slots: dict, model_dir) -> set:
+    """Each expert tensor built from per-expert pieces gets every part of every expert once,
+    of shapes that join into its matrix; returns the model keys they cover."""
+    by_target: dict[str, dict] = {}
+    for key, (piece, shape) in pieces.items():
+        by_target.setdefault(piece.target, {})[(piece.expert, piece.part)] = (key, shape)
+    for target, got in by_target.items():
+        mod, leaf, _ = slots[target][0]
+        n, *matrix = mod._parameters[leaf].shape
+        piece = next(p for p, _ in pieces.values() if p.target == target)
+        lacking = [(e, j) for e in range(n) for j in range(piece.parts) if (e, j) not in got]
+        if lacking:
+            raise QuantizedFileError(f"{model_dir}: the checkpoint lacks part {lacking[0][1]} of "
+                                     f"expert {lacking[0][0]} of {target!r}")
+        along = piece.axis - 1  # the matrix axis the parts are concatenated along
+        for e in range(n):
+            keys = [got[(e, j)][0] for j in range(piece.parts)]
+            shapes = [got[(e, j)][1] for j in range(piece.parts)]
+            rest = [[d for i, d in enumerate(s) if i != along] for s in [*shapes, matrix]]
+            if any(len(s) != len(matrix) for s in shapes) or any(r != rest[-1] for r in rest) \
+                    or sum(s[along] for s in shapes) != matrix[along]:
+                raise QuantizedFileError(
+                    f"{model_dir}: the checkpoint's tensors {keys} of shapes {shapes} do not "
+                    f"make expert {e}'s matrix {list(matrix)} of {target!r}")
+    return set(by_target)
 
 
 def prepare(model_dir, out_dir, policy: Policy, dtype: torch.dtype | None = None) -> Job:
@@ -265,8 +397,9 @@ def prepare(model_dir, out_dir, policy: Policy, dtype: torch.dtype | None = None
         dtype = getattr(torch, dtype)
     model = _meta_model(config, dtype)
     plan = hf.layer_plan(model, policy)
-    _warn_float_experts(model, policy)
-    if not plan:
+    experts = {t.name: (t, spec) for t, spec in
+               expert_layers(model, policy, "quantize_checkpoint", meta_stand_ins=True)}
+    if not plan and not experts:
         raise PolicyError(f"quantize_checkpoint: the policy quantises no layer of this "
                           f"{type(model).__name__}: {policy!r}")
     proxied = [n for n, (_, spec, _) in plan.items() if spec.weight.proxy is not None]
@@ -277,19 +410,23 @@ def prepare(model_dir, out_dir, policy: Policy, dtype: torch.dtype | None = None
             "stream of one tensor at a time does not hold; load the model with "
             "from_pretrained(..., quantization_config=qcompile.BlockQuantConfig(policy)) and "
             "save_pretrained it instead")
-    slots = _slots(model)
+    slots, conversions = _slots(model), _conversions(model)
 
-    headers, unknown, covered = [], [], set()
+    headers, unknown, covered, routes, pieces = [], [], set(), {}, {}
     for path in files:
         with open(path, "rb") as f:
             header, data_start = read_header(f)
         header.pop("__metadata__", None)
         for key, entry in header.items():
-            if key not in slots:
+            route = routes[key] = _route(key, slots, conversions, model_dir)
+            if route is None:
                 unknown.append(key)
                 continue
-            covered.add(id(slots[key]))
-            mod, leaf, kind = slots[key][0]
+            if isinstance(route, Piece):
+                pieces[key] = (route, list(entry.get("shape", ())))
+                continue
+            covered.add(id(slots[route]))
+            mod, leaf, kind = slots[route][0]
             want = tuple((mod._parameters if kind == "parameter" else mod._buffers)[leaf].shape)
             if tuple(entry.get("shape", ())) != want:
                 raise QuantizedFileError(
@@ -302,11 +439,13 @@ def prepare(model_dir, out_dir, policy: Policy, dtype: torch.dtype | None = None
             f"in the {type(model).__name__} that config.json builds (transformers renames some "
             "checkpoints' keys while loading: quantise those with from_pretrained(path, "
             "quantization_config=qcompile.BlockQuantConfig(policy)))")
+    covered |= {id(slots[k]) for k in _check_pieces(pieces, slots, model_dir)}
     missing = [k for k in model.state_dict() if id(slots[k]) not in covered]
     if missing:
         raise QuantizedFileError(f"{model_dir}: the checkpoint lacks {missing[:8]}"
                                  f"{' ...' if len(missing) > 8 else ''}")
-    return Job(model_dir, out_dir, policy, config, dtype, model, plan, slots, headers)
+    return Job(model_dir, out_dir, policy, config, dtype, model, plan, slots, headers, experts,
+               routes)
 
 
 def _load(model, t, places, plan, holders, cache, packed):
