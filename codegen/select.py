@@ -148,7 +148,7 @@ def cpu_weight_problem(on_cpu: bool, two_d: bool, dtype, bits: int,
         return "qcompile CPU kernels cover 2-d weights"
     if dtype not in dtypes:
         names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
-        return (f"qcompile CPU kernels cover {names} weights here; this one is {dtype} (its "
+        return (f"qcompile CPU kernels cover {names} weights; this one is {dtype} (its "
                 "reference rounds W to that dtype)")
     if bits not in CPU_CODE_BITS:
         return f"qcompile CPU kernels cover 2..8-bit codes, not {bits}"
