@@ -18,7 +18,7 @@ from qcompile.codegen.triton.linear import gamma
 
 ISAS = [i for i in cpu.ISAS if cpu.ISAS.index(i) >= cpu.ISAS.index(cpu.machine_isa())]
 DTYPES = [torch.bfloat16, torch.float16]
-FORMATS = ["nf4", "mxint8", "int4", "mxfp4", "quantile4", "nvfp4"]
+FORMATS = ["nf4", "mxint8", "int4", "mxfp4", "quantile4", "nvfp4", "int4[opq=true]"]
 PANELS_M = cpu.GEMV_MAX_M + 9
 
 
