@@ -132,14 +132,23 @@ def tables_from_side_data(fmt) -> bool:
     return bool(fmt.whole_tensor_side)
 
 
-def cpu_weight_problem(on_cpu: bool, two_d: bool, dtype, bits: int) -> str:
-    """Why the CPU kernels cannot read this packed weight, or ""."""
+# the model dtypes of the weight-only CPU linear (a bfloat16 / float16 weight decoded, rounded
+# to its dtype as the reference rounds it, and multiplied in float32); the other CPU kernels
+# (dequantise, gather, the integer path) cover float32
+CPU_LINEAR_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def cpu_weight_problem(on_cpu: bool, two_d: bool, dtype, bits: int,
+                       dtypes=(torch.float32,)) -> str:
+    """Why the CPU kernels cannot read this packed weight, or "" (``dtypes``: the weight
+    dtypes the asking kernel covers)."""
     if not on_cpu:
         return "qcompile CPU kernels run on CPU tensors"
     if not two_d:
         return "qcompile CPU kernels cover 2-d weights"
-    if dtype != torch.float32:
-        return (f"qcompile CPU kernels cover float32 weights; this one is {dtype} (its "
+    if dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        return (f"qcompile CPU kernels cover {names} weights; this one is {dtype} (its "
                 "reference rounds W to that dtype)")
     if bits not in CPU_CODE_BITS:
         return f"qcompile CPU kernels cover 2..8-bit codes, not {bits}"
@@ -150,9 +159,9 @@ def _two_d(q) -> bool:
     return len(q.shape) == 2 and q.axis in (0, 1)
 
 
-def require_cpu_weight(q):
-    """NoKernel where the CPU kernels cannot read ``q``."""
-    why = cpu_weight_problem(q.codes.is_cpu, _two_d(q), q.dtype, q.fmt.element.bits)
+def require_cpu_weight(q, dtypes=(torch.float32,)):
+    """NoKernel where the CPU kernels (covering weights of ``dtypes``) cannot read ``q``."""
+    why = cpu_weight_problem(q.codes.is_cpu, _two_d(q), q.dtype, q.fmt.element.bits, dtypes)
     if why:
         raise NoKernel(why)
 
@@ -205,13 +214,19 @@ def _triton_linear(q, act_fmt, key) -> Choice:
 
 def _cpu_linear(q, act_fmt, key) -> Choice:
     *_, xdtype, bdtype, on_cpu, gemv = key
-    if xdtype != torch.float32 or bdtype not in (None, torch.float32):
-        return _no("CPU", f"qcompile CPU kernels cover float32 models, not {xdtype}")
-    why = cpu_weight_problem(on_cpu, _two_d(q), q.dtype, q.fmt.element.bits)
+    if xdtype not in CPU_LINEAR_DTYPES or bdtype not in (None, xdtype) or q.dtype != xdtype:
+        return _no("CPU", "qcompile CPU kernels cover float32, bfloat16 and float16 models with "
+                   f"x, the weight and the bias in one dtype, not x {xdtype}, weight {q.dtype}, "
+                   f"bias {bdtype}")
+    why = cpu_weight_problem(on_cpu, _two_d(q), q.dtype, q.fmt.element.bits, CPU_LINEAR_DTYPES)
     if why:
         return _no("CPU", why)
     af = formats.get(act_fmt) if act_fmt else None
-    return Choice("cpu_int" if cpu_int_applies(q, af) else "cpu", "gemv" if gemv else "panels")
+    if cpu_int_applies(q, af):
+        if xdtype != torch.float32:
+            return _no("CPU", f"the CPU integer path covers float32 models, not {xdtype}")
+        return Choice("cpu_int", "gemv" if gemv else "panels")
+    return Choice("cpu", "gemv" if gemv else "panels")
 
 
 # ---- the other ops --------------------------------------------------------------------------
@@ -277,9 +292,14 @@ def cpu_operator(q, af, impl: str, x_on_cpu: bool) -> Choice:
     would run the CPU kernels anyway and the tables depend on the format alone."""
     if impl not in ("auto", "cpu") or not x_on_cpu:
         return Choice("reference", reason="not the CPU kernels")
-    why = cpu_weight_problem(q.codes.is_cpu, _two_d(q), q.dtype, q.fmt.element.bits)
+    why = cpu_weight_problem(q.codes.is_cpu, _two_d(q), q.dtype, q.fmt.element.bits,
+                             CPU_LINEAR_DTYPES)
     if why:
         return _no("CPU", why)
     if tables_from_side_data(q.fmt) or "proxy_index" in q.side:
         return Choice("reference", reason="tables or proxy columns from side data: the op")
-    return Choice("cpu_int" if cpu_int_applies(q, af) else "cpu")
+    if cpu_int_applies(q, af):
+        if q.dtype != torch.float32:  # the op says so (once) when it runs
+            return Choice("reference", reason=f"the integer path covers float32, not {q.dtype}")
+        return Choice("cpu_int")
+    return Choice("cpu")

@@ -79,23 +79,23 @@ def test_kernel_column_names_the_reference_when_asked():
     assert rows and all(r.kernel == "reference (kernels='reference')" for r in rows)
 
 
-def test_bf16_model_says_it_ran_the_reference():
-    # the CPU kernels cover float32 models: a bf16 model on CPU runs the reference, and its
-    # output is the reference's, bit for bit
+def test_bf16_model_says_which_layers_ran_the_reference():
+    # the CPU kernels cover bf16 weight-only linears; the integer path (q_proj: mxint8 x
+    # mxint8) covers float32 models: those layers run the reference, which explain names
     model = small_llama().to(torch.bfloat16)
-    oracle = small_llama().to(torch.bfloat16)
     qcompile.compile(model, RULES, lowering="eager", kernels="auto")
-    qcompile.compile(oracle, RULES, lowering="eager", kernels="reference")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the fallback's own warning
-        got = run(model, IDS).logits
-    assert torch.equal(got.view(torch.int16), run(oracle, IDS).logits.view(torch.int16))
+        run(model, IDS)
     e = qcompile.explain(model)
     rows = [r for r in e.rows if r.weight_fmt != "-"]
     assert len(rows) == 15
     for r in rows:
-        assert r.kernel.startswith("reference (no CPU kernel:"), (r.fqn, r.kernel)
-        assert "bfloat16" in r.kernel
+        if r.fqn.endswith("q_proj"):
+            assert r.kernel.startswith("reference (no CPU kernel:"), (r.fqn, r.kernel)
+            assert "bfloat16" in r.kernel
+        else:
+            assert r.kernel.startswith("cpu ("), (r.fqn, r.kernel)
     assert "x denser than bfloat16" in str(e).splitlines()[-1]
 
 

@@ -1,6 +1,6 @@
 """The kernel selector (codegen/select.py): its answers for a table of cases, written by hand
 from the documented rules (docs/architecture.md: CPU kernels for float32 weights of 2..8-bit
-codes on CPU tensors, the integer path for int x int pairs with each activation block inside a
+codes on CPU tensors, the weight-only linear for bfloat16 / float16 too, the integer path for int x int pairs with each activation block inside a
 weight block, Triton on CUDA or under the interpreter for float32/16/bf16, GEMV up to M = 1 on
 Triton and M = 16 on the CPU), its NoKernel reasons, and that the ops tell "no kernel by
 design" from a failure by the error's type, not by the source line that raised it."""
@@ -23,6 +23,8 @@ LINEAR_CASES = [
     ("nf4", torch.float32, "", torch.float32, 1, "cpu", False, ("cpu", "gemv")),
     ("nf4", torch.float32, "", torch.float32, 16, "auto", False, ("cpu", "gemv")),
     ("nf4", torch.float32, "", torch.float32, 17, "cpu", False, ("cpu", "panels")),
+    ("nf4", torch.bfloat16, "", torch.bfloat16, 1, "cpu", False, ("cpu", "gemv")),
+    ("int4", torch.float16, "", torch.float16, 17, "auto", False, ("cpu", "panels")),
     ("mxint8", torch.float32, "mxint8", torch.float32, 1, "cpu", False, ("cpu_int", "gemv")),
     ("int4", torch.float32, "mxint8", torch.float32, 40, "cpu", False, ("cpu_int", "panels")),
     ("mxint8", torch.float32, "mxfp8_e4m3", torch.float32, 1, "cpu", False, ("cpu", "gemv")),
@@ -44,8 +46,9 @@ def test_linear_choices(monkeypatch, wfmt, wdtype, act, xdtype, rows, impl, inte
 
 # cases with no kernel by design: (what differs from an nf4 float32 [16, 64] weight) -> reason
 NO_KERNEL = [
-    (dict(impl="cpu", xdtype=torch.bfloat16, wdtype=torch.bfloat16),
-     "CPU", "qcompile CPU kernels cover float32 models, not torch.bfloat16"),
+    (dict(impl="cpu", xdtype=torch.float16, wdtype=torch.bfloat16),
+     "CPU", "qcompile CPU kernels cover float32, bfloat16 and float16 models with x, the weight "
+     "and the bias in one dtype, not x torch.float16, weight torch.bfloat16, bias None"),
     (dict(impl="cpu", shape=(2, 16, 64)), "CPU", "qcompile CPU kernels cover 2-d weights"),
     (dict(impl="triton", interp=False), "Triton",
      "Triton kernels need CUDA tensors (or TRITON_INTERPRET=1)"),

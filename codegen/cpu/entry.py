@@ -14,7 +14,7 @@ import torch
 from qcompile import formats
 from qcompile.formats import reference
 
-from ..select import NoKernel, choose, cpu_table_problem
+from ..select import NoKernel, choose, cpu_table_problem, require_cpu_weight
 from .plans import Plan, act_params, plan
 from .structs import ActArgs
 
@@ -45,7 +45,8 @@ def gather_rows(q, ids: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize(q) -> torch.Tensor:
-    """The weight a 2-d packed QTensor stands for: the reference's values, bit for bit."""
+    """The weight a 2-d packed float32 QTensor stands for: the reference's values, bit for bit."""
+    require_cpu_weight(q)  # float32: the decoded values are the weight itself
     p = plan(q)
     n, k = q.scales.shape[0], (q.shape[1] if q.axis == 1 else q.shape[0])
     w = decode_rows(q, p, 0, n)

@@ -61,15 +61,30 @@ const T& lookup(const std::unordered_map<int64_t, T>& table, int64_t id) {
     return it->second;  // a reference into a node-based map: stays valid while others insert
 }
 
-// y = x2 @ W^T (+ b) for the weight that ``a`` describes: the GEMV kernel for a few rows of x;
-// else the weight decoded, whole if small (one GEMM), else in cache-sized panels of rows and
-// torch's GEMM, so that the decode cost is spread over the rows of x.
+// A decoded panel rounded in place to the model's dtype (bfloat16 / float16: c10's round to
+// nearest even, NaN kept NaN, as torch's .to() rounds the reference's weight), back as float32.
+void round_to(at::Tensor& w, at::ScalarType dtype) {
+    if (dtype == at::kFloat) return;
+    float* p = w.data_ptr<float>();
+    at::parallel_for(0, w.numel(), 4096, [&](int64_t i0, int64_t i1) {
+        if (dtype == at::kBFloat16)
+            for (int64_t i = i0; i < i1; ++i) p[i] = static_cast<float>(c10::BFloat16(p[i]));
+        else
+            for (int64_t i = i0; i < i1; ++i) p[i] = static_cast<float>(c10::Half(p[i]));
+    });
+}
+
+// y = x2 @ W^T (+ b) for the weight that ``a`` describes, in float32: the GEMV kernel for a few
+// rows of x; else the weight decoded, whole if small (one GEMM), else in cache-sized panels of
+// rows and torch's GEMM, so that the decode cost is spread over the rows of x. A bfloat16 /
+// float16 model (``dtype``) always takes the decoded panels, each rounded to its dtype first:
+// the GEMV kernel multiplies the float32 decoded weight.
 void blocks_linear(const Format& f, Args& a, const at::Tensor& x2, const at::Tensor& b,
-                   at::Tensor& y) {
+                   at::Tensor& y, at::ScalarType dtype) {
     const int64_t m = a.M, n = a.N, padded = a.ldx;
     const int threads = at::get_num_threads();
     if (m == 0) return;
-    if (m <= kGemvMaxM) {
+    if (m <= kGemvMaxM && dtype == at::kFloat) {
         a.bias = b.defined() ? b.data_ptr<float>() : nullptr;
         a.y = y.data_ptr<float>();
         f.linear(&a, threads);
@@ -78,6 +93,7 @@ void blocks_linear(const Format& f, Args& a, const at::Tensor& x2, const at::Ten
     if (4 * n * padded <= kWholeBytes) {
         at::Tensor w = at::empty({n, padded}, x2.options());
         f.decode(&a, 0, n, w.data_ptr<float>(), threads);
+        round_to(w, dtype);
         y = b.defined() ? at::addmm(b, x2, w.t()) : at::mm(x2, w.t());
         return;
     }
@@ -87,6 +103,7 @@ void blocks_linear(const Format& f, Args& a, const at::Tensor& x2, const at::Ten
         const int64_t n1 = std::min(n, n0 + rows);
         at::Tensor w = panel.narrow(0, 0, n1 - n0);
         f.decode(&a, n0, n1, w.data_ptr<float>(), threads);
+        round_to(w, dtype);
         at::Tensor out = y.narrow(1, n0, n1 - n0);
         if (b.defined()) out.copy_(at::addmm(b.narrow(0, n0, n1 - n0), x2, w.t()));
         else out.copy_(at::mm(x2, w.t()));
@@ -95,13 +112,19 @@ void blocks_linear(const Format& f, Args& a, const at::Tensor& x2, const at::Ten
 
 // y += x2[:, c] * (value - decoded value) for the weights kept apart from the blocks (OPQ
 // outliers, proxy columns) at flat positions r * padded + c.
+// (A bfloat16 / float16 model: both values rounded to its dtype, as the reference's weight is.)
 void add_kept_apart(const Format& f, const Args& a, const at::Tensor& x2, const at::Tensor& index,
-                    const at::Tensor& value, at::Tensor& y) {
+                    const at::Tensor& value, at::Tensor& y, at::ScalarType dtype) {
     const int64_t padded = a.ldx;
     at::Tensor flat = index.to(at::kLong).contiguous();
     at::Tensor decoded = at::empty({flat.numel()}, x2.options());
     f.values(&a, flat.data_ptr<int64_t>(), flat.numel(), decoded.data_ptr<float>());
-    at::Tensor delta = value.to(at::kFloat) - decoded;
+    at::Tensor kept = value.to(at::kFloat);
+    if (dtype != at::kFloat) {
+        kept = kept.to(dtype).to(at::kFloat);
+        decoded = decoded.to(dtype).to(at::kFloat);
+    }
+    at::Tensor delta = kept - decoded;
     y.index_add_(1, at::floor_divide(flat, padded),
                  x2.index_select(1, flat.remainder(padded)) * delta);
 }
@@ -119,29 +142,37 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor
                   const std::optional<at::Tensor>& outlier_value,
                   int64_t format, int64_t n, int64_t k, int64_t block) {
     const Format& f = lookup(g_formats, format);
-    TORCH_CHECK(x.scalar_type() == at::kFloat && x.size(-1) == k,
-                "qcompile_cpu::linear: x must be float32 [..., ", k, "]");
+    const at::ScalarType dtype = x.scalar_type();
+    TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf) &&
+                    x.size(-1) == k,
+                "qcompile_cpu::linear: x must be float32, bfloat16 or float16 [..., ", k,
+                "], not ", dtype, " ", x.sizes());
+    TORCH_CHECK(!bias.has_value() || bias->scalar_type() == dtype,
+                "qcompile_cpu::linear: the bias must be x's dtype ", dtype, ", not ",
+                bias.has_value() ? bias->scalar_type() : dtype);
     TORCH_CHECK(codes.is_contiguous() && scales.is_contiguous(),
                 "qcompile_cpu::linear: codes and scales must be contiguous");
     TORCH_CHECK(scales.size(0) == n, "qcompile_cpu::linear: the weight has ", scales.size(0),
                 " rows, not ", n);
     const int64_t n_blocks = scales.size(1), padded = n_blocks * block;
-    at::Tensor x2 = x.dim() == 2 ? x : x.reshape({-1, k});
+    // a bfloat16 / float16 model: x and the bias in float32 (exact), the products and sums
+    // in float32, the output rounded to the dtype once
+    at::Tensor x2 = x.reshape({-1, k}).to(at::kFloat);
     if (padded != k) x2 = at::constant_pad_nd(x2, {0, padded - k});
     if (!x2.is_contiguous()) x2 = x2.contiguous();
     const int64_t m = x2.size(0);
-    at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+    at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
     Args a{};
     a.x = x2.data_ptr<float>(); a.M = m; a.ldx = padded;
     a.codes = codes.data_ptr<uint8_t>(); a.row_bytes = codes.size(-1);
     a.scales = scales.data_ptr(); a.n_blocks = n_blocks; a.block = block;
     a.table = f.table.data(); a.mult_table = f.mult.empty() ? nullptr : f.mult.data();
     a.maxv = f.maxv; a.step = f.step; a.N = n;
-    at::Tensor y = at::empty({m, n}, x.options());
-    blocks_linear(f, a, x2, b, y);
+    at::Tensor y = at::empty({m, n}, x2.options());
+    blocks_linear(f, a, x2, b, y, dtype);
     if (outlier_index.has_value() && m > 0 && outlier_index->numel() > 0)
-        add_kept_apart(f, a, x2, *outlier_index, *outlier_value, y);
-    return shaped(y, x, n);
+        add_kept_apart(f, a, x2, *outlier_index, *outlier_value, y, dtype);
+    return shaped(dtype == at::kFloat ? y : y.to(dtype), x, n);
 }
 
 // The integer path: activations quantised by the C++ quantiser, integer block dot products.

@@ -21,7 +21,7 @@ from qcompile.formats import reference
 from qcompile.formats.elements import IntElement
 
 from .. import constants
-from ..select import require_cpu_weight, tables_from_side_data
+from ..select import CPU_LINEAR_DTYPES, require_cpu_weight, tables_from_side_data
 from .build import library, op_library
 from .isa import chosen_isa
 from .structs import Args
@@ -45,7 +45,7 @@ class Plan:
 
     def __init__(self, q):
         fmt, el = q.fmt, q.fmt.element
-        require_cpu_weight(q)
+        require_cpu_weight(q, CPU_LINEAR_DTYPES)  # the tables: the same for every dtype
         self.bits, self.block = el.bits, q.block
         values = constants.element_values(el, q.side)
         self.table = torch.zeros(max(16, values.numel()), dtype=torch.float32)
@@ -179,7 +179,7 @@ def plan(q) -> Plan:
 
 def _check(q):
     if q.codes.device.type != "cpu" or len(q.shape) != 2 or q.axis not in (0, 1):
-        require_cpu_weight(q)
+        require_cpu_weight(q, CPU_LINEAR_DTYPES)
     if not (q.codes.is_contiguous() and q.scales.is_contiguous()):
         raise ValueError("qcompile CPU kernels read codes and scales in memory order: they must "
                          "be contiguous (qcompile.quantize makes them so)")
