@@ -53,6 +53,7 @@ from . import config, ops
 from .linear_rule import forward_beyond_linear, linear_like
 from .codegen import cpu, select
 from .policy import DEFAULT_POLICY_DOC, Policy, PolicyError, default_policy
+from .swap import quantize_experts_
 
 LOWERINGS = ("inductor", "eager")
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -363,13 +364,18 @@ def blockquant_backend(gm, example_inputs, options=None, mode=None):
                     "the graphs runs eagerly, so a linear layer there runs in full precision. "
                     "fullgraph=True makes this an error", once=("graph break", where))
     graph = CompiledGraph(gm, example_inputs, opts, names, where)
-    _say_what_runs_unquantised(graph.current, _identity(names.root, where), where)
+    _say_what_runs_unquantised(graph.current, names.root, where)
     return graph
 
 
-def _say_what_runs_unquantised(variant: Variant, model, where: str):
+def _say_what_runs_unquantised(variant: Variant, root, where: str):
     """Once per model and reason: layers left alone for their dtype (the reason, not "nothing
-    matched"); else a graph with nothing quantised."""
+    matched"); else a graph that holds layers and quantises none of them, in a model that holds
+    no packed layer either. A graph with no layer at all (rotary embeddings, the pieces Dynamo
+    resumes between packed experts' decodes) has nothing the policy could match, and a model
+    holding packed layers (``quantize_model_``, the experts ``qcompile.compile`` packs) does not
+    run unquantised: neither is said."""
+    model = _identity(root, where)
     by_reason: dict[str, list[str]] = {}
     for fqn, why in left_alone(variant.gm):
         by_reason.setdefault(why, []).append(fqn)
@@ -377,10 +383,18 @@ def _say_what_runs_unquantised(variant: Variant, model, where: str):
         config.warn(f"blockquant: {len(layers)} layer(s) of {where} ({_some(layers)}) run "
                     f"unquantised, in full precision: {why}. Convert the model (.float(), "
                     ".half() or .bfloat16()) to quantise them", once=("dtype", model, why))
-    if not by_reason and not variant.packed and not _has_qcompile_ops(variant.gm) and not any(
-            r.weight_fmt != "-" or r.act_fmt != "-" for r in variant.rows):
+    if not by_reason and variant.rows and not variant.packed and not _has_qcompile_ops(
+            variant.gm) and not any(r.weight_fmt != "-" or r.act_fmt != "-" for r in variant.rows) \
+            and not _holds_packed(root):
         config.warn(f"blockquant: nothing in a graph of {where} matched the policy; it runs "
                     "unquantised", once=("nothing matched", model))
+
+
+def _holds_packed(model) -> bool:
+    """Whether ``model`` (None: not known) holds layers whose weights are packed already."""
+    return model is not None and any(
+        getattr(m, mark, False) for m in model.modules()
+        for mark in ("quantised_linear", "quantised_embedding", "quantised_experts"))
 
 
 def _identity(model, where: str):
@@ -486,7 +500,7 @@ def compile(model: torch.nn.Module, policy: Policy | None = None, *, fullgraph: 
     options = {"policy": policy, **options}
     opts = parse_options(options)
     warn_unmatched(opts["policy"], model)  # now, not at the first call
-    warn_float_experts(opts["policy"], model)
+    quantize_experts_(model, opts["policy"], "qcompile.compile")  # graphs cannot pack them
     remember_root(model)  # the encoder's frame is named in the whole model
     _watch_eager_layers(model, opts["policy"])
     _watch_copies(model)
