@@ -11,7 +11,8 @@ INTEGRATION_TESTS := tests/test_backend.py tests/test_models.py tests/test_relia
                      tests/test_policy_fuzz.py tests/test_smollm2.py tests/test_ops.py \
                      tests/test_embedding.py tests/test_hf_quantizer.py tests/test_stream.py \
                      tests/test_proxy.py tests/test_agreement.py tests/test_fallbacks.py \
-                     tests/test_file_integrity.py tests/test_explain.py tests/test_moe.py
+                     tests/test_file_integrity.py tests/test_explain.py tests/test_moe.py \
+                     tests/test_moe_compile.py
 
 .PHONY: main test test-newest setup
 

@@ -494,7 +494,13 @@ def compile(model: torch.nn.Module, policy: Policy | None = None, *, fullgraph: 
     compiled through one function share its recompile budget; here each model gets a frame of
     its own, compiled in the user's name. An encoder-decoder model's encoder (T5, BART,
     Whisper) is compiled in place too: ``generate`` calls it on its own, outside the model's
-    frame. A deep copy or a pickle of the compiled model runs uncompiled (it says so once)."""
+    frame. A deep copy or a pickle of the compiled model runs uncompiled (it says so once).
+
+    Mixture-of-experts tensors (qcompile.experts) the policy gives a format are packed first,
+    in place, as ``quantize_model_`` packs them (the same rule, the same packed tensors): a
+    graph cannot pack them, so the model's float expert tensors are replaced by
+    ``PackedExperts`` whose view the experts module's forward reads, decoding each expert it
+    uses outside the graphs."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"qcompile.compile: expected an nn.Module, got {type(model).__name__}")
     options = {"policy": policy, **options}
