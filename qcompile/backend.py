@@ -364,17 +364,18 @@ def blockquant_backend(gm, example_inputs, options=None, mode=None):
                     "the graphs runs eagerly, so a linear layer there runs in full precision. "
                     "fullgraph=True makes this an error", once=("graph break", where))
     graph = CompiledGraph(gm, example_inputs, opts, names, where)
-    _say_what_runs_unquantised(graph.current, names.root, where)
+    weighted = bool(graph.param_inputs) or next(gm.parameters(), None) is not None
+    _say_what_runs_unquantised(graph.current, weighted, names.root, where)
     return graph
 
 
-def _say_what_runs_unquantised(variant: Variant, root, where: str):
+def _say_what_runs_unquantised(variant: Variant, weighted: bool, root, where: str):
     """Once per model and reason: layers left alone for their dtype (the reason, not "nothing
     matched"); else a graph that holds layers and quantises none of them, in a model that holds
-    no packed layer either. A graph with no layer at all (rotary embeddings, the pieces Dynamo
-    resumes between packed experts' decodes) has nothing the policy could match, and a model
-    holding packed layers (``quantize_model_``, the experts ``qcompile.compile`` packs) does not
-    run unquantised: neither is said."""
+    no packed layer either. A graph without parameters (``weighted`` False: rotary embeddings,
+    the pieces Dynamo resumes between packed experts' decodes) has nothing the policy could
+    match, and a model holding packed layers (``quantize_model_``, the experts
+    ``qcompile.compile`` packs) does not run unquantised: neither is said."""
     model = _identity(root, where)
     by_reason: dict[str, list[str]] = {}
     for fqn, why in left_alone(variant.gm):
@@ -383,7 +384,8 @@ def _say_what_runs_unquantised(variant: Variant, root, where: str):
         config.warn(f"blockquant: {len(layers)} layer(s) of {where} ({_some(layers)}) run "
                     f"unquantised, in full precision: {why}. Convert the model (.float(), "
                     ".half() or .bfloat16()) to quantise them", once=("dtype", model, why))
-    if not by_reason and variant.rows and not variant.packed and not _has_qcompile_ops(
+    no_layer = not variant.rows and not weighted  # no layer: nothing the policy could match
+    if not by_reason and not no_layer and not variant.packed and not _has_qcompile_ops(
             variant.gm) and not any(r.weight_fmt != "-" or r.act_fmt != "-" for r in variant.rows) \
             and not _holds_packed(root):
         config.warn(f"blockquant: nothing in a graph of {where} matched the policy; it runs "
