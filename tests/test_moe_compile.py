@@ -18,6 +18,14 @@ from test_moe import IDS, POLICY, build, emulation, expert_params, logits, refer
 pytest.importorskip("transformers")
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test starts from empty Dynamo caches: the models of one architecture share their
+    forwards' code objects, and with them Dynamo's recompile limit."""
+    torch._dynamo.reset()
+    yield
+
+
 def _compiled(model, **options):
     """``model`` compiled in place with the eager lowering and the reference kernels (bit-exact
     with fake_quantize_model_), and the warnings said on the way and at its first call."""
