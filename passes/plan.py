@@ -7,7 +7,7 @@ import torch
 from torch import fx
 
 from qcompile import config
-from qcompile.experts import candidates as expert_candidates
+from qcompile.experts import SKIPPED_EXPERTS_ATTR, candidates as expert_candidates
 from qcompile.linear_rule import linear_like, linear_lookalike
 from qcompile.policy import Policy
 
@@ -126,23 +126,25 @@ def dtype_bits(v) -> int:
 def _unreached(gm, policy: Policy, example_inputs, names: ModuleNames | None) -> list[Skipped]:
     """Linear layers whose weight this graph reads, but not through a linear op the backend can
     quantise (nn.MultiheadAttention's out_proj inside its fused kernel, say), and the
-    mixture-of-experts tensors (qcompile.experts) the policy gives a format, which compiled
-    graphs keep in full precision for now."""
+    mixture-of-experts tensors (qcompile.experts) the policy gives a format that are still
+    float parameters: the backend cannot pack them from a graph (``qcompile.compile`` packs
+    them before compiling)."""
     if names is None or names.root is None:
         return []
     consumed = {id(real_input(gm, s.weight, example_inputs)) for _, s in sites(gm)
                 if s.kind == "linear"}
-    experts = {id(mod._parameters[attr]): name for name, mod, attr in
-               expert_candidates(names.root)}
+    experts = {id(mod._parameters[attr]): (name, mod.__dict__.get(SKIPPED_EXPERTS_ATTR, {}).get(
+        attr, EXPERTS_COMPILED_REASON)) for name, mod, attr in expert_candidates(names.root)}
     skipped = []
     for ph in placeholders(gm):
         t = real_input(gm, ph, example_inputs)
         if t is None or id(t) in consumed:
             continue
         if id(t) in experts:
-            rule, spec = policy.match(experts[id(t)], "linear")
+            name, reason = experts[id(t)]
+            rule, spec = policy.match(name, "linear")
             if spec is not None and spec.weight is not None:
-                skipped.append(_skip(experts[id(t)], t, rule, spec, EXPERTS_COMPILED_REASON))
+                skipped.append(_skip(name, t, rule, spec, reason))
             continue
         for name in names.weight_holders(t):
             rule, spec = policy.match(name, "linear")
@@ -158,17 +160,21 @@ def _unreached(gm, policy: Policy, example_inputs, names: ModuleNames | None) ->
 
 
 EXPERTS_COMPILED_REASON = (
-    "it is a 3-D parameter (a mixture-of-experts tensor: one matrix per expert), and compiled "
-    "graphs do not quantise expert tensors yet; quantize_model_ (before compiling) and "
-    "fake_quantize_model_ do")
+    "it is a 3-D parameter (a mixture-of-experts tensor: one matrix per expert), and the "
+    "torch.compile backend, which sees only graphs, cannot pack expert tensors. Call "
+    "qcompile.quantize_model_(model, policy) before torch.compile, or compile with "
+    "qcompile.compile(model, policy), which packs them first")
 
 
 def float_experts(policy: Policy, model: torch.nn.Module) -> list[Skipped]:
     """The mixture-of-experts tensors of ``model`` that ``policy`` gives a weight format and
-    that compiled graphs keep in full precision (all of them, for now)."""
+    that compiled graphs keep in full precision: every one still a float parameter, except
+    those the eager helpers already refused (with their own reason)."""
     out = []
     for name, mod, attr in expert_candidates(model):
         rule, spec = policy.match(name, "linear")
+        if attr in mod.__dict__.get(SKIPPED_EXPERTS_ATTR, {}):
+            continue  # quantize_model_ / qcompile.compile said why it stays float
         if spec is not None and spec.weight is not None:
             out.append(_skip(name, mod._parameters[attr], rule, spec, EXPERTS_COMPILED_REASON))
     return out

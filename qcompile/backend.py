@@ -53,6 +53,7 @@ from . import config, ops, tensor_parallel
 from .linear_rule import forward_beyond_linear, linear_like
 from .codegen import cpu, select
 from .policy import DEFAULT_POLICY_DOC, Policy, PolicyError, default_policy
+from .swap import quantize_experts_
 
 LOWERINGS = ("inductor", "eager")
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -364,13 +365,19 @@ def blockquant_backend(gm, example_inputs, options=None, mode=None):
                     "the graphs runs eagerly, so a linear layer there runs in full precision. "
                     "fullgraph=True makes this an error", once=("graph break", where))
     graph = CompiledGraph(gm, example_inputs, opts, names, where)
-    _say_what_runs_unquantised(graph.current, _identity(names.root, where), where)
+    weighted = bool(graph.param_inputs) or next(gm.parameters(), None) is not None
+    _say_what_runs_unquantised(graph.current, weighted, names.root, where)
     return graph
 
 
-def _say_what_runs_unquantised(variant: Variant, model, where: str):
+def _say_what_runs_unquantised(variant: Variant, weighted: bool, root, where: str):
     """Once per model and reason: layers left alone for their dtype (the reason, not "nothing
-    matched"); else a graph with nothing quantised."""
+    matched"); else a graph that holds layers and quantises none of them, in a model that holds
+    no packed layer either. A graph without parameters (``weighted`` False: rotary embeddings,
+    the pieces Dynamo resumes between packed experts' decodes) has nothing the policy could
+    match, and a model holding packed layers (``quantize_model_``, the experts
+    ``qcompile.compile`` packs) does not run unquantised: neither is said."""
+    model = _identity(root, where)
     by_reason: dict[str, list[str]] = {}
     for fqn, why in left_alone(variant.gm):
         by_reason.setdefault(why, []).append(fqn)
@@ -378,10 +385,19 @@ def _say_what_runs_unquantised(variant: Variant, model, where: str):
         config.warn(f"blockquant: {len(layers)} layer(s) of {where} ({_some(layers)}) run "
                     f"unquantised, in full precision: {why}. Convert the model (.float(), "
                     ".half() or .bfloat16()) to quantise them", once=("dtype", model, why))
-    if not by_reason and not variant.packed and not _has_qcompile_ops(variant.gm) and not any(
-            r.weight_fmt != "-" or r.act_fmt != "-" for r in variant.rows):
+    no_layer = not variant.rows and not weighted  # no layer: nothing the policy could match
+    if not by_reason and not no_layer and not variant.packed and not _has_qcompile_ops(
+            variant.gm) and not any(r.weight_fmt != "-" or r.act_fmt != "-" for r in variant.rows) \
+            and not _holds_packed(root):
         config.warn(f"blockquant: nothing in a graph of {where} matched the policy; it runs "
                     "unquantised", once=("nothing matched", model))
+
+
+def _holds_packed(model) -> bool:
+    """Whether ``model`` (None: not known) holds layers whose weights are packed already."""
+    return model is not None and any(
+        getattr(m, mark, False) for m in model.modules()
+        for mark in ("quantised_linear", "quantised_embedding", "quantised_experts"))
 
 
 def _identity(model, where: str):
@@ -481,14 +497,20 @@ def compile(model: torch.nn.Module, policy: Policy | None = None, *, fullgraph: 
     compiled through one function share its recompile budget; here each model gets a frame of
     its own, compiled in the user's name. An encoder-decoder model's encoder (T5, BART,
     Whisper) is compiled in place too: ``generate`` calls it on its own, outside the model's
-    frame. A deep copy or a pickle of the compiled model runs uncompiled (it says so once)."""
+    frame. A deep copy or a pickle of the compiled model runs uncompiled (it says so once).
+
+    Mixture-of-experts tensors (qcompile.experts) the policy gives a format are packed first,
+    in place, as ``quantize_model_`` packs them (the same rule, the same packed tensors): a
+    graph cannot pack them, so the model's float expert tensors are replaced by
+    ``PackedExperts`` whose view the experts module's forward reads, decoding each expert it
+    uses outside the graphs."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"qcompile.compile: expected an nn.Module, got {type(model).__name__}")
     options = {"policy": policy, **options}
     opts = parse_options(options)
     warn_unmatched(opts["policy"], model)  # now, not at the first call
-    warn_float_experts(opts["policy"], model)
-    tensor_parallel.check_compile(model, opts["policy"])
+    tensor_parallel.check_compile(model, opts["policy"])  # refused before any work
+    quantize_experts_(model, opts["policy"], "qcompile.compile")  # graphs cannot pack them
     remember_root(model)  # the encoder's frame is named in the whole model
     _watch_eager_layers(model, opts["policy"])
     _watch_copies(model)

@@ -27,6 +27,8 @@ from torch.overrides import TorchFunctionMode
 
 # the row kind of an expert tensor in explain
 EXPERTS_OP = "experts"
+# {parameter attribute: reason} on an experts module, for the tensors a helper kept float
+SKIPPED_EXPERTS_ATTR = "_qcompile_skipped_experts"
 
 _CONVS = (torch.nn.modules.conv._ConvNd,)
 # ops that consume a matrix operand: (x @ W) forms, with the weight first or second

@@ -40,7 +40,7 @@ from .policy import Policy, PolicyError, default_policy
 from .proxy import input_scores
 
 SKIP_REASON_ATTR = "_qcompile_skipped"
-SKIPPED_EXPERTS_ATTR = "_qcompile_skipped_experts"  # {parameter attribute: reason} on a module
+SKIPPED_EXPERTS_ATTR = experts.SKIPPED_EXPERTS_ATTR  # {parameter attribute: reason} on a module
 PROXY_EXPERTS_REASON = ("proxy quantisation keeps the weight columns that the previous layer's "
                         "weights score highest, and an expert tensor's inputs come from a router, "
                         "not from one previous layer: give expert tensors a format without the "
@@ -317,11 +317,26 @@ def quantize_model_(model: torch.nn.Module, policy: Policy | None = None) -> tor
         if kind == "linear":
             tensor_parallel.keep_style(model, name, model.get_submodule(name), new)
         _set_child(model, name, new)
-    for t, spec in expert_tensors:
-        install_experts(t.module, t.attr, pack_expert_tensor(t.tensor, t, spec, policy))
+    install_packed_experts(policy, expert_tensors)
     _warn_untied_growth(model, tied, before)
     setattr(model, POLICIES_ATTR, (*getattr(model, POLICIES_ATTR, ()), policy))
     return model
+
+
+def install_packed_experts(policy: Policy, expert_tensors: list[tuple]):
+    """Pack each expert tensor of ``expert_tensors`` (``expert_layers``' answer) into a
+    ``PackedExperts`` and put it in the parameter's place (qcompile.expert_stack)."""
+    for t, spec in expert_tensors:
+        install_experts(t.module, t.attr, pack_expert_tensor(t.tensor, t, spec, policy))
+
+
+def quantize_experts_(model: torch.nn.Module, policy: Policy, who: str) -> int:
+    """Pack, in place, every mixture-of-experts tensor ``policy`` gives a weight format, by
+    ``quantize_model_``'s rule and with its packed result (``qcompile.compile`` calls it: a
+    compiled graph cannot pack them). Returns how many were packed."""
+    expert_tensors = expert_layers(model, policy, who)
+    install_packed_experts(policy, expert_tensors)
+    return len(expert_tensors)
 
 
 def pack_expert_tensor(w: torch.Tensor, t, spec, policy: Policy) -> PackedExperts:

@@ -290,13 +290,6 @@ def test_a_router_that_subclasses_linear_keeps_full_precision():
     assert logits(packed).shape == (2, 8, 64)
 
 
-def test_the_compiled_path_says_by_name_that_experts_stay_float():
-    model = build("mixtral", "eager")
-    with pytest.warns(UserWarning, match="'model.layers.0.mlp.experts.gate_up_proj'.*compiled "
-                      "graphs do not quantise expert tensors"):
-        qcompile.compile(copy.deepcopy(model), POLICY, lowering="eager")
-
-
 def test_a_quantised_model_compiles_and_runs_its_packed_experts():
     # quantize_model_ first: the compiled model decodes the packed experts (outside its graphs)
     model = build("mixtral", "eager")
