@@ -47,8 +47,9 @@ POLICY = Policy({"lm_head": None,
 
 
 def policy_for(name) -> Policy:
-    """POLICY; for a mixture of experts, with its expert tensors kept in full precision:
-    compiled graphs do not quantise them yet (tests/test_moe.py checks the eager helpers)."""
+    """POLICY; for a mixture of experts, with its expert tensors kept in full precision: the
+    backend's graphs cannot pack them (qcompile.compile packs them before compiling:
+    tests/test_moe.py, tests/test_moe_compile.py), and this test compares layer by layer."""
     if not any(isinstance(p, nn.Parameter) and p.dim() == 3
                for p in BUILDERS[name]().parameters()):
         return POLICY
@@ -217,7 +218,8 @@ def test_explain_traced_on_a_moe_model_with_eager_experts_lists_every_layer(name
     quantised, lookalikes = expected(model)
     rows = qcompile.explain(copy.deepcopy(model), POLICY, **inputs(name)).rows
     assert {r.fqn for r in rows if r.weight_fmt != "-"} == quantised
-    # the expert tensors too: compiled graphs keep them in full precision for now, and say so
+    # the expert tensors too: a traced explain of a float model sees the backend's graphs, which
+    # keep them in full precision and say so (qcompile.compile packs them first)
     experts = {f"{m}.{a}" for m, mod in model.named_modules() if m.endswith(".experts")
                for a, p in mod._parameters.items() if p.dim() == 3}
     assert experts
