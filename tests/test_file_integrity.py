@@ -20,11 +20,10 @@ from transformers import AutoModelForCausalLM
 import qcompile
 from qcompile import LayerSpec, Policy, config, formats
 from qcompile.integrations.stream import quantize_checkpoint
-from qcompile.policy import PolicyError
 from qcompile.serialize import QuantizedFileError, saved_policies
 from qcompile.swap import QuantLinear
 
-from hf_models import IDS, LLAMA, MIXED, logits, save_llama, with_config
+from hf_models import LLAMA, MIXED, logits, save_llama, with_config
 
 logging.getLogger("transformers").setLevel(logging.ERROR)
 pytestmark = pytest.mark.filterwarnings("ignore:.*tables with OPQ outliers are gathered by the ref")
@@ -234,6 +233,17 @@ def fuzz(saved, tmp_path):
     return tensors, doc, tmp_path / "edited.safetensors", load, rebuild
 
 
+def tensor_cases(cases, tensors, edited, meta):
+    """(what, write_case) pairs: each writes the file with one tensor edit applied."""
+    def writer(edit):
+        def write_case():
+            ts = dict(tensors)
+            edit(ts)
+            write(edited, ts, meta)
+        return write_case
+    return [(what, writer(edit)) for what, edit in cases]
+
+
 def test_fuzz_every_tensor_changed_or_swapped_is_refused(fuzz):
     tensors, doc, edited, load, rebuild = fuzz
     meta = {"blockquant": json.dumps(doc), "format": "pt"}
@@ -242,13 +252,23 @@ def test_fuzz_every_tensor_changed_or_swapped_is_refused(fuzz):
     assert {"model.norm.weight", "lm_head.weight", "model.layers.0.self_attn.q_proj.bias",
             "model.layers.0.mlp.down_proj.side_outlier_index"} <= set(tensors)
 
-    def writer(edit):
+    assert refused(load, tensor_cases(cases, tensors, edited, meta), rebuild) == []
+
+
+def metadata_cases(cases, tensors, edited, policy_missed: list):
+    """(what, write_case) pairs: each writes the file with one edited document; a document
+    that ``saved_policies`` (the documented way to get the policy) reads without refusing it
+    is recorded in ``policy_missed``."""
+    def writer(what, new_doc):
         def write_case():
-            ts = dict(tensors)
-            edit(ts)
-            write(edited, ts, meta)
+            write(edited, tensors, {"blockquant": json.dumps(new_doc), "format": "pt"})
+            try:
+                saved_policies(edited)
+                policy_missed.append(what)
+            except QuantizedFileError:
+                pass
         return write_case
-    assert refused(load, [(what, writer(edit)) for what, edit in cases], rebuild) == []
+    return [(what, writer(what, d)) for what, d in cases]
 
 
 def test_fuzz_every_metadata_field_changed_is_refused(fuzz):
@@ -256,17 +276,8 @@ def test_fuzz_every_metadata_field_changed_is_refused(fuzz):
     cases = list(metadata_edits(doc))
     assert len(cases) > 500
     policy_missed = []
-
-    def writer(what, new_doc):
-        def write_case():
-            write(edited, tensors, {"blockquant": json.dumps(new_doc), "format": "pt"})
-            try:  # the documented way to get the policy reads the document too
-                saved_policies(edited)
-                policy_missed.append(what)
-            except QuantizedFileError:
-                pass
-        return write_case
-    assert refused(load, [(what, writer(what, d)) for what, d in cases], rebuild) == []
+    written = metadata_cases(cases, tensors, edited, policy_missed)
+    assert refused(load, written, rebuild) == []
     assert policy_missed == []
 
 

@@ -21,7 +21,8 @@ from qcompile.integrations import hf
 from qcompile.integrations.stream import quantize_checkpoint
 from qcompile.serialize import QuantizedFileError, saved_policies
 
-from test_file_integrity import metadata_edits, read, refused, tensor_edits, write
+from test_file_integrity import (metadata_cases, metadata_edits, read, refused, tensor_cases,
+                                 tensor_edits, write)
 from test_moe import (ARCHS, IDS, POLICY, _packed_bits, build, emulation, expert_params, logits,
                       reference_linears)
 
@@ -100,14 +101,7 @@ def test_moe_file_every_expert_tensor_changed_or_swapped_is_refused(moe_fuzz):
     meta = {"blockquant": json.dumps(doc), "format": "pt"}
     cases = [(what, edit) for what, edit in tensor_edits(tensors) if ".experts." in what]
     assert len(cases) > 20
-
-    def writer(edit):
-        def write_case():
-            ts = dict(tensors)
-            edit(ts)
-            write(edited, ts, meta)
-        return write_case
-    assert refused(load, [(what, writer(edit)) for what, edit in cases], rebuild) == []
+    assert refused(load, tensor_cases(cases, tensors, edited, meta), rebuild) == []
 
 
 def test_moe_file_every_expert_metadata_entry_changed_is_refused(moe_fuzz):
@@ -115,17 +109,7 @@ def test_moe_file_every_expert_metadata_entry_changed_is_refused(moe_fuzz):
     cases = [(what, d) for what, d in metadata_edits(doc) if ".experts." in what]
     assert len(cases) > 50
     policy_missed = []
-
-    def writer(what, new_doc):
-        def write_case():
-            write(edited, tensors, {"blockquant": json.dumps(new_doc), "format": "pt"})
-            try:
-                saved_policies(edited)
-                policy_missed.append(what)
-            except QuantizedFileError:
-                pass
-        return write_case
-    assert refused(load, [(what, writer(what, d)) for what, d in cases], rebuild) == []
+    assert refused(load, metadata_cases(cases, tensors, edited, policy_missed), rebuild) == []
     assert policy_missed == []
 
 
