@@ -32,6 +32,17 @@ from . import api, ops
 from .formats.qtensor import QTensor
 
 _GROUPED = ("grouped_mm",)  # torch._grouped_mm, F.grouped_mm, transformers' fallback op
+_OUT_OF_GRAPHS: list[bool] = []
+
+
+def _keep_decode_out_of_graphs():
+    """Compiled graphs call ``PackedExperts.decode`` as it is (a graph break), not traced
+    inside. Made so at the first stack, not at import: ``torch.compiler.disable`` imports Dynamo,
+    which imports triton, and importing qcompile must not (that would fix triton's mode before
+    TRITON_INTERPRET may be set)."""
+    if not _OUT_OF_GRAPHS:
+        PackedExperts.decode = torch.compiler.disable(PackedExperts.decode)
+        _OUT_OF_GRAPHS.append(True)
 
 
 class PackedExperts(torch.nn.Module):
@@ -41,6 +52,7 @@ class PackedExperts(torch.nn.Module):
 
     def __init__(self, stack: list[QTensor], axis: int, impl: str = "auto"):
         super().__init__()
+        _keep_decode_out_of_graphs()
         first = stack[0]
         self.fmt, self.fmt_key, self.block = first.fmt, first.fmt.key, first.block
         self.matrix_shape, self.dtype = tuple(first.shape), first.dtype
@@ -85,7 +97,10 @@ class PackedExperts(torch.nn.Module):
         return QTensor(self.fmt, self.codes[e], self.scales[e], torch.Size(self.matrix_shape),
                        self.dtype, self.axis - 1, self.block, side)
 
-    @torch.compiler.disable  # compiled graphs call it as it is (a break), not traced inside
+    def __setstate__(self, state):  # unpickled in a fresh process: no __init__ ran there
+        super().__setstate__(state)
+        _keep_decode_out_of_graphs()
+
     def decode(self, e: int) -> torch.Tensor:
         """Expert ``e``'s matrix, dequantised (its kernel noted for explain against the stack's
         codes)."""
