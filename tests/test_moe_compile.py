@@ -11,6 +11,8 @@ import warnings
 
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 
 import qcompile
 from test_moe import IDS, POLICY, build, emulation, expert_params, logits, reference_linears
@@ -65,6 +67,11 @@ def test_compiled_model_holds_packed_experts_and_explain_lists_them():
         assert r.weight_shape == tuple(p.shape) and not r.note.startswith("skipped")
 
 
+# transformers 5.25 wraps the decoder in a frame ('wrapped_func') that Dynamo recompiles per
+# sequence length until its limit, then runs eagerly (said by the backend's warning): a known
+# gap, to fix; strict, so this turns red the day it passes
+@pytest.mark.xfail(Version(transformers.__version__) >= Version("5.25"), strict=True,
+                   reason="transformers 5.25: recompile limit in 'wrapped_func' during generate")
 def test_generate_with_a_kv_cache_on_the_compiled_model_equals_quantize_model():
     model = build("qwen3-moe", "eager")
     packed = reference_linears(qcompile.quantize_model_(copy.deepcopy(model), POLICY))
