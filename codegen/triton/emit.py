@@ -20,20 +20,20 @@ SCALES: dict[str, ScaleEmitter] = {s.kind: s for s in (
     Pow2Emitter(), AbsmaxEmitter(), NVFP4Emitter())}
 
 
-def element(el) -> ElementEmitter:
-    found = ELEMENTS.get(el.kind)
+def _emitter(registry: dict, kind: str, what: str, detail: str = ""):
+    found = registry.get(kind)
     if found is None:
-        raise NoKernel(f"no Triton emitter for element kind {el.kind!r} ({el.describe()}); "
-                       f"emitters exist for {', '.join(ELEMENTS)}")
+        raise NoKernel(f"no Triton emitter for {what} kind {kind!r}{detail}; emitters exist "
+                       f"for {', '.join(registry)}")
     return found
+
+
+def element(el) -> ElementEmitter:
+    return _emitter(ELEMENTS, el.kind, "element", f" ({el.describe()})")
 
 
 def scale(sc) -> ScaleEmitter:
-    found = SCALES.get(sc.kind)
-    if found is None:
-        raise NoKernel(f"no Triton emitter for scale kind {sc.kind!r}; emitters exist for "
-                       f"{', '.join(SCALES)}")
-    return found
+    return _emitter(SCALES, sc.kind, "scale")
 
 
 def encodable(fmt) -> bool:
