@@ -24,6 +24,9 @@ struct Args {
     const float* bias;     // [N] or null
     float* y;              // [M, N]
     int64_t N;
+    int32_t round_to;      // the model's dtype: 0 float32; 1 bfloat16, 2 float16: each decoded
+                           // weight rounded to it (round to nearest even, NaN kept), as the
+                           // reference's weight is
 };
 
 // The integer path (int_kernels.cpp): activations -> int8 codes per block, as the reference

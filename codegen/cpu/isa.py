@@ -13,9 +13,10 @@ from qcompile import config
 
 ISAS = config.CPU_ISAS  # best first
 ISA_NUMBER = {"avx512_vnni": 3, "avx512": 2, "avx2": 1, "scalar": 0}  # QC_ISA
-_AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mfma", "-mavx2"]
+# (-mf16c: every AVX2 CPU has F16C, the float16 rounding of a bfloat16 / float16 model's weights)
+_AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mfma", "-mavx2", "-mf16c"]
 ISA_FLAGS = {"avx512_vnni": _AVX512 + ["-mavx512vnni"], "avx512": _AVX512,
-             "avx2": ["-mavx2", "-mfma"], "scalar": []}
+             "avx2": ["-mavx2", "-mfma", "-mf16c"], "scalar": []}
 
 
 def machine_isa() -> str:

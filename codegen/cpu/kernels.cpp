@@ -38,8 +38,9 @@
 
 namespace {
 
-// y[m, n] for MB rows of x starting at m0, one weight row n.
-template <int BITS, int SCALE, int DEC, int MB>
+// y[m, n] for MB rows of x starting at m0, one weight row n; R: each decoded weight rounded to
+// the model's dtype (args.h's round_to), so no block factors out of the sum.
+template <int BITS, int SCALE, int DEC, int MB, int R>
 void row_dot(const Args& a, int64_t n, int64_t m0, uint8_t* unpacked) {
     const uint8_t* row = a.codes + n * a.row_bytes;
     const Table16 t16(a.table);
@@ -58,8 +59,8 @@ void row_dot(const Args& a, int64_t n, int64_t m0, uint8_t* unpacked) {
             for (; j + W <= half; j += W) {
                 I cs = bytes_u8(row + j0 + j);
                 F w0, w1;
-                interleave(vmul(decode_vec<BITS, DEC>(a, t16, hi4(cs)), vm),
-                           vmul(decode_vec<BITS, DEC>(a, t16, lo4(cs)), vm), w0, w1);
+                interleave(vround<R>(vmul(decode_vec<BITS, DEC>(a, t16, hi4(cs)), vm)),
+                           vround<R>(vmul(decode_vec<BITS, DEC>(a, t16, lo4(cs)), vm)), w0, w1);
                 for (int m = 0; m < MB; ++m) {
                     const float* xr = a.x + (m0 + m) * a.ldx + k0 + 2 * j;
                     acc[m] = vfma(vload(xr), w0, acc[m]);
@@ -67,8 +68,8 @@ void row_dot(const Args& a, int64_t n, int64_t m0, uint8_t* unpacked) {
                 }
             }
             for (; j < half; ++j) {
-                float we = element<BITS, DEC>(a, row[j0 + j] >> 4) * mult;
-                float wo = element<BITS, DEC>(a, row[j0 + j] & 15) * mult;
+                float we = sround<R>(element<BITS, DEC>(a, row[j0 + j] >> 4) * mult);
+                float wo = sround<R>(element<BITS, DEC>(a, row[j0 + j] & 15) * mult);
                 for (int m = 0; m < MB; ++m) {
                     const float* xr = a.x + (m0 + m) * a.ldx + k0 + 2 * j;
                     tail[m] += xr[0] * we + xr[1] * wo;
@@ -77,7 +78,7 @@ void row_dot(const Args& a, int64_t n, int64_t m0, uint8_t* unpacked) {
             continue;
         }
         const float ms = mult * a.step;
-        if (DEC == 2 && std::isfinite(ms) && !(ms != 0.0f && std::fabs(ms) < FLT_MIN)) {
+        if (DEC == 2 && R == 0 && std::isfinite(ms) && !(ms != 0.0f && std::fabs(ms) < FLT_MIN)) {
             // int8 codes: sum x * code over the block, then one multiply by mult * step (exact:
             // a normal float times a power of two); the block factors out, within the float32
             // bound of the docs. A subnormal or NaN product: each weight decoded, below.
@@ -116,12 +117,12 @@ void row_dot(const Args& a, int64_t n, int64_t m0, uint8_t* unpacked) {
         int64_t k = 0;
         for (; k + W <= a.block; k += W) {
             I c = DEC == 2 ? bytes_s8(cs + k) : bytes_u8(cs + k);
-            F w = vmul(decode_vec<BITS, DEC>(a, t16, c), vm);
+            F w = vround<R>(vmul(decode_vec<BITS, DEC>(a, t16, c), vm));
             for (int m = 0; m < MB; ++m)
                 acc[m] = vfma(vload(a.x + (m0 + m) * a.ldx + k0 + k), w, acc[m]);
         }
         for (; k < a.block; ++k) {
-            float w = element<BITS, DEC>(a, cs[k]) * mult;
+            float w = sround<R>(element<BITS, DEC>(a, cs[k]) * mult);
             for (int m = 0; m < MB; ++m) tail[m] += a.x[(m0 + m) * a.ldx + k0 + k] * w;
         }
     }
@@ -244,11 +245,8 @@ void linear4(const Args& a, int threads) {
 }
 #endif
 
-template <int BITS, int SCALE, int DEC>
-void linear(const Args& a, int threads) {
-#if QC_ISA >= 2
-    if (BITS == 4 && DEC == 0 && a.block % 8 == 0) return linear4<SCALE>(a, threads);
-#endif
+template <int BITS, int SCALE, int DEC, int R>
+void rows_linear(const Args& a, int threads) {
     #pragma omp parallel num_threads(threads)
     {
         std::vector<uint8_t> buffer(BITS == 8 ? 0 : a.block + W);  // one block's codes
@@ -256,15 +254,27 @@ void linear(const Args& a, int threads) {
         #pragma omp for schedule(static)
         for (int64_t n = 0; n < a.N; ++n) {
             int64_t m = 0;
-            for (; m + 4 <= a.M; m += 4) row_dot<BITS, SCALE, DEC, 4>(a, n, m, unpacked);
+            for (; m + 4 <= a.M; m += 4) row_dot<BITS, SCALE, DEC, 4, R>(a, n, m, unpacked);
             switch (a.M - m) {
-                case 3: row_dot<BITS, SCALE, DEC, 3>(a, n, m, unpacked); break;
-                case 2: row_dot<BITS, SCALE, DEC, 2>(a, n, m, unpacked); break;
-                case 1: row_dot<BITS, SCALE, DEC, 1>(a, n, m, unpacked); break;
+                case 3: row_dot<BITS, SCALE, DEC, 3, R>(a, n, m, unpacked); break;
+                case 2: row_dot<BITS, SCALE, DEC, 2, R>(a, n, m, unpacked); break;
+                case 1: row_dot<BITS, SCALE, DEC, 1, R>(a, n, m, unpacked); break;
                 default: break;
             }
         }
     }
+}
+
+template <int BITS, int SCALE, int DEC>
+void linear(const Args& a, int threads) {
+    // a bfloat16 / float16 model: its weights rounded one by one (the group kernel below
+    // factors each block's multiplier out of its sums, so it serves float32 models only)
+    if (a.round_to == 1) return rows_linear<BITS, SCALE, DEC, 1>(a, threads);
+    if (a.round_to == 2) return rows_linear<BITS, SCALE, DEC, 2>(a, threads);
+#if QC_ISA >= 2
+    if (BITS == 4 && DEC == 0 && a.block % 8 == 0) return linear4<SCALE>(a, threads);
+#endif
+    rows_linear<BITS, SCALE, DEC, 0>(a, threads);
 }
 
 // Rows n0..n1 of the weight, decoded: out[(n - n0) * n_blocks * block + k], float32; each

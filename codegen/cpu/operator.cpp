@@ -61,30 +61,25 @@ const T& lookup(const std::unordered_map<int64_t, T>& table, int64_t id) {
     return it->second;  // a reference into a node-based map: stays valid while others insert
 }
 
-// A decoded panel rounded in place to the model's dtype (bfloat16 / float16: c10's round to
-// nearest even, NaN kept NaN, as torch's .to() rounds the reference's weight), back as float32.
+// A decoded panel rounded in place to the model's dtype (bfloat16 / float16: ATen's vectorised
+// conversion, round to nearest even, NaN kept NaN, as torch's .to() rounds the reference's
+// weight), back as float32.
 void round_to(at::Tensor& w, at::ScalarType dtype) {
-    if (dtype == at::kFloat) return;
-    float* p = w.data_ptr<float>();
-    at::parallel_for(0, w.numel(), 4096, [&](int64_t i0, int64_t i1) {
-        if (dtype == at::kBFloat16)
-            for (int64_t i = i0; i < i1; ++i) p[i] = static_cast<float>(c10::BFloat16(p[i]));
-        else
-            for (int64_t i = i0; i < i1; ++i) p[i] = static_cast<float>(c10::Half(p[i]));
-    });
+    if (dtype != at::kFloat) w.copy_(w.to(dtype));
 }
 
 // y = x2 @ W^T (+ b) for the weight that ``a`` describes, in float32: the GEMV kernel for a few
 // rows of x; else the weight decoded, whole if small (one GEMM), else in cache-sized panels of
 // rows and torch's GEMM, so that the decode cost is spread over the rows of x. A bfloat16 /
-// float16 model (``dtype``) always takes the decoded panels, each rounded to its dtype first:
-// the GEMV kernel multiplies the float32 decoded weight.
+// float16 model (``dtype``): the GEMV kernel rounds each decoded weight to it in registers, a
+// decoded panel is rounded to it in place.
 void blocks_linear(const Format& f, Args& a, const at::Tensor& x2, const at::Tensor& b,
                    at::Tensor& y, at::ScalarType dtype) {
     const int64_t m = a.M, n = a.N, padded = a.ldx;
     const int threads = at::get_num_threads();
     if (m == 0) return;
-    if (m <= kGemvMaxM && dtype == at::kFloat) {
+    if (m <= kGemvMaxM) {
+        a.round_to = dtype == at::kBFloat16 ? 1 : dtype == at::kHalf ? 2 : 0;
         a.bias = b.defined() ? b.data_ptr<float>() : nullptr;
         a.y = y.data_ptr<float>();
         f.linear(&a, threads);

@@ -36,6 +36,20 @@ inline void interleave(F e, F o, F& w0, F& w1) {
     w0 = _mm512_permutex2var_ps(e, i0, o);
     w1 = _mm512_permutex2var_ps(e, i1, o);
 }
+// a to bfloat16's precision (round to nearest even; NaN: the quiet NaN 0x7FC0 that c10 gives)
+inline F vround_bf16(F a) {
+    const I b = _mm512_castps_si512(a);
+    const I lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+    const I r = _mm512_and_si512(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))),
+                                 _mm512_set1_epi32((int)0xFFFF0000u));
+    const __mmask16 nan = _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+    return _mm512_mask_blend_ps(nan, _mm512_castsi512_ps(r), vset(__builtin_nanf("")));
+}
+// a to float16's precision (the conversion instruction: round to nearest even, subnormals,
+// overflow to infinity)
+inline F vround_f16(F a) {
+    return _mm512_cvtph_ps(_mm512_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
 #elif QC_ISA == 1  // ----------------------------------------------------------- AVX2 + FMA
 constexpr int W = 8;
 typedef __m256 F;
@@ -72,6 +86,17 @@ inline void interleave(F e, F o, F& w0, F& w1) {
     w0 = _mm256_permute2f128_ps(lo, hi, 0x20);
     w1 = _mm256_permute2f128_ps(lo, hi, 0x31);
 }
+inline F vround_bf16(F a) {  // as the AVX-512 one
+    const I b = _mm256_castps_si256(a);
+    const I lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+    const I r = _mm256_and_si256(_mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))),
+                                 _mm256_set1_epi32((int)0xFFFF0000u));
+    return _mm256_blendv_ps(_mm256_castsi256_ps(r), vset(__builtin_nanf("")),
+                            _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+}
+inline F vround_f16(F a) {  // F16C
+    return _mm256_cvtph_ps(_mm256_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
 #else  // ---------------------------------------------------------------------- scalar
 constexpr int W = 1;
 typedef float F;
@@ -94,5 +119,43 @@ inline F gather(const float* t, I i) { return t[i]; }
 inline F tofloat(I a) { return (float)a; }
 inline void interleave(F e, F o, F& w0, F& w1) { w0 = e; w1 = o; }
 #endif
+
+// One float rounded to bfloat16's / float16's precision, as the vector forms (every ISA: the
+// scalar tails of the kernels, and the scalar build's vectors of one)
+inline float round_bf16(float a) {
+    if (a != a) return __builtin_nanf("");
+    uint32_t b;
+    __builtin_memcpy(&b, &a, 4);
+    b = (b + 0x7FFFu + ((b >> 16) & 1u)) & 0xFFFF0000u;
+    __builtin_memcpy(&a, &b, 4);
+    return a;
+}
+inline float round_f16(float a) {
+    if (a != a) return __builtin_nanf("");
+    const float mag = a < 0 ? -a : a;
+    if (mag >= 65520.0f) return a < 0 ? -__builtin_inff() : __builtin_inff();  // past the max
+    if (mag < 6.103515625e-05f) {  // below 2^-14: float16's subnormals, multiples of 2^-24
+        const float q = mag * 16777216.0f;  // exact: a power of two
+        float r = (float)(int32_t)q;
+        const float frac = q - r;  // round half to even
+        if (frac > 0.5f || (frac == 0.5f && ((int32_t)r & 1))) r += 1.0f;
+        r *= 5.9604644775390625e-08f;
+        return a < 0 ? -r : r;
+    }
+    uint32_t b;  // a normal float16: 10 of float's 23 mantissa bits, round to nearest even
+    __builtin_memcpy(&b, &a, 4);
+    b = (b + 0xFFFu + ((b >> 13) & 1u)) & 0xFFFFE000u;
+    __builtin_memcpy(&a, &b, 4);
+    return a;
+}
+#if QC_ISA == 0
+inline F vround_bf16(F a) { return round_bf16(a); }
+inline F vround_f16(F a) { return round_f16(a); }
+#endif
+// w rounded to the model's dtype R (args.h's round_to: 0 float32, 1 bfloat16, 2 float16)
+template <int R>
+inline F vround(F w) { return R == 1 ? vround_bf16(w) : R == 2 ? vround_f16(w) : w; }
+template <int R>
+inline float sround(float w) { return R == 1 ? round_bf16(w) : R == 2 ? round_f16(w) : w; }
 
 }  // namespace
