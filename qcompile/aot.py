@@ -277,7 +277,8 @@ def _copy_with_record(raw: str, path: str, record: dict):
     from torch.export.pt2_archive import PT2ArchiveReader, PT2ArchiveWriter
     with PT2ArchiveReader(raw) as reader:
         files = {name: reader.read_bytes(name) for name in reader.get_file_names()
-                 if not name.startswith(".data/")}  # the writer makes its own
+                 if not name.startswith(".data/") and name != RECORD_PATH}  # (the writer
+        # makes its own .data/; an old record is replaced)
     record = dict(record, digest=_digest(files, record))
     tmp = os.path.join(os.path.dirname(raw), "package.pt2")
     with PT2ArchiveWriter(tmp) as writer:
