@@ -113,7 +113,8 @@ def _example_tuple(example_inputs) -> tuple:
 def _export_policy(model, policy) -> Policy | None:
     """The policy to apply, or None for a model that ``quantize_model_`` packed already."""
     if policy is None:
-        if getattr(model, POLICIES_ATTR, ()):
+        if any(getattr(m, POLICIES_ATTR, ()) or getattr(m, "quantised_linear", False)
+               for m in model.modules()):  # (a wrapper around a packed model too)
             return None
         config.warn(f"qcompile.export: no policy given; using the default ({DEFAULT_POLICY_DOC})",
                     once="export default policy")

@@ -219,12 +219,13 @@ def test_a_tiny_llama_with_a_dynamic_sequence_length(tmp_path):
     """Weight-only: within the documented Inductor bound (rtol = atol = 1e-4 on the logits,
     docs/architecture.md) of the compiled model with the eager lowering."""
     import archs
-    policy = Policy({"lm_head": LayerSpec(weight="int8"), "*.mlp.*": LayerSpec(weight="int4")},
-                    default=LayerSpec(weight="nf4"))
+    policy = Policy({"model.lm_head": LayerSpec(weight="int8"),  # under the Logits wrapper
+                     "*.mlp.*": LayerSpec(weight="int4")}, default=LayerSpec(weight="nf4"))
     seq = torch.export.Dim("seq", min=2, max=32)
     path = qcompile.export(Logits(archs.small_llama()), policy, (torch.randint(0, 128, (1, 7)),),
                            tmp_path / "llama.pt2", dynamic_shapes={"ids": {1: seq}})
     run = qcompile.load_package(path)
+    assert sorted(e["format"] for e in run.record["formats"].values()) == ["int4", "int8", "nf4"]
     want = qcompile.compile(Logits(archs.small_llama()), copy.deepcopy(policy), lowering="eager")
     plain = Logits(archs.small_llama())
     g = torch.Generator().manual_seed(5)
