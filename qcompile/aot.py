@@ -76,6 +76,7 @@ def export(model: torch.nn.Module, policy: Policy | None, example_inputs, path,
         _refuse_unexportable_policy(model, policy)
         quantize_model_(model, policy)
     _refuse_packed_experts(model)
+    _refuse_other_devices(model, example_inputs)
     with torch.no_grad():
         program = torch.export.export(model.eval(), example_inputs, dynamic_shapes=dynamic_shapes,
                                       strict=False)
@@ -128,9 +129,10 @@ def _export_policy(model, policy) -> Policy | None:
 def _refuse_unexportable_policy(model, policy: Policy):
     """What ``quantize_model_`` leaves to the compiled graph (activation-only layers, matmul
     rules) would run in full precision in a package: refused before any work."""
-    if "matmul" in policy.op_kinds():
-        raise NotImplementedError("qcompile.export: rules with op='matmul' (attention matmuls) "
-                                  "are not exported yet; use qcompile.compile for them")
+    for kind, what in (("matmul", "attention matmuls"), ("embedding", "embedding tables")):
+        if kind in policy.op_kinds():
+            raise NotImplementedError(f"qcompile.export: rules with op={kind!r} ({what}) are "
+                                      "not exported yet; use qcompile.compile for them")
     act_only = [name for name, mod in model.named_modules() if linear_like(mod)
                 and (spec := policy.match(name, "linear")[1]) is not None
                 and spec.weight is None and spec.act is not None]
@@ -148,6 +150,16 @@ def _refuse_packed_experts(model):
         raise NotImplementedError(f"qcompile.export: packed mixture-of-experts tensors "
                                   f"({experts[:3]}) are decoded outside graphs and cannot be "
                                   "exported yet; use qcompile.compile")
+
+
+def _refuse_other_devices(model, example_inputs):
+    tensors = [*model.parameters(), *model.buffers(),
+               *(t for t in example_inputs if isinstance(t, torch.Tensor))]
+    devices = sorted({t.device.type for t in tensors} - {"cpu", "meta"})
+    if devices:
+        raise NotImplementedError(f"qcompile.export: the model or its inputs are on {devices}; "
+                                  "packages run the CPU operators only for now: move both to "
+                                  "the CPU")
 
 
 def _placeholder_values(program) -> dict:

@@ -199,6 +199,9 @@ def test_what_a_package_cannot_run_yet_is_refused_before_compiling(tmp_path):
     act_only = Policy({"0": LayerSpec(act="mxint8")}, default=None)
     with pytest.raises(NotImplementedError, match="only the activations of \\['0'\\]"):
         qcompile.export(float_mlp(), act_only, x, tmp_path / "m.pt2")
+    table = Policy({"0": LayerSpec(weight="nf4", op="embedding")}, default=None)
+    with pytest.raises(NotImplementedError, match="op='embedding'"):
+        qcompile.export(float_mlp(), table, x, tmp_path / "m.pt2")
     codebook = Policy({}, default=LayerSpec(weight="quantile4"))  # tables from side data
     with pytest.raises(NotImplementedError, match="Python ops.*quantile4"):
         qcompile.export(float_mlp(), codebook, x, tmp_path / "m.pt2")
@@ -235,3 +238,18 @@ def test_a_tiny_llama_with_a_dynamic_sequence_length(tmp_path):
             got, ref = run(ids), want(ids)
             torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
             assert (got - plain(ids)).abs().max() > 1e-3  # quantised
+
+
+@pytest.mark.slow
+def test_the_docs_example_runs_as_written(tmp_path):
+    """docs/export.md's two blocks, each in a fresh interpreter, as a newcomer pastes them: the
+    second loads what the first wrote, with every format the policy names."""
+    import re
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs/export.md").read_text(), re.S)
+    assert len(blocks) == 2 and "qcompile.export(" in blocks[0]
+    for block in blocks:
+        done = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert "formats=['bof4s_opq', 'int8', 'mxint8', 'nf4']" in done.stdout
+    assert "torch.Size([1, 5, 128])" in done.stdout
