@@ -286,54 +286,89 @@ def _operator_schemas() -> dict:
 
 def _copy_with_record(raw: str, path: str, record: dict):
     """``raw``'s files in a new archive at ``path`` (written beside it, then renamed into
-    place), with the record and its digest added."""
+    place), with the record and its digest added. One file in memory at a time."""
     from torch.export.pt2_archive import PT2ArchiveReader, PT2ArchiveWriter
-    with PT2ArchiveReader(raw) as reader:
-        files = {name: reader.read_bytes(name) for name in reader.get_file_names()
-                 if not name.startswith(".data/") and name != RECORD_PATH}  # (the writer
-        # makes its own .data/; an old record is replaced)
-    record = dict(record, digest=_digest(files, record))
-    tmp = os.path.join(os.path.dirname(raw), "package.pt2")
-    with PT2ArchiveWriter(tmp) as writer:
-        for name, data in files.items():
-            writer.write_bytes(name, data)
-        writer.write_string(RECORD_PATH, json.dumps(record, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
+                       f".{os.path.basename(path)}.{os.getpid()}.tmp.pt2")
+    try:
+        with PT2ArchiveReader(raw) as reader, PT2ArchiveWriter(tmp) as writer:
+            digest = hashlib.sha256()
+            for name in _payload_names(reader):
+                data = reader.read_bytes(name)
+                _digest_file(digest, name, data)
+                writer.write_bytes(name, data)
+            record = dict(record, digest=_digest_record(digest, record))
+            writer.write_string(RECORD_PATH, json.dumps(record, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
-def _digest(files: dict, record: dict) -> str:
-    """SHA-256 over the archive's files (name, length, bytes; sorted by name, the record left
-    out) and the record itself without its digest."""
-    h = hashlib.sha256()
-    for name in sorted(files):
-        data = files[name]
-        h.update(name.encode() + b"\0" + str(len(data)).encode() + b"\0" + data)
+def _payload_names(reader) -> list[str]:
+    """The archive's files that the digest covers, sorted: all but the record and the zip
+    writer's own ``.data/`` entries (a fresh serialization id each time it writes)."""
+    return sorted(n for n in reader.get_file_names()
+                  if not n.startswith(".data/") and n != RECORD_PATH)
+
+
+def _digest_file(h, name: str, data: bytes):
+    h.update(name.encode() + b"\0" + str(len(data)).encode() + b"\0" + data)
+
+
+def _digest_record(h, record: dict) -> str:
+    """The digest: SHA-256 over the files (``_digest_file``, by name) and then the record
+    without its digest field."""
     rest = {k: v for k, v in record.items() if k != "digest"}
     h.update(json.dumps(rest, sort_keys=True).encode())
     return h.hexdigest()
 
 
-def _read_package(path: str) -> tuple[dict, dict]:
-    """(files, record) of the package at ``path``; a file torch cannot read as an archive, or
-    one without qcompile's record, is refused."""
+def _read_record(path: str) -> dict:
+    """The record of the package at ``path``, checked against the digest of its files (read one
+    at a time). A file torch cannot read as an archive, one without qcompile's record, or one
+    whose bytes changed is refused."""
     from torch.export.pt2_archive import PT2ArchiveReader
     try:
         with PT2ArchiveReader(path) as reader:
-            names = reader.get_file_names()
-            files = {n: reader.read_bytes(n) for n in names if not n.startswith(".data/")}
+            if RECORD_PATH not in reader.get_file_names():
+                raise PackageError(f"qcompile.load_package: {path} has no {RECORD_PATH}: it was "
+                                   "not made by qcompile.export (a plain AOTInductor package "
+                                   "loads with torch._inductor.aoti_load_package)")
+            record = _parse_record(path, reader.read_bytes(RECORD_PATH))
+            digest = hashlib.sha256()
+            for name in _payload_names(reader):
+                _digest_file(digest, name, reader.read_bytes(name))
     except (RuntimeError, AssertionError) as err:  # (torch's reader: a wrong archive format)
+        if isinstance(err, PackageError):
+            raise
         raise PackageError(f"qcompile.load_package: {path} is damaged or not a .pt2 archive "
                            f"(torch's reader: {str(err).splitlines()[0]})") from err
-    if RECORD_PATH not in files:
-        raise PackageError(f"qcompile.load_package: {path} has no {RECORD_PATH}: it was not "
-                           "made by qcompile.export (a plain AOTInductor package loads with "
-                           "torch._inductor.aoti_load_package)")
+    _check_format(path, record)
+    if record.get("digest") != _digest_record(digest, record):
+        raise PackageError(f"qcompile.load_package: {path} was damaged or changed after export: "
+                           "the SHA-256 of its files does not match the digest recorded in "
+                           f"{RECORD_PATH}")
+    return record
+
+
+def _parse_record(path: str, data: bytes) -> dict:
     try:
-        record = json.loads(files.pop(RECORD_PATH))
+        record = json.loads(data)
     except ValueError as err:
         raise PackageError(f"qcompile.load_package: {path}'s {RECORD_PATH} is not JSON: it "
                            "was damaged or changed") from err
-    return files, record
+    if not isinstance(record, dict):
+        raise PackageError(f"qcompile.load_package: {path}'s {RECORD_PATH} is not a record: it "
+                           "was damaged or changed")
+    return record
+
+
+def _check_format(path: str, record: dict):
+    if record.get("package_format") != PACKAGE_FORMAT:
+        raise PackageError(f"qcompile.load_package: {path} has package format "
+                           f"{record.get('package_format')!r}; this qcompile reads "
+                           f"{PACKAGE_FORMAT}: export the model again")
 
 
 # -- load --------------------------------------------------------------------------------------
@@ -363,21 +398,13 @@ def load_package(path) -> LoadedPackage:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"qcompile.load_package: no file {path!r}")
-    files, record = _read_package(path)
-    _check_record(path, files, record)
+    record = _read_record(path)
+    _check_versions(path, record)
     plans = _register_formats(path, record)
     return LoadedPackage(torch._inductor.aoti_load_package(path), record, plans)
 
 
-def _check_record(path: str, files: dict, record: dict):
-    if record.get("package_format") != PACKAGE_FORMAT:
-        raise PackageError(f"qcompile.load_package: {path} has package format "
-                           f"{record.get('package_format')!r}; this qcompile reads "
-                           f"{PACKAGE_FORMAT}: export the model again")
-    if record.get("digest") != _digest(files, record):
-        raise PackageError(f"qcompile.load_package: {path} was damaged or changed after export: "
-                           "the SHA-256 of its files does not match the digest recorded in "
-                           f"{RECORD_PATH}")
+def _check_versions(path: str, record: dict):
     if record.get("qcompile") != _version():
         raise PackageError(f"qcompile.load_package: {path} was exported by qcompile "
                            f"{record.get('qcompile')}, this is {_version()}: export "
@@ -402,10 +429,10 @@ def _register_formats(path: str, record: dict) -> list:
     """Register every format and activation format the package names, as ``export`` did;
     each must come out with the recorded id and tables."""
     isa = cpu.chosen_isa()
-    plans, fmt_plan = [], None
+    plans = []
     for fmt_id, entry in record.get("formats", {}).items():
         _check_isa(path, entry, isa)
-        fmt_plan = cpu.plan(_stand_in(_known_format(path, entry)))
+        fmt_plan = _format_plan(path, _known_format(path, entry))
         got = fmt_plan.register()
         if str(got) != fmt_id or table_digest(fmt_plan) != entry["tables"]:
             raise PackageError(f"qcompile.load_package: format {entry['format']!r} of {path} "
@@ -439,6 +466,10 @@ def _known_format(path: str, entry: dict):
                            f" which this qcompile does not know ({err})") from err
 
 
-def _stand_in(fmt):
-    """A one-block weight in ``fmt``: what a Plan (the format's kernels and tables) needs."""
-    return api.quantize_weight(torch.zeros(1, fmt.block_size), fmt, 1)
+def _format_plan(path: str, fmt):
+    """The CPU plan (kernels and tables) of ``fmt``, made from a one-block stand-in weight."""
+    try:
+        return cpu.plan(api.quantize_weight(torch.zeros(1, fmt.block_size), fmt, 1))
+    except (ValueError, NotImplementedError) as err:  # e.g. a format the CPU kernels lack
+        raise PackageError(f"qcompile.load_package: {path} names format {fmt.key!r}, which the "
+                           f"CPU operator cannot run here ({err})") from err
