@@ -85,8 +85,9 @@ def export(model: torch.nn.Module, policy: Policy | None, example_inputs, path,
     folder = os.path.dirname(os.path.abspath(path))
     with tempfile.TemporaryDirectory(dir=folder, prefix=".qcompile_export_") as tmp:
         raw = os.path.join(tmp, "aoti.pt2")
+        from torch._inductor import aoti_compile_and_package
         with _inductor_cache_tag():
-            torch._inductor.aoti_compile_and_package(program, package_path=raw)
+            aoti_compile_and_package(program, package_path=raw)
         _copy_with_record(raw, path, record)
     return path
 
@@ -401,7 +402,8 @@ def load_package(path) -> LoadedPackage:
     record = _read_record(path)
     _check_versions(path, record)
     plans = _register_formats(path, record)
-    return LoadedPackage(torch._inductor.aoti_load_package(path), record, plans)
+    from torch._inductor import aoti_load_package
+    return LoadedPackage(aoti_load_package(path), record, plans)
 
 
 def _check_versions(path: str, record: dict):
