@@ -18,6 +18,9 @@ def __getattr__(name):  # the transformers integration imports transformers: onl
     if name in ("BlockQuantConfig", "BlockQuantHfQuantizer"):
         from .integrations import hf
         return getattr(hf, name)
+    if name in ("export", "load_package"):  # torch.export and AOTInductor: only when used
+        from . import aot  # (not qcompile/export.py: importing it would shadow this function)
+        return getattr(aot, name)
     if name == "quantize_checkpoint":
         from .integrations.stream import quantize_checkpoint
         return quantize_checkpoint

@@ -23,7 +23,8 @@ LAYERS = [
     ("top", ["qcompile.integrations", "qcompile.integrations.*", "qcompile.swap",
              "qcompile.expert_stack",
              "qcompile.tensor_parallel",
-             "qcompile.explain", "qcompile.backend", "qcompile.serialize", "qcompile.search",
+             "qcompile.explain", "qcompile.backend", "qcompile.aot", "qcompile.serialize",
+             "qcompile.search",
              "qcompile.__main__", "qcompile"]),
 ]
 TOOLS = ["qcompile.tools", "qcompile.tools.codebook_optimizer"]  # offline: never imported
