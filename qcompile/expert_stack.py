@@ -465,9 +465,12 @@ def _grouped_linear(args, kwargs):
     group of rows is not empty, where it reduces the packed reduction axis; None otherwise
     (other arguments, or the other axis: decoded as before)."""
     offs = kwargs.get("offs", args[2] if len(args) > 2 else None)
-    if len(args) < 2 or set(kwargs) - {"offs"} or len(args) > 3:
+    if len(args) < 2 or len(args) > 3 or set(kwargs) - {"offs", "bias", "out_dtype"} \
+            or kwargs.get("bias") is not None:
         return None
     x, view = args[0], args[1]
+    if kwargs.get("out_dtype") not in (None, getattr(x, "dtype", None)):
+        return None
     if not (isinstance(view, ExpertsView) and isinstance(x, torch.Tensor) and x.dim() == 2
             and isinstance(offs, torch.Tensor) and offs.dim() == 1
             and offs.shape[0] == view.packed.num_experts
