@@ -9,9 +9,23 @@ transformers' experts interface: the forward differs per architecture and per
 ``W[ids]``, ``grouped_mm`` passing all of W with group offsets, Llama 4 calling ``bmm`` on all
 of W), and a module that keeps its own forward stays right for each of them, and for
 implementations added later. The view speaks the tensor protocol (``__torch_function__``,
-``shape``, ``dtype``, ``device``, indexing): indexing the expert axis decodes only the experts
-selected, a grouped matmul decodes only the experts whose group has tokens, any other use
-decodes every expert (Llama 4's ``bmm``, which uses every expert anyway).
+``shape``, ``dtype``, ``device``, indexing), and the matmuls of each implementation run on the
+packed codes of the active experts only (``ops.expert_linear``: the kernel the selector chooses
+for the stack's impl, the CPU kernels with a plan the stack keeps per expert, Triton on CUDA, or
+the reference), with no float copy of an expert:
+
+* the eager loop: ``view[e]`` is an ``Expert``; ``F.linear(x, m, b)``, ``x @ m``,
+  ``torch.matmul`` / ``torch.mm`` with it run the packed linear of expert e;
+* ``grouped_mm`` (``torch._grouped_mm``, ``F.grouped_mm``, transformers' fallback op) with the
+  view: ``ops.experts_linear`` over the groups that have rows;
+* ``batched_mm``: ``view[ids]`` is ``ExpertRows``; ``bmm`` with it groups the rows by expert
+  (under kernels='reference' it decodes the experts named and runs the model's ``bmm``, whose
+  sums are ordered unlike a GEMM's: the emulation's bits);
+
+where the matmul reduces the packed reduction axis. Any other use decodes: the experts selected
+(an index, a matmul along the other axis) or every expert (Llama 4's ``bmm``, which uses every
+expert anyway). ``bytes_read`` counts the packed bytes of each expert every time a kernel or a
+decode reads it (``reset_bytes_read()``).
 
 The holder is registered as a submodule under the parameter's name, so its buffers are the
 model's (``.to()``, ``state_dict``, ``resident_weight_bytes``) and its module name is the
