@@ -75,7 +75,8 @@ class _Expert:
 
 
 class PackedExperts(torch.nn.Module):
-    """All E experts of one expert tensor [E, a, b], packed; experts decoded on demand."""
+    """All E experts of one expert tensor [E, a, b], packed; each expert's matmul runs on its
+    codes (``ops.expert_linear``), other uses decode it on demand."""
 
     quantised_experts = True  # explain and the passes recognise packed experts by this mark
 
@@ -182,8 +183,8 @@ class PackedExperts(torch.nn.Module):
 
     def by_reference(self, x: torch.Tensor) -> bool:
         """Whether this stack's matmuls on ``x`` run the reference (kernels='reference'): then
-        the views decode the active experts and run the model's own op, bit for bit the
-        emulation's, whatever order that op sums in (``bmm`` differs from a GEMM per expert)."""
+        ``batched_mm``'s rows decode the experts named and run the model's own ``bmm``, bit for
+        bit the emulation's (``bmm`` sums in another order than a GEMM per expert)."""
         return select.resolve(self.impl, x) == "reference"
 
     def reduces(self, transposed: bool, matrix_axis: int) -> bool:
