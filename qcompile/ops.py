@@ -414,7 +414,8 @@ torch.library.register_autograd("qcompile::embedding", _embedding_backward,
 
 # -- the experts of a mixture: one packed linear per expert of a stack ----------------------------
 
-def expert_linear(x: torch.Tensor, packed, e: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+def expert_linear(x: torch.Tensor, packed, e: int,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ W_e (+ bias), W_e expert ``e``'s matrix of ``packed`` (a PackedExperts,
     qcompile.expert_stack) reduced along its packed reduction axis: ``qcompile::linear``'s body
     (weight-only) on the expert's QTensor, with the kernel the selector chooses for the stack's

@@ -47,7 +47,8 @@ def _active_experts(model, ids) -> dict[str, set[int]]:
     parents = {n.rpartition(".")[0] for n in _stacks(model)}
     for name in parents:
         def record(module, args, name=name):
-            index = next(a for a in args if isinstance(a, torch.Tensor) and not a.is_floating_point())
+            index = next(a for a in args
+                         if isinstance(a, torch.Tensor) and not a.is_floating_point())
             picked[name] = set(index.flatten().tolist())
         hooks.append(model.get_submodule(name).register_forward_pre_hook(record))
     try:
