@@ -510,7 +510,8 @@ def compile(model: torch.nn.Module, policy: Policy | None = None, *, fullgraph: 
     opts = parse_options(options)
     warn_unmatched(opts["policy"], model)  # now, not at the first call
     tensor_parallel.check_compile(model, opts["policy"])  # refused before any work
-    quantize_experts_(model, opts["policy"], "qcompile.compile")  # graphs cannot pack them
+    # graphs cannot pack them; the experts run the kernels asked for
+    quantize_experts_(model, opts["policy"], "qcompile.compile", opts["impl"])
     remember_root(model)  # the encoder's frame is named in the whole model
     _watch_eager_layers(model, opts["policy"])
     _watch_copies(model)

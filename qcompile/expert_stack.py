@@ -9,9 +9,23 @@ transformers' experts interface: the forward differs per architecture and per
 ``W[ids]``, ``grouped_mm`` passing all of W with group offsets, Llama 4 calling ``bmm`` on all
 of W), and a module that keeps its own forward stays right for each of them, and for
 implementations added later. The view speaks the tensor protocol (``__torch_function__``,
-``shape``, ``dtype``, ``device``, indexing): indexing the expert axis decodes only the experts
-selected, a grouped matmul decodes only the experts whose group has tokens, any other use
-decodes every expert (Llama 4's ``bmm``, which uses every expert anyway).
+``shape``, ``dtype``, ``device``, indexing), and the matmuls of each implementation run on the
+packed codes of the active experts only (``ops.expert_linear``: the kernel the selector chooses
+for the stack's impl, the CPU kernels with a plan the stack keeps per expert, Triton on CUDA, or
+the reference), with no float copy of an expert:
+
+* the eager loop: ``view[e]`` is an ``Expert``; ``F.linear(x, m, b)``, ``x @ m``,
+  ``torch.matmul`` / ``torch.mm`` with it run the packed linear of expert e;
+* ``grouped_mm`` (``torch._grouped_mm``, ``F.grouped_mm``, transformers' fallback op) with the
+  view: ``ops.experts_linear`` over the groups that have rows;
+* ``batched_mm``: ``view[ids]`` is ``ExpertRows``; ``bmm`` with it groups the rows by expert
+  (under kernels='reference' it decodes the experts named and runs the model's ``bmm``, whose
+  sums are ordered unlike a GEMM's: the emulation's bits);
+
+where the matmul reduces the packed reduction axis. Any other use decodes: the experts selected
+(an index, a matmul along the other axis) or every expert (Llama 4's ``bmm``, which uses every
+expert anyway). ``bytes_read`` counts the packed bytes of each expert every time a kernel or a
+decode reads it (``reset_bytes_read()``).
 
 The holder is registered as a submodule under the parameter's name, so its buffers are the
 model's (``.to()``, ``state_dict``, ``resident_weight_bytes``) and its module name is the
@@ -29,6 +43,7 @@ from __future__ import annotations
 import torch
 
 from . import api, ops
+from .codegen import cpu, select
 from .formats.qtensor import QTensor
 
 _GROUPED = ("grouped_mm",)  # torch._grouped_mm, F.grouped_mm, transformers' fallback op
@@ -36,17 +51,32 @@ _OUT_OF_GRAPHS: list[bool] = []
 
 
 def _keep_decode_out_of_graphs():
-    """Compiled graphs call ``PackedExperts.decode`` as it is (a graph break), not traced
-    inside. Made so at the first stack, not at import: ``torch.compiler.disable`` imports Dynamo,
-    which imports triton, and importing qcompile must not (that would fix triton's mode before
-    TRITON_INTERPRET may be set)."""
+    """Compiled graphs call the entry points that read packed experts (``PackedExperts.decode``
+    and the matmuls of the views) as they are (a graph break), not traced inside. Made so at the
+    first stack, not at import: ``torch.compiler.disable`` imports Dynamo, which imports triton,
+    and importing qcompile must not (that would fix triton's mode before TRITON_INTERPRET may be
+    set)."""
     if not _OUT_OF_GRAPHS:
         PackedExperts.decode = torch.compiler.disable(PackedExperts.decode)
+        for cls in (ExpertsView, Expert, ExpertRows):
+            cls.__torch_function__ = classmethod(
+                torch.compiler.disable(cls.__torch_function__.__func__))
         _OUT_OF_GRAPHS.append(True)
 
 
+class _Expert:
+    """What a kernel needs of one expert, made at its first use: its QTensor (views of the
+    stack's tensors: the same objects every call, so the CPU plan keyed on them is stable), its
+    CPU plan once asked for, and its packed bytes."""
+    __slots__ = ("q", "plan", "nbytes")
+
+    def __init__(self, q: QTensor):
+        self.q, self.plan, self.nbytes = q, None, q.nbytes
+
+
 class PackedExperts(torch.nn.Module):
-    """All E experts of one expert tensor [E, a, b], packed; experts decoded on demand."""
+    """All E experts of one expert tensor [E, a, b], packed; each expert's matmul runs on its
+    codes (``ops.expert_linear``), other uses decode it on demand."""
 
     quantised_experts = True  # explain and the passes recognise packed experts by this mark
 
@@ -71,6 +101,20 @@ class PackedExperts(torch.nn.Module):
                 self.register_buffer(f"offsets_{k}", lengths.cumsum(0))
         self.rule = ""  # the policy rule that gave this tensor its format (quantize_model_)
         self.act_note = ""  # set when the policy's activation format is not applied
+        self.bytes_read = 0  # packed bytes of the experts read by kernels and decodes
+        self._experts: list | None = None  # per expert: its _Expert once used
+
+    def reset_bytes_read(self):
+        self.bytes_read = 0
+
+    def _apply(self, fn, *args, **kwargs):
+        self._experts = None  # buffers replaced (.to(), .cuda()): the views would keep the old
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self):  # a copy or a pickle makes its own views of its own buffers
+        state = super().__getstate__()
+        state["_experts"] = None
+        return state
 
     @property
     def shape(self) -> torch.Size:
@@ -84,8 +128,38 @@ class PackedExperts(torch.nn.Module):
     def bits_per_element(self) -> float:
         return 8 * self.nbytes / self.shape.numel()
 
+    @property
+    def out_features(self) -> int:
+        """N of each expert's matmul (the axis it does not reduce)."""
+        return self.matrix_shape[2 - self.axis]
+
+    def expert(self, e: int) -> _Expert:
+        """Expert ``e``'s kernel inputs, kept while the stack's buffers are the same tensors."""
+        cache = self._experts
+        if cache is None or cache[0] is not self.codes:
+            cache = self._experts = [self.codes] + [None] * self.num_experts
+        hit = cache[e + 1]
+        if hit is None:
+            hit = cache[e + 1] = _Expert(self._make_qtensor(e))
+        return hit
+
     def expert_qtensor(self, e: int) -> QTensor:
         """Expert ``e``'s matrix as the QTensor quantize_weight made of it."""
+        return self.expert(e).q
+
+    def expert_plan(self, e: int):
+        """Expert ``e``'s CPU plan (codegen/cpu/plans.py), kept here: a model's experts would
+        overflow the shared plan cache."""
+        hit = self.expert(e)
+        if hit.plan is None:
+            hit.plan = cpu.plan(hit.q)
+        return hit.plan
+
+    def note_read(self, e: int):
+        """Count expert ``e``'s packed bytes as read (by a kernel or a decode)."""
+        self.bytes_read += self.expert(e).nbytes
+
+    def _make_qtensor(self, e: int) -> QTensor:
         side = {}
         for k in self.side_names:
             t = getattr(self, f"side_{k}")
@@ -104,7 +178,19 @@ class PackedExperts(torch.nn.Module):
     def decode(self, e: int) -> torch.Tensor:
         """Expert ``e``'s matrix, dequantised (its kernel noted for explain against the stack's
         codes)."""
+        self.note_read(e)
         return ops.dequantize_noted(self.expert_qtensor(e), self.impl, self.codes)
+
+    def by_reference(self, x: torch.Tensor) -> bool:
+        """Whether this stack's matmuls on ``x`` run the reference (kernels='reference'): then
+        ``batched_mm``'s rows decode the experts named and run the model's own ``bmm``, bit for
+        bit the emulation's (``bmm`` sums in another order than a GEMM per expert)."""
+        return select.resolve(self.impl, x) == "reference"
+
+    def reduces(self, transposed: bool, matrix_axis: int) -> bool:
+        """Whether a matmul that reduces axis ``matrix_axis`` of an expert's matrix, as a view
+        (``transposed``: its two axes swapped) shows it, reduces the packed reduction axis."""
+        return (matrix_axis ^ int(transposed)) == self.axis - 1
 
     def decode_experts(self, used) -> torch.Tensor:
         """The whole stack [E, a, b] with the experts in ``used`` decoded and zeros elsewhere
@@ -197,22 +283,21 @@ class ExpertsView:
         return self._oriented(self.packed.decode_experts(used))
 
     def __getitem__(self, index):
+        """``view[e]``: an ``Expert``, ``view[ids]`` (1-D ids): ``ExpertRows``, both decoded only
+        where used otherwise than in a matmul; any other index decodes."""
         rest = ()
         if isinstance(index, tuple):
             index, rest = index[0], index[1:]
         if isinstance(index, torch.Tensor) and index.dim() == 0 and not index.is_floating_point():
             index = int(index)
         if isinstance(index, int) and not isinstance(index, bool):
-            picked = self._oriented(self.packed.decode(index % self.packed.num_experts))
+            picked = Expert(self.packed, index % self.packed.num_experts, self.transposed)
         elif isinstance(index, torch.Tensor) and index.dim() == 1 and \
                 index.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            used, inverse = torch.unique(index, return_inverse=True)
-            decoded = torch.stack([self.packed.decode(int(e)) for e in used]) if used.numel() \
-                else self.packed.codes.new_empty((0, *self.packed.matrix_shape), dtype=self.dtype)
-            picked = self._oriented(decoded)[inverse]
+            picked = ExpertRows(self, index)
         else:
             return self.full()[(index, *rest)]
-        return picked[rest] if rest else picked
+        return picked.decoded()[rest] if rest else picked
 
     def __getattr__(self, name):
         """Any other tensor method or attribute: of the fully decoded tensor."""
@@ -223,11 +308,195 @@ class ExpertsView:
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if _is_grouped(func):
+            out = _grouped_linear(args, kwargs)
+            if out is not None:
+                return out
         used = _grouped_used(func, args, kwargs)
         args = tuple(a.full(used) if isinstance(a, ExpertsView) else a for a in args)
         kwargs = {k: v.full(used) if isinstance(v, ExpertsView) else v for k, v in kwargs.items()}
-        return func(*args, **kwargs)
+        return _decoded_call(func, args, kwargs)
 
+
+class Expert:
+    """``view[e]``: expert ``e``'s matrix, not decoded. ``F.linear(x, m, b)``, ``x @ m``,
+    ``torch.matmul(x, m)`` and ``torch.mm(x, m)`` run the packed linear on the expert's codes
+    (``ops.expert_linear``) where they reduce its packed reduction axis; any other use decodes
+    it (the tensor protocol, as ``ExpertsView``)."""
+
+    def __init__(self, packed: PackedExperts, e: int, transposed: bool = False):
+        self.packed, self.e, self.transposed = packed, e, transposed
+
+    @property
+    def shape(self) -> torch.Size:
+        a, b = self.packed.matrix_shape
+        return torch.Size((b, a) if self.transposed else (a, b))
+
+    def size(self, dim=None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def dim(self) -> int:
+        return 2
+
+    ndim = property(dim)
+    dtype, device, requires_grad = ExpertsView.dtype, ExpertsView.device, ExpertsView.requires_grad
+
+    def t(self) -> "Expert":
+        return Expert(self.packed, self.e, not self.transposed)
+
+    T = mT = property(t)
+
+    def transpose(self, a: int, b: int) -> "Expert":
+        if {a % 2, b % 2} != {0, 1}:
+            return self.decoded().transpose(a, b)
+        return self.t()
+
+    def __repr__(self) -> str:
+        return f"Expert({self.e} of {self.packed.extra_repr()})"
+
+    def decoded(self) -> torch.Tensor:
+        t = self.packed.decode(self.e)
+        return t.t() if self.transposed else t
+
+    def __getattr__(self, name):
+        if name.startswith("_") or not hasattr(torch.Tensor, name):
+            raise AttributeError(name)
+        return getattr(self.decoded(), name)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = _expert_matmul(func, args, kwargs)
+        return out if out is not None else _decoded_call(func, args, kwargs)
+
+
+class ExpertRows:
+    """``view[ids]`` (one expert id per row): the experts' matrices stacked per row, not
+    decoded. ``torch.bmm`` (or ``matmul``) with rows of x ([S, 1, K] first, or [S, K, 1]
+    second), as transformers' ``batched_mm`` calls it, runs ``ops.experts_linear`` on the rows
+    grouped by expert; any other use decodes the experts named (each once)."""
+
+    def __init__(self, view: ExpertsView, ids: torch.Tensor):
+        self.view, self.ids = view, ids
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.ids.shape[0], *self.view.shape[1:]))
+
+    def size(self, dim=None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def dim(self) -> int:
+        return 3
+
+    ndim = property(dim)
+    dtype = property(lambda self: self.view.dtype)
+    device = property(lambda self: self.view.device)
+    requires_grad = False
+
+    def decoded(self) -> torch.Tensor:
+        packed = self.view.packed
+        used, inverse = torch.unique(self.ids, return_inverse=True)
+        decoded = torch.stack([packed.decode(int(e)) for e in used]) if used.numel() \
+            else packed.codes.new_empty((0, *packed.matrix_shape), dtype=packed.dtype)
+        return self.view._oriented(decoded)[inverse]
+
+    def groups(self) -> list:
+        """(expert, its rows) for each expert named, rows as an index tensor."""
+        order = torch.argsort(self.ids, stable=True)
+        used, counts = torch.unique_consecutive(self.ids[order], return_counts=True)
+        ends = counts.cumsum(0).tolist()
+        return [(e, order[end - n:end]) for e, n, end in zip(used.tolist(), counts.tolist(), ends)]
+
+    def __getattr__(self, name):
+        if name.startswith("_") or not hasattr(torch.Tensor, name):
+            raise AttributeError(name)
+        return getattr(self.decoded(), name)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = _batched_linear(func, args, kwargs)
+        return out if out is not None else _decoded_call(func, args, kwargs)
+
+
+# -- the matmuls the views run on the packed codes -------------------------------------------
+
+_LINEAR = (torch.nn.functional.linear,)
+_MATMUL = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm)
+_BMM = (torch.bmm, torch.Tensor.bmm, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
+
+
+def _decoded_call(func, args, kwargs):
+    """``func`` on the decoded tensors of any ``Expert`` / ``ExpertRows`` among its arguments."""
+    def plain(a):
+        return a.decoded() if isinstance(a, (Expert, ExpertRows)) else a
+    return func(*map(plain, args), **{k: plain(v) for k, v in kwargs.items()})
+
+
+def _expert_matmul(func, args, kwargs):
+    """``x @ W_e (+ b)`` on expert e's codes for ``F.linear(x, m, b)`` (reduces m's axis 1) and
+    ``x @ m`` (its axis 0), where that is its packed reduction axis; None otherwise."""
+    if func in _LINEAR and len(args) + len(kwargs) <= 3:
+        x, m = args[0], args[1] if len(args) > 1 else kwargs.get("weight")
+        bias, axis = args[2] if len(args) > 2 else kwargs.get("bias"), 1
+    elif func in _MATMUL and len(args) == 2 and not kwargs:
+        (x, m), bias, axis = args, None, 0
+    else:
+        return None
+    if not (isinstance(m, Expert) and isinstance(x, torch.Tensor) and x.dim() >= 1
+            and (bias is None or isinstance(bias, torch.Tensor))
+            and m.packed.reduces(m.transposed, axis)):
+        return None
+    return ops.expert_linear(x, m.packed, m.e, bias)
+
+
+def _batched_linear(func, args, kwargs):
+    """``bmm(x [S, 1, K], rows [S, K, N])`` -> [S, 1, N] and ``bmm(rows [S, N, K], x [S, K, 1])``
+    -> [S, N, 1] on the codes of the experts named, rows grouped by expert; None for any other
+    call, and under kernels='reference' (whose bits are the model's own ``bmm``'s)."""
+    if func not in _BMM or len(args) != 2 or kwargs:
+        return None
+    a, b = args
+    rows, x, axis = (b, a, 0) if isinstance(b, ExpertRows) else (a, b, 1)
+    if not (isinstance(rows, ExpertRows) and isinstance(x, torch.Tensor) and x.dim() == 3
+            and x.shape[0] == rows.ids.shape[0] and x.shape[1 + axis] == 1
+            and rows.view.packed.reduces(rows.view.transposed, axis)):
+        return None
+    packed = rows.view.packed
+    if packed.by_reference(x):
+        return None
+    y = ops.experts_linear(x.squeeze(1 + axis), packed, rows.groups())
+    return y.unsqueeze(1 + axis)
+
+
+def _is_grouped(func) -> bool:
+    name = getattr(func, "__name__", "") or str(func)
+    return any(g in name for g in _GROUPED)
+
+
+def _grouped_linear(args, kwargs):
+    """A grouped matmul ``(x [S, K], view [E, K, N], offs)`` on the codes of the experts whose
+    group of rows is not empty, where it reduces the packed reduction axis; None otherwise
+    (other arguments, or the other axis: decoded as before)."""
+    offs = kwargs.get("offs", args[2] if len(args) > 2 else None)
+    if len(args) < 2 or len(args) > 3 or set(kwargs) - {"offs", "bias", "out_dtype"} \
+            or kwargs.get("bias") is not None:
+        return None
+    x, view = args[0], args[1]
+    if kwargs.get("out_dtype") not in (None, getattr(x, "dtype", None)):
+        return None
+    if not (isinstance(view, ExpertsView) and isinstance(x, torch.Tensor) and x.dim() == 2
+            and isinstance(offs, torch.Tensor) and offs.dim() == 1
+            and offs.shape[0] == view.packed.num_experts
+            and view.packed.reduces(view.transposed, 0)):
+        return None
+    groups, start = [], 0
+    for e, end in enumerate(offs.tolist()):
+        if end > start:
+            groups.append((e, slice(start, end)))
+        start = max(start, end)
+    return ops.experts_linear(x, view.packed, groups)
 
 def _grouped_used(func, args, kwargs):
     """For a grouped matmul (inputs grouped by expert, ``offs``: each group's end): the experts

@@ -410,3 +410,42 @@ def _embedding_backward(ctx, grad):
 
 torch.library.register_autograd("qcompile::embedding", _embedding_backward,
                                 setup_context=_embedding_setup)
+
+
+# -- the experts of a mixture: one packed linear per expert of a stack ----------------------------
+
+def expert_linear(x: torch.Tensor, packed, e: int,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W_e (+ bias), W_e expert ``e``'s matrix of ``packed`` (a PackedExperts,
+    qcompile.expert_stack) reduced along its packed reduction axis: ``qcompile::linear``'s body
+    (weight-only) on the expert's QTensor, with the kernel the selector chooses for the stack's
+    impl (the CPU kernels with the plan the stack keeps, Triton on CUDA, else the reference:
+    dequantise, then the matmul), noted for explain against the stack's codes (eager only: not
+    an op). Counts the expert's packed bytes as read."""
+    q = packed.expert_qtensor(e)
+    packed.note_read(e)
+    choice = select.choose(q, None, x, packed.impl, bias)
+    triton = choice.kernel == "triton" or choice.tried == "Triton"
+
+    def on_cpu(x, q, act_fmt, bias, choice):
+        choice.require()
+        return cpu.linear(x, q, act_fmt, bias, choice, packed.expert_plan(e))
+
+    return _run("linear", packed.codes, choice, _fused_kernel if triton else on_cpu,
+                _expert_reference, (x, q, None, bias), (q.fmt, "", x.dtype, x))
+
+
+def _expert_reference(x, q, act_fmt, bias):
+    """The reference of one expert: its decoded matrix (contiguous, as ``decode`` gives it), then
+    the matmul its layout means (``F.linear`` for [N, K], ``x @ W`` for [K, N])."""
+    return _contiguous(_matmul(x, _dequantize_reference(q), bias, q.axis))
+
+
+def experts_linear(x: torch.Tensor, packed, groups) -> torch.Tensor:
+    """[S, N]: for each (expert e, rows) of ``groups`` (rows: a slice or an index tensor into
+    x's rows), ``y[rows] = expert_linear(x[rows], packed, e)``; rows in no group are zero. Only
+    the experts named are read."""
+    out = x.new_zeros((x.shape[0], packed.out_features))
+    for e, rows in groups:
+        out[rows] = expert_linear(x[rows], packed, e)
+    return out

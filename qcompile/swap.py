@@ -323,19 +323,24 @@ def quantize_model_(model: torch.nn.Module, policy: Policy | None = None) -> tor
     return model
 
 
-def install_packed_experts(policy: Policy, expert_tensors: list[tuple]):
+def install_packed_experts(policy: Policy, expert_tensors: list[tuple], impl: str = "auto"):
     """Pack each expert tensor of ``expert_tensors`` (``expert_layers``' answer) into a
-    ``PackedExperts`` and put it in the parameter's place (qcompile.expert_stack)."""
+    ``PackedExperts`` running ``impl``'s kernels and put it in the parameter's place
+    (qcompile.expert_stack)."""
     for t, spec in expert_tensors:
-        install_experts(t.module, t.attr, pack_expert_tensor(t.tensor, t, spec, policy))
+        packed = pack_expert_tensor(t.tensor, t, spec, policy)
+        packed.impl = impl
+        install_experts(t.module, t.attr, packed)
 
 
-def quantize_experts_(model: torch.nn.Module, policy: Policy, who: str) -> int:
+def quantize_experts_(model: torch.nn.Module, policy: Policy, who: str,
+                      impl: str = "auto") -> int:
     """Pack, in place, every mixture-of-experts tensor ``policy`` gives a weight format, by
     ``quantize_model_``'s rule and with its packed result (``qcompile.compile`` calls it: a
-    compiled graph cannot pack them). Returns how many were packed."""
+    compiled graph cannot pack them), its matmuls on ``impl``'s kernels. Returns how many were
+    packed."""
     expert_tensors = expert_layers(model, policy, who)
-    install_packed_experts(policy, expert_tensors)
+    install_packed_experts(policy, expert_tensors, impl)
     return len(expert_tensors)
 
 

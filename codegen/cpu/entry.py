@@ -58,13 +58,14 @@ def dequantize(q) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, q, act_fmt=None, bias: torch.Tensor | None = None,
-           choice=None) -> torch.Tensor:
+           choice=None, known: Plan | None = None) -> torch.Tensor:
     """fq(x) @ W^T + bias for a packed weight (Conv1D [K, N] weights too: their codes are stored
     K-last like nn.Linear's), in x's shape with the last axis N. ``choice``: the selector's
-    answer (asked here when not given). Kept short: decoding a model calls this for every
-    linear layer and token."""
+    answer (asked here when not given); ``known``: ``q``'s Plan where the caller keeps it (one
+    expert of a stack: the plan cache would hold thousands of them). Kept short: decoding a
+    model calls this for every linear layer and token."""
     choice = (choice or choose(q, act_fmt, x, "cpu", bias)).require()
-    p = plan(q)
+    p = known if known is not None else plan(q)
     fmt_id = p.op_id if p.op_id is not None else p.register()  # (loads the operators)
     if choice.kernel == "cpu_int":
         return _operator("int_linear")(x, q.codes, q.scales, bias, fmt_id,
