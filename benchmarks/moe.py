@@ -154,10 +154,13 @@ def _packs(model) -> list[torch.nn.Module]:
     return [m for m in model.modules() if getattr(m, "quantised_experts", False)]
 
 
+COUNTER = "bytes_read"  # PackedExperts' count of the packed bytes its kernels and decodes read
+
+
 def _bytes_read(packs) -> int | None:
     """The packed experts' read counters summed (each ``PackedExperts`` counts its own), or
     None where the installed qcompile has no such counter."""
-    counts = [getattr(p, "bytes_read", None) for p in packs]
+    counts = [getattr(p, COUNTER, None) for p in packs]
     if not counts or any(not isinstance(c, int) for c in counts):
         return None
     return sum(counts)
@@ -211,11 +214,11 @@ def configurations(base, dtype: str, lowering: str):
 
 
 def measure(config, dtypes=("fp32", "bf16"), prefill: int = 512, decode_prompt: int = 128,
-            decode: int = 16, repeats: int = 5, lowering: str = "inductor",
-            seed: int = 0) -> list[dict]:
-    """Rows of every configuration for each dtype in ``dtypes`` (eager fp32 always, first): a
-    prompt of ``prefill`` random token ids times the prefill, one of ``decode_prompt`` starts
-    the decoding."""
+            decode: int = 16, repeats: int = 5, lowering: str = "inductor", seed: int = 0,
+            kinds=("eager", "compiled")) -> list[dict]:
+    """Rows of the configurations of ``kinds`` for each dtype in ``dtypes`` (eager fp32 always,
+    first): a prompt of ``prefill`` random token ids times the prefill, one of
+    ``decode_prompt`` starts the decoding."""
     unknown = [d for d in dtypes if d not in DTYPES]
     if unknown:
         raise ValueError(f"unknown dtype(s) {unknown}; choose from {', '.join(DTYPES)}")
@@ -229,7 +232,7 @@ def measure(config, dtypes=("fp32", "bf16"), prefill: int = 512, decode_prompt: 
     rows = []
     for dtype in ["fp32"] + [d for d in dict.fromkeys(dtypes) if d != "fp32"]:
         base = model.to(DTYPES[dtype])  # in place: one float copy of the weights at a time
-        configs = configurations(base, dtype, lowering)
+        configs = [c for c in configurations(base, dtype, lowering) if c[1] in kinds]
         if dtype == "fp32" and "fp32" not in dtypes:
             configs = configs[:1]  # the baseline alone
         for label, kind, build in tqdm(configs, desc=f"moe {dtype}", unit="config"):
