@@ -215,10 +215,11 @@ def configurations(base, dtype: str, lowering: str):
 
 def measure(config, dtypes=("fp32", "bf16"), prefill: int = 512, decode_prompt: int = 128,
             decode: int = 16, repeats: int = 5, lowering: str = "inductor", seed: int = 0,
-            kinds=("eager", "compiled")) -> list[dict]:
+            kinds=("eager", "compiled"), on_row=None) -> list[dict]:
     """Rows of the configurations of ``kinds`` for each dtype in ``dtypes`` (eager fp32 always,
     first): a prompt of ``prefill`` random token ids times the prefill, one of
-    ``decode_prompt`` starts the decoding."""
+    ``decode_prompt`` starts the decoding. ``on_row(rows)``: called after each row (to save
+    what a long run has measured so far)."""
     unknown = [d for d in dtypes if d not in DTYPES]
     if unknown:
         raise ValueError(f"unknown dtype(s) {unknown}; choose from {', '.join(DTYPES)}")
@@ -238,6 +239,8 @@ def measure(config, dtypes=("fp32", "bf16"), prefill: int = 512, decode_prompt: 
         for label, kind, build in tqdm(configs, desc=f"moe {dtype}", unit="config"):
             rows.append(_row(label, kind, build, (prompt, decode_prompt), decode, repeats,
                              fp32_bytes))
+            if on_row is not None:
+                on_row(rows)
     torch._dynamo.reset()
     return rows
 

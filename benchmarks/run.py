@@ -266,8 +266,14 @@ def main(argv=None) -> Path:
         print(f"moe: {moe.TITLE}, {args.moe_experts} experts, {' '.join(args.moe_dtypes)}",
               flush=True)
         report.save_json(results, args.out)
+
+        def keep(rows):  # each row saved as it comes: the section runs for a long time
+            results["moe"] = rows
+            report.save_json(results, args.out)
+
         results["moe"] = moe.measure(config, args.moe_dtypes, args.prefill, args.decode_prompt,
-                                     args.decode, args.repeats, args.speed_lowering)
+                                     args.decode, args.repeats, args.speed_lowering,
+                                     on_row=keep)
     results["total_s"] = time.perf_counter() - t0
     path = report.write(results, args.out)
     print(path.read_text())

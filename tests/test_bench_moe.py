@@ -37,9 +37,12 @@ def expert_bytes_oracle(fmt=None, elem=4) -> int:
 @pytest.fixture(scope="module")
 def rows():
     torch._dynamo.reset()
-    return {r["label"]: r for r in moe.measure(tiny_config(), ["fp32", "bf16"], prefill=8,
-                                                 decode_prompt=4, decode=2, repeats=1,
-                                                 lowering="eager", kinds=("eager",))}
+    saved = []  # what on_row saw after each row
+    got = moe.measure(tiny_config(), ["fp32", "bf16"], prefill=8, decode_prompt=4, decode=2,
+                      repeats=1, lowering="eager", kinds=("eager",),
+                      on_row=lambda rows: saved.append([r["label"] for r in rows]))
+    assert saved == [[r["label"] for r in got[:n]] for n in range(1, len(got) + 1)]
+    return {r["label"]: r for r in got}
 
 
 def test_the_eager_rows_are_measured_with_the_oracles_byte_counts(rows):
