@@ -210,6 +210,10 @@ def markdown(results: dict, images: dict[str, str]) -> str:
                   f"![speed compiled vs eager]({images['speed']})", ""]
     if results.get("gemv"):
         lines += gemv_section(results["gemv"], images.get("gemv"))
+    if results.get("moe"):
+        lines += moe_section(results["moe"], s)
+    if not any(results.get(k) for k in ("perplexity", "embeddings", "speed", "gemv")):
+        return "\n".join(lines) + "\n"  # a run of the moe section alone: its verdicts above
     lines += ["## Goals", "", "| goal | status | evidence |", "|---|---|---|"]
     lines += [f"| {g} | {st} | {ev} |" for g, st, ev in goals(results)]
     return "\n".join(lines) + "\n"
@@ -274,6 +278,92 @@ def gemv_section(rows: list[dict], image: str | None) -> list[str]:
                      f"{r['error'][:500]}" for r in rows if "error" in r]
     if image:
         lines += ["", f"![GEMV bandwidth]({image})"]
+    return lines + [""]
+
+
+MOE_TARGETS = (("decode", 3.0, "nf4 decode tokens/s >= 3x eager fp32"),
+               ("memory", 0.16, "nf4 resident weights <= 0.16x the fp32 model"),
+               ("bytes", 1.2, "packed bytes read per decoded token <= 1.2x the active experts' "
+                              "packed bytes"))
+
+
+def moe_verdicts(rows) -> list[tuple[str, str, str]]:
+    """(target, "met" / "not met" / "not measured", evidence) for the MoE section's targets."""
+    rows = _ok(rows)
+    eager = next((r for r in rows if r["label"] == "eager fp32"), None)
+    nf4 = [r for r in rows if r["label"].startswith("blockquant nf4 ")]
+    out = []
+    for key, limit, text in MOE_TARGETS:
+        status, evidence = "not measured", ""
+        if key == "decode" and eager and nf4:
+            got = {r["label"]: r["decode_tok_s"] / eager["decode_tok_s"] for r in nf4}
+            status = "met" if max(got.values()) >= limit else "not met"
+            evidence = ", ".join(f"{k} {v:.2f}x" for k, v in got.items())
+        elif key == "memory" and nf4:
+            got = {r["label"]: r["resident_bytes"] / r["fp32_bytes"] for r in nf4}
+            status = "met" if max(got.values()) <= limit else "not met"
+            evidence = ", ".join(f"{k} {v:.3f}x" for k, v in got.items())
+        elif key == "bytes":
+            status, evidence = _bytes_verdict(rows, limit)
+        out.append((text, status, evidence))
+    return out
+
+
+def _bytes_verdict(rows, limit) -> tuple[str, str]:
+    """Every packed row with a read counter within ``limit`` x its active experts' bytes; a
+    count below those bytes is a counter that misses reads, not a pass."""
+    packed = [r for r in rows if r["label"].startswith("blockquant")]
+    counted = [r for r in packed if r.get("expert_bytes_read") is not None]
+    if not counted:
+        return "not measured", ("no packed-experts read counter (PackedExperts.bytes_read) in "
+                                "this qcompile" if packed else "")
+    ratios = {r["label"]: r["expert_bytes_read"] / r["active_expert_bytes"] for r in counted}
+    low = [k for k, v in ratios.items() if v < 1 - 1e-9]
+    ok = all(v <= limit for v in ratios.values()) and not low
+    evidence = ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items())
+    if low:
+        evidence += ("; below 1x (fewer bytes than the chosen experts hold: the counter "
+                     f"misses reads) for {', '.join(low)}")
+    return ("met" if ok else "not met"), evidence
+
+
+def _mib(n) -> str:
+    return "n/a" if n is None else _fmt_bytes(n)
+
+
+def moe_section(rows: list[dict], s: dict) -> list[str]:
+    """The mixture-of-experts table (benchmarks/moe.py) and a verdict line per target."""
+    ok = _ok(rows)
+    m = s.get("moe", {})
+    lines = ["## Mixture of experts (Qwen3-30B-A3B layer shapes, random weights)", "",
+             f"{m.get('layers', '?')} decoder layers of Qwen3-MoE: hidden {m.get('hidden', '?')}, "
+             f"{m.get('experts', '?')} experts with {m.get('active', '?')} active per token, "
+             f"expert width {m.get('expert_width', '?')}, 32 query / 4 key-value heads of 128; "
+             f"vocabulary {m.get('vocab', '?')}; seeded random weights (transformers' init). "
+             f"Prefill: {s.get('prefill', '?')} tokens; decode: {s.get('decode', '?')} greedy "
+             f"steps with the KV cache after {s.get('decode_prompt', '?')} tokens; medians over "
+             f"{s.get('repeats', '?')} runs after a warm-up run. Policies on every linear layer "
+             "(lm_head too), the embedding and the expert tensors: nf4 weight-only; W4A8 = int4 "
+             "weights, int8 activations. Active experts: per decoded token, the distinct "
+             "experts each layer's router chose, at their bytes as held; read: the packed bytes "
+             "the experts counted reading per decoded token (`PackedExperts.bytes_read`).", "",
+             "| configuration | prefill (s) | decode (ms/token) | tokens/s | vs eager fp32 | "
+             "compile (s) | build (s) | resident | vs fp32 | active experts / token | "
+             "read / token | read / active |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    eager = next((r for r in ok if r["label"] == "eager fp32"), None)
+    for r in ok:
+        speedup = f"{r['decode_tok_s'] / eager['decode_tok_s']:.2f}x" if eager else "-"
+        read = r.get("expert_bytes_read")
+        ratio = "n/a" if read is None else f"{read / r['active_expert_bytes']:.2f}x"
+        lines.append(f"| {r['label']} | {r['prefill_s']:.3f} | {r['decode_ms']:.1f} | "
+                     f"{r['decode_tok_s']:.2f} | {speedup} | {r['compile_s']:.1f} | "
+                     f"{r['build_s']:.1f} | {_fmt_bytes(r['resident_bytes'])} | "
+                     f"{r['resident_bytes'] / r['fp32_bytes']:.3f}x | "
+                     f"{_mib(r['active_expert_bytes'])} | {_mib(read)} | {ratio} |")
+    notes = sorted({r["experts_note"] for r in ok if r.get("experts_note")})
+    lines += [""] + [f"- Expert tensors: {n}." for n in notes] + _failures(rows) + [""]
+    lines += [f"- **{t}**: {st}" + (f" ({ev})" if ev else "") for t, st, ev in moe_verdicts(rows)]
     return lines + [""]
 
 

@@ -17,6 +17,10 @@ Three measurements, one results folder (report.md, results.json, PNG plots):
    packaged GGUF, torchao's CPU int4 / int8 weight-only: benchmarks/peers.py), and the CPU GEMV
    kernels against a streaming read of the same bytes (benchmarks/gemv.py; section "gemv"
    runs that alone).
+
+Section "moe", run only when named (--sections moe; it quantises a model of 0.6-1.2 billion
+weights per policy and dtype): a 2-layer model with Qwen3-30B-A3B's MoE layer shapes and random
+weights, eager / torch.compile / blockquant nf4 and W4A8 in fp32 and bf16 (benchmarks/moe.py).
 """
 from __future__ import annotations
 
@@ -31,9 +35,13 @@ from pathlib import Path
 
 import torch
 
-from . import embeddings, gemv, peers, perplexity, report, speed
+from . import embeddings, gemv, moe, peers, perplexity, report, speed
 
-SECTIONS = ("ppl", "weights", "speed", "gemv")  # "speed" runs "gemv" too
+SECTIONS = ("ppl", "weights", "speed", "gemv", "moe")  # "speed" runs "gemv" too
+#: what a run without --sections measures: "moe" takes hours on 2 cores until the packed
+#: experts have kernels (docs/benchmarks.md), so it runs only when named
+DEFAULT_SECTIONS = ("ppl", "weights", "speed", "gemv")
+LM_SECTIONS = {"ppl", "weights", "speed", "gemv"}  # those that load the causal LM and the text
 #: --quick: a few policies and formats, a small token budget, eager lowering everywhere.
 QUICK_POLICIES = ["mxint8", "bfp6", "nf4", "bof4s", "bof4s_opq", "bfp6 W6A6"]
 QUICK_FORMATS = ["mxint8", "bfp6", "nf4", "bof4s", "bof4s_opq", "mxfp4"]
@@ -59,7 +67,9 @@ def parser() -> argparse.ArgumentParser:
                          "full precision always runs (default: the whole sweep)")
     ap.add_argument("--quick", action="store_true",
                     help="a few-minute run: 6 policies, 1024 tokens, 64 sentences, eager lowering")
-    ap.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    ap.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(DEFAULT_SECTIONS),
+                    help=f"what to measure (default: {' '.join(DEFAULT_SECTIONS)}; moe runs "
+                         "only when named)")
     ap.add_argument("--lowering", choices=("eager", "inductor"), default="eager",
                     help="blockquant lowering for the perplexity sweep (default eager: Inductor "
                          "compiles each policy's graph for minutes on 2 cores, and the eager "
@@ -89,6 +99,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--no-peers", action="store_true",
                     help="skip llama.cpp and torchao beside the speed rows")
+    ap.add_argument("--moe-experts", type=int, default=None,
+                    help=f"experts per layer of the moe section's model (default "
+                         f"{moe.EXPERTS}, Qwen3-30B-A3B has 128; --quick {moe.QUICK_EXPERTS})")
+    ap.add_argument("--moe-dtypes", nargs="+", choices=list(moe.DTYPES), default=None,
+                    help="model dtypes of the moe section (default: fp32 bf16); eager fp32, "
+                         "the baseline, always runs")
     ap.add_argument("--gemv-shapes", nargs="+", type=_shape, default=gemv.SHAPES, metavar="NxK",
                     help="weight shapes of the GEMV section (default 4096x4096 11008x4096)")
     return ap
@@ -114,6 +130,12 @@ def settle(args, ap) -> argparse.Namespace:
     args.decode = args.decode if args.decode is not None else (2 if q else 16)
     args.repeats = args.repeats if args.repeats is not None else (1 if q else 5)
     args.speed_lowering = args.speed_lowering or ("eager" if q else "inductor")
+    args.moe_experts = args.moe_experts or (moe.QUICK_EXPERTS if q else moe.EXPERTS)
+    args.moe_dtypes = args.moe_dtypes or list(moe.DTYPES)
+    active = moe.SHAPE["num_experts_per_tok"]
+    if args.moe_experts < active:
+        ap.error(f"--moe-experts must be at least {active} (the experts active per token), "
+                 f"got {args.moe_experts}")
     if args.policies is None and q:
         args.policies = QUICK_POLICIES
     if args.formats is None:
@@ -228,10 +250,45 @@ def main(argv=None) -> Path:
     args = settle(ap.parse_args(argv), ap)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from .data import load_causal_lm, wiki_text
-
     t0 = time.perf_counter()
     started = dt.datetime.now().isoformat(timespec="seconds")
+    command = "python -m benchmarks run " + shlex.join(sys.argv[2:] if argv is None else argv)
+    settings = {"command": command.strip(), "model": moe.TITLE, "packaged_model": False,
+                "speed_lowering": args.speed_lowering, "prefill": args.prefill,
+                "decode_prompt": args.decode_prompt, "decode": args.decode,
+                "repeats": args.repeats, "estimate_s": 0.0}
+    results = {"started": started, "machine": machine(), "settings": settings}
+    if LM_SECTIONS & set(args.sections):
+        lm_sections(args, ap, results)
+    if "moe" in args.sections:
+        config = moe.moe_config(args.moe_experts)
+        settings["moe"] = {**moe.describe(config), "dtypes": args.moe_dtypes}
+        print(f"moe: {moe.TITLE}, {args.moe_experts} experts, {' '.join(args.moe_dtypes)}",
+              flush=True)
+        report.save_json(results, args.out)
+
+        def keep(rows):  # each row saved as it comes: the section runs for a long time
+            results["moe"] = rows
+            report.save_json(results, args.out)
+
+        results["moe"] = moe.measure(config, args.moe_dtypes, args.prefill, args.decode_prompt,
+                                     args.decode, args.repeats, args.speed_lowering,
+                                     on_row=keep)
+    results["total_s"] = time.perf_counter() - t0
+    path = report.write(results, args.out)
+    print(path.read_text())
+    est = settings["estimate_s"]
+    print(f"written to {path} (estimated {est / 60:.0f} min, took "
+          f"{results['total_s'] / 60:.1f} min)" if est else
+          f"written to {path} (took {results['total_s'] / 60:.1f} min)")
+    return path
+
+
+def lm_sections(args, ap, results: dict) -> None:
+    """The sections on the causal LM and the text (ppl, weights, speed, gemv), into
+    ``results``."""
+    from .data import load_causal_lm, wiki_text
+
     text = args.text.read_text(encoding="utf-8") if args.text else wiki_text()
     model, tok = load_causal_lm(args.model)
     model_name = str(args.model) if args.model else "SmolLM2-135M-Instruct (packaged GGUF, Q4_1)"
@@ -248,18 +305,13 @@ def main(argv=None) -> Path:
              f"tokens; " if "ppl" in args.sections else "")
     print(f"model {model_name}; {sweep}sections {', '.join(args.sections)}; "
           f"estimated run time {est / 60:.0f} min on this machine", flush=True)
-    command = "python -m benchmarks run " + shlex.join(sys.argv[2:] if argv is None else argv)
-    settings = {"command": command.strip(), "model": model_name,
-                "packaged_model": args.model is None,
-                "text": str(args.text) if args.text else
-                "206 English Wikipedia pages from gensim's test data (CC BY-SA 3.0)",
-                "window": args.window, "windows": len(windows), "batch": args.batch,
-                "lowering": args.lowering, "speed_lowering": args.speed_lowering,
-                "prefill": args.prefill, "decode_prompt": args.decode_prompt,
-                "decode": args.decode, "repeats": args.repeats,
-                "w8": args.w8, "w4": args.w4,
-                "encoder": str(args.encoder) if args.encoder else None, "estimate_s": est}
-    results = {"started": started, "machine": machine(), "settings": settings}
+    results["settings"].update({
+        "model": model_name, "packaged_model": args.model is None,
+        "text": str(args.text) if args.text else
+        "206 English Wikipedia pages from gensim's test data (CC BY-SA 3.0)",
+        "window": args.window, "windows": len(windows), "batch": args.batch,
+        "lowering": args.lowering, "w8": args.w8, "w4": args.w4,
+        "encoder": str(args.encoder) if args.encoder else None, "estimate_s": est})
     if "ppl" in args.sections:
         results["perplexity"] = perplexity.sweep(model, windows, args.sweep, args.lowering,
                                                  args.batch)
@@ -281,9 +333,3 @@ def main(argv=None) -> Path:
     if "speed" in args.sections or "gemv" in args.sections:
         report.save_json(results, args.out)
         results["gemv"] = gemv.measure(args.w8, args.w4, args.gemv_shapes)
-    results["total_s"] = time.perf_counter() - t0
-    path = report.write(results, args.out)
-    print(path.read_text())
-    print(f"written to {path} (estimated {est / 60:.0f} min, took "
-          f"{results['total_s'] / 60:.1f} min)")
-    return path

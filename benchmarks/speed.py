@@ -34,12 +34,16 @@ from qcompile import LayerSpec, Policy
 
 
 @torch.no_grad()
-def generate_timed(fn, prompt: torch.Tensor, decode: int) -> tuple[float, list[float]]:
+def generate_timed(fn, prompt: torch.Tensor, decode: int,
+                   after_prefill=None) -> tuple[float, list[float]]:
     """Prefill ``prompt`` [1, P] with a KV cache, then ``decode`` greedy steps one token at a
-    time; returns (prefill seconds, [seconds per decode step])."""
+    time; returns (prefill seconds, [seconds per decode step]). ``after_prefill``: called, untimed,
+    between the prefill and the first step (to count what the decode steps alone do)."""
     start = time.perf_counter()
     out = fn(input_ids=prompt, use_cache=True)
     prefill = time.perf_counter() - start
+    if after_prefill is not None:
+        after_prefill()
     past, nxt, steps = out.past_key_values, out.logits[:, -1:].argmax(-1), []
     for _ in range(decode):
         start = time.perf_counter()
