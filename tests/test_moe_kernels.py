@@ -24,6 +24,21 @@ pytest.importorskip("transformers")
 
 NAMES = ["qwen3-moe", "mixtral", "gpt-oss"]
 CASES = [(n, i) for n in NAMES for i in implementations(n)]
+# The default run: every architecture and implementation on the CPU kernels once; the reference
+# and the float32 bound on Qwen3-MoE's implementations and GPT-OSS's [E, K, N] layout (eager
+# loop); the rest under slow (-m slow)
+_DEFAULT = {("reference", "qwen3-moe"), ("bound", "qwen3-moe"), ("bound", "gpt-oss:eager")}
+
+
+def _cases(test: str, kernels: str = ""):
+    """CASES (with ``kernels`` when given), those outside _DEFAULT marked slow."""
+    out = []
+    for name, impl in CASES:
+        key = test if test == "bound" else kernels
+        fast = kernels == "cpu" or (key, name) in _DEFAULT or (key, f"{name}:{impl}") in _DEFAULT
+        values = (name, impl, kernels) if kernels else (name, impl)
+        out.append(pytest.param(*values, marks=() if fast else pytest.mark.slow))
+    return out
 STEP = IDS[:1, :1]  # one token (a decoding step): 2 of the 4 experts of each layer are idle
 
 
@@ -78,8 +93,7 @@ def _expected_bytes(model, name, active) -> int:
     return total
 
 
-@pytest.mark.parametrize("kernels", ["reference", "cpu"])
-@pytest.mark.parametrize("name,impl", CASES)
+@pytest.mark.parametrize("name,impl,kernels", _cases("read", "reference") + _cases("read", "cpu"))
 def test_only_the_active_experts_packed_codes_are_read(name, impl, kernels, monkeypatch):
     model = build(name, impl)
     packed = _packed(model, kernels)
@@ -125,7 +139,7 @@ def _float32_bound(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torc
     return x64 @ w64, gamma * (x64.abs() @ w64.abs())
 
 
-@pytest.mark.parametrize("name,impl", CASES)
+@pytest.mark.parametrize("name,impl", _cases("bound"))
 def test_cpu_kernels_are_within_the_float32_bound(name, impl, monkeypatch):
     model = build(name, impl)
     want = emulation(model, name)
