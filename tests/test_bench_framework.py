@@ -61,3 +61,63 @@ def test_measure_on_a_tiny_compiled_llama():
     assert row["unprofiled_ms"] > 0
     text = framework.table(row, "tiny")
     assert f"{row['framework']:9.2f}" in text and "guards" in text
+
+
+# -- what the measurement led to: the backend's C++ wrapper option and its guard filter --------
+
+def embedding_and_linear():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Embedding(128, 64), torch.nn.Linear(64, 32)).eval()
+
+
+EMB_POLICY = qcompile.Policy({"0": qcompile.LayerSpec(weight="nf4", op="embedding")},
+                             default=qcompile.LayerSpec(weight="nf4"))
+
+
+def test_cpp_wrapper_compiles_a_graph_holding_text_arguments(monkeypatch):
+    # the embedding operator takes its format as JSON text (quotes inside), which Inductor's
+    # C++ wrapper wrote into the C++ source unescaped: a compile error
+    from qcompile import backend
+    seen = []
+    real = backend._lower
+
+    def spy(gm, inputs, lowering, mode="default", **kw):
+        seen.append(kw)
+        return real(gm, inputs, lowering, mode, **kw)
+    monkeypatch.setattr(backend, "_lower", spy)
+    model = embedding_and_linear()
+    ref = embedding_and_linear()
+    with torch.no_grad():  # the oracle: both weights fake-quantised along their rows
+        ref[0].weight.copy_(qcompile.fake_quantize(ref[0].weight, "nf4", axis=-1))
+        ref[1].weight.copy_(qcompile.fake_quantize(ref[1].weight, "nf4", axis=-1))
+    qcompile.compile(model, EMB_POLICY, cpp_wrapper=True)
+    ids = torch.tensor([[3, 17, 99, 127, 0]])
+    with torch.no_grad():
+        got, want = model(ids), ref(ids)
+    assert seen and all(kw == {"cpp_wrapper": True} for kw in seen)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("options, match", [({"cpp_wrapper": "yes"}, "True or False"),
+                                            ({"cpp_wrapper": True, "lowering": "eager"},
+                                             "needs lowering='inductor'")])
+def test_bad_cpp_wrapper_option_is_refused(options, match):
+    with pytest.raises(ValueError, match=match):
+        qcompile.compile(embedding_and_linear(), EMB_POLICY, **options)
+
+
+def test_guards_are_dropped_only_on_packed_buffers():
+    from qcompile import backend
+    model = qcompile.quantize_model_(embedding_and_linear(), qcompile.Policy(
+        {"0": None}, default=qcompile.LayerSpec(weight="nf4")))
+    packed = list(model[1].buffers())
+    assert len(packed) >= 2  # codes and scales
+
+    def entry(kind, value):
+        return types.SimpleNamespace(guard_type=kind, value=value)
+    entries = [entry("TENSOR_MATCH", t) for t in packed] + [
+        entry("TENSOR_MATCH", model[0].weight),  # a float weight: keeps its guard
+        entry("TENSOR_MATCH", packed[0].clone()),  # same values, another tensor
+        entry("ID_MATCH", packed[0]), entry("TYPE_MATCH", model[1])]
+    keep = backend._packed_guards_dropped(model)(entries)
+    assert keep == [False] * len(packed) + [True] * 4
