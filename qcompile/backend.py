@@ -185,8 +185,7 @@ def _lower(gm, inputs, lowering, mode="default", cpp_wrapper=False):
     from torch._inductor.compile_fx import compile_fx
     patches = dict(list_mode_options(mode)) if mode and mode != "default" else {}
     if cpp_wrapper:
-        patches["cpp_wrapper"] = True
-        _quote_text_arguments(gm)
+        patches.update(cpp_wrapper=True, post_grad_custom_post_pass=_quote_text_pass())
     with _inductor_cache_tag():
         return compile_fx(gm, inputs, config_patches=patches)
 
@@ -204,13 +203,25 @@ class _CppText(str):
         return _CppText, (str(self),)
 
 
-def _quote_text_arguments(gm):
-    """Make every text argument of a qcompile operator in ``gm`` a ``_CppText``."""
-    for n in gm.graph.nodes:
+def _quote_text_arguments(graph):
+    """Make every text argument of a qcompile operator in ``graph`` a ``_CppText``: on the
+    graph Inductor lowers (post-grad), as tracing turns the arguments back into plain text."""
+    for n in graph.nodes:
         if n.op == "call_function" and str(n.target).startswith("qcompile"):
             n.args = tuple(_CppText(a) if type(a) is str else a for a in n.args)
             n.kwargs = {k: _CppText(v) if type(v) is str else v for k, v in n.kwargs.items()}
-    gm.recompile()
+
+
+def _quote_text_pass():
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class QuoteText(CustomGraphPass):
+        def __call__(self, graph):
+            _quote_text_arguments(graph)
+
+        def uuid(self):  # Inductor's graph cache key: the pass's version
+            return "qcompile-quote-text-1"
+    return QuoteText()
 
 
 def _inductor_cache_tag():
