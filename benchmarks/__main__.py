@@ -6,13 +6,14 @@ policy   SmolLM2-135M compiled with a mixed policy: explain totals, compile time
 kernels  the fused Triton kernels against cuBLAS on Llama-7B shapes (GPU; --smoke on CPU)
 search   per-layer policies searched under bit budgets beside the uniform formats (SmolLM2)
 loading  peak memory of quantising SmolLM2-135M while loading, by command, and of loading it
+framework  per decode step of compiled SmolLM2-135M: wall time, operators, and the rest
 """
 import argparse
 import importlib
 import sys
 
 MODULES = {"weights": "weights", "run": "run", "policy": "policy_report", "kernels": "kernels",
-           "search": "search", "loading": "loading"}
+           "search": "search", "loading": "loading", "framework": "framework"}
 
 
 def parser() -> argparse.ArgumentParser:

@@ -16,7 +16,8 @@ the dynamic-shape decode graph), then ``repeats`` timed rounds of: the prefill o
 (512 tokens by default), and a short prompt (128 tokens) followed by ``decode`` greedy steps
 with the KV cache (``past_key_values``). Reported: median prefill latency, median per-token
 decode latency and its tokens/s, compile time (warm-up wall time minus what the same work takes
-warm) and the bytes of parameters and buffers the model holds.
+warm) and the bytes of parameters and buffers the model holds. The blockquant <fmt> row's decode
+steps are profiled too (benchmarks/framework.py): wall, operators, framework time and its parts.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from tqdm import tqdm
 import qcompile
 from qcompile import LayerSpec, Policy
 
+from . import framework
 
 
 @torch.no_grad()
@@ -124,7 +126,7 @@ def measure(model, prompt: torch.Tensor, decode: int = 4, repeats: int = 3,
         torch._dynamo.reset()
         try:
             rows.append(_one(label, kind, build, (prompt, decode_prompt), decode, repeats,
-                             fp32_bytes))
+                             fp32_bytes, profile=label == f"blockquant {w4} ({lowering})"))
         except Exception as e:  # one failing configuration must not lose the others
             rows.append({"label": label, "kind": kind, "error": f"{type(e).__name__}: {e}"})
             tqdm.write(f"  {label:<40} FAILED: {rows[-1]['error'][:300]}")
@@ -143,14 +145,16 @@ def timed_rounds(fn, prompts, decode: int, repeats: int, desc: str):
     return prefills, steps
 
 
-def _one(label, kind, build, prompts, decode, repeats, fp32_bytes) -> dict:
-    """Build one configuration, warm it up (compiling), time it."""
+def _one(label, kind, build, prompts, decode, repeats, fp32_bytes, profile=False) -> dict:
+    """Build one configuration, warm it up (compiling), time it; ``profile``: its decode steps
+    profiled too (benchmarks/framework.py), the table printed."""
     prompt = prompts[0]
     start = time.perf_counter()
     fn, held = build()
     build_s = time.perf_counter() - start
     start = time.perf_counter()
-    timed_rounds(fn, prompts, decode, 1, "warm-up")  # compiles the compiled configurations
+    with framework.kernel_events():  # Inductor's kernels seen by the profile, if one is made
+        timed_rounds(fn, prompts, decode, 1, "warm-up")  # compiles the compiled configurations
     warm_s = time.perf_counter() - start
     prefills, steps = timed_rounds(fn, prompts, decode, repeats, label)
     prefill_s, step_s = statistics.median(prefills), statistics.median(steps)
@@ -167,4 +171,13 @@ def _one(label, kind, build, prompts, decode, repeats, fp32_bytes) -> dict:
            "quantised_layer_fp32_bytes": qfp32}
     tqdm.write(f"  {label:<40} prefill {prefill_s:7.3f} s  decode {1e3 * step_s:8.1f} ms/token"
                f"  compile {row['compile_s']:6.1f} s")
+    if profile:
+        try:
+            row["framework"] = framework.measure(fn, prompts[1], decode, repeats)
+        except Exception as e:  # a failing profile must not lose the row's timings
+            row["framework"] = {"error": f"{type(e).__name__}: {e}"}
+            tqdm.write(f"  {label}: framework profile FAILED: {row['framework']['error']}")
+        else:
+            del row["framework"]["steps_ms"]
+            tqdm.write(framework.table(row["framework"], label))
     return row

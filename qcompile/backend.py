@@ -11,8 +11,10 @@ Options: ``policy`` (a qcompile.Policy; default weight-only nf4, said once), ``l
 ("inductor" default, or "eager"), ``kernels`` ("auto": the generated Triton kernels on CUDA
 tensors, the generated C++ kernels on CPU ones; "triton"; "cpu"; "reference": with the eager
 lowering, bit-exact with ``fake_quantize_model_``; the environment variable QCOMPILE_KERNELS
-overrides it) and ``mode`` (Inductor's mode: torch.compile does not
-take ``mode`` and ``options`` together, so it goes inside options).
+overrides it), ``mode`` (Inductor's mode: torch.compile does not
+take ``mode`` and ``options`` together, so it goes inside options) and ``cpp_wrapper`` (False by
+default; True: Inductor writes each graph's wrapper, the code that calls its kernels, in C++
+rather than Python, which costs less per call; see docs/architecture.md).
 
 The backend validates the options, runs the six passes in ``qcompile.passes`` (find -> plan ->
 quantise weights -> rewrite -> fuse -> use CPU kernels), then lowers the graph with Inductor or
@@ -53,11 +55,11 @@ from . import config, ops, tensor_parallel
 from .linear_rule import forward_beyond_linear, linear_like
 from .codegen import cpu, select
 from .policy import DEFAULT_POLICY_DOC, Policy, PolicyError, default_policy
-from .swap import quantize_experts_
+from .swap import QuantEmbedding, QuantLinear, quantize_experts_
 
 LOWERINGS = ("inductor", "eager")
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-OPTION_NAMES = ("policy", "lowering", "kernels", "mode")
+OPTION_NAMES = ("policy", "lowering", "kernels", "mode", "cpp_wrapper")
 
 
 def parse_options(options, example_inputs=None) -> dict:
@@ -93,8 +95,15 @@ def parse_options(options, example_inputs=None) -> dict:
     if mode != "default" and lowering == "eager":
         raise ValueError(f"blockquant: mode={mode!r} is an Inductor mode; it needs "
                          "lowering='inductor'")
+    cpp_wrapper = options.get("cpp_wrapper", False)
+    if cpp_wrapper not in (True, False):
+        raise ValueError(f"blockquant: cpp_wrapper must be True or False, got {cpp_wrapper!r}")
+    if cpp_wrapper and lowering == "eager":
+        raise ValueError("blockquant: cpp_wrapper=True is an Inductor setting; it needs "
+                         "lowering='inductor'")
     # "auto" is resolved per call by the ops: Triton for CUDA tensors, C++ for CPU ones
-    return {"policy": policy, "lowering": lowering, "impl": kernels, "mode": mode}
+    return {"policy": policy, "lowering": lowering, "impl": kernels, "mode": mode,
+            "cpp_wrapper": bool(cpp_wrapper)}
 
 
 def _check_triton_can_run(example_inputs):
@@ -169,14 +178,50 @@ def _set_impl(gm, impl: str):
         gm.recompile()
 
 
-def _lower(gm, inputs, lowering, mode="default"):
+def _lower(gm, inputs, lowering, mode="default", cpp_wrapper=False):
     if lowering == "eager":
         return gm.forward
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
-    patches = list_mode_options(mode) if mode and mode != "default" else {}
+    patches = dict(list_mode_options(mode)) if mode and mode != "default" else {}
+    if cpp_wrapper:
+        patches.update(cpp_wrapper=True, post_grad_custom_post_pass=_quote_text_pass())
     with _inductor_cache_tag():
         return compile_fx(gm, inputs, config_patches=patches)
+
+
+class _CppText(str):
+    """Text that formats as the body of a C++ string literal. Inductor's C++ wrapper writes a
+    text argument as ``f'"{value}"'`` without escaping it (torch 2.13), and a format's
+    description holds quotes (``'{"fmt": "nf4", ...}'``); the literal then reads back as the
+    very text, which every other use (the fake implementations) sees unchanged."""
+
+    def __format__(self, spec):
+        return str.__format__(self.replace("\\", "\\\\").replace('"', '\\"'), spec)
+
+    def __reduce__(self):
+        return _CppText, (str(self),)
+
+
+def _quote_text_arguments(graph):
+    """Make every text argument of a qcompile operator in ``graph`` a ``_CppText``: on the
+    graph Inductor lowers (post-grad), as tracing turns the arguments back into plain text."""
+    for n in graph.nodes:
+        if n.op == "call_function" and str(n.target).startswith("qcompile"):
+            n.args = tuple(_CppText(a) if type(a) is str else a for a in n.args)
+            n.kwargs = {k: _CppText(v) if type(v) is str else v for k, v in n.kwargs.items()}
+
+
+def _quote_text_pass():
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class QuoteText(CustomGraphPass):
+        def __call__(self, graph):
+            _quote_text_arguments(graph)
+
+        def uuid(self):  # Inductor's graph cache key: the pass's version
+            return "qcompile-quote-text-1"
+    return QuoteText()
 
 
 def _inductor_cache_tag():
@@ -283,8 +328,9 @@ class CompiledGraph:
             same = next((v for v in self.variants.values() if v.gm.code == gm.code and all(
                 a.shape == b.shape and a.dtype == b.dtype for a, b in zip(v.extra, extra))),
                 None)
+            cpp = {"cpp_wrapper": True} if o["cpp_wrapper"] else {}
             fn = same.fn if same is not None else _lower(gm, list(args) + extra, o["lowering"],
-                                                         o["mode"])
+                                                         o["mode"], **cpp)
         variant = Variant(gm, fn, rows, args, self.param_inputs, names.root)
         self.variants[self._key(args)] = variant
         return variant
@@ -539,8 +585,27 @@ def _compile_frame(module: torch.nn.Module, options: dict, fullgraph, dynamic):
     name = f"blockquant_{type(module).__name__}"
     frame = types.FunctionType(call.__code__.replace(co_name=name, co_qualname=name),
                                call.__globals__, name, None, call.__closure__)
+    options = dict(options, guard_filter_fn=_packed_guards_dropped(module))  # torch pops it
     module._compiled_call_impl = _CompiledCall(torch.compile(
         frame, backend="blockquant", options=options, fullgraph=fullgraph, dynamic=dynamic))
+
+
+def _packed_guards_dropped(module: torch.nn.Module):
+    """A Dynamo guard filter: no tensor guard on the packed buffers of ``module``'s
+    QuantLinear / QuantEmbedding layers (about 2 per linear layer, evaluated at every call).
+    blockquant owns them and never changes their shapes or dtypes (a weight loaded into one is
+    copied in place); everything else keeps its guards, the float weights (which are packed
+    again when they change) and hooks included."""
+    root = weakref.ref(module)
+
+    def keep(entries):
+        model = root()
+        packed = set() if model is None else {
+            id(b) for m in model.modules() if isinstance(m, (QuantLinear, QuantEmbedding))
+            for b in m.buffers(recurse=False)}
+        return [not (e.guard_type == "TENSOR_MATCH" and id(e.value) in packed)
+                for e in entries]
+    return keep
 
 
 class _CompiledCall:
