@@ -219,12 +219,30 @@ def test_new_packed_sizes_after_a_change_run_without_inductor():
 
 # -- 3. explain leaves no compiled state; Dynamo giving up is said -----------------------------
 
-def test_explain_many_times_then_compile():
+def _explain_more_times_than_the_recompile_limit(limit):
     model = llama()
     pol = policy(RULES, DEFAULT)
-    for _ in range(12):  # more than Dynamo's recompile limit (8)
+    for _ in range(limit + 4):  # more than Dynamo's recompile limit
         assert explained_table(qcompile.explain(model, pol, IDS)) == \
                expected_table(model, RULES, DEFAULT)
+    return model, pol
+
+
+def test_explain_more_times_than_a_lowered_recompile_limit_then_compile():
+    """As below, against a recompile limit of 2 (each explain traces the model once more)."""
+    with torch._dynamo.config.patch(recompile_limit=2):
+        model, pol = _explain_more_times_than_the_recompile_limit(2)
+        ref = emulate(model, RULES, DEFAULT)
+        f = torch.compile(model, backend="blockquant",
+                          options={"policy": pol, "lowering": "eager", "kernels": "reference"})
+        assert torch.equal(out(f), out(ref))
+        assert explained_table(qcompile.explain(f)) == expected_table(model, RULES, DEFAULT)
+
+
+@pytest.mark.slow  # twelve explains: the test above runs six against a lowered limit
+def test_explain_many_times_then_compile():
+    model, pol = _explain_more_times_than_the_recompile_limit(
+        torch._dynamo.config.recompile_limit)
     ref = emulate(model, RULES, DEFAULT)
     f = torch.compile(model, backend="blockquant", options={"policy": pol, "lowering": "eager", "kernels": "reference"})
     assert torch.equal(out(f), out(ref))

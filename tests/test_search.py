@@ -151,10 +151,17 @@ def llama_result():
                                          progress=False)
 
 
-@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2-conv1d"])
-def test_budget_is_met_as_explain_counts_it(build):
-    model, ids = build(), calibration()
-    result = qcompile.search_policy(model, ids, bits=4.5, candidates=CANDIDATES, progress=False)
+@pytest.fixture(scope="module")
+def gpt2_result():
+    model = tiny_gpt2()
+    return model, qcompile.search_policy(model, calibration(), bits=4.5, candidates=CANDIDATES,
+                                         progress=False)
+
+
+@pytest.mark.parametrize("searched_model", ["llama_result", "gpt2_result"],
+                         ids=["llama", "gpt2-conv1d"])
+def test_budget_is_met_as_explain_counts_it(searched_model, request):
+    (model, result), ids = request.getfixturevalue(searched_model), calibration()
     packed = qcompile.quantize_model_(copy.deepcopy(model), result.policy)
     rows = {r.fqn: r for r in qcompile.explain(packed, result.policy, ids).rows}
     searched = [r.name for r in result.table]

@@ -1,9 +1,13 @@
 """The backend on the packaged SmolLM2-135M (real weights, real tokenizer, real text).
 
-The default run uses the real model cut to its first two decoder layers (so CI stays fast); the
-`slow` test runs all 30 layers through Inductor. The oracle is hf_models.reference_copy: an
-eager model with fake-quantised weights and activation pre-hooks, written independently of
-qcompile's own fake_quantize_model_. The policy is the benchmark's mixed example policy.
+Both tests are `slow` (the first traces the real model five times, the default run's longest
+test once): the model cut to its first two decoder layers, and all 30 layers through Inductor.
+The default run keeps their paths: the same cut model quantised, saved, loaded and compiled
+(tests/test_hf_quantizer.py), the README's SmolLM2 example with generate (tests/test_readme.py),
+and tiny Llamas (SmolLM2's architecture) compiled fullgraph at two lengths and generating with a
+KV cache, bit for bit (tests/test_models.py). The oracle is hf_models.reference_copy: an eager
+model with fake-quantised weights and activation pre-hooks, written independently of qcompile's
+own fake_quantize_model_. The policy is the benchmark's mixed example policy.
 """
 import pytest
 import torch
@@ -37,6 +41,7 @@ def load(folder, layers=None):
                                                              **kw).eval()
 
 
+@pytest.mark.slow
 def test_two_real_layers_fullgraph_lengths_and_kv_cache(folder, prompt):
     torch._dynamo.reset()
     model = load(folder, layers=2)

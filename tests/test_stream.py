@@ -140,7 +140,8 @@ def test_cli_peak_memory_is_the_packed_model_plus_one_tensor(tmp_path):
 
 # -- bad input --------------------------------------------------------------------------------
 
-def test_cli_refuses_bad_input_with_a_message(tmp_path):
+def bad_cli_input(tmp_path):
+    """(a float checkpoint, a good policy file, [(extra arguments, the message)] of bad ones)."""
     folder = save_llama(tmp_path / "float")
     good = tmp_path / "policy.json"
     good.write_text(MIXED.to_json())
@@ -150,6 +151,30 @@ def test_cli_refuses_bad_input_with_a_message(tmp_path):
     cases = [(("--policy", tmp_path / "missing.json"), "cannot read"),
              (("--policy", tmp_path / "bad.json"), "--policy"),
              ((), "the following arguments are required: --policy")]
+    return folder, good, cases
+
+
+def test_cli_refuses_bad_input_in_process(tmp_path, capsys):
+    """The refusals below, through the command's main() in this process (each command run
+    imports torch: seconds); one of them as a command too."""
+    from qcompile.__main__ import main
+    folder, good, cases = bad_cli_input(tmp_path)
+    for extra, message in cases:
+        with pytest.raises(SystemExit) as stop:
+            main(["quantize", str(folder), str(tmp_path / "out"), *map(str, extra)])
+        assert stop.value.code == 2 and message in capsys.readouterr().err, extra
+        assert not (tmp_path / "out").exists()
+    assert main(["quantize", str(folder), str(tmp_path / "full"), "--policy", str(good)]) == 2
+    assert "not an empty folder" in capsys.readouterr().err
+    done = subprocess.run([sys.executable, "-m", "qcompile", "quantize", folder,
+                           tmp_path / "out", *cases[0][0]], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2 and cases[0][1] in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.slow  # four command runs; test_cli_refuses_bad_input_in_process runs one
+def test_cli_refuses_bad_input_with_a_message(tmp_path):
+    folder, good, cases = bad_cli_input(tmp_path)
     for extra, message in cases:
         done = subprocess.run([sys.executable, "-m", "qcompile", "quantize", folder,
                                tmp_path / "out", *extra], cwd=ROOT, capture_output=True,
