@@ -225,7 +225,22 @@ def install(module: torch.nn.Module, attr: str, packed: PackedExperts):
     object.__setattr__(module, attr, ExpertsView(packed))
 
 
-class ExpertsView:
+class _TensorLike:
+    """The tensor protocol the views share: ``size``, ``ndim``, and any other tensor method or
+    attribute taken from the decoded tensor (``decoded()``)."""
+
+    def size(self, dim=None):
+        return self.shape if dim is None else self.shape[dim]
+
+    ndim = property(lambda self: self.dim())
+
+    def __getattr__(self, name):
+        if name.startswith("_") or not hasattr(torch.Tensor, name):
+            raise AttributeError(name)
+        return getattr(self.decoded(), name)
+
+
+class ExpertsView(_TensorLike):
     """What an experts module's forward reads in place of a 3-D parameter: a tensor-like over a
     ``PackedExperts`` (``transposed``: its last two axes swapped)."""
 
@@ -238,13 +253,8 @@ class ExpertsView:
         s = self.packed.shape
         return torch.Size((s[0], s[2], s[1])) if self.transposed else s
 
-    def size(self, dim=None):
-        return self.shape if dim is None else self.shape[dim]
-
     def dim(self) -> int:
         return 3
-
-    ndim = property(dim)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -299,11 +309,9 @@ class ExpertsView:
             return self.full()[(index, *rest)]
         return picked.decoded()[rest] if rest else picked
 
-    def __getattr__(self, name):
-        """Any other tensor method or attribute: of the fully decoded tensor."""
-        if name.startswith("_") or not hasattr(torch.Tensor, name):
-            raise AttributeError(name)
-        return getattr(self.full(), name)
+    def decoded(self) -> torch.Tensor:
+        """Every expert decoded (any other tensor method or attribute is of this)."""
+        return self.full()
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -318,7 +326,7 @@ class ExpertsView:
         return _decoded_call(func, args, kwargs)
 
 
-class Expert:
+class Expert(_TensorLike):
     """``view[e]``: expert ``e``'s matrix, not decoded. ``F.linear(x, m, b)``, ``x @ m``,
     ``torch.matmul(x, m)`` and ``torch.mm(x, m)`` run the packed linear on the expert's codes
     (``ops.expert_linear``) where they reduce its packed reduction axis; any other use decodes
@@ -332,13 +340,9 @@ class Expert:
         a, b = self.packed.matrix_shape
         return torch.Size((b, a) if self.transposed else (a, b))
 
-    def size(self, dim=None):
-        return self.shape if dim is None else self.shape[dim]
-
     def dim(self) -> int:
         return 2
 
-    ndim = property(dim)
     dtype, device, requires_grad = ExpertsView.dtype, ExpertsView.device, ExpertsView.requires_grad
 
     def t(self) -> "Expert":
@@ -358,11 +362,6 @@ class Expert:
         t = self.packed.decode(self.e)
         return t.t() if self.transposed else t
 
-    def __getattr__(self, name):
-        if name.startswith("_") or not hasattr(torch.Tensor, name):
-            raise AttributeError(name)
-        return getattr(self.decoded(), name)
-
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -370,7 +369,7 @@ class Expert:
         return out if out is not None else _decoded_call(func, args, kwargs)
 
 
-class ExpertRows:
+class ExpertRows(_TensorLike):
     """``view[ids]`` (one expert id per row): the experts' matrices stacked per row, not
     decoded. ``torch.bmm`` (or ``matmul``) with rows of x ([S, 1, K] first, or [S, K, 1]
     second), as transformers' ``batched_mm`` calls it, runs ``ops.experts_linear`` on the rows
@@ -383,13 +382,9 @@ class ExpertRows:
     def shape(self) -> torch.Size:
         return torch.Size((self.ids.shape[0], *self.view.shape[1:]))
 
-    def size(self, dim=None):
-        return self.shape if dim is None else self.shape[dim]
-
     def dim(self) -> int:
         return 3
 
-    ndim = property(dim)
     dtype = property(lambda self: self.view.dtype)
     device = property(lambda self: self.view.device)
     requires_grad = False
@@ -407,11 +402,6 @@ class ExpertRows:
         used, counts = torch.unique_consecutive(self.ids[order], return_counts=True)
         ends = counts.cumsum(0).tolist()
         return [(e, order[end - n:end]) for e, n, end in zip(used.tolist(), counts.tolist(), ends)]
-
-    def __getattr__(self, name):
-        if name.startswith("_") or not hasattr(torch.Tensor, name):
-            raise AttributeError(name)
-        return getattr(self.decoded(), name)
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
