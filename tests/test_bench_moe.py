@@ -77,25 +77,15 @@ def test_every_configuration_is_listed_compiled_ones_too():
                       "blockquant W4A8 bf16 (packed, eager)", "blockquant W4A8 bf16 (inductor)"]
 
 
-def test_a_read_counter_is_read_over_the_decode_steps_alone(monkeypatch):
-    """With a counter (here a stand-in: each decode of expert e adds e's packed bytes), the
-    bytes read per decoded token are the decode steps' alone: with the eager grouped matmul,
-    which decodes the experts that have tokens, exactly the active experts' bytes."""
-    original = PackedExperts.decode
-
-    def counting(self, e):
-        q = self.expert_qtensor(e)
-        self.test_bytes_read = getattr(self, "test_bytes_read", 0) + sum(
-            t.numel() * t.element_size() for t in (q.codes, q.scales, *q.side.values()))
-        return original(self, e)
-
-    monkeypatch.setattr(PackedExperts, "decode", counting)
-    monkeypatch.setattr(moe, "COUNTER", "test_bytes_read")
+def test_the_read_counter_is_read_over_the_decode_steps_alone():
+    """The packed experts' counter (``PackedExperts.bytes_read``), read over the decode steps
+    alone: with the grouped matmul, which reads the experts that have tokens, exactly the active
+    experts' bytes (the oracle: element counts of the packed format, layers x k experts)."""
     model = moe.build_model(tiny_config())
     model.set_experts_implementation("grouped_mm")
     qcompile.quantize_model_(model, moe.every_linear("nf4"))
     for p in moe._packs(model):
-        p.test_bytes_read = 0
+        p.reset_bytes_read()
     got = moe.decode_bytes(model, model, torch.arange(6)[None], decode=3)
     assert got["active_expert_bytes"] == LAYERS * K * expert_bytes_oracle("nf4")
     assert got["expert_bytes_read"] == got["active_expert_bytes"]
