@@ -8,7 +8,6 @@ pytest.importorskip("transformers")
 
 import qcompile  # noqa: E402
 from benchmarks import moe, report, run  # noqa: E402
-from qcompile.expert_stack import PackedExperts  # noqa: E402
 
 H, I, E, K, LAYERS = 64, 32, 4, 2, 2  # hidden, expert width, experts, active, layers
 TINY = dict(hidden_size=H, num_experts_per_tok=K, moe_intermediate_size=I, num_attention_heads=4,
