@@ -142,7 +142,7 @@ def compiled_smollm2(fmt: str = "nf4", **options):
     import qcompile
 
     from .data import load_causal_lm
-    from .speed import every_linear
+    from .policies import every_linear
     model, tok = load_causal_lm()
     policy = every_linear(fmt)
     qcompile.quantize_model_(model, policy)

@@ -19,7 +19,7 @@ steps with the KV cache after a short prompt):
   lowering=...)`` in place.
 
 Policies: ``nf4`` (weight-only) and ``W4A8`` (int4 weights, int8 activations), both on every
-linear layer, lm_head included, and the embedding table (``speed.every_linear``); the default
+linear layer, lm_head included, and the embedding table (``policies.every_linear``); the default
 rule covers the expert tensors. Expert tensors take no activation format (quantize_model_ says
 so, and each row notes it): under W4A8 only the attention projections and lm_head quantise
 their inputs.
@@ -40,7 +40,8 @@ from tqdm import tqdm
 
 import qcompile
 
-from .speed import _one, every_linear, generate_timed
+from .policies import every_linear
+from .speed import _one, generate_timed
 
 #: Qwen3-30B-A3B's layer shapes (its config.json)
 SHAPE = dict(hidden_size=2048, num_experts_per_tok=8, moe_intermediate_size=768,

@@ -30,9 +30,9 @@ import torch
 from tqdm import tqdm
 
 import qcompile
-from qcompile import LayerSpec, Policy
 
 from . import framework
+from .policies import every_linear
 
 
 @torch.no_grad()
@@ -53,14 +53,6 @@ def generate_timed(fn, prompt: torch.Tensor, decode: int,
         steps.append(time.perf_counter() - start)
         past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
     return prefill, steps
-
-
-def every_linear(fmt: str, act: str | None = None) -> Policy:
-    """``fmt`` on the weights of every linear layer, lm_head included, and on every embedding
-    table (a tied embedding / lm_head pair shares one packed table): the setting the speed
-    goals name. ``act``: the linear layers' activation format too."""
-    return Policy({"*": LayerSpec(weight=fmt, op="embedding")},
-                  default=LayerSpec(weight=fmt, act=act))
 
 
 def configurations(model, w8: str, w4: str, lowering: str = "inductor"):

@@ -10,7 +10,7 @@ pytest.importorskip("transformers")
 import qcompile  # noqa: E402
 from archs import small_llama  # noqa: E402
 from benchmarks import framework  # noqa: E402
-from benchmarks.speed import every_linear  # noqa: E402
+from benchmarks.policies import every_linear  # noqa: E402
 
 
 def event(name, start, end, *children):
