@@ -24,11 +24,17 @@ the model. Their inputs take no activation format (``quantize_model_`` applies n
 experts), so a candidate's activation part does not change them, and a proxy candidate, which
 expert tensors refuse, leaves them in full precision.
 
+Under torch.distributed (``torchrun --nproc-per-node N``) the independent measurements (the
+sensitivity passes, the refinement's block measurements, the uniform checks) are dealt round
+robin to the ranks and gathered; every rank quantises everything and solves identically, so
+each rank returns what one process would, bit for bit.
+
 docs/search.md explains the method and its resolution.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 import math
 import re
@@ -38,6 +44,7 @@ from fractions import Fraction
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -125,6 +132,7 @@ class Sensitivities:
     cost: list[list[int]]
     packed: dict = field(repr=False, default_factory=dict)  # (i, j) -> QTensor (a list per expert)
     passes: int = 0
+    passes_by_rank: list = field(default_factory=list)  # how many each process measured
     seconds: dict = field(default_factory=dict)
 
 
@@ -420,6 +428,81 @@ def _applied(mod, weight, act):
             handle.remove()
 
 
+# -- many processes (torch.distributed) -------------------------------------------------------
+
+def _world() -> tuple[int, int]:
+    """(this rank, number of ranks) of torch.distributed's default group; (0, 1) without it."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _shares(jobs: int) -> list[int]:
+    """How many of ``jobs`` each rank measures under _spread's round robin."""
+    ranks = _world()[1]
+    return [len(range(r, jobs, ranks)) for r in range(ranks)]
+
+
+def _bar(progress: bool, **kwargs):
+    """A tqdm wrapper for an iterable, shown on rank 0 only."""
+    show = progress and _world()[0] == 0
+    return lambda it: tqdm(it, disable=not show, **kwargs)
+
+
+def _spread(jobs: list, measure, bar=None) -> list:
+    """[measure(job) for job in jobs]. Under torch.distributed job k is measured on rank
+    k % ranks only and the results are gathered, in order, on every rank; a failure on any rank
+    raises on every rank (none waits for the others forever)."""
+    rank, ranks = _world()
+    bar = bar or list
+    if ranks == 1:
+        return [measure(job) for job in bar(jobs)]
+    done, error = {}, None
+    try:
+        for k in bar(range(rank, len(jobs), ranks)):
+            done[k] = measure(jobs[k])
+    except Exception as e:  # reported to the other ranks, then raised here
+        error = e
+    every = [None] * ranks
+    dist.all_gather_object(every, (done, error and f"{type(error).__name__}: {error}"))
+    if error is not None:
+        raise error
+    failed = [(r, why) for r, (_, why) in enumerate(every) if why]
+    if failed:
+        raise RuntimeError(f"search_policy: rank {failed[0][0]} failed: {failed[0][1]}")
+    merged = {k: v for part, _ in every for k, v in part.items()}
+    return [merged[k] for k in range(len(jobs))]
+
+
+def _digest(*items) -> str:
+    """A hash of tensors, arrays and other values (by repr), bit for bit."""
+    h = hashlib.sha256()
+    for x in items:
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu().contiguous().numpy()
+        h.update(x.tobytes() if isinstance(x, np.ndarray) else repr(x).encode())
+    return h.hexdigest()[:16]
+
+
+def _agree(facts: dict):
+    """Under torch.distributed, refuse (on every rank alike) when the ranks' ``facts`` differ:
+    the gathered results equal one process's only if every rank runs the same search."""
+    ranks = _world()[1]
+    if ranks == 1:
+        return
+    every = [None] * ranks
+    dist.all_gather_object(every, facts)
+    for r, theirs in enumerate(every):
+        for key, value in theirs.items():
+            if value != every[0][key]:
+                raise ValueError(
+                    f"search_policy on {ranks} processes: rank {r} and rank 0 differ in {key} "
+                    f"({value!r} against {every[0][key]!r}); every rank must run the same "
+                    "search (the same model weights, calibration tokens, bits, candidates, "
+                    "patterns and keep rules) and compute bit for bit alike (the same kind of "
+                    "device and thread count)")
+
+
 # -- the search -------------------------------------------------------------------------------
 
 def _quantise(layers, cands, scores, progress) -> Sensitivities:
@@ -451,12 +534,18 @@ def _quantise(layers, cands, scores, progress) -> Sensitivities:
 def _run_passes(runner, layers, s: Sensitivities, progress):
     start = time.perf_counter()
     todo = [(i, j) for i in range(len(layers)) for j, c in enumerate(s.candidates) if c is not None]
-    for i, j in tqdm(todo, desc="search: sensitivity", unit="pass", disable=not progress):
+
+    def one(pair):
+        i, j = pair
         name, mod, _ = layers[i]
         with _applied(mod, _weight(s, i, j), s.candidates[j].act):
             kl, _ = runner.compare(runner.logits(runner.block_of(name)))
-        s.kl[i, j] = max(kl, 0.0)  # KL >= 0; a float32 rounding below it is noise
+        return max(kl, 0.0)  # KL >= 0; a float32 rounding below it is noise
+    bar = _bar(progress, desc="search: sensitivity", unit="pass")
+    for (i, j), kl in zip(todo, _spread(todo, one, bar)):
+        s.kl[i, j] = kl
     s.passes = len(todo)
+    s.passes_by_rank = _shares(len(todo))
     s.seconds["sensitivity"] = time.perf_counter() - start
 
 
@@ -491,13 +580,14 @@ def _refine(runner, layers, s: Sensitivities, choice, limit: int, kl, top1):
         for i, (name, _, _) in enumerate(layers):
             groups.setdefault(runner.group_of(name), []).append(i)
         scale = np.ones(len(layers))
-        for g, members in groups.items():
-            estimated = sum(s.kl[i, choice[i]] for i in members)
-            if estimated <= 0:
-                continue  # nothing changed there, or nothing measurable: no evidence
-            measured, _ = _measure(runner, layers, s, {i: choice[i] for i in members},
-                                   max(g, 0))
-            scale[members] = max(measured, 0.0) / estimated
+        estimated = {g: sum(s.kl[i, choice[i]] for i in members)
+                     for g, members in groups.items()}
+        # estimated 0: nothing changed there, or nothing measurable: no evidence
+        todo = [g for g in groups if estimated[g] > 0]
+        measured = _spread(todo, lambda g: _measure(
+            runner, layers, s, {i: choice[i] for i in groups[g]}, max(g, 0))[0])
+        for g, kl_g in zip(todo, measured):
+            scale[groups[g]] = max(kl_g, 0.0) / estimated[g]
         scaled = s.kl * scale[:, None]
         new = solve_budget(scaled, s.cost, limit)
         if new == choice:
@@ -546,10 +636,15 @@ def search_policy(model: torch.nn.Module, calibration, bits: float, candidates, 
                                       or sensitivities.candidates != cands):
         raise ValueError("sensitivities were measured for other layers or candidates; measure "
                          "again (sensitivities=None)")
+    _agree({"layers": (len(names), _digest(names)), "candidates": [_label(c) for c in cands],
+            "bits": float(budget), "calibration": ([tuple(b.shape) for b in batches],
+                                                   _digest(*batches)),
+            "sensitivities": sensitivities is not None and _digest(sensitivities.kl,
+                                                                    sensitivities.cost)})
     was_training = model.training
     model.eval()
     try:
-        s = sensitivities or _quantise(layers, cands, scores, progress)
+        s = sensitivities or _quantise(layers, cands, scores, progress and _world()[0] == 0)
         total = sum(s.numel)
         limit = math.floor(budget * total)
         cheapest = sum(min(row) for row in s.cost)
@@ -558,6 +653,8 @@ def search_policy(model: torch.nn.Module, calibration, bits: float, candidates, 
                              f"layers need at least {cheapest / total:.4f} bits per weight stored")
         start = time.perf_counter()
         runner = _Runner(model, batches, names)
+        _agree({"full-precision logits": _digest(runner.ref_logp),
+                "replay of block outputs": runner.blocks is not None})
         reference_s = time.perf_counter() - start
         if sensitivities is None:
             _run_passes(runner, layers, s, progress)
@@ -565,16 +662,16 @@ def search_policy(model: torch.nn.Module, calibration, bits: float, candidates, 
         choice = solve_budget(s.kl, s.cost, limit)
         solve_s = time.perf_counter() - start
         start = time.perf_counter()
-        kl, top1 = _measure_all(runner, layers, s, choice)
-        rounds = []
+        fits = [j for j, c in enumerate(s.candidates)
+                if c is not None and sum(row[j] for row in s.cost) <= limit]
+        # the choice and each uniform candidate within the budget, end to end
+        (kl, top1), *measured = _spread([choice] + [[j] * len(layers) for j in fits],
+                                        lambda picks: _measure_all(runner, layers, s, picks))
+        uniform = {s.labels[j]: {"bits": sum(row[j] for row in s.cost) / total, "kl": u_kl,
+                                 "top1": u_top1} for j, (u_kl, u_top1) in zip(fits, measured)}
+        rounds, note = [], ""
         if refine:
             choice, kl, top1, rounds = _refine(runner, layers, s, choice, limit, kl, top1)
-        note, uniform = "", {}
-        for j, label in enumerate(s.labels):
-            spent = sum(row[j] for row in s.cost)
-            if spent <= limit and s.candidates[j] is not None:
-                u_kl, u_top1 = _measure_all(runner, layers, s, [j] * len(layers))
-                uniform[label] = {"bits": spent / total, "kl": u_kl, "top1": u_top1}
         best = min(uniform, key=lambda k: uniform[k]["kl"], default=None)
         if best is not None and uniform[best]["kl"] < kl:
             note = (f"note: the searched choice measured KL {kl:.4e} end to end, worse than "
