@@ -37,9 +37,10 @@ def checkpoints(root: Path):
     # hidden 64: o_proj's halves of 32 columns cut nf4's blocks of 64
     save(root / "llama64", transformers.LlamaForCausalLM(transformers.LlamaConfig(
         hidden_size=64, intermediate_size=128, **LLAMA)))
-    transformers.LlamaForCausalLM.from_pretrained(  # a saved packed model
-        root / "llama", quantization_config=qcompile.BlockQuantConfig(NF4)).save_pretrained(
-            root / "llama_packed")
+    for name in ("llama", "llama64"):  # saved packed models
+        transformers.LlamaForCausalLM.from_pretrained(
+            root / name, quantization_config=qcompile.BlockQuantConfig(NF4)).save_pretrained(
+                root / f"{name}_packed")
     save(root / "gpt2", transformers.GPT2LMHeadModel(transformers.GPT2Config(
         n_layer=1, n_embd=64, n_head=2, vocab_size=128, n_positions=16,
         tie_word_embeddings=False)))
@@ -60,7 +61,7 @@ def results(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", ["llama_nf4", "llama_mixed", "llama_mixed_compiled",
-                                  "llama_quantize_model", "gpt2_lm_head"])
+                                  "llama_quantize_model", "gpt2_lm_head", "saved_sharded"])
 def test_sharded_logits_equal_one_process(results, case):
     got = results[case]
     assert "error" not in got, got
@@ -81,7 +82,8 @@ def test_sharded_logits_equal_one_process(results, case):
     ("gpt2_conv1d", ["out_features"]),  # transformers cannot shard GPT-2's Conv1D at all
     ("save_sharded", ["saving a tensor-parallel quantised model is not supported",
                       "holds only this rank's shard"]),
-    ("saved_sharded", ["out_features"]),  # transformers: the packed layers are not linear
+    ("saved_cut_blocks", ["row-parallel split of layer 'model.layers.0.self_attn.o_proj'",
+                          "K=[32]", "cuts weight blocks of 64"]),
 ])
 def test_unsupported_split_refused(results, case, words):
     error = results[case].get("error", "")
