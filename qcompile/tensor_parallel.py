@@ -79,7 +79,7 @@ def shard_saved(model, name: str, kind: str, q, bias, mesh, act=None):
     parts, rank = mesh.size(), mesh.get_local_rank()
     if isinstance(style, ColwiseParallel):
         lo, hi = _my_range(q.shape[0], parts, rank)
-        return _rows(q, lo, hi), None if bias is None else local(bias)[lo:hi].clone()
+        return _rows(q, lo, hi), _bias_rows(bias, lo, hi)
     for fmt, what in ((q.fmt, "weight"), (act, "input")):
         if fmt is not None:
             _check_blocks(f"{where}", q.shape[1], parts, fmt, what)
@@ -87,6 +87,14 @@ def shard_saved(model, name: str, kind: str, q, bias, mesh, act=None):
 
 
 OUTLIERS = ("outlier_index", "outlier_value")
+
+
+def _bias_rows(bias, lo: int, hi: int):
+    """A column-parallel layer's bias rows lo:hi: a DTensor (the plan sharded it as it loaded)
+    is kept, its style runs on its local rows."""
+    if bias is None or is_distributed(bias):
+        return bias
+    return torch.nn.Parameter(bias[lo:hi].clone(), requires_grad=False)
 
 
 def _my_range(size: int, parts: int, rank: int) -> tuple[int, int]:

@@ -20,6 +20,14 @@ from qcompile import LayerSpec, Policy
 HERE = Path(__file__).parent
 BOUND = 1e-5  # relative to the largest logit: float32 sums reordered across 2 ranks
 NF4 = Policy({"lm_head": None}, default=LayerSpec(weight="nf4"))  # as tests/tp_worker.py
+# saved packed, then loaded sharded: OPQ outliers cut by rows (gate, column-parallel) and by K
+# (down, row-parallel), whole-tensor side data replicated (up: quantile codebook, column-
+# parallel; o_proj: NVFP4's tensor scale, row-parallel), an activation format (q, k)
+SAVED_MIXED = Policy({"lm_head": None, "*.mlp.[gd]*_proj": LayerSpec(weight="bof4s_opq"),
+                      "*.mlp.up_proj": LayerSpec(weight="quantile4"),
+                      "*.self_attn.o_proj": LayerSpec(weight="nvfp4"),
+                      "re:.*self_attn\\.[qk]_proj": LayerSpec(weight="mxint8", act="mxint8")},
+                     default=LayerSpec(weight="int4"))
 LLAMA = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
              tie_word_embeddings=True)
 
@@ -37,10 +45,19 @@ def checkpoints(root: Path):
     # hidden 64: o_proj's halves of 32 columns cut nf4's blocks of 64
     save(root / "llama64", transformers.LlamaForCausalLM(transformers.LlamaConfig(
         hidden_size=64, intermediate_size=128, **LLAMA)))
-    for name in ("llama", "llama64"):  # saved packed models
+    # biases on every projection: split with the rows (column-parallel) or added once (row-)
+    biased = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=128, intermediate_size=256, attention_bias=True, mlp_bias=True, **LLAMA))
+    with torch.no_grad():  # (initialised to zeros)
+        for name, p in biased.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.5)
+    save(root / "llama_bias", biased)
+    for name, policy, saved in (("llama", NF4, "llama_packed"), ("llama64", NF4, "llama64_packed"),
+                                ("llama_bias", SAVED_MIXED, "llama_packed_mixed")):
         transformers.LlamaForCausalLM.from_pretrained(
-            root / name, quantization_config=qcompile.BlockQuantConfig(NF4)).save_pretrained(
-                root / f"{name}_packed")
+            root / name, quantization_config=qcompile.BlockQuantConfig(policy)).save_pretrained(
+                root / saved)
     save(root / "gpt2", transformers.GPT2LMHeadModel(transformers.GPT2Config(
         n_layer=1, n_embd=64, n_head=2, vocab_size=128, n_positions=16,
         tie_word_embeddings=False)))
@@ -61,7 +78,8 @@ def results(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", ["llama_nf4", "llama_mixed", "llama_mixed_compiled",
-                                  "llama_quantize_model", "gpt2_lm_head", "saved_sharded"])
+                                  "llama_quantize_model", "gpt2_lm_head", "saved_sharded",
+                                  "saved_mixed_sharded"])
 def test_sharded_logits_equal_one_process(results, case):
     got = results[case]
     assert "error" not in got, got

@@ -94,6 +94,8 @@ def main(folder, out):
         "save_sharded": case(lambda: load(llama, NF4, **auto).save_pretrained(
             Path(folder) / f"resaved{dist.get_rank()}")),
         "saved_sharded": case(lambda: compare(load(packed, **auto), packed, None)),
+        "saved_mixed_sharded": case(lambda: compare(load(packed + "_mixed", **auto),
+                                                    packed + "_mixed", None)),
         "saved_cut_blocks": case(lambda: load(packed64, **auto)),
         "cut_blocks": case(lambda: load(llama64, NF4, **auto)),
         "nvfp4": case(lambda: load(llama, NVFP4, **auto)),
