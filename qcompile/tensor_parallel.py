@@ -10,6 +10,10 @@ split keeps every block whole and the format's side data is local to blocks or r
 - side data describing the whole tensor (NVFP4's tensor scale, a quantile codebook) and proxy
   columns (scored over the whole tensor) cannot be computed from one shard.
 Everything else is refused, naming the layer, the split and why, before any weight is packed.
+
+A saved packed folder loaded under a tp_plan (``shard_saved``) is cut the same way from its
+packed bytes, never decoded; there the whole-tensor side data is simply replicated (it was
+computed over the whole tensor when saved), and OPQ outliers go to the rank owning them.
 """
 from __future__ import annotations
 
@@ -82,7 +86,7 @@ def shard_saved(model, name: str, kind: str, q, bias, mesh, act=None):
         return _rows(q, lo, hi), _bias_rows(bias, lo, hi)
     for fmt, what in ((q.fmt, "weight"), (act, "input")):
         if fmt is not None:
-            _check_blocks(f"{where}", q.shape[1], parts, fmt, what)
+            _check_blocks(where, q.shape[1], parts, fmt, what)
     return _columns(q, *_my_range(q.shape[1], parts, rank)), bias
 
 
