@@ -3,7 +3,8 @@
 BlockQuantConfig (tests/tp_worker.py); each sharded model gives the logits of the same model
 quantised in one process, within float32 reordering (the row-parallel sums), holds about half
 the packed bytes per rank, and every split blockquant cannot pack shard by shard is refused
-with a message naming the layer and why."""
+with a message naming the layer and why. Saved packed folders load sharded the same way, equal
+to the folder loaded in one process."""
 import json
 import os
 import subprocess
@@ -28,6 +29,7 @@ SAVED_MIXED = Policy({"lm_head": None, "*.mlp.[gd]*_proj": LayerSpec(weight="bof
                       "*.self_attn.o_proj": LayerSpec(weight="nvfp4"),
                       "re:.*self_attn\\.[qk]_proj": LayerSpec(weight="mxint8", act="mxint8")},
                      default=LayerSpec(weight="int4"))
+PROXY = Policy({"*.mlp.up_proj": LayerSpec(weight="nf4[proxy=8]")})
 LLAMA = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
              tie_word_embeddings=True)
 
@@ -54,7 +56,8 @@ def checkpoints(root: Path):
                 p.normal_(0, 0.5)
     save(root / "llama_bias", biased)
     for name, policy, saved in (("llama", NF4, "llama_packed"), ("llama64", NF4, "llama64_packed"),
-                                ("llama_bias", SAVED_MIXED, "llama_packed_mixed")):
+                                ("llama_bias", SAVED_MIXED, "llama_packed_mixed"),
+                                ("llama", PROXY, "llama_packed_proxy")):
         transformers.LlamaForCausalLM.from_pretrained(
             root / name, quantization_config=qcompile.BlockQuantConfig(policy)).save_pretrained(
                 root / saved)
@@ -100,6 +103,8 @@ def test_sharded_logits_equal_one_process(results, case):
     ("gpt2_conv1d", ["out_features"]),  # transformers cannot shard GPT-2's Conv1D at all
     ("save_sharded", ["saving a tensor-parallel quantised model is not supported",
                       "holds only this rank's shard"]),
+    ("saved_proxy", ["layer 'model.layers.0.mlp.up_proj' (nf4[proxy=8]",
+                     "proxy columns does not load sharded"]),
     ("saved_cut_blocks", ["row-parallel split of layer 'model.layers.0.self_attn.o_proj'",
                           "K=[32]", "cuts weight blocks of 64"]),
 ])

@@ -96,6 +96,7 @@ def main(folder, out):
         "saved_sharded": case(lambda: compare(load(packed, **auto), packed, None)),
         "saved_mixed_sharded": case(lambda: compare(load(packed + "_mixed", **auto),
                                                     packed + "_mixed", None)),
+        "saved_proxy": case(lambda: load(packed + "_proxy", **auto)),
         "saved_cut_blocks": case(lambda: load(packed64, **auto)),
         "cut_blocks": case(lambda: load(llama64, NF4, **auto)),
         "nvfp4": case(lambda: load(llama, NVFP4, **auto)),
