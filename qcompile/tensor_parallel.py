@@ -10,10 +10,17 @@ split keeps every block whole and the format's side data is local to blocks or r
 - side data describing the whole tensor (NVFP4's tensor scale, a quantile codebook) and proxy
   columns (scored over the whole tensor) cannot be computed from one shard.
 Everything else is refused, naming the layer, the split and why, before any weight is packed.
+
+A saved packed folder loaded under a tp_plan (``shard_saved``) is cut the same way from its
+packed bytes, never decoded; there the whole-tensor side data is simply replicated (it was
+computed over the whole tensor when saved), and OPQ outliers go to the rank owning them.
 """
 from __future__ import annotations
 
 import torch
+
+from .formats.qtensor import QTensor
+from .formats.reference import _outliers_of_rows
 
 WHO = "tensor parallelism"
 SHARDED_ATTR = "_qcompile_tp_shard"  # a packed layer holding this rank's shard only
@@ -48,16 +55,86 @@ def chunk_offsets(size: int, parts: int) -> list[int]:
     return [min(r * step, size) for r in range(parts)]
 
 
-def refuse_saved_under_plan(model):
-    """Refuse loading a saved packed checkpoint into a model that a tp_plan parallelised: its
-    packed weights are whole, and the plan's styles would run them as shards."""
-    parallel = (getattr(model, "_tp_size", None) or 1) > 1
-    if parallel or any(is_distributed(p) for p in model.parameters()):
-        raise ValueError(f"{WHO}: loading a saved blockquant checkpoint under a tp_plan is not "
-                         "supported: its packed weights are whole tensors, not this rank's "
-                         "shards; under a tp_plan, load the float checkpoint with "
-                         "BlockQuantConfig (each rank packs its own shard), or load this folder "
-                         "without tp_plan")
+def plan_mesh(model):
+    """The 1-D tp mesh transformers' tp_plan parallelised ``model`` over, or None."""
+    if (getattr(model, "_tp_size", None) or 1) <= 1:
+        return None
+    return model._mesh_manager.get_mesh("tp")
+
+
+def shard_saved(model, name: str, kind: str, q, bias, mesh, act=None):
+    """This rank's part (QTensor, bias) of the saved, whole packed weight ``q`` of layer
+    ``name``, cut as its tp_plan style splits it: (q, bias) unchanged when the plan has no style
+    for it. Codes and scales are sliced, never decoded: a saved tensor's side data describing
+    the whole tensor (NVFP4's tensor scale, a quantile codebook) was computed over the whole
+    tensor, so it is replicated, and OPQ outliers go to the rank owning their position."""
+    style = parallel_style(model, name)
+    if style is None:
+        return q, bias
+    where = f"layer {name!r} ({q.fmt.key}, weight {list(q.shape)})"
+    if kind != "linear":
+        raise ValueError(f"{WHO}: {where} is a saved packed {kind} under a tp_plan style; only "
+                         "packed linear layers load sharded: keep it out of the tp_plan")
+    if q.fmt.proxy is not None or set(q.side) - {*q.fmt.whole_tensor_side, *OUTLIERS}:
+        raise ValueError(f"{WHO}: {where}: a saved packed weight with proxy columns does not "
+                         "load sharded yet; load this folder without tp_plan, or load the float "
+                         "checkpoint under the tp_plan with a policy without proxy")
+    from transformers.distributed.tensor_parallel import ColwiseParallel
+    parts, rank = mesh.size(), mesh.get_local_rank()
+    if isinstance(style, ColwiseParallel):
+        lo, hi = _my_range(q.shape[0], parts, rank)
+        return _rows(q, lo, hi), _bias_rows(bias, lo, hi)
+    for fmt, what in ((q.fmt, "weight"), (act, "input")):
+        if fmt is not None:
+            _check_blocks(where, q.shape[1], parts, fmt, what)
+    return _columns(q, *_my_range(q.shape[1], parts, rank)), bias
+
+
+OUTLIERS = ("outlier_index", "outlier_value")
+
+
+def _bias_rows(bias, lo: int, hi: int):
+    """A column-parallel layer's bias rows lo:hi: a DTensor (the plan sharded it as it loaded)
+    is kept, its style runs on its local rows."""
+    if bias is None or is_distributed(bias):
+        return bias
+    return torch.nn.Parameter(bias[lo:hi].clone(), requires_grad=False)
+
+
+def _my_range(size: int, parts: int, rank: int) -> tuple[int, int]:
+    offsets = chunk_offsets(size, parts) + [size]
+    return offsets[rank], offsets[rank + 1]
+
+
+def _rows(q, lo: int, hi: int):
+    """Rows lo:hi (output features) of a 2-d packed weight with blocks along its rows."""
+    side = dict(q.side)
+    if "outlier_index" in side:
+        index, value = _outliers_of_rows(side["outlier_index"], side["outlier_value"],
+                                         torch.arange(lo, hi), q.scales.shape[-1] * q.block)
+        side["outlier_index"], side["outlier_value"] = \
+            index.to(q.side["outlier_index"].dtype), value
+    return QTensor(q.fmt, q.codes[lo:hi].clone(), q.scales[lo:hi].clone(),
+                   torch.Size([hi - lo, q.shape[1]]), q.dtype, q.axis, q.block, side)
+
+
+def _columns(q, lo: int, hi: int):
+    """Columns lo:hi (the reduction axis) of a 2-d packed weight, ``lo`` on a block and byte
+    boundary (_check_blocks): whole blocks of codes and scales, and the outliers inside them."""
+    row_len, blocks = q.scales.shape[-1] * q.block, -(-(hi - lo) // q.block)
+    first, width = lo // q.block, blocks * q.block
+    byte = lo * q.fmt.bits // 8
+    side = dict(q.side)
+    if "outlier_index" in side:
+        index = side["outlier_index"].long()
+        row, col = index // row_len, index % row_len
+        mine = (col >= lo) & (col < lo + width)
+        side["outlier_index"] = (row[mine] * width + col[mine] - lo).to(
+            q.side["outlier_index"].dtype)
+        side["outlier_value"] = side["outlier_value"][mine]
+    codes = q.codes[:, byte:byte + -(-width * q.fmt.bits // 8)].clone()
+    return QTensor(q.fmt, codes, q.scales[:, first:first + blocks].clone(),
+                   torch.Size([q.shape[0], hi - lo]), q.dtype, q.axis, q.block, side)
 
 
 def check_split(name: str, weight, fmt, axis: int, kind: str = "linear", act=None):

@@ -3,7 +3,8 @@
 BlockQuantConfig (tests/tp_worker.py); each sharded model gives the logits of the same model
 quantised in one process, within float32 reordering (the row-parallel sums), holds about half
 the packed bytes per rank, and every split blockquant cannot pack shard by shard is refused
-with a message naming the layer and why."""
+with a message naming the layer and why. Saved packed folders load sharded the same way, equal
+to the folder loaded in one process."""
 import json
 import os
 import subprocess
@@ -20,6 +21,15 @@ from qcompile import LayerSpec, Policy
 HERE = Path(__file__).parent
 BOUND = 1e-5  # relative to the largest logit: float32 sums reordered across 2 ranks
 NF4 = Policy({"lm_head": None}, default=LayerSpec(weight="nf4"))  # as tests/tp_worker.py
+# saved packed, then loaded sharded: OPQ outliers cut by rows (gate, column-parallel) and by K
+# (down, row-parallel), whole-tensor side data replicated (up: quantile codebook, column-
+# parallel; o_proj: NVFP4's tensor scale, row-parallel), an activation format (q, k)
+SAVED_MIXED = Policy({"lm_head": None, "*.mlp.[gd]*_proj": LayerSpec(weight="bof4s_opq"),
+                      "*.mlp.up_proj": LayerSpec(weight="quantile4"),
+                      "*.self_attn.o_proj": LayerSpec(weight="nvfp4"),
+                      "re:.*self_attn\\.[qk]_proj": LayerSpec(weight="mxint8", act="mxint8")},
+                     default=LayerSpec(weight="int4"))
+PROXY = Policy({"*.mlp.up_proj": LayerSpec(weight="nf4[proxy=8]")})
 LLAMA = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
              tie_word_embeddings=True)
 
@@ -37,9 +47,20 @@ def checkpoints(root: Path):
     # hidden 64: o_proj's halves of 32 columns cut nf4's blocks of 64
     save(root / "llama64", transformers.LlamaForCausalLM(transformers.LlamaConfig(
         hidden_size=64, intermediate_size=128, **LLAMA)))
-    transformers.LlamaForCausalLM.from_pretrained(  # a saved packed model
-        root / "llama", quantization_config=qcompile.BlockQuantConfig(NF4)).save_pretrained(
-            root / "llama_packed")
+    # biases on every projection: split with the rows (column-parallel) or added once (row-)
+    biased = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=128, intermediate_size=256, attention_bias=True, mlp_bias=True, **LLAMA))
+    with torch.no_grad():  # (initialised to zeros)
+        for name, p in biased.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.5)
+    save(root / "llama_bias", biased)
+    for name, policy, saved in (("llama", NF4, "llama_packed"), ("llama64", NF4, "llama64_packed"),
+                                ("llama_bias", SAVED_MIXED, "llama_packed_mixed"),
+                                ("llama", PROXY, "llama_packed_proxy")):
+        transformers.LlamaForCausalLM.from_pretrained(
+            root / name, quantization_config=qcompile.BlockQuantConfig(policy)).save_pretrained(
+                root / saved)
     save(root / "gpt2", transformers.GPT2LMHeadModel(transformers.GPT2Config(
         n_layer=1, n_embd=64, n_head=2, vocab_size=128, n_positions=16,
         tie_word_embeddings=False)))
@@ -60,7 +81,8 @@ def results(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", ["llama_nf4", "llama_mixed", "llama_mixed_compiled",
-                                  "llama_quantize_model", "gpt2_lm_head"])
+                                  "llama_quantize_model", "gpt2_lm_head", "saved_sharded",
+                                  "saved_mixed_sharded"])
 def test_sharded_logits_equal_one_process(results, case):
     got = results[case]
     assert "error" not in got, got
@@ -81,7 +103,10 @@ def test_sharded_logits_equal_one_process(results, case):
     ("gpt2_conv1d", ["out_features"]),  # transformers cannot shard GPT-2's Conv1D at all
     ("save_sharded", ["saving a tensor-parallel quantised model is not supported",
                       "holds only this rank's shard"]),
-    ("saved_sharded", ["out_features"]),  # transformers: the packed layers are not linear
+    ("saved_proxy", ["layer 'model.layers.0.mlp.up_proj' (nf4[proxy=8]",
+                     "proxy columns does not load sharded"]),
+    ("saved_cut_blocks", ["row-parallel split of layer 'model.layers.0.self_attn.o_proj'",
+                          "K=[32]", "cuts weight blocks of 64"]),
 ])
 def test_unsupported_split_refused(results, case, words):
     error = results[case].get("error", "")

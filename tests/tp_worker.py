@@ -45,15 +45,16 @@ def oracle(folder, policy):
 
 
 def compare(model, folder, policy, only=None) -> dict:
-    """The sharded model against the single-process one: the largest logit difference relative
-    to the largest logit, and this rank's packed bytes (of the layers named ``only``: those the
-    plan shards, or all) and the whole model's."""
+    """The sharded model against the single-process one (the float ``folder`` quantised with
+    ``policy``; a saved packed ``folder`` loaded as it is when ``policy`` is None): the largest
+    logit difference relative to the largest logit, and this rank's packed bytes (of the layers
+    named ``only``: those the plan shards, or all) and the whole model's."""
     got, mine = logits(model), packed_bytes(model, only)
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, mine)
     if dist.get_rank() != 0:
         return {}
-    ref = oracle(folder, policy)
+    ref = load(folder) if policy is None else oracle(folder, policy)
     want = logits(ref)
     return {"rel_err": ((got - want).abs().max() / want.abs().max()).item(),
             "rank_bytes": every, "whole_bytes": packed_bytes(ref, only)}
@@ -79,6 +80,7 @@ def plan(tp_plan: dict) -> dict:
 def main(folder, out):
     llama, llama64, gpt2 = (str(Path(folder) / n) for n in ("llama", "llama64", "gpt2"))
     auto, packed = {"tp_plan": "auto"}, str(Path(folder) / "llama_packed")
+    packed64 = str(Path(folder) / "llama64_packed")
     results = {
         "llama_nf4": case(lambda: compare(load(llama, NF4, **auto), llama, NF4)),
         "llama_mixed": case(lambda: compare(load(llama, MIXED, **auto), llama, MIXED)),
@@ -91,7 +93,11 @@ def main(folder, out):
         "gpt2_conv1d": case(lambda: load(gpt2, ALL_NF4, **plan(CONV1D_PLAN))),
         "save_sharded": case(lambda: load(llama, NF4, **auto).save_pretrained(
             Path(folder) / f"resaved{dist.get_rank()}")),
-        "saved_sharded": case(lambda: load(packed, **auto)),
+        "saved_sharded": case(lambda: compare(load(packed, **auto), packed, None)),
+        "saved_mixed_sharded": case(lambda: compare(load(packed + "_mixed", **auto),
+                                                    packed + "_mixed", None)),
+        "saved_proxy": case(lambda: load(packed + "_proxy", **auto)),
+        "saved_cut_blocks": case(lambda: load(packed64, **auto)),
         "cut_blocks": case(lambda: load(llama64, NF4, **auto)),
         "nvfp4": case(lambda: load(llama, NVFP4, **auto)),
         "compile_float": case(lambda: qcompile.compile(load(llama, **auto), NF4)),

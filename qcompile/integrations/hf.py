@@ -38,7 +38,7 @@ from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING,
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .. import api, serialize, tensor_parallel
+from .. import api, formats, serialize, tensor_parallel
 from ..expert_stack import PackedExperts
 from ..expert_stack import install as install_experts
 from ..policy import POLICY_JSON_FORMAT, Policy, PolicyError
@@ -225,6 +225,8 @@ class BlockQuantHfQuantizer(HfQuantizer):
             holder.weight = _stand_in(mod.weight)  # not a parameter: no key to load
             if entry["kind"] != "embedding":
                 holder.bias = mod.bias
+                # transformers' tp_plan styles read these from the layer they parallelise
+                holder.out_features, holder.in_features = _linear_shape(mod.weight, entry)
             if entry["packed"] == name:
                 for key, (dtype, shape) in doc["tensors"].items():
                     if key.rpartition(".")[0] == name:
@@ -234,7 +236,6 @@ class BlockQuantHfQuantizer(HfQuantizer):
         self.doc = doc
 
     def _finish_saved(self, model):
-        tensor_parallel.refuse_saved_under_plan(model)
         doc, loaded = self.doc, {}
         for owner in doc["packed"]:
             for leaf, t in model.get_submodule(owner)._buffers.items():
@@ -244,12 +245,38 @@ class BlockQuantHfQuantizer(HfQuantizer):
         qtensors = {owner: serialize._packed(owner, entry, loaded)  # where they loaded
                     for owner, entry in doc["packed"].items()}
         # every tensor as loaded (full-precision ones too) against the digest saved with it
-        serialize.verify_tensors(doc, model.state_dict())
+        serialize.verify_tensors(doc, _WholeTensors(model.state_dict()))
+        mesh = tensor_parallel.plan_mesh(model)  # under a tp_plan: each rank keeps its shard
         for name, entry in doc["modules"].items():
-            bias = None if entry["kind"] == "experts" else \
-                model.get_submodule(name)._parameters.get("bias")
-            serialize._install(model, name, entry, qtensors[entry["packed"]], bias)
+            if entry["kind"] == "experts":
+                if mesh is not None:  # refuses an expert style
+                    tensor_parallel.parallel_style(model, name.rpartition(".")[0])
+                serialize._install(model, name, entry, qtensors[entry["packed"]], None)
+                continue
+            holder = model.get_submodule(name)
+            q, bias = qtensors[entry["packed"]], holder._parameters.get("bias")
+            if mesh is not None:
+                act = formats.get(entry["act"]) if entry.get("act") else None
+                q, bias = tensor_parallel.shard_saved(model, name, entry["kind"], q, bias,
+                                                      mesh, act)
+            serialize._install(model, name, entry, q, bias)
+            if mesh is not None and tensor_parallel.parallel_style(model, name) is not None:
+                tensor_parallel.keep_style(model, name, holder, model.get_submodule(name), mesh)
         setattr(model, POLICIES_ATTR, (self.policy,))
+
+
+class _WholeTensors(dict):
+    """A state dict whose DTensors (float weights a tp_plan sharded) are gathered whole one at a
+    time as they are checked: their digests are of the whole saved tensor."""
+
+    def items(self):
+        for name, t in super().items():
+            yield name, t.full_tensor() if tensor_parallel.is_distributed(t) else t
+
+
+def _linear_shape(weight, entry: dict) -> tuple[int, int]:
+    """(out_features, in_features) of the linear layer (or GPT-2 Conv1D) ``weight`` belongs to."""
+    return tuple(reversed(weight.shape)) if entry["kind"] == "conv1d" else tuple(weight.shape)
 
 
 def _float_weight(model, name: str, entry: dict) -> torch.Tensor:
