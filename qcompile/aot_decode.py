@@ -78,6 +78,7 @@ def export_decoder(model, policy, path, *, max_cache_len: int, example_prompt_le
     if not 2 <= example_prompt_len <= max_cache_len:
         raise ValueError(f"qcompile.export_decoder: example_prompt_len must be in [2, "
                          f"max_cache_len={max_cache_len}], got {example_prompt_len!r}")
+    _refuse_other_cache_layers(config, max_cache_len)
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     policy = aot._export_policy(model, policy)
@@ -101,6 +102,19 @@ def export_decoder(model, policy, path, *, max_cache_len: int, example_prompt_le
     aot._export(step, None, (prompt[:, :1], pos, *caches), os.path.join(path, DECODE),
                 dynamic_shapes=None, extra={"decoder": info})
     return path
+
+
+def _refuse_other_cache_layers(config, max_cache_len: int):
+    """Only plain full-attention layers: a sliding-window or linear-attention layer keeps its
+    cache otherwise than ``_CacheStep`` fills it."""
+    from transformers import StaticCache
+    from transformers.cache_utils import StaticLayer
+    layers = StaticCache(config=config, max_cache_len=max_cache_len).layers
+    other = sorted({type(layer).__name__ for layer in layers if type(layer) is not StaticLayer})
+    if other:
+        raise NotImplementedError(f"qcompile.export_decoder: this model's static cache has "
+                                  f"{other} layers; only full-attention layers (StaticLayer) "
+                                  "are exported yet: use qcompile.export without a cache")
 
 
 class LoadedDecoder:

@@ -122,11 +122,17 @@ def test_packages_not_exported_together_are_refused(folder, tmp_path):
         qcompile.load_decoder(tmp_path / "nothing")
 
 
-def test_what_is_not_a_causal_lm_is_refused_before_compiling(tmp_path):
+def test_what_export_decoder_cannot_run_is_refused_before_compiling(tmp_path):
     with pytest.raises(TypeError, match="transformers causal LM"):
         qcompile.export_decoder(torch.nn.Linear(4, 4), POLICY, tmp_path / "x", max_cache_len=8)
     with pytest.raises(ValueError, match="max_cache_len must be an int >= 3"):
         qcompile.export_decoder(archs.small_llama(), POLICY, tmp_path / "x", max_cache_len=2)
+    import transformers
+    windowed = transformers.MistralForCausalLM(transformers.MistralConfig(
+        num_hidden_layers=1, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, sliding_window=4))
+    with pytest.raises(NotImplementedError, match="StaticSlidingWindowLayer"):
+        qcompile.export_decoder(windowed, POLICY, tmp_path / "x", max_cache_len=8)
     assert not os.path.exists(tmp_path / "x")
 
 
