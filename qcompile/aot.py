@@ -25,7 +25,8 @@ tables come out the same), checks the digest, and only then hands the archive to
 
 Not yet: layers that would run a Python op in the package (embeddings, activation formats other
 than the integer path's, formats whose tables come from side data, matmul rules, packed
-experts), GPU packages, a C++ loader example, KV-cache decode graphs (docs/export.md).
+experts), GPU packages, a C++ loader example (docs/export.md). Decoding with a KV cache:
+``aot_decode.py``.
 """
 from __future__ import annotations
 
