@@ -61,12 +61,34 @@ def cache_shapes(model, max_cache_len: int) -> list[list[int]]:
     return [[1, kv_heads, max_cache_len, head_dim]] * (2 * cfg.num_hidden_layers)
 
 
-def export_decoder(model, policy, path, *, max_cache_len: int, example_prompt_len: int = 8) -> str:
+def export_decoder(model, policy, path, *, max_cache_len: int) -> str:
     """Compile a causal LM (a transformers ``...ForCausalLM``) ahead of time into two packages
     in the folder ``path``: ``prefill.pt2`` (a prompt of 2 to ``max_cache_len`` tokens) and
     ``decode.pt2`` (one token), both over a static KV cache of ``max_cache_len`` tokens passed
     as tensors. ``policy`` as for ``qcompile.export`` (applied once, in place). Returns the
     folder. CPU, batch 1, float caches of the model's dtype."""
+    _check_decoder(model, max_cache_len)
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    _quantise_once(model, policy)  # here: both graphs then take the packed model as it is
+    step = _CacheStep(model, max_cache_len).eval()
+    dtype = getattr(model, "dtype", torch.float32)  # (transformers models have one)
+    shapes = cache_shapes(model, max_cache_len)
+    caches = [torch.zeros(s, dtype=dtype) for s in shapes]
+    info = {"decoder_format": DECODER_FORMAT, "max_cache_len": max_cache_len,
+            "cache_shapes": shapes, "cache_dtype": str(dtype).removeprefix("torch.")}
+    position = torch.zeros(1, dtype=torch.long)
+    prompt = torch.zeros(1, min(8, max_cache_len), dtype=torch.long)
+    seq = torch.export.Dim("prompt", min=2, max=max_cache_len)
+    fixed = (None,) * len(caches)  # (the caches are one *args argument: a tuple)
+    aot._export(step, None, (prompt, position, *caches), os.path.join(path, PREFILL),
+                dynamic_shapes=({1: seq}, None, fixed), extra={"decoder": info})
+    aot._export(step, None, (prompt[:, :1], position, *caches), os.path.join(path, DECODE),
+                extra={"decoder": info})
+    return path
+
+
+def _check_decoder(model, max_cache_len):
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "get_text_config"):
         raise TypeError("qcompile.export_decoder: expected a transformers causal LM (a model "
@@ -75,33 +97,15 @@ def export_decoder(model, policy, path, *, max_cache_len: int, example_prompt_le
     if not isinstance(max_cache_len, int) or max_cache_len < 3:
         raise ValueError(f"qcompile.export_decoder: max_cache_len must be an int >= 3 (the "
                          f"prompt and the new tokens together), got {max_cache_len!r}")
-    if not 2 <= example_prompt_len <= max_cache_len:
-        raise ValueError(f"qcompile.export_decoder: example_prompt_len must be in [2, "
-                         f"max_cache_len={max_cache_len}], got {example_prompt_len!r}")
     _refuse_other_cache_layers(config, max_cache_len)
-    path = os.fspath(path)
-    os.makedirs(path, exist_ok=True)
+
+
+def _quantise_once(model, policy):
     policy = aot._export_policy(model, policy)
     if policy is not None:
         aot._refuse_unexportable_policy(model, policy)
         from .swap import quantize_model_
-        quantize_model_(model, policy)  # once, here: both graphs then take the model as it is
-    step = _CacheStep(model, max_cache_len).eval()
-    dtype = getattr(model, "dtype", torch.float32)  # (transformers models have one)
-    shapes = cache_shapes(model, max_cache_len)
-    caches = [torch.zeros(s, dtype=dtype) for s in shapes]
-    info = {"decoder_format": DECODER_FORMAT, "max_cache_len": max_cache_len,
-            "cache_shapes": shapes, "cache_dtype": str(dtype).removeprefix("torch."),
-            "vocab_size": model.config.get_text_config().vocab_size}
-    pos = torch.zeros(1, dtype=torch.long)
-    seq = torch.export.Dim("prompt", min=2, max=max_cache_len)
-    fixed = (None,) * len(caches)  # (the caches are one *args argument: a tuple)
-    prompt = torch.zeros(1, example_prompt_len, dtype=torch.long)
-    aot._export(step, None, (prompt, pos, *caches), os.path.join(path, PREFILL),
-                dynamic_shapes=({1: seq}, None, fixed), extra={"decoder": info})
-    aot._export(step, None, (prompt[:, :1], pos, *caches), os.path.join(path, DECODE),
-                dynamic_shapes=None, extra={"decoder": info})
-    return path
+        quantize_model_(model, policy)
 
 
 def _refuse_other_cache_layers(config, max_cache_len: int):
