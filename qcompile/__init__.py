@@ -21,6 +21,9 @@ def __getattr__(name):  # the transformers integration imports transformers: onl
     if name in ("export", "load_package"):  # torch.export and AOTInductor: only when used
         from . import aot  # (not qcompile/export.py: importing it would shadow this function)
         return getattr(aot, name)
+    if name in ("export_decoder", "load_decoder"):
+        from . import aot_decode
+        return getattr(aot_decode, name)
     if name == "quantize_checkpoint":
         from .integrations.stream import quantize_checkpoint
         return quantize_checkpoint

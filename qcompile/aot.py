@@ -25,7 +25,8 @@ tables come out the same), checks the digest, and only then hands the archive to
 
 Not yet: layers that would run a Python op in the package (embeddings, activation formats other
 than the integer path's, formats whose tables come from side data, matmul rules, packed
-experts), GPU packages, a C++ loader example, KV-cache decode graphs (docs/export.md).
+experts), GPU packages, a C++ loader example (docs/export.md). Decoding with a KV cache:
+``aot_decode.py``.
 """
 from __future__ import annotations
 
@@ -67,6 +68,12 @@ def export(model: torch.nn.Module, policy: Policy | None, example_inputs, path,
     gets the default policy, said once). ``example_inputs``: a tuple of the forward's
     positional arguments; ``dynamic_shapes``: as for ``torch.export.export`` (e.g.
     ``{"ids": {1: torch.export.Dim("seq", max=512)}}``). CPU only for now."""
+    return _export(model, policy, example_inputs, path, dynamic_shapes=dynamic_shapes)
+
+
+def _export(model, policy, example_inputs, path, *, dynamic_shapes=None, extra=None) -> str:
+    """``export``; ``extra``: more entries for the record (covered by its digest), e.g. the
+    decoder's cache layout (aot_decode.py)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"qcompile.export: expected an nn.Module, got {type(model).__name__}")
     path = _package_path(path)
@@ -81,7 +88,7 @@ def export(model: torch.nn.Module, policy: Policy | None, example_inputs, path,
         program = torch.export.export(model.eval(), example_inputs, dynamic_shapes=dynamic_shapes,
                                       strict=False)
         tables = _lower_to_cpu_operators(program, model)
-    record = _record(tables)
+    record = {**_record(tables), **(extra or {})}
     folder = os.path.dirname(os.path.abspath(path))
     with tempfile.TemporaryDirectory(dir=folder, prefix=".qcompile_export_") as tmp:
         raw = os.path.join(tmp, "aoti.pt2")

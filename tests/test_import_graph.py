@@ -23,7 +23,7 @@ LAYERS = [
     ("top", ["qcompile.integrations", "qcompile.integrations.*", "qcompile.swap",
              "qcompile.expert_stack",
              "qcompile.tensor_parallel",
-             "qcompile.explain", "qcompile.backend", "qcompile.aot", "qcompile.serialize",
+             "qcompile.explain", "qcompile.backend", "qcompile.aot", "qcompile.aot_decode", "qcompile.serialize",
              "qcompile.search",
              "qcompile.__main__", "qcompile"]),
 ]
