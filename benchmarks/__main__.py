@@ -7,13 +7,15 @@ kernels  the fused Triton kernels against cuBLAS on Llama-7B shapes (GPU; --smok
 search   per-layer policies searched under bit budgets beside the uniform formats (SmolLM2)
 loading  peak memory of quantising SmolLM2-135M while loading, by command, and of loading it
 framework  per decode step of compiled SmolLM2-135M: wall time, operators, and the rest
+distributed  SmolLM2-135M nf4 on 1 and 2 tensor-parallel ranks (torchrun, gloo): memory, logits
 """
 import argparse
 import importlib
 import sys
 
 MODULES = {"weights": "weights", "run": "run", "policy": "policy_report", "kernels": "kernels",
-           "search": "search", "loading": "loading", "framework": "framework"}
+           "search": "search", "loading": "loading", "framework": "framework",
+           "distributed": "distributed"}
 
 
 def parser() -> argparse.ArgumentParser:
