@@ -67,7 +67,8 @@ def launch(folder: Path, ranks: int, out: Path, decode: int, repeats: int, promp
             return f"{ranks} ranks: no result within {timeout} s (log: {log})"
     if done.returncode != 0 or not rows_file.is_file():
         tail = log.read_text(errors="replace")[-3000:]
-        return f"{ranks} ranks: the workers exited with status {done.returncode} (log: {log}): {tail}"
+        return (f"{ranks} ranks: the workers exited with status {done.returncode} (log: {log}): "
+                f"{tail}")
     return json.loads(rows_file.read_text()), logits
 
 

@@ -169,10 +169,10 @@ def settle(args, ap) -> argparse.Namespace:
     if args.model is not None and not (args.model / "config.json").is_file():
         ap.error(f"--model {args.model}: not a Hugging Face model folder (no config.json)"
                  if args.model.is_dir() else f"--model {args.model}: no such folder")
-    if args.distributed_model is not None and not (args.distributed_model / "config.json").is_file():
-        ap.error(f"--distributed-model {args.distributed_model}: not a Hugging Face model folder "
-                 "(no config.json)" if args.distributed_model.is_dir() else
-                 f"--distributed-model {args.distributed_model}: no such folder")
+    folder = args.distributed_model
+    if folder is not None and not (folder / "config.json").is_file():
+        ap.error(f"--distributed-model {folder}: not a Hugging Face model folder (no config.json)"
+                 if folder.is_dir() else f"--distributed-model {folder}: no such folder")
     if args.encoder is not None and not (args.encoder / "config.json").is_file():
         ap.error(f"--encoder {args.encoder}: not a Hugging Face model folder (no config.json)")
     if args.text is not None and not args.text.is_file():
