@@ -369,6 +369,15 @@ def moe_section(rows: list[dict], s: dict) -> list[str]:
     return lines + [""]
 
 
+def _or_dash(value, spec: str) -> str:
+    """``value`` formatted, or "-" where it was not measured (the one-process run failed)."""
+    return "-" if value is None else format(value, spec)
+
+
+def _ratio(value) -> str:
+    return "-" if value is None else f"{value:.3f}x"
+
+
 def distributed_section(rows: list[dict], s: dict, machine: dict) -> list[str]:
     """The tensor-parallel table (benchmarks/distributed.py): a row per configuration and rank."""
     from .distributed import NOT_SPEED_UP
@@ -398,11 +407,11 @@ def distributed_section(rows: list[dict], s: dict, machine: dict) -> list[str]:
         same = r.get("same_tokens", {})
         lines.append(
             f"| {r['label']} | {r['rank']} | {_fmt_bytes(r['packed_bytes'])} | "
-            f"{r.get('packed_vs_1rank', 1.0):.3f}x | {r['sharded_layers']} | "
+            f"{_ratio(r.get('packed_vs_1rank'))} | {r['sharded_layers']} | "
             f"{_fmt_bytes(r['resident_bytes'])} | {_fmt_bytes(r['rss_before'])} | "
             f"{_fmt_bytes(r['peak_rss'])} | {r['load_s']:.1f} | " +
             " | ".join(f"{r[k]['decode_ms']:.1f}" if k in r else "-" for k in kinds) +
-            f" | {r.get('max_rel_logit_diff', float('nan')):.2e} | " +
+            f" | {_or_dash(r.get('max_rel_logit_diff'), '.2e')} | " +
             (", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in same.items()) or "-") + " |")
     plans = dict.fromkeys(f"{r['label']}: {r['plan']}" for r in ok)
     lines += [""] + [f"- Plan, {p}." for p in plans] + _failures(rows)

@@ -116,3 +116,16 @@ def test_cli_runs_distributed_only_when_named_and_checks_its_options(tmp_path, c
     assert stop.value.code == 2 and "drop --sections" in capsys.readouterr().err
     with pytest.raises(ValueError, match="must start with 1"):
         distributed.measure(tmp_path, tmp_path, ranks=(2,))
+
+
+def test_report_leaves_comparisons_blank_when_the_one_process_run_failed():
+    from benchmarks import report
+    rows = [{"label": "1 rank", "ranks": 1, "error": "RuntimeError: boom"},
+            {"label": "2 ranks", "ranks": 2, "rank": 0, "plan": "auto (the model's own)",
+             "packed_bytes": 2**20, "sharded_layers": 14, "resident_bytes": 2**21,
+             "rss_before": 2**28, "peak_rss": 2**29, "load_s": 1.0,
+             "eager": {"decode_ms": 3.0, "tokens": [1, 2]}}]
+    lines = report.distributed_section(rows, {"distributed": {"kinds": ["eager"]}}, {"cpus": 2})
+    assert "| 2 ranks | 0 | 1.0 MiB | - | 14 | 2.0 MiB | 256.0 MiB | 512.0 MiB | 1.0 | 3.0 | - " \
+           "| - |" in lines
+    assert "- `1 rank` failed: RuntimeError: boom" in lines
