@@ -8,6 +8,7 @@ search   per-layer policies searched under bit budgets beside the uniform format
 loading  peak memory of quantising SmolLM2-135M while loading, by command, and of loading it
 framework  per decode step of compiled SmolLM2-135M: wall time, operators, and the rest
 ab       decode speed of two checkouts side by side, their workers taking turns
+distributed  SmolLM2-135M nf4 on 1 and 2 tensor-parallel ranks (torchrun, gloo): memory, logits
 """
 import argparse
 import importlib
@@ -15,7 +16,7 @@ import sys
 
 MODULES = {"weights": "weights", "run": "run", "policy": "policy_report", "kernels": "kernels",
            "search": "search", "loading": "loading", "framework": "framework",
-           "ab": "ab"}
+           "ab": "ab", "distributed": "distributed"}
 
 
 def parser() -> argparse.ArgumentParser:

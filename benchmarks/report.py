@@ -212,8 +212,10 @@ def markdown(results: dict, images: dict[str, str]) -> str:
         lines += gemv_section(results["gemv"], images.get("gemv"))
     if results.get("moe"):
         lines += moe_section(results["moe"], s)
+    if results.get("distributed"):
+        lines += distributed_section(results["distributed"], s, m)
     if not any(results.get(k) for k in ("perplexity", "embeddings", "speed", "gemv")):
-        return "\n".join(lines) + "\n"  # a run of the moe section alone: its verdicts above
+        return "\n".join(lines) + "\n"  # moe / distributed alone: no goals of their own here
     lines += ["## Goals", "", "| goal | status | evidence |", "|---|---|---|"]
     lines += [f"| {g} | {st} | {ev} |" for g, st, ev in goals(results)]
     return "\n".join(lines) + "\n"
@@ -364,6 +366,55 @@ def moe_section(rows: list[dict], s: dict) -> list[str]:
     notes = sorted({r["experts_note"] for r in ok if r.get("experts_note")})
     lines += [""] + [f"- Expert tensors: {n}." for n in notes] + _failures(rows) + [""]
     lines += [f"- **{t}**: {st}" + (f" ({ev})" if ev else "") for t, st, ev in moe_verdicts(rows)]
+    return lines + [""]
+
+
+def _or_dash(value, spec: str) -> str:
+    """``value`` formatted, or "-" where it was not measured (the one-process run failed)."""
+    return "-" if value is None else format(value, spec)
+
+
+def _ratio(value) -> str:
+    return "-" if value is None else f"{value:.3f}x"
+
+
+def distributed_section(rows: list[dict], s: dict, machine: dict) -> list[str]:
+    """The tensor-parallel table (benchmarks/distributed.py): a row per configuration and rank."""
+    from .distributed import NOT_SPEED_UP
+    d, ok = s.get("distributed", {}), _ok(rows)
+    ranks = max((r["ranks"] for r in rows), default=2)
+    kinds = d.get("kinds", ["eager", "compiled"])
+    lines = ["## Tensor parallelism on CPU (torchrun, gloo)", "",
+             f"`{d.get('model', '?')}`, {d.get('policy', '?')}, loaded with "
+             "`from_pretrained(folder, tp_plan=\"auto\", quantization_config="
+             "BlockQuantConfig(policy))` under `python -m torch.distributed.run --standalone "
+             "--nproc-per-node N` (1 rank: no plan, the one-process model every other row is "
+             "compared with). Packed: bytes of this rank's packed linear layers; resident: all "
+             "its parameters and buffers (`qcompile.resident_weight_bytes`). Peak RSS: VmHWM "
+             "while `from_pretrained` ran (restarted just before it; mapped safetensors pages "
+             f"included). Decode: the median of {s.get('decode', '?')} greedy steps with the KV "
+             f"cache after a {d.get('prompt', '?')}-token prompt (random ids) over "
+             f"{s.get('repeats', '?')} rounds after a warm-up round; compiled = "
+             "`qcompile.compile(model, policy, lowering=\"eager\")`. Logit difference: the "
+             "largest difference on that prompt relative to the largest logit of one process.",
+             "", NOT_SPEED_UP.format(ranks=ranks, cpus=machine.get("cpus", "?")), "",
+             "| configuration | rank | packed | vs 1 rank | sharded layers | resident | "
+             "RSS before load | peak RSS loading | load (s) | " +
+             " | ".join(f"{k} decode (ms/token)" for k in kinds) +
+             " | max rel logit diff | greedy tokens as 1 process |",
+             "|---|---|---|---|---|---|---|---|---|" + "---|" * len(kinds) + "---|---|"]
+    for r in ok:
+        same = r.get("same_tokens", {})
+        lines.append(
+            f"| {r['label']} | {r['rank']} | {_fmt_bytes(r['packed_bytes'])} | "
+            f"{_ratio(r.get('packed_vs_1rank'))} | {r['sharded_layers']} | "
+            f"{_fmt_bytes(r['resident_bytes'])} | {_fmt_bytes(r['rss_before'])} | "
+            f"{_fmt_bytes(r['peak_rss'])} | {r['load_s']:.1f} | " +
+            " | ".join(f"{r[k]['decode_ms']:.1f}" if k in r else "-" for k in kinds) +
+            f" | {_or_dash(r.get('max_rel_logit_diff'), '.2e')} | " +
+            (", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in same.items()) or "-") + " |")
+    plans = dict.fromkeys(f"{r['label']}: {r['plan']}" for r in ok)
+    lines += [""] + [f"- Plan, {p}." for p in plans] + _failures(rows)
     return lines + [""]
 
 

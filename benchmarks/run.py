@@ -21,6 +21,11 @@ Three measurements, one results folder (report.md, results.json, PNG plots):
 Section "moe", run only when named (--sections moe; it quantises a model of 0.6-1.2 billion
 weights per policy and dtype): a 2-layer model with Qwen3-30B-A3B's MoE layer shapes and random
 weights, eager / torch.compile / blockquant nf4 and W4A8 in fp32 and bf16 (benchmarks/moe.py).
+
+Section "distributed", run only when named (also ``python -m benchmarks distributed``): the
+causal LM (--distributed-model, default SmolLM2-135M) every linear nf4 except lm_head, loaded
+with BlockQuantConfig on 1 and on 2 ranks (torchrun, gloo): packed bytes per rank, peak memory
+while loading, decode time, logits against one process (benchmarks/distributed.py).
 """
 from __future__ import annotations
 
@@ -35,11 +40,13 @@ from pathlib import Path
 
 import torch
 
-from . import embeddings, gemv, moe, peers, perplexity, report, speed
+from . import distributed, embeddings, gemv, moe, peers, perplexity, report, speed
 
-SECTIONS = ("ppl", "weights", "speed", "gemv", "moe")  # "speed" runs "gemv" too
+SECTIONS = ("ppl", "weights", "speed", "gemv", "moe", "distributed")  # "speed" runs "gemv" too
 #: what a run without --sections measures: "moe" takes hours on 2 cores until the packed
-#: experts have kernels (docs/benchmarks.md), so it runs only when named
+#: experts have kernels (docs/benchmarks.md), and "distributed" measures tensor parallelism's
+#: correctness and memory, not the single-process speed the others compare, so both run only
+#: when named
 DEFAULT_SECTIONS = ("ppl", "weights", "speed", "gemv")
 LM_SECTIONS = {"ppl", "weights", "speed", "gemv"}  # those that load the causal LM and the text
 #: --quick: a few policies and formats, a small token budget, eager lowering everywhere.
@@ -68,8 +75,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--quick", action="store_true",
                     help="a few-minute run: 6 policies, 1024 tokens, 64 sentences, eager lowering")
     ap.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(DEFAULT_SECTIONS),
-                    help=f"what to measure (default: {' '.join(DEFAULT_SECTIONS)}; moe runs "
-                         "only when named)")
+                    help=f"what to measure (default: {' '.join(DEFAULT_SECTIONS)}; moe and "
+                         "distributed run only when named)")
     ap.add_argument("--lowering", choices=("eager", "inductor"), default="eager",
                     help="blockquant lowering for the perplexity sweep (default eager: Inductor "
                          "compiles each policy's graph for minutes on 2 cores, and the eager "
@@ -105,6 +112,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--moe-dtypes", nargs="+", choices=list(moe.DTYPES), default=None,
                     help="model dtypes of the moe section (default: fp32 bf16); eager fp32, "
                          "the baseline, always runs")
+    ap.add_argument("--distributed-model", type=Path, default=None, metavar="FOLDER",
+                    help="causal-LM folder of the distributed section (default: the packaged "
+                         "SmolLM2-135M)")
+    ap.add_argument("--distributed-kinds", nargs="+", choices=distributed.KINDS,
+                    default=list(distributed.KINDS),
+                    help="what the distributed section decodes with: the model as loaded "
+                         "(eager) and/or qcompile.compile(lowering='eager') (default: both)")
     ap.add_argument("--gemv-shapes", nargs="+", type=_shape, default=gemv.SHAPES, metavar="NxK",
                     help="weight shapes of the GEMV section (default 4096x4096 11008x4096)")
     return ap
@@ -155,6 +169,10 @@ def settle(args, ap) -> argparse.Namespace:
     if args.model is not None and not (args.model / "config.json").is_file():
         ap.error(f"--model {args.model}: not a Hugging Face model folder (no config.json)"
                  if args.model.is_dir() else f"--model {args.model}: no such folder")
+    folder = args.distributed_model
+    if folder is not None and not (folder / "config.json").is_file():
+        ap.error(f"--distributed-model {folder}: not a Hugging Face model folder (no config.json)"
+                 if folder.is_dir() else f"--distributed-model {folder}: no such folder")
     if args.encoder is not None and not (args.encoder / "config.json").is_file():
         ap.error(f"--encoder {args.encoder}: not a Hugging Face model folder (no config.json)")
     if args.text is not None and not args.text.is_file():
@@ -274,6 +292,8 @@ def main(argv=None) -> Path:
         results["moe"] = moe.measure(config, args.moe_dtypes, args.prefill, args.decode_prompt,
                                      args.decode, args.repeats, args.speed_lowering,
                                      on_row=keep)
+    if "distributed" in args.sections:
+        distributed_section(args, results)
     results["total_s"] = time.perf_counter() - t0
     path = report.write(results, args.out)
     print(path.read_text())
@@ -282,6 +302,24 @@ def main(argv=None) -> Path:
           f"{results['total_s'] / 60:.1f} min)" if est else
           f"written to {path} (took {results['total_s'] / 60:.1f} min)")
     return path
+
+
+def distributed_section(args, results: dict) -> None:
+    """Tensor parallelism on 1 and 2 ranks (benchmarks/distributed.py), into ``results``; the
+    workers' logs, rows and logits stay in <out>/distributed/."""
+    from .data import smollm2_folder
+    folder = args.distributed_model or smollm2_folder()
+    name = str(args.distributed_model) if args.distributed_model else "SmolLM2-135M-Instruct"
+    settings = results["settings"]
+    settings["distributed"] = {"model": name, "prompt": args.decode_prompt,
+                               "kinds": args.distributed_kinds,
+                               "policy": "every linear layer nf4, lm_head full precision"}
+    if not LM_SECTIONS & set(args.sections):
+        settings["model"] = name
+    report.save_json(results, args.out)
+    results["distributed"] = distributed.measure(
+        folder, args.out / "distributed", args.decode, args.repeats, args.decode_prompt,
+        args.distributed_kinds)
 
 
 def lm_sections(args, ap, results: dict) -> None:
