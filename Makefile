@@ -14,7 +14,7 @@ INTEGRATION_TESTS := tests/test_backend.py tests/test_models.py tests/test_relia
                      tests/test_file_integrity.py tests/test_explain.py tests/test_moe.py \
                      tests/test_tensor_parallel.py tests/test_load_memory.py \
                      tests/test_moe_saving.py tests/test_moe_compile.py \
-                     tests/test_moe_kernels.py
+                     tests/test_moe_kernels.py tests/test_export_decode.py
 
 .PHONY: main test test-newest setup
 
