@@ -18,6 +18,7 @@ the decode graph takes one token. Batch 1 only.
 from __future__ import annotations
 
 import os
+import uuid
 
 import torch
 
@@ -75,7 +76,9 @@ def export_decoder(model, policy, path, *, max_cache_len: int) -> str:
     dtype = getattr(model, "dtype", torch.float32)  # (transformers models have one)
     shapes = cache_shapes(model, max_cache_len)
     caches = [torch.zeros(s, dtype=dtype) for s in shapes]
-    info = {"decoder_format": DECODER_FORMAT, "max_cache_len": max_cache_len,
+    # "export": one id for the pair, so that a decode.pt2 of another export is told apart
+    info = {"decoder_format": DECODER_FORMAT, "export": uuid.uuid4().hex,
+            "max_cache_len": max_cache_len,
             "cache_shapes": shapes, "cache_dtype": str(dtype).removeprefix("torch.")}
     position = torch.zeros(1, dtype=torch.long)
     prompt = torch.zeros(1, min(8, max_cache_len), dtype=torch.long)

@@ -114,10 +114,12 @@ def test_packages_not_exported_together_are_refused(folder, tmp_path):
     shutil.copytree(folder, other)
     with PT2ArchiveReader(str(folder / "decode.pt2")) as r:
         record = json.loads(r.read_string(aot.RECORD_PATH))
-    record["decoder"]["max_cache_len"] = 2 * CACHE
-    aot._copy_with_record(str(folder / "decode.pt2"), str(other / "decode.pt2"), record)
-    with pytest.raises(aot.PackageError, match="not exported together"):
-        qcompile.load_decoder(other)
+    for key, value in (("max_cache_len", 2 * CACHE), ("export", "0" * 32)):
+        # another cache; the same cache from another export (e.g. of another model)
+        changed = {**record, "decoder": {**record["decoder"], key: value}}
+        aot._copy_with_record(str(folder / "decode.pt2"), str(other / "decode.pt2"), changed)
+        with pytest.raises(aot.PackageError, match="not exported together"):
+            qcompile.load_decoder(other)
     with pytest.raises(FileNotFoundError, match="writes a folder"):
         qcompile.load_decoder(tmp_path / "nothing")
 
