@@ -16,7 +16,7 @@ import sys
 
 MODULES = {"weights": "weights", "run": "run", "policy": "policy_report", "kernels": "kernels",
            "search": "search", "loading": "loading", "framework": "framework",
-           "ab": "ab", "distributed": "distributed"}
+           "ab": "ab", "distributed": "distributed_cli"}
 
 
 def parser() -> argparse.ArgumentParser:

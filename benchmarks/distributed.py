@@ -122,13 +122,3 @@ def measure(folder: Path, out: Path, decode: int = 4, repeats: int = 3, prompt: 
         rows += [{"label": label, **r} for r in ranked]
     return rows
 
-
-def main(argv=None):
-    """``python -m benchmarks distributed [options]``: the run command's distributed section
-    alone, with the run command's options."""
-    from . import run
-    argv = list(sys.argv[2:] if argv is None else argv)
-    if any(a == "--sections" or a.startswith("--sections=") for a in argv):
-        run.parser().error("python -m benchmarks distributed runs the distributed section only; "
-                           "drop --sections (or use python -m benchmarks run --sections ...)")
-    return run.main(["--sections", "distributed", *argv])

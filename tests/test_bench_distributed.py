@@ -10,7 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import qcompile  # noqa: E402
-from benchmarks import distributed, run  # noqa: E402
+from benchmarks import distributed, distributed_cli, run  # noqa: E402
 from qcompile import LayerSpec, Policy  # noqa: E402
 from qcompile.swap import QuantLinear  # noqa: E402
 
@@ -104,15 +104,15 @@ def test_heads_that_do_not_split_keep_attention_replicated():
 
 def test_cli_runs_distributed_only_when_named_and_checks_its_options(tmp_path, capsys):
     from benchmarks.__main__ import MODULES
-    assert MODULES["distributed"] == "distributed"
+    assert MODULES["distributed"] == "distributed_cli"
     ap = run.parser()
     assert "distributed" not in run.settle(ap.parse_args([]), ap).sections
     with pytest.raises(SystemExit) as stop:
-        distributed.main(["--distributed-model", str(tmp_path / "nothing")])
+        distributed_cli.main(["--distributed-model", str(tmp_path / "nothing")])
     assert stop.value.code == 2
     assert "--distributed-model" in capsys.readouterr().err
     with pytest.raises(SystemExit) as stop:
-        distributed.main(["--sections", "ppl"])
+        distributed_cli.main(["--sections", "ppl"])
     assert stop.value.code == 2 and "drop --sections" in capsys.readouterr().err
     with pytest.raises(ValueError, match="must start with 1"):
         distributed.measure(tmp_path, tmp_path, ranks=(2,))
