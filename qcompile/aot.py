@@ -41,6 +41,7 @@ import torch
 from . import api, config, formats
 from .backend import _inductor_cache_tag
 from .codegen import cpu, select
+from .codegen.cpu import package as cpu_package
 from .linear_rule import linear_like
 from .ops import qtensor_from
 from .policy import DEFAULT_POLICY_DOC, Policy, PolicyError, default_policy
@@ -87,7 +88,7 @@ def _export(model, policy, example_inputs, path, *, dynamic_shapes=None, extra=N
     with torch.no_grad():
         program = torch.export.export(model.eval(), example_inputs, dynamic_shapes=dynamic_shapes,
                                       strict=False)
-        tables = _lower_to_cpu_operators(program, model)
+        tables, native = _lower_to_cpu_operators(program, model)
     record = {**_record(tables), **(extra or {})}
     folder = os.path.dirname(os.path.abspath(path))
     with tempfile.TemporaryDirectory(dir=folder, prefix=".qcompile_export_") as tmp:
@@ -95,7 +96,7 @@ def _export(model, policy, example_inputs, path, *, dynamic_shapes=None, extra=N
         from torch._inductor import aoti_compile_and_package
         with _inductor_cache_tag():
             aoti_compile_and_package(program, package_path=raw)
-        _copy_with_record(raw, path, record)
+        _copy_with_record(raw, path, record, native)
     return path
 
 
@@ -182,10 +183,11 @@ def _placeholder_values(program) -> dict:
     return values
 
 
-def _lower_to_cpu_operators(program, model) -> dict:
+def _lower_to_cpu_operators(program, model) -> tuple[dict, dict]:
     """The backend's CPU pass on the exported graph, in place; returns the format and
-    activation tables the graph's operators name (``_tables``). Any Python op left is refused:
-    a package runs only what its process can call without qcompile's Python ops."""
+    activation tables the graph's operators name (``_tables``) and the files a C++ process
+    registers them from (``_native_files``). Any Python op left is refused: a package runs only
+    what its process can call without qcompile's Python ops."""
     from .passes.cpu_kernels import use_cpu_kernels
     gm = program.graph_module
     named = _placeholder_values(program)
@@ -195,7 +197,8 @@ def _lower_to_cpu_operators(program, model) -> dict:
             and str(n.target).startswith(_PYTHON_OPS)]
     if left:
         raise NotImplementedError("qcompile.export: " + _why_python_ops(left, named))
-    return _tables(gm, named, model)
+    tables, plans, acts = _tables(gm, named, model)
+    return tables, cpu_package.native_files(_operator_schemas(), plans, acts)
 
 
 def _why_python_ops(nodes, values) -> str:
@@ -221,10 +224,11 @@ def _why_python_ops(nodes, values) -> str:
             "(int weights x int activations); embeddings stay in full precision")
 
 
-def _tables(gm, values, model) -> dict:
+def _tables(gm, values, model) -> tuple[dict, dict, dict]:
     """{"formats": {id: entry}, "acts": {id: entry}} for the ids the C++ operators name: each
-    entry the format key, the instruction set and a digest of the tables registered."""
-    out = {"formats": {}, "acts": {}}
+    entry the format key, the instruction set and a digest of the tables registered; and the
+    plans ({id: Plan}) and activation formats ({id: (format, Plan)}) behind them."""
+    out, plans, acts = {"formats": {}, "acts": {}}, {}, {}
     linear, int_linear = (getattr(torch.ops.qcompile_cpu, name).default for name in OPERATORS)
     for n in gm.graph.nodes:
         if n.target not in (linear, int_linear):
@@ -235,10 +239,11 @@ def _tables(gm, values, model) -> dict:
         if plan.op_id != fmt_id:
             raise AssertionError(f"qcompile.export: {n.name} names format {fmt_id}, its plan "
                                  f"{plan.op_id}")
-        out["formats"][str(fmt_id)] = _format_entry(plan)
+        out["formats"][str(fmt_id)], plans[fmt_id] = _format_entry(plan), plan
         if n.target == int_linear:
-            out["acts"][str(n.args[5])] = _act_entry(formats.get(layer.act), plan.isa)
-    return out
+            af = formats.get(layer.act)
+            out["acts"][str(n.args[5])], acts[n.args[5]] = _act_entry(af, plan.isa), (af, plan)
+    return out, plans, acts
 
 
 def _layer_of(codes: torch.Tensor, model):
@@ -292,17 +297,19 @@ def _operator_schemas() -> dict:
 
 # -- the archive and its digest ----------------------------------------------------------------
 
-def _copy_with_record(raw: str, path: str, record: dict):
-    """``raw``'s files in a new archive at ``path`` (written beside it, then renamed into
-    place), with the record and its digest added. One file in memory at a time."""
+def _copy_with_record(raw: str, path: str, record: dict, extra_files: dict | None = None):
+    """``raw``'s files and ``extra_files`` ({archive entry: bytes}, e.g. the C++ registration's
+    manifest) in a new archive at ``path`` (written beside it, then renamed into place), with
+    the record and its digest added. One file of ``raw`` in memory at a time."""
+    extra_files = extra_files or {}
     from torch.export.pt2_archive import PT2ArchiveReader, PT2ArchiveWriter
     tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
                        f".{os.path.basename(path)}.{os.getpid()}.tmp.pt2")
     try:
         with PT2ArchiveReader(raw) as reader, PT2ArchiveWriter(tmp) as writer:
             digest = hashlib.sha256()
-            for name in _payload_names(reader):
-                data = reader.read_bytes(name)
+            for name in sorted(set(_payload_names(reader)) | set(extra_files)):
+                data = extra_files[name] if name in extra_files else reader.read_bytes(name)
                 _digest_file(digest, name, data)
                 writer.write_bytes(name, data)
             record = dict(record, digest=_digest_record(digest, record))

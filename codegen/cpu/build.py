@@ -6,7 +6,8 @@ Two libraries:
   instruction set (isa.py), loaded with ctypes;
 * the operator (operator.cpp): ``torch.ops.qcompile_cpu.linear`` / ``int_linear``, the one
   linear driver, built against this torch and loaded at most once per process (it registers
-  the operators).
+  the operators); with package.cpp, the registration of an exported package's formats from
+  C++ (``qc_register_package``).
 
 Both include args.h, the argument blocks. The system C++ compiler (``$CXX``, else g++) runs in
 this folder on the files' names, so that no path ends up in a library. Compile-time values come
@@ -41,7 +42,7 @@ from .isa import ISA_FLAGS, ISA_NUMBER, chosen_isa
 
 HERE = Path(__file__).parent
 KERNEL_FILES = ("kernels.cpp", "int_kernels.cpp")
-OPERATOR_FILES = ("operator.cpp",)
+OPERATOR_FILES = ("operator.cpp", "package.cpp")
 # Weight codes are fetched this many bytes ahead of their use: the hardware prefetcher alone left
 # a one-row GEMV at a third of the streaming read's bandwidth (benchmarks/gemv.py, 2-core EPYC)
 PREFETCH_BYTES = 2048
@@ -54,6 +55,7 @@ _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=of
 
 _LIBS: dict[str, ctypes.CDLL] = {}
 _OP: list = []  # the loaded operator library (loaded at most once: it registers operators)
+_PATHS: dict[str, str] = {}  # library name prefix -> its file in the cache
 _LOCK = threading.Lock()
 
 
@@ -122,17 +124,45 @@ def op_library() -> ctypes.CDLL:
         lib.qc_unregister.argtypes = [ctypes.c_int64]
         lib.qc_register_act.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64] + [
             ctypes.c_int32] * 6 + [ctypes.c_float, ctypes.c_float]
+        lib.qc_register_package.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int64]
+        lib.qc_register_package.restype = ctypes.c_int64
         torch.library.register_fake("qcompile_cpu::linear")(_linear_fake)
         torch.library.register_fake("qcompile_cpu::int_linear")(_int_linear_fake)
         _OP.append(lib)
         return lib
 
 
+def library_file(isa: str) -> str:
+    """The cached file of the kernel library for ``isa`` (built first if need be)."""
+    library(isa)
+    return _PATHS[f"qc_cpu_{isa}"]
+
+
+def op_library_file() -> str:
+    """The cached file of the operator library (built first if need be): what a C++ process
+    dlopens before it loads a package (examples/cpp/)."""
+    op_library()
+    return _PATHS["qc_cpu_op"]
+
+
+def library_bytes(path: str) -> bytes:
+    """The bytes of the cached library ``path``, checked against the SHA-256 its sidecar
+    recorded at build time."""
+    with open(path[:-3] + ".json", encoding="utf-8") as f:
+        recorded = json.load(f).get("library")
+    with open(path, "rb") as f:
+        data = f.read()
+    if hashlib.sha256(data).hexdigest() != recorded:
+        raise RuntimeError(f"qcompile CPU kernels: {path} changed after it was built (its "
+                           "SHA-256 does not match its .json); delete it to rebuild it")
+    return data
+
+
 def _cached(cxx, names, flags, libs, prefix, *versions) -> ctypes.CDLL:
     """The library of ``names`` built with ``flags``: from the cache if it checks, else built."""
     digest = _digest(names, *flags, *libs, *versions)
     folder = cache_dir()
-    path = os.path.join(folder, f"{prefix}_{digest[:20]}.so")
+    path = _PATHS[prefix] = os.path.join(folder, f"{prefix}_{digest[:20]}.so")
     return _load(path, digest) or _build(cxx, names, flags, libs, digest, folder, path)
 
 

@@ -249,3 +249,38 @@ void qc_register_act(int64_t id, void* quantize, int64_t block_size, int32_t sca
     g_acts.emplace(id, a);
 }
 }
+
+// Whether ``id`` is registered with exactly these tables, bit for bit (package.cpp registers a
+// package's formats with qc_register / qc_register_act, then asks: the first registration of an
+// id wins, so a package whose tables differ from those already registered under its ids is
+// refused instead of running on the others' tables).
+#include <cstring>
+namespace {
+bool same_bits(const float* a, const float* b, int64_t n) {
+    return n == 0 || std::memcmp(a, b, sizeof(float) * n) == 0;
+}
+}  // namespace
+extern "C" {
+int qc_format_matches(int64_t id, const float* table, int64_t table_len, const float* mult,
+                      float maxv, float step, int has_int_linear, float wstep) {
+    std::lock_guard<std::mutex> guard(g_lock);
+    auto it = g_formats.find(id);
+    if (it == g_formats.end()) return 0;
+    const Format& f = it->second;
+    const float got[3] = {f.maxv, f.step, f.wstep}, want[3] = {maxv, step, wstep};
+    return int64_t(f.table.size()) == table_len && same_bits(f.table.data(), table, table_len) &&
+           f.mult.size() == (mult ? 256u : 0u) && same_bits(f.mult.data(), mult, f.mult.size()) &&
+           same_bits(got, want, 3) && (f.int_linear != nullptr) == (has_int_linear != 0);
+}
+int qc_act_matches(int64_t id, int64_t block_size, int32_t scale, int32_t rule, int32_t is_signed,
+                   int32_t emax, int32_t frac, int32_t qmax, float maxv, float xstep) {
+    std::lock_guard<std::mutex> guard(g_lock);
+    auto it = g_acts.find(id);
+    if (it == g_acts.end()) return 0;
+    const Act& a = it->second;
+    const float got[2] = {a.maxv, a.xstep}, want[2] = {maxv, xstep};
+    return a.block_size == block_size && a.scale == scale && a.rule == rule &&
+           a.is_signed == is_signed && a.emax == emax && a.frac == frac && a.qmax == qmax &&
+           same_bits(got, want, 2);
+}
+}
