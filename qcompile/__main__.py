@@ -1,6 +1,9 @@
 """``python -m qcompile quantize MODEL_DIR OUT_DIR --policy policy.json``: quantise a
 transformers checkpoint tensor by tensor (qcompile/integrations/stream.py, docs/saving.md),
-printing the layers packed, the sizes and the peak memory."""
+printing the layers packed, the sizes and the peak memory.
+
+``python -m qcompile op-library``: print the path of the C++ operator library (built first if
+need be), which a C++ process loads before it runs an exported package (examples/cpp/)."""
 from __future__ import annotations
 
 import argparse
@@ -42,6 +45,17 @@ def _reset_peak() -> bool:
         return False
 
 
+def _print_op_library() -> int:
+    from .codegen.cpu.build import op_library_file
+    from .codegen.select import NoKernel
+    try:
+        print(op_library_file())
+    except (NoKernel, RuntimeError) as e:  # no compiler, a failed build
+        print(f"python -m qcompile op-library: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qcompile", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -56,7 +70,14 @@ def main(argv=None) -> int:
     q.add_argument("--dtype", choices=DTYPES, default=None,
                    help="the dtype the weights are packed from (default: config.json's)")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
+    sub.add_parser("op-library", help="print the path of the C++ operator library",
+                   description="Print the path of the library that defines the qcompile_cpu "
+                   "operators and qc_register_package (built with this torch and the system "
+                   "C++ compiler if it is not cached yet): what a C++ process loads before it "
+                   "runs a package made by qcompile.export (examples/cpp/README.md).")
     args = parser.parse_args(argv)
+    if args.command == "op-library":
+        return _print_op_library()
 
     from .integrations.stream import prepare
     try:
