@@ -25,8 +25,9 @@ tables come out the same), checks the digest, and only then hands the archive to
 
 Not yet: layers that would run a Python op in the package (embeddings, activation formats other
 than the integer path's, formats whose tables come from side data, matmul rules, packed
-experts), GPU packages, a C++ loader example (docs/export.md). Decoding with a KV cache:
-``aot_decode.py``.
+experts), GPU packages (docs/export.md). A C++ process registers the formats from the kernel
+library and manifest the package carries (codegen/cpu/package.py; examples/cpp/). Decoding
+with a KV cache: ``aot_decode.py``.
 """
 from __future__ import annotations
 

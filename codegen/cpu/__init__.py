@@ -14,10 +14,12 @@ The folder, by job:
   helpers of each instruction set), decode.h (one weight's code, element and multiplier),
   kernels.cpp (the weight-only kernels), int_kernels.cpp (the integer path: int weights times
   int activations, exact integer block dot products), operator.cpp (the torch operators: the
-  one linear driver);
+  one linear driver), package.cpp (``qc_register_package``: an exported package's formats
+  registered from C++, with no Python);
 * isa.py: the instruction set (``QCOMPILE_CPU_ISA``); build.py: build, cache and load of the
   libraries; structs.py: the ctypes mirrors of args.h, read from it; plans.py: a weight's
   Plan (entry points and tables from the reference) and its registration with the operator;
+  package.py: the kernel library and manifest an exported package carries for package.cpp;
   entry.py: the entry points the ops call.
 
 Formats: every element of 2..8 bits and every scale kind (E8M0, float32 absmax, NVFP4), OPQ
