@@ -57,6 +57,16 @@ def op_library():
     return path
 
 
+def test_op_library_without_a_compiler_says_so(tmp_path):
+    """No cached library and no compiler to build one: the command fails naming the compiler."""
+    env = {**os.environ, "QCOMPILE_KERNEL_CACHE": str(tmp_path / "empty"),
+           "CXX": str(tmp_path / "no-compiler")}
+    done = subprocess.run([sys.executable, "-m", "qcompile", "op-library"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stdout == ""
+    assert "python -m qcompile op-library:" in done.stderr and "no-compiler" in done.stderr
+
+
 CHILD = """
 import ctypes, sys, torch
 lib = ctypes.CDLL(sys.argv[1])
