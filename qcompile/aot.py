@@ -187,8 +187,8 @@ def _placeholder_values(program) -> dict:
 def _lower_to_cpu_operators(program, model) -> tuple[dict, dict]:
     """The backend's CPU pass on the exported graph, in place; returns the format and
     activation tables the graph's operators name (``_tables``) and the files a C++ process
-    registers them from (``_native_files``). Any Python op left is refused: a package runs only
-    what its process can call without qcompile's Python ops."""
+    registers them from (codegen/cpu/package.py). Any Python op left is refused: a package
+    runs only what its process can call without qcompile's Python ops."""
     from .passes.cpu_kernels import use_cpu_kernels
     gm = program.graph_module
     named = _placeholder_values(program)
