@@ -1,5 +1,6 @@
-# Three commands for a newcomer: `make main` (the main job), `make test` (the test suite) and
-# `make test-newest` (the backend and model tests against the newest transformers release).
+# Commands for a newcomer: `make main` (the main job), `make test` (the test suite),
+# `make test-newest` (the backend and model tests against the newest transformers release) and
+# `make test-cpp` (the C++ example of docs/export.md built with cmake and run on a package).
 # Each builds its virtual environment from the package registries first, pinned by
 # constraints.txt (the one place where versions are pinned).
 PYTHON ?= python3
@@ -16,7 +17,7 @@ INTEGRATION_TESTS := tests/test_backend.py tests/test_models.py tests/test_relia
                      tests/test_moe_saving.py tests/test_moe_compile.py \
                      tests/test_moe_kernels.py tests/test_export_decode.py
 
-.PHONY: main test test-newest setup
+.PHONY: main test test-newest test-cpp setup
 
 setup: $(VENV)/.installed
 
@@ -45,3 +46,7 @@ test: setup
 test-newest: $(NEWEST)/.installed
 	$(NEWEST)/bin/python -c "import transformers; print('transformers', transformers.__version__)"
 	$(NEWEST)/bin/python -m pytest -q $(INTEGRATION_TESTS)
+
+# minutes of cmake and g++ on 2 cores: kept out of `make test`'s budget
+test-cpp: setup
+	$(PY) -m pytest -q -m slow tests/test_export_cpp.py
