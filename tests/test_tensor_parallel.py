@@ -64,6 +64,12 @@ def checkpoints(root: Path):
     save(root / "gpt2", transformers.GPT2LMHeadModel(transformers.GPT2Config(
         n_layer=1, n_embd=64, n_head=2, vocab_size=128, n_positions=16,
         tie_word_embeddings=False)))
+    # experts [4, 2I, 128] / [4, 128, I]: down_proj's halves of I = 128 start on nf4's blocks,
+    # those of I = 96 (48 columns) cut them
+    for name, inter in (("qwen3_moe", 128), ("qwen3_moe_cut", 96)):
+        save(root / name, transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+            hidden_size=128, intermediate_size=256, moe_intermediate_size=inter, num_experts=4,
+            num_experts_per_tok=2, head_dim=32, **LLAMA)))
 
 
 @pytest.fixture(scope="module")
@@ -93,11 +99,40 @@ def test_sharded_logits_equal_one_process(results, case):
     assert all(b <= 0.55 * got["whole_bytes"] for b in got["rank_bytes"]), got
 
 
+@pytest.mark.parametrize("case", ["llama_nvfp4", "llama_quantile4", "llama_whole_mixed",
+                                  "llama_nvfp4_quantize_model"])
+def test_whole_tensor_side_data_is_computed_across_ranks(results, case):
+    """NVFP4's tensor scale and a quantile codebook, packed shard by shard: each rank's packed
+    shard is bit for bit its part of the weight packed whole in one process (tensor scale and
+    codebook those of the whole tensor), and the logits those of one process."""
+    got = results[case]
+    assert "error" not in got, got
+    assert got["rel_err"] <= BOUND, got
+    for rank in got["exact"]:
+        assert rank["sharded"] == 2 * 7 and rank["differ"] == [], got["exact"]
+
+
+@pytest.mark.parametrize("case", ["moe_nf4"])
+def test_sharded_experts_equal_one_process(results, case):
+    """Qwen3-MoE under its tp_plan: gate_up_proj split by rows (packed_colwise), down_proj by
+    whole blocks of its reduction axis (rowwise), partial outputs summed (moe_tp_experts)."""
+    got = results[case]
+    assert "error" not in got, got
+    assert got["rel_err"] <= BOUND, got
+    assert all(b <= 0.55 * got["whole_bytes"] for b in got["rank_bytes"]), got
+
+
 @pytest.mark.parametrize("case, words", [
     ("cut_blocks", ["row-parallel split of layer 'model.layers.0.self_attn.o_proj'",
                     "K=[32]", "cuts weight blocks of 64"]),
-    ("nvfp4", ["column-parallel split", "'model.layers.0.self_attn.q_proj'", "nvfp4",
-               "whole tensor (tensor_scale)"]),
+    ("act_nvfp4_rowwise", ["row-parallel split", "'model.layers.0.self_attn.o_proj'",
+                           "input format", "whole tensor (tensor_scale)"]),
+    ("moe_cut_blocks", ["'model.layers.0.mlp.experts.down_proj' (nf4, weight [4, 128, 96])",
+                        "K=[48]", "cuts weight blocks of 64"]),
+    ("moe_quantize_model", ["expert stack 'model.layers.0.mlp.experts.gate_up_proj' is a float "
+                            "DTensor", "BlockQuantConfig(policy)"]),
+    ("moe_nvfp4", ["expert stack 'model.layers.0.mlp.experts.gate_up_proj' (nvfp4",
+                   "not computed across ranks for expert stacks"]),
     ("compile_float", ["'model.layers.0.self_attn.q_proj' holds a float DTensor weight",
                        "quantize_model_"]),
     ("gpt2_conv1d", ["out_features"]),  # transformers cannot shard GPT-2's Conv1D at all

@@ -158,6 +158,7 @@ class BlockQuantHfQuantizer(HfQuantizer):
             tensor_parallel.check_layers(model, [
                 (name, model.get_submodule(name).weight, spec, axis, kind)
                 for name, (kind, spec, axis) in self.stream.items()])
+            tensor_parallel.check_experts(self.expert_stream.values())
         return param_name in self.expert_stream or (
             param_name.endswith(".weight") and param_name.removesuffix(".weight") in self.stream)
 
@@ -471,8 +472,8 @@ def _quantize_op():
                     if tensor_parallel.is_distributed(mod.weight):  # value: this rank's shard
                         self.quantizer.meshes[name] = mod.weight.device_mesh
                     with torch.no_grad():  # in the model's dtype, as plain loading casts it
-                        self.quantizer.packed[name] = api.quantize_weight(
-                            value.to(mod.weight.dtype), spec.weight, axis)
+                        self.quantizer.packed[name] = tensor_parallel.quantize_weight(
+                            mod.weight, spec.weight, axis, part=value.to(mod.weight.dtype))
                     mod.weight = _stand_in(mod.weight, parameter=True, device=value.device)
                     del value
                     api.give_back_freed_memory()  # the float tensor and temporaries
