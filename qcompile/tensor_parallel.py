@@ -13,7 +13,8 @@ split keeps every block whole and the format's side data is local to blocks or r
   input split with K cannot be (each rank quantises its part of the input as it runs);
 - proxy columns (scored over the whole tensor) are not chosen across ranks.
 Everything else is refused, naming the layer, the split and why, before any weight is packed.
-Mixture-of-experts stacks [E, a, b] follow the same rules per expert matrix (``check_experts``).
+Mixture-of-experts stacks [E, a, b] follow the same rules per expert matrix (``check_experts``,
+``pack_experts``).
 
 A saved packed folder loaded under a tp_plan (``shard_saved``) is cut the same way from its
 packed bytes, never decoded; there the whole-tensor side data is simply replicated (it was
@@ -239,6 +240,16 @@ def quantize_weight(weight, fmt, axis: int, proxy_score=None, part=None):
     return api.quantize_weight(mine, fmt, axis, proxy_score)
 
 
+def pack_experts(weight, part: torch.Tensor, fmt, axis: int):
+    """The PackedExperts of this rank's part ``part`` [E, a, b] of the expert stack ``weight``
+    (a DTensor), each expert's matrix packed along ``axis`` (1 or 2) by ``quantize_weight``:
+    a side datum describing an expert's whole matrix is computed across the ranks."""
+    from .expert_stack import PackedExperts
+    with torch.no_grad():
+        return PackedExperts([quantize_weight(weight, fmt, axis - 1, part=part[e])
+                              for e in range(part.shape[0])], axis)
+
+
 def _sharded(weight) -> bool:
     return is_distributed(weight) and not weight.placements[0].is_replicate()
 
@@ -362,12 +373,6 @@ def check_experts(expert_tensors):
                              f"{place}); packed expert stacks are not run under expert "
                              "parallelism: load without it, or keep the experts in full "
                              "precision (None)")
-        if fmt.whole_tensor_side:
-            raise ValueError(f"{WHO}: {where}: side data describing each expert's whole matrix "
-                             f"({', '.join(sorted(fmt.whole_tensor_side))}) is not computed "
-                             "across ranks for expert stacks yet; give the experts a format "
-                             "without it (nf4, int4, mxfp4, ...) or keep them in full "
-                             "precision (None)")
         _check_format(f"split {place} of {where}", fmt, "weight")
         if dim == t.axis:  # the reduction axis: whole blocks on every rank, in order
             if strided or type(place) is not Shard:
@@ -376,6 +381,22 @@ def check_experts(expert_tensors):
                                  "stack's shard must be whole blocks: keep the experts in full "
                                  "precision (None)")
             _check_blocks(where, weight.shape[dim], weight.device_mesh.size(), fmt, "weight")
+
+
+def refuse_saved_experts(model, name: str):
+    """Refuse a saved packed expert stack ``name`` that the model's tp_plan splits (a style for
+    the stack or for its experts module): cutting a packed stack as the plan splits it is not
+    done, and a whole stack under the plan's hooks would be summed over the ranks."""
+    plan = getattr(model, "tp_plan", None) or {}
+    from transformers.distributed.parallel_utils import replace_layer_number_by_wildcard
+    for key in (name, name.rpartition(".")[0]):
+        style = plan.get(key, plan.get(replace_layer_number_by_wildcard(key)))
+        if style is not None:
+            raise ValueError(
+                f"{WHO}: the saved packed expert stack {name!r} is under the tp_plan style "
+                f"{style!r} (of {key!r}); saved packed expert stacks do not load sharded yet: "
+                "load this folder without tp_plan, or load the float checkpoint under the "
+                "tp_plan with BlockQuantConfig(policy), which packs each rank's part")
 
 
 def refuse_sharded_experts(model, policy):

@@ -70,6 +70,9 @@ def checkpoints(root: Path):
         save(root / name, transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
             hidden_size=128, intermediate_size=256, moe_intermediate_size=inter, num_experts=4,
             num_experts_per_tok=2, head_dim=32, **LLAMA)))
+    transformers.Qwen3MoeForCausalLM.from_pretrained(
+        root / "qwen3_moe", quantization_config=qcompile.BlockQuantConfig(NF4)).save_pretrained(
+            root / "qwen3_moe_packed")
 
 
 @pytest.fixture(scope="module")
@@ -112,14 +115,18 @@ def test_whole_tensor_side_data_is_computed_across_ranks(results, case):
         assert rank["sharded"] == 2 * 7 and rank["differ"] == [], got["exact"]
 
 
-@pytest.mark.parametrize("case", ["moe_nf4"])
+@pytest.mark.parametrize("case", ["moe_nf4", "moe_whole"])
 def test_sharded_experts_equal_one_process(results, case):
     """Qwen3-MoE under its tp_plan: gate_up_proj split by rows (packed_colwise), down_proj by
-    whole blocks of its reduction axis (rowwise), partial outputs summed (moe_tp_experts)."""
+    whole blocks of its reduction axis (rowwise), partial outputs summed (moe_tp_experts);
+    moe_whole: each expert's NVFP4 tensor scale (gate_up) and quantile codebook (down) computed
+    across ranks, every expert's packed part bit for bit its part of one process's packing."""
     got = results[case]
     assert "error" not in got, got
     assert got["rel_err"] <= BOUND, got
     assert all(b <= 0.55 * got["whole_bytes"] for b in got["rank_bytes"]), got
+    for rank in got.get("exact", []):
+        assert rank["sharded"] == 2 * 2 and rank["differ"] == [], got["exact"]
 
 
 @pytest.mark.parametrize("case, words", [
@@ -131,8 +138,8 @@ def test_sharded_experts_equal_one_process(results, case):
                         "K=[48]", "cuts weight blocks of 64"]),
     ("moe_quantize_model", ["expert stack 'model.layers.0.mlp.experts.gate_up_proj' is a float "
                             "DTensor", "BlockQuantConfig(policy)"]),
-    ("moe_nvfp4", ["expert stack 'model.layers.0.mlp.experts.gate_up_proj' (nvfp4",
-                   "not computed across ranks for expert stacks"]),
+    ("saved_moe", ["saved packed expert stack 'model.layers.0.mlp.experts.down_proj'",
+                   "'rowwise'", "do not load sharded yet"]),
     ("compile_float", ["'model.layers.0.self_attn.q_proj' holds a float DTensor weight",
                        "quantize_model_"]),
     ("gpt2_conv1d", ["out_features"]),  # transformers cannot shard GPT-2's Conv1D at all

@@ -34,7 +34,9 @@ WHOLE_MIXED = Policy({"lm_head": None, "*.mlp.*": LayerSpec(weight="quantile4"),
 ACT_NVFP4 = Policy({"lm_head": None, "*.self_attn.o_proj": LayerSpec(weight="int4", act="nvfp4")},
                    default=LayerSpec(weight="int4"))
 MOE_NF4 = NF4  # experts (gate_up packed_colwise, down rowwise) and attention
-MOE_NVFP4 = Policy({"lm_head": None, "*.experts.*": LayerSpec(weight="nvfp4")}, default=None)
+# each expert's own tensor scale / codebook: gate_up split by rows, down along K
+MOE_WHOLE = Policy({"lm_head": None, "*.experts.gate_up_proj": LayerSpec(weight="nvfp4"),
+                    "*.experts.down_proj": LayerSpec(weight="quantile4")}, default=None)
 GPT2_PLAN = {"lm_head": "colwise_gather_output"}  # its own lm_head (untied): vocab-sharded
 CONV1D_PLAN = {"transformer.h.*.mlp.c_fc": "colwise"}
 
@@ -93,10 +95,46 @@ def shards_exact(model, folder, policy) -> dict:
     return {"differ": differ, "sharded": sharded}
 
 
-def compare_exact(model, folder, policy) -> dict:
-    """compare, and shards_exact of every rank."""
+def expert_rows(n: int, got: int, rank: int) -> torch.Tensor:
+    """Rank ``rank``'s rows of a fused [gate; up] expert matrix of ``n`` rows split by
+    transformers' packed_colwise: its chunk of the gate half, then of the up half."""
+    half = got // 2
+    mine = torch.arange(rank * half, (rank + 1) * half)
+    return torch.cat([mine, n // 2 + mine])
+
+
+def experts_exact(model, folder, policy) -> dict:
+    """shards_exact for the packed expert stacks: each expert's matrix of this rank against its
+    part of the expert's float matrix packed whole by qcompile.quantize (blocks along its last
+    axis: F.linear(x, W[e]))."""
+    whole, rank = AutoModelForCausalLM.from_pretrained(folder).eval(), dist.get_rank()
+    differ, sharded = [], 0
+    for name, mod in model.named_modules():
+        if not isinstance(mod, PackedExperts):
+            continue
+        sharded += 1
+        w, fmt = whole.get_parameter(name).detach(), policy.match(name, "linear")[1].weight
+        for e in range(w.shape[0]):
+            want = qcompile.quantize(w[e], fmt, axis=1)
+            got_shape = mod.matrix_shape  # this rank's part of each expert's matrix
+            if got_shape[0] != want.shape[0]:
+                rows = expert_rows(want.shape[0], got_shape[0], rank)
+                codes, scales = want.codes[rows], want.scales[rows]
+            else:
+                codes, scales = my_part(want, got_shape, rank)
+            same = [torch.equal(bits(mod.codes[e]), bits(codes)),
+                    torch.equal(bits(mod.scales[e]), bits(scales))]
+            same += [torch.equal(bits(getattr(mod, f"side_{k}")[e]), bits(want.side[k]))
+                     for k in want.side]
+            if not all(same):
+                differ.append(f"{name}[{e}]")
+    return {"differ": differ, "sharded": sharded}
+
+
+def compare_exact(model, folder, policy, exact=shards_exact) -> dict:
+    """compare, and ``exact`` (shards_exact or experts_exact) of every rank."""
     every = [None] * dist.get_world_size()
-    dist.all_gather_object(every, shards_exact(model, folder, policy))
+    dist.all_gather_object(every, exact(model, folder, policy))
     return {**compare(model, folder, policy), "exact": every}
 
 
@@ -172,7 +210,9 @@ def main(folder, out):
         "moe_quantize_model": case(lambda: compare(
             qcompile.quantize_model_(load(moe, **auto), MOE_NF4), moe, MOE_NF4)),
         "moe_cut_blocks": case(lambda: load(moe + "_cut", MOE_NF4, **auto)),
-        "moe_nvfp4": case(lambda: load(moe, MOE_NVFP4, **auto)),
+        "moe_whole": case(lambda: compare_exact(load(moe, MOE_WHOLE, **auto), moe, MOE_WHOLE,
+                                                experts_exact)),
+        "saved_moe": case(lambda: load(moe + "_packed", **auto)),
         "compile_float": case(lambda: qcompile.compile(load(llama, **auto), NF4)),
     }
     if dist.get_rank() == 0:
