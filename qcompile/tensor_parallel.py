@@ -404,8 +404,10 @@ def refuse_sharded_experts(model, policy):
     are float DTensors already split by a tp_plan: recognising an expert stack runs its module
     on a probe, which the plan's hooks and split parameters do not allow, so the stacks would
     stay in float while one process packs them."""
-    from .experts import candidates
+    from .experts import SKIPPED_EXPERTS_ATTR, candidates
     for name, mod, attr in candidates(model):
+        if attr in mod.__dict__.get(SKIPPED_EXPERTS_ATTR, {}):
+            continue  # found not to be a stack blockquant packs (said then): float in one process
         spec = policy.match(name, "linear")[1]
         if spec is not None and spec.weight is not None and is_distributed(mod._parameters[attr]):
             raise ValueError(

@@ -4,7 +4,11 @@ BlockQuantConfig (tests/tp_worker.py); each sharded model gives the logits of th
 quantised in one process, within float32 reordering (the row-parallel sums), holds about half
 the packed bytes per rank, and every split blockquant cannot pack shard by shard is refused
 with a message naming the layer and why. Saved packed folders load sharded the same way, equal
-to the folder loaded in one process."""
+to the folder loaded in one process. Formats with side data describing the whole tensor (NVFP4's
+tensor scale, quantile4's codebook) are packed with that side data computed across the ranks:
+each rank's packed shard is bit for bit its slice of the weight packed whole in one process. A
+tiny Qwen3-MoE loads under its plan with its expert stacks split like dense layers (checked per
+expert matrix), or is refused by name."""
 import json
 import os
 import subprocess
