@@ -292,7 +292,7 @@ def quantize_model_(model: torch.nn.Module, policy: Policy | None = None) -> tor
         key = (id(w), fmt.key, axis)
         if key not in packed:  # under tensor parallelism: this rank's shard
             with torch.no_grad():
-                packed[key] = api.quantize_weight(tensor_parallel.local(w), fmt, axis, score)
+                packed[key] = tensor_parallel.quantize_weight(w, fmt, axis, score)
         return packed[key]
 
     layers = list(linear_layers(model, policy, "quantize_model_"))
@@ -300,6 +300,7 @@ def quantize_model_(model: torch.nn.Module, policy: Policy | None = None) -> tor
     tensor_parallel.check_layers(model, [
         *((n, m.weight, s, a, "linear") for n, m, s, a, _ in layers if s.weight),
         *((n, m.weight, s, 1, "embedding") for n, m, s, _ in embeddings)])
+    tensor_parallel.refuse_sharded_experts(model, policy)
     expert_tensors = expert_layers(model, policy, "quantize_model_")  # probes: model unchanged
     tied, before = _tied_holders(model), resident_weight_bytes(model)
     scores = proxy_scores(model, layers)

@@ -7,9 +7,14 @@ split keeps every block whole and the format's side data is local to blocks or r
 - a split along the output rows (column-parallel) is right at any row;
 - a split along the reduction axis (row-parallel) is right only where every rank's first column
   is a block boundary (and a byte boundary of the packed codes);
-- side data describing the whole tensor (NVFP4's tensor scale, a quantile codebook) and proxy
-  columns (scored over the whole tensor) cannot be computed from one shard.
+- side data describing the whole tensor (NVFP4's tensor scale, a quantile codebook) is computed
+  across the ranks (``AcrossRanks``: a max, and order statistics counted over every shard), so
+  each shard gets the whole tensor's, exactly; an activation format with such side data on an
+  input split with K cannot be (each rank quantises its part of the input as it runs);
+- proxy columns (scored over the whole tensor) are not chosen across ranks.
 Everything else is refused, naming the layer, the split and why, before any weight is packed.
+Mixture-of-experts stacks [E, a, b] follow the same rules per expert matrix (``check_experts``,
+``pack_experts``).
 
 A saved packed folder loaded under a tp_plan (``shard_saved``) is cut the same way from its
 packed bytes, never decoded; there the whole-tensor side data is simply replicated (it was
@@ -19,6 +24,9 @@ from __future__ import annotations
 
 import torch
 
+from . import api
+from .formats import reference
+from .formats.codebooks import quantile_levels
 from .formats.qtensor import QTensor
 from .formats.reference import _outliers_of_rows
 
@@ -174,11 +182,12 @@ def check_split(name: str, weight, fmt, axis: int, kind: str = "linear", act=Non
 
 def _check_format(where: str, fmt, what: str):
     whole = dict(fmt.whole_tensor_side)
-    if whole:
+    if whole and what != "weight":  # a weight's: computed across the ranks (AcrossRanks)
         raise ValueError(f"{WHO}: {where}: the {what} format keeps side data describing the "
-                         f"whole tensor ({', '.join(sorted(whole))}), which one shard cannot "
-                         "compute; give this layer a format without it (nf4, int4, mxint8, "
-                         "mxfp4, bof4s_opq, ...) or keep it in full precision (None)")
+                         f"whole tensor ({', '.join(sorted(whole))}), which each rank would "
+                         "compute from its part of the input as it runs; give this layer an "
+                         "activation format without it (mxint8, mxfp4, int8, ...), or keep its "
+                         "input in full precision (act=None)")
     if getattr(fmt, "proxy", None) is not None:
         raise ValueError(f"{WHO}: {where}: proxy columns are chosen over the whole tensor, "
                          "which one shard cannot do; give this layer a format without proxy, "
@@ -217,6 +226,81 @@ def check_compile(model, policy):
                 "policy) (or load it with from_pretrained(..., tp_plan=..., "
                 "quantization_config=BlockQuantConfig(policy))), then compile it")
         check_split(name, mod.weight, None, 0 if is_conv1d(mod) else 1, act=spec.act)
+
+
+def quantize_weight(weight, fmt, axis: int, proxy_score=None, part=None):
+    """``api.quantize_weight`` of this rank's part of ``weight``: its local shard when a DTensor,
+    or ``part``, the shard transformers is loading into the DTensor ``weight``. A sharded
+    weight's side data describing the whole tensor is computed across the ranks holding its
+    shards (AcrossRanks), so the shard packs to exactly its part of the whole tensor's
+    packing; every rank must call this for the weight, in the same order."""
+    mine = local(weight) if part is None else part
+    if fmt.whole_tensor_side and _sharded(weight):
+        return reference.quantize(mine, fmt, axis, whole=AcrossRanks(weight.device_mesh))
+    return api.quantize_weight(mine, fmt, axis, proxy_score)
+
+
+def pack_experts(weight, part: torch.Tensor, fmt, axis: int):
+    """The PackedExperts of this rank's part ``part`` [E, a, b] of the expert stack ``weight``
+    (a DTensor), each expert's matrix packed along ``axis`` (1 or 2) by ``quantize_weight``:
+    a side datum describing an expert's whole matrix is computed across the ranks."""
+    from .expert_stack import PackedExperts
+    with torch.no_grad():
+        return PackedExperts([quantize_weight(weight, fmt, axis - 1, part=part[e])
+                              for e in range(part.shape[0])], axis)
+
+
+def _sharded(weight) -> bool:
+    return is_distributed(weight) and not weight.placements[0].is_replicate()
+
+
+class AcrossRanks(reference.WholeTensor):
+    """The whole tensor's statistics from the shards held by the ranks of a 1-D ``mesh``,
+    exactly: the largest of every shard's (an all-reduce of the maxima), and order statistics
+    of every shard's values together, found by bisection over the values' float32 bit
+    patterns with the counts below each probe summed across the ranks (never gathering the
+    values: each rank keeps its shard only)."""
+
+    def __init__(self, mesh):
+        self.group = mesh.get_group()
+
+    def max(self, part: torch.Tensor) -> torch.Tensor:
+        out = part.clone()
+        torch.distributed.all_reduce(out, torch.distributed.ReduceOp.MAX, group=self.group)
+        return out
+
+    def quantile_codebook(self, values: torch.Tensor, bits: int) -> torch.Tensor:
+        keys = _ordered_keys(values.flatten().to(torch.float32)).sort().values
+        count = self._sum(torch.tensor([keys.numel()], device=keys.device))
+        return quantile_levels(lambda at: self._ranked(keys, at.to(keys.device)),
+                               int(count), bits, values.device)
+
+    def _sum(self, t: torch.Tensor) -> torch.Tensor:
+        torch.distributed.all_reduce(t, group=self.group)
+        return t
+
+    def _ranked(self, keys: torch.Tensor, at: torch.Tensor) -> list[float]:
+        """The values at 0-based positions ``at`` of every rank's values sorted together: for
+        each, the smallest key with more than ``at`` keys at or below it, over all ranks."""
+        lo = torch.full_like(at, -2**31)
+        hi = torch.full_like(at, 2**31 - 1)
+        for _ in range(32):  # 2**32 keys: the interval halves each time
+            mid = torch.div(lo + hi, 2, rounding_mode="floor")
+            enough = self._sum(torch.searchsorted(keys, mid, right=True)) > at
+            lo, hi = torch.where(enough, lo, mid + 1), torch.where(enough, mid, hi)
+        return _float_of_key(lo).tolist()
+
+
+def _ordered_keys(v: torch.Tensor) -> torch.Tensor:
+    """int64 keys ordered as the float32 values ``v`` are (no NaN; -0 just below +0): the bit
+    pattern for a positive value, negatives mirrored below zero."""
+    bits = v.view(torch.int32).to(torch.int64)
+    return torch.where(bits < 0, -2**31 - 1 - bits, bits)
+
+
+def _float_of_key(key: torch.Tensor) -> torch.Tensor:
+    bits = torch.where(key < 0, -2**31 - 1 - key, key)
+    return bits.to(torch.int32).view(torch.float32)
 
 
 def local(weight) -> torch.Tensor:
@@ -264,6 +348,74 @@ def check_layers(model, layers):
             check_split(name, weight, spec.weight, axis, kind, spec.act)
             if kind == "linear":
                 _style_or_refuse(model, name)
+
+
+def check_experts(expert_tensors):
+    """Refuse, before any weight is packed, every mixture-of-experts stack of ``expert_tensors``
+    ((ExpertTensor, spec) pairs) whose DTensor split its experts' packings cannot follow: each
+    expert's matrix is packed from this rank's part of it, so the split must be one a 2-D
+    weight could take (output rows, or whole blocks of the reduction axis)."""
+    for t, spec in expert_tensors:
+        weight = t.tensor
+        if not is_distributed(weight) or weight.placements[0].is_replicate():
+            continue
+        from torch.distributed.tensor.placement_types import Shard, _StridedShard
+        place, fmt = weight.placements[0], spec.weight
+        where = f"expert stack {t.name!r} ({fmt.key}, weight {list(weight.shape)})"
+        strided = isinstance(place, _StridedShard)  # (packed_colwise: gate and up rows each)
+        if weight.device_mesh.ndim != 1 or not (place.is_shard() or strided):
+            raise ValueError(f"{WHO}: {where} is placed {place} on a {weight.device_mesh.ndim}-D "
+                             "mesh; a packed expert stack can be replicated or sharded on a 1-D "
+                             "(tp) mesh only: keep the experts in full precision (None)")
+        dim = place.dim % weight.dim()
+        if dim == 0:
+            raise ValueError(f"{WHO}: {where} is split by experts (expert parallelism, "
+                             f"{place}); packed expert stacks are not run under expert "
+                             "parallelism: load without it, or keep the experts in full "
+                             "precision (None)")
+        _check_format(f"split {place} of {where}", fmt, "weight")
+        if dim == t.axis:  # the reduction axis: whole blocks on every rank, in order
+            if strided or type(place) is not Shard:
+                raise ValueError(f"{WHO}: {where} is split along its reduction axis by {place}, "
+                                 "interleaving its columns across ranks; a packed expert "
+                                 "stack's shard must be whole blocks: keep the experts in full "
+                                 "precision (None)")
+            _check_blocks(where, weight.shape[dim], weight.device_mesh.size(), fmt, "weight")
+
+
+def refuse_saved_experts(model, name: str):
+    """Refuse a saved packed expert stack ``name`` that the model's tp_plan splits (a style for
+    the stack or for its experts module): cutting a packed stack as the plan splits it is not
+    done, and a whole stack under the plan's hooks would be summed over the ranks."""
+    plan = getattr(model, "tp_plan", None) or {}
+    from transformers.distributed.parallel_utils import replace_layer_number_by_wildcard
+    for key in (name, name.rpartition(".")[0]):
+        style = plan.get(key, plan.get(replace_layer_number_by_wildcard(key)))
+        if style is not None:
+            raise ValueError(
+                f"{WHO}: the saved packed expert stack {name!r} is under the tp_plan style "
+                f"{style!r} (of {key!r}); saved packed expert stacks do not load sharded yet: "
+                "load this folder without tp_plan, or load the float checkpoint under the "
+                "tp_plan with BlockQuantConfig(policy), which packs each rank's part")
+
+
+def refuse_sharded_experts(model, policy):
+    """Refuse quantize_model_ of a model whose mixture-of-experts stacks the policy quantises
+    are float DTensors already split by a tp_plan: recognising an expert stack runs its module
+    on a probe, which the plan's hooks and split parameters do not allow, so the stacks would
+    stay in float while one process packs them."""
+    from .experts import SKIPPED_EXPERTS_ATTR, candidates
+    for name, mod, attr in candidates(model):
+        if attr in mod.__dict__.get(SKIPPED_EXPERTS_ATTR, {}):
+            continue  # found not to be a stack blockquant packs (said then): float in one process
+        spec = policy.match(name, "linear")[1]
+        if spec is not None and spec.weight is not None and is_distributed(mod._parameters[attr]):
+            raise ValueError(
+                f"{WHO}: expert stack {name!r} is a float DTensor (a tensor-parallel model) that "
+                f"the policy gives {spec.weight.key}; quantize_model_ cannot pack expert stacks "
+                "already split by a tp_plan: load the float checkpoint with from_pretrained(..., "
+                "tp_plan=..., quantization_config=BlockQuantConfig(policy)), which packs each "
+                "rank's part as it loads, or keep the experts in full precision (None)")
 
 
 def keep_style(model, name: str, old: torch.nn.Module, new: torch.nn.Module, mesh=None):

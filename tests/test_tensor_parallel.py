@@ -4,7 +4,11 @@ BlockQuantConfig (tests/tp_worker.py); each sharded model gives the logits of th
 quantised in one process, within float32 reordering (the row-parallel sums), holds about half
 the packed bytes per rank, and every split blockquant cannot pack shard by shard is refused
 with a message naming the layer and why. Saved packed folders load sharded the same way, equal
-to the folder loaded in one process."""
+to the folder loaded in one process. Formats with side data describing the whole tensor (NVFP4's
+tensor scale, quantile4's codebook) are packed with that side data computed across the ranks:
+each rank's packed shard is bit for bit its slice of the weight packed whole in one process. A
+tiny Qwen3-MoE loads under its plan with its expert stacks split like dense layers (checked per
+expert matrix), or is refused by name."""
 import json
 import os
 import subprocess
@@ -64,6 +68,15 @@ def checkpoints(root: Path):
     save(root / "gpt2", transformers.GPT2LMHeadModel(transformers.GPT2Config(
         n_layer=1, n_embd=64, n_head=2, vocab_size=128, n_positions=16,
         tie_word_embeddings=False)))
+    # experts [4, 2I, 128] / [4, 128, I]: down_proj's halves of I = 128 start on nf4's blocks,
+    # those of I = 96 (48 columns) cut them
+    for name, inter in (("qwen3_moe", 128), ("qwen3_moe_cut", 96)):
+        save(root / name, transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+            hidden_size=128, intermediate_size=256, moe_intermediate_size=inter, num_experts=4,
+            num_experts_per_tok=2, head_dim=32, **LLAMA)))
+    transformers.Qwen3MoeForCausalLM.from_pretrained(
+        root / "qwen3_moe", quantization_config=qcompile.BlockQuantConfig(NF4)).save_pretrained(
+            root / "qwen3_moe_packed")
 
 
 @pytest.fixture(scope="module")
@@ -93,11 +106,44 @@ def test_sharded_logits_equal_one_process(results, case):
     assert all(b <= 0.55 * got["whole_bytes"] for b in got["rank_bytes"]), got
 
 
+@pytest.mark.parametrize("case", ["llama_nvfp4", "llama_quantile4", "llama_whole_mixed",
+                                  "llama_nvfp4_quantize_model"])
+def test_whole_tensor_side_data_is_computed_across_ranks(results, case):
+    """NVFP4's tensor scale and a quantile codebook, packed shard by shard: each rank's packed
+    shard is bit for bit its part of the weight packed whole in one process (tensor scale and
+    codebook those of the whole tensor), and the logits those of one process."""
+    got = results[case]
+    assert "error" not in got, got
+    assert got["rel_err"] <= BOUND, got
+    for rank in got["exact"]:
+        assert rank["sharded"] == 2 * 7 and rank["differ"] == [], got["exact"]
+
+
+@pytest.mark.parametrize("case", ["moe_nf4", "moe_whole"])
+def test_sharded_experts_equal_one_process(results, case):
+    """Qwen3-MoE under its tp_plan: gate_up_proj split by rows (packed_colwise), down_proj by
+    whole blocks of its reduction axis (rowwise), partial outputs summed (moe_tp_experts);
+    moe_whole: each expert's NVFP4 tensor scale (gate_up) and quantile codebook (down) computed
+    across ranks, every expert's packed part bit for bit its part of one process's packing."""
+    got = results[case]
+    assert "error" not in got, got
+    assert got["rel_err"] <= BOUND, got
+    assert all(b <= 0.55 * got["whole_bytes"] for b in got["rank_bytes"]), got
+    for rank in got.get("exact", []):
+        assert rank["sharded"] == 2 * 2 and rank["differ"] == [], got["exact"]
+
+
 @pytest.mark.parametrize("case, words", [
     ("cut_blocks", ["row-parallel split of layer 'model.layers.0.self_attn.o_proj'",
                     "K=[32]", "cuts weight blocks of 64"]),
-    ("nvfp4", ["column-parallel split", "'model.layers.0.self_attn.q_proj'", "nvfp4",
-               "whole tensor (tensor_scale)"]),
+    ("act_nvfp4_rowwise", ["row-parallel split", "'model.layers.0.self_attn.o_proj'",
+                           "input format", "whole tensor (tensor_scale)"]),
+    ("moe_cut_blocks", ["'model.layers.0.mlp.experts.down_proj' (nf4, weight [4, 128, 96])",
+                        "K=[48]", "cuts weight blocks of 64"]),
+    ("moe_quantize_model", ["expert stack 'model.layers.0.mlp.experts.gate_up_proj' is a float "
+                            "DTensor", "BlockQuantConfig(policy)"]),
+    ("saved_moe", ["saved packed expert stack 'model.layers.0.mlp.experts.down_proj'",
+                   "'rowwise'", "do not load sharded yet"]),
     ("compile_float", ["'model.layers.0.self_attn.q_proj' holds a float DTensor weight",
                        "quantize_model_"]),
     ("gpt2_conv1d", ["out_features"]),  # transformers cannot shard GPT-2's Conv1D at all

@@ -14,6 +14,7 @@ from transformers.distributed import DistributedConfig
 sys.path.insert(0, str(Path(__file__).parent))
 import qcompile  # noqa: E402
 from qcompile import LayerSpec, Policy  # noqa: E402
+from qcompile.expert_stack import PackedExperts  # noqa: E402
 from qcompile.swap import QuantLinear  # noqa: E402
 
 IDS = torch.tensor([[1, 5, 9, 2, 77, 3, 120, 64, 11]])
@@ -24,6 +25,18 @@ MIXED = Policy({"lm_head": LayerSpec(weight="int4"),  # tied to the embedding: p
                default=LayerSpec(weight="int4"))
 ALL_NF4 = Policy({}, default=LayerSpec(weight="nf4"))  # GPT-2's tied lm_head too
 NVFP4 = Policy({"lm_head": None}, default=LayerSpec(weight="nvfp4"))
+QUANTILE = Policy({"lm_head": None}, default=LayerSpec(weight="quantile4"))
+# whole-tensor side data split both ways (q/k/v, gate/up column-, o/down row-parallel), with an
+# activation format on a row-parallel layer whose blocks the split keeps whole
+WHOLE_MIXED = Policy({"lm_head": None, "*.mlp.*": LayerSpec(weight="quantile4"),
+                      "*.self_attn.o_proj": LayerSpec(weight="nvfp4", act="mxint8")},
+                     default=LayerSpec(weight="nvfp4"))
+ACT_NVFP4 = Policy({"lm_head": None, "*.self_attn.o_proj": LayerSpec(weight="int4", act="nvfp4")},
+                   default=LayerSpec(weight="int4"))
+MOE_NF4 = NF4  # experts (gate_up packed_colwise, down rowwise) and attention
+# each expert's own tensor scale / codebook: gate_up split by rows, down along K
+MOE_WHOLE = Policy({"lm_head": None, "*.experts.gate_up_proj": LayerSpec(weight="nvfp4"),
+                    "*.experts.down_proj": LayerSpec(weight="quantile4")}, default=None)
 GPT2_PLAN = {"lm_head": "colwise_gather_output"}  # its own lm_head (untied): vocab-sharded
 CONV1D_PLAN = {"transformer.h.*.mlp.c_fc": "colwise"}
 
@@ -34,10 +47,95 @@ def logits(model):
 
 
 def packed_bytes(model, only=None) -> int:
-    """Bytes of the packed layers (those named ``only``, or all)."""
+    """Bytes of the packed layers and expert stacks (those named ``only``, or all)."""
     return sum(t.numel() * t.element_size() for n, m in model.named_modules()
-               if isinstance(m, QuantLinear) and (only is None or n in only)
+               if isinstance(m, (QuantLinear, PackedExperts)) and (only is None or n in only)
                for t in m.buffers())
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().flatten().view(torch.uint8)
+
+
+def my_part(q, got_shape, rank: int):
+    """The (codes, scales) of rank ``rank``'s part of the whole packed weight ``q`` [N, K]
+    (blocks along K) whose part has shape ``got_shape``: torch.chunk's rows (column-parallel)
+    or columns (row-parallel, whole blocks and bytes)."""
+    n, k = q.shape
+    if got_shape[0] != n:
+        lo = rank * -(-n // 2)
+        return q.codes[lo:lo + got_shape[0]], q.scales[lo:lo + got_shape[0]]
+    lo, width = rank * -(-k // 2), got_shape[1]
+    b = q.fmt.element.bits
+    return (q.codes[:, lo * b // 8:(lo + width) * b // 8],
+            q.scales[:, lo // q.block:(lo + width) // q.block])
+
+
+def shards_exact(model, folder, policy) -> dict:
+    """Each sharded packed layer of ``model`` against this rank's part of its float weight
+    packed whole by qcompile.quantize (the definition, in one process): codes, scales and side
+    data compared bit for bit. The names of those that differ, and how many were sharded."""
+    whole, rank = AutoModelForCausalLM.from_pretrained(folder).eval(), dist.get_rank()
+    differ, sharded = [], 0
+    for name, mod in model.named_modules():
+        if not isinstance(mod, QuantLinear):
+            continue
+        got = mod.qtensor()
+        want = qcompile.quantize(whole.get_submodule(name).weight.detach(),
+                                 policy.match(name, "linear")[1].weight, axis=1)
+        if got.shape == want.shape:
+            continue
+        sharded += 1
+        codes, scales = my_part(want, got.shape, rank)
+        same = [torch.equal(bits(got.codes), bits(codes)),
+                torch.equal(bits(got.scales), bits(scales)), set(got.side) == set(want.side)]
+        same += [torch.equal(bits(got.side[k]), bits(want.side[k])) for k in want.side]
+        if not all(same):
+            differ.append(name)
+    return {"differ": differ, "sharded": sharded}
+
+
+def expert_rows(n: int, got: int, rank: int) -> torch.Tensor:
+    """Rank ``rank``'s rows of a fused [gate; up] expert matrix of ``n`` rows split by
+    transformers' packed_colwise: its chunk of the gate half, then of the up half."""
+    half = got // 2
+    mine = torch.arange(rank * half, (rank + 1) * half)
+    return torch.cat([mine, n // 2 + mine])
+
+
+def experts_exact(model, folder, policy) -> dict:
+    """shards_exact for the packed expert stacks: each expert's matrix of this rank against its
+    part of the expert's float matrix packed whole by qcompile.quantize (blocks along its last
+    axis: F.linear(x, W[e]))."""
+    whole, rank = AutoModelForCausalLM.from_pretrained(folder).eval(), dist.get_rank()
+    differ, sharded = [], 0
+    for name, mod in model.named_modules():
+        if not isinstance(mod, PackedExperts):
+            continue
+        sharded += 1
+        w, fmt = whole.get_parameter(name).detach(), policy.match(name, "linear")[1].weight
+        for e in range(w.shape[0]):
+            want = qcompile.quantize(w[e], fmt, axis=1)
+            got_shape = mod.matrix_shape  # this rank's part of each expert's matrix
+            if got_shape[0] != want.shape[0]:
+                rows = expert_rows(want.shape[0], got_shape[0], rank)
+                codes, scales = want.codes[rows], want.scales[rows]
+            else:
+                codes, scales = my_part(want, got_shape, rank)
+            same = [torch.equal(bits(mod.codes[e]), bits(codes)),
+                    torch.equal(bits(mod.scales[e]), bits(scales))]
+            same += [torch.equal(bits(getattr(mod, f"side_{k}")[e]), bits(want.side[k]))
+                     for k in want.side]
+            if not all(same):
+                differ.append(f"{name}[{e}]")
+    return {"differ": differ, "sharded": sharded}
+
+
+def compare_exact(model, folder, policy, exact=shards_exact) -> dict:
+    """compare, and ``exact`` (shards_exact or experts_exact) of every rank."""
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, exact(model, folder, policy))
+    return {**compare(model, folder, policy), "exact": every}
 
 
 def oracle(folder, policy):
@@ -78,7 +176,8 @@ def plan(tp_plan: dict) -> dict:
 
 
 def main(folder, out):
-    llama, llama64, gpt2 = (str(Path(folder) / n) for n in ("llama", "llama64", "gpt2"))
+    llama, llama64, gpt2, llama_bias, moe = (str(Path(folder) / n) for n in (
+        "llama", "llama64", "gpt2", "llama_bias", "qwen3_moe"))
     auto, packed = {"tp_plan": "auto"}, str(Path(folder) / "llama_packed")
     packed64 = str(Path(folder) / "llama64_packed")
     results = {
@@ -99,7 +198,21 @@ def main(folder, out):
         "saved_proxy": case(lambda: load(packed + "_proxy", **auto)),
         "saved_cut_blocks": case(lambda: load(packed64, **auto)),
         "cut_blocks": case(lambda: load(llama64, NF4, **auto)),
-        "nvfp4": case(lambda: load(llama, NVFP4, **auto)),
+        "llama_nvfp4": case(lambda: compare_exact(load(llama, NVFP4, **auto), llama, NVFP4)),
+        "llama_quantile4": case(lambda: compare_exact(load(llama, QUANTILE, **auto), llama,
+                                                      QUANTILE)),
+        "llama_whole_mixed": case(lambda: compare_exact(load(llama_bias, WHOLE_MIXED, **auto),
+                                                        llama_bias, WHOLE_MIXED)),
+        "llama_nvfp4_quantize_model": case(lambda: compare_exact(
+            qcompile.quantize_model_(load(llama, **auto), NVFP4), llama, NVFP4)),
+        "act_nvfp4_rowwise": case(lambda: load(llama, ACT_NVFP4, **auto)),
+        "moe_nf4": case(lambda: compare(load(moe, MOE_NF4, **auto), moe, MOE_NF4)),
+        "moe_quantize_model": case(lambda: compare(
+            qcompile.quantize_model_(load(moe, **auto), MOE_NF4), moe, MOE_NF4)),
+        "moe_cut_blocks": case(lambda: load(moe + "_cut", MOE_NF4, **auto)),
+        "moe_whole": case(lambda: compare_exact(load(moe, MOE_WHOLE, **auto), moe, MOE_WHOLE,
+                                                experts_exact)),
+        "saved_moe": case(lambda: load(moe + "_packed", **auto)),
         "compile_float": case(lambda: qcompile.compile(load(llama, **auto), NF4)),
     }
     if dist.get_rank() == 0:

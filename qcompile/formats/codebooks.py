@@ -133,17 +133,27 @@ def quantile_codebook(normalised: torch.Tensor, bits: int) -> torch.Tensor:
     are levels), then divided by the largest |level| so the table spans [-1, 1]. The levels are
     computed exactly (rationals) and rounded once to float32 (ascending)."""
     v = normalised.flatten().to(torch.float64).sort().values
+    return quantile_levels(lambda at: v[at].tolist(), v.numel(), bits, normalised.device)
+
+
+def quantile_levels(ranked, count: int, bits: int, device=None) -> torch.Tensor:
+    """quantile_codebook's table from the order statistics of ``count`` values: ``ranked(at)``
+    gives the values at 0-based positions ``at`` (an int64 tensor) of the values sorted
+    ascending, as Python floats (the values being float32, e.g. gathered across the ranks
+    holding parts of one tensor: qcompile.tensor_parallel)."""
     n = 2**bits
-    if v.numel() == 0:
-        return torch.linspace(-1, 1, n, dtype=torch.float32)
-    last = v.numel() - 1
+    if count == 0:
+        return torch.linspace(-1, 1, n, dtype=torch.float32, device=device)
+    last = count - 1
+    at = [divmod(i * last, n - 1) for i in range(n)]  # i * last / (n - 1) = lo + rem / (n - 1)
+    wanted = sorted({p for lo, _ in at for p in (lo, min(lo + 1, last))})
+    value = dict(zip(wanted, ranked(torch.tensor(wanted, dtype=torch.int64))))
     levels = []
-    for i in range(n):  # position i * last / (n - 1) = lo + rem / (n - 1), exactly
-        lo, rem = divmod(i * last, n - 1)
-        a, b = (Fraction(t) for t in v[[lo, min(lo + 1, last)]].tolist())
+    for lo, rem in at:
+        a, b = Fraction(value[lo]), Fraction(value[min(lo + 1, last)])
         levels.append(a + Fraction(rem, n - 1) * (b - a))
     peak = max(abs(t) for t in levels)
     if peak > 0:
         levels = [t / peak for t in levels]
     return torch.tensor(sorted(_round_f32(t) for t in levels), dtype=torch.float32,
-                        device=normalised.device)
+                        device=device)

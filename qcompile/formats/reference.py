@@ -73,14 +73,33 @@ def normalised(b: Blocked, qmul: torch.Tensor) -> torch.Tensor:
     return torch.where(b.bad[..., None], 0.0, b.values * qmul[..., None])
 
 
-def quantile_table(b: Blocked, n: torch.Tensor, bits: int) -> torch.Tensor:
+class WholeTensor:
+    """How quantize computes side data describing the whole tensor (NVFP4's tensor scale, a
+    quantile codebook) from the values it is given: here they are the whole tensor. A part of
+    a tensor (one rank's shard, qcompile.tensor_parallel) gives its own, which combines the
+    parts' statistics into the whole tensor's."""
+
+    def max(self, part: torch.Tensor) -> torch.Tensor:
+        """The largest of every part's ``part`` (a 0-d statistic of each part)."""
+        return part
+
+    def quantile_codebook(self, values: torch.Tensor, bits: int) -> torch.Tensor:
+        """codebooks.quantile_codebook of every part's ``values`` together."""
+        return quantile_codebook(values, bits)
+
+
+def quantile_table(b: Blocked, n: torch.Tensor, bits: int,
+                   whole: WholeTensor = WholeTensor()) -> torch.Tensor:
     """A quantile format's codebook: from the block-normalised values ``n`` of the tensor's
     real elements (NaN blocks, padding and kept-apart weights left out)."""
-    return quantile_codebook(n[b.valid.expand_as(n) & ~b.bad[..., None]], bits)
+    return whole.quantile_codebook(n[b.valid.expand_as(n) & ~b.bad[..., None]], bits)
 
 
-def quantize(x: torch.Tensor, fmt: Format, axis: int, proxy_score=None) -> QTensor:
-    """``proxy_score`` (a proxy format only): one score per position along ``axis``."""
+def quantize(x: torch.Tensor, fmt: Format, axis: int, proxy_score=None,
+             whole: WholeTensor = WholeTensor()) -> QTensor:
+    """``proxy_score`` (a proxy format only): one score per position along ``axis``.
+    ``whole``: where ``x`` is a part of a tensor, cut on block boundaries, its WholeTensor
+    gives the whole tensor's side data, so the result is that part of the whole's packing."""
     b = blocked(x, fmt, axis, proxy_score)
     blocks, bad, block, side = b.values, b.bad, b.block, dict(b.side)
     lead, n_blocks = blocks.shape[:-2], blocks.shape[-2]
@@ -89,7 +108,9 @@ def quantize(x: torch.Tensor, fmt: Format, axis: int, proxy_score=None) -> QTens
     # sees it: an all-zero row's tie goes to the +0)
     clamped = block < (fmt.block_size or 0)
     stats = torch.nn.functional.pad(blocks, (0, 1)) if clamped else blocks
-    scales, qmul, scale_side = fmt.scale.compute(stats, fmt.element, bad)
+    given = {"tensor_scale": whole.max(fmt.scale.tensor_scale(stats))} \
+        if fmt.scale.kind == "nvfp4" else {}  # (a division by a constant: max commutes)
+    scales, qmul, scale_side = fmt.scale.compute(stats, fmt.element, bad, **given)
     side.update(scale_side)
     n = normalised(b, qmul)
     if fmt.element.kind == "log":
@@ -98,7 +119,7 @@ def quantize(x: torch.Tensor, fmt: Format, axis: int, proxy_score=None) -> QTens
         lost = (n == 0) & (blocks != 0) & ~bad[..., None]
         n = torch.where(lost, torch.where(blocks < 0, -2.0**-149, 2.0**-149), n)
     if fmt.element.kind == "codebook" and fmt.element.data_dependent:
-        table = quantile_table(b, n, fmt.element.bits)
+        table = quantile_table(b, n, fmt.element.bits, whole)
         side["codebook"] = table
         codes = fmt.element.encode(n, table)
     else:

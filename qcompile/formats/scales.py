@@ -130,9 +130,11 @@ class NVFP4Scale:
         amax = finite.amax() if finite.numel() else torch.zeros((), device=blocks.device)
         return div(amax, NVFP4_TENSOR_DIVISOR)
 
-    def compute(self, blocks, element, bad):
+    def compute(self, blocks, element, bad, tensor_scale=None):
+        """``tensor_scale``: the whole tensor's, where ``blocks`` are only part of it (a
+        tensor-parallel shard); else computed from ``blocks``."""
         finite = torch.where(torch.isfinite(blocks), blocks.abs(), 0.0)
-        ts = self.tensor_scale(blocks)
+        ts = self.tensor_scale(blocks) if tensor_scale is None else tensor_scale
         amax = finite.amax(-1) if finite.numel() else finite.sum(-1)
         target = torch.where(ts > 0, div(div(amax, element.max_value), ts), 0.0)
         codes = E4M3.encode(target)

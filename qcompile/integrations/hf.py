@@ -44,7 +44,8 @@ from ..expert_stack import install as install_experts
 from ..policy import POLICY_JSON_FORMAT, Policy, PolicyError
 from ..serialize import METADATA_KEY, QuantizedFileError
 from ..swap import (POLICIES_ATTR, QuantEmbedding, QuantLinear, _set_child, embedding_layers,
-                    expert_layers, linear_layers, pack_expert_tensor, quantize_model_)
+                    expert_layers, linear_layers, mark_expert_stack, pack_expert_tensor,
+                    quantize_model_)
 
 QUANT_METHOD = "blockquant"
 CHECKPOINT_FORMAT = "blockquant.hf_checkpoint"  # the safetensors metadata of save_pretrained
@@ -158,6 +159,7 @@ class BlockQuantHfQuantizer(HfQuantizer):
             tensor_parallel.check_layers(model, [
                 (name, model.get_submodule(name).weight, spec, axis, kind)
                 for name, (kind, spec, axis) in self.stream.items()])
+            tensor_parallel.check_experts(self.expert_stream.values())
         return param_name in self.expert_stream or (
             param_name.endswith(".weight") and param_name.removesuffix(".weight") in self.stream)
 
@@ -249,8 +251,8 @@ class BlockQuantHfQuantizer(HfQuantizer):
         mesh = tensor_parallel.plan_mesh(model)  # under a tp_plan: each rank keeps its shard
         for name, entry in doc["modules"].items():
             if entry["kind"] == "experts":
-                if mesh is not None:  # refuses an expert style
-                    tensor_parallel.parallel_style(model, name.rpartition(".")[0])
+                if mesh is not None:
+                    tensor_parallel.refuse_saved_experts(model, name)
                 serialize._install(model, name, entry, qtensors[entry["packed"]], None)
                 continue
             holder = model.get_submodule(name)
@@ -292,6 +294,9 @@ def _prepare_stack(model, name: str, doc: dict):
     saved shapes, on the meta device), which the checkpoint's tensors load into by name."""
     prefix, _, attr = name.rpartition(".")
     mod, holder = model.get_submodule(prefix), torch.nn.Module()
+    # a tp_plan's style for the stack checks these on its holder as the model is parallelised;
+    # the stack is then refused by name (tensor_parallel.refuse_saved_experts)
+    holder.out_features, holder.in_features = mod._parameters[attr].shape[-2:]
     for leaf in serialize.stack_leaves(doc["packed"][name]):
         dtype, shape = doc["tensors"][f"{name}.{leaf}"]
         holder.register_buffer(leaf, torch.empty(shape, dtype=getattr(torch, dtype),
@@ -471,8 +476,8 @@ def _quantize_op():
                     if tensor_parallel.is_distributed(mod.weight):  # value: this rank's shard
                         self.quantizer.meshes[name] = mod.weight.device_mesh
                     with torch.no_grad():  # in the model's dtype, as plain loading casts it
-                        self.quantizer.packed[name] = api.quantize_weight(
-                            value.to(mod.weight.dtype), spec.weight, axis)
+                        self.quantizer.packed[name] = tensor_parallel.quantize_weight(
+                            mod.weight, spec.weight, axis, part=value.to(mod.weight.dtype))
                     mod.weight = _stand_in(mod.weight, parameter=True, device=value.device)
                     del value
                     api.give_back_freed_memory()  # the float tensor and temporaries
@@ -484,9 +489,15 @@ def _quantize_op():
                 """The fused expert tensor ``name`` packed, one expert at a time, as
                 quantize_model_ packs it."""
                 t, spec = self.quantizer.expert_stream[name]
-                param = t.module._parameters[t.attr]
-                self.quantizer.packed_experts[name] = pack_expert_tensor(
-                    value.to(param.dtype), t, spec, self.quantizer.policy)
+                param, policy = t.module._parameters[t.attr], self.quantizer.policy
+                value = value.to(param.dtype)
+                if tensor_parallel.is_distributed(param):  # value: this rank's part
+                    self.quantizer.packed_experts[name] = mark_expert_stack(
+                        tensor_parallel.pack_experts(param, value, spec.weight, t.axis), t, spec,
+                        policy)
+                else:
+                    self.quantizer.packed_experts[name] = pack_expert_tensor(value, t, spec,
+                                                                             policy)
                 t.module._parameters[t.attr] = _stand_in(param, parameter=True,
                                                          device=value.device)
 
