@@ -155,6 +155,14 @@ class PackedExperts(torch.nn.Module):
             hit.plan = cpu.plan(hit.q)
         return hit.plan
 
+    def grouped_plan(self):
+        """A CPU plan that serves every expert of the stack in one grouped operator call
+        (``ops.experts_linear``): expert 0's, where the tables are the format's alone and no
+        expert keeps weights apart from its blocks (OPQ outliers, proxy columns: side data every
+        expert has, of its own); else None (each expert runs with its own plan)."""
+        plan = self.expert_plan(0)
+        return plan if not plan.data_dependent and plan.apart is None else None
+
     def note_read(self, e: int):
         """Count expert ``e``'s packed bytes as read (by a kernel or a decode)."""
         self.bytes_read += self.expert(e).nbytes
