@@ -120,8 +120,12 @@ def test_grouped_rows_of_any_count_equal_the_per_expert_kernels(fmt, dtype, oper
     for groups in ([(3, slice(0, 2)), (1, slice(2, 2)), (0, slice(2, 38))],
                    [(4, torch.tensor([7, 1])), (2, torch.arange(8, 30)), (3, torch.tensor([0]))]):
         operator_calls.clear()
+        stack.reset_bytes_read()
         y = ops.experts_linear(x, stack, groups)
         assert operator_calls == ["experts_linear"]
+        # the packed bytes of the experts named, each once
+        assert stack.bytes_read == sum(qcompile.quantize(w[e], fmt, axis=1).nbytes
+                                       for e, _ in groups)
         covered = torch.zeros(40, dtype=torch.bool)
         for e, rows in groups:
             covered[rows] = True
@@ -131,14 +135,6 @@ def test_grouped_rows_of_any_count_equal_the_per_expert_kernels(fmt, dtype, oper
                 exact, bound = _float32_bound(x[rows], emulated.t())
                 assert bool(((y[rows].double() - exact).abs() <= bound).all())
         assert y.dtype == dtype and not y[~covered].any()
-
-
-def test_bytes_read_count_the_grouped_experts_once_each():
-    w, stack = _stack("nf4")
-    x = torch.randn(6, 80)
-    ops.experts_linear(x, stack, [(1, slice(0, 4)), (3, slice(4, 6))])
-    want = sum(qcompile.quantize(w[e], "nf4", axis=1).nbytes for e in (1, 3))
-    assert stack.bytes_read == want
 
 
 def test_the_operator_refuses_a_group_outside_the_stack_or_x():
@@ -164,6 +160,7 @@ def test_the_operators_fake_gives_the_output_shape():
 
 
 def test_stacks_with_weights_kept_apart_keep_the_per_expert_calls(operator_calls):
+    # (a guard of the routing: the per-expert path was the only one before the grouped call)
     torch.manual_seed(0)
     stack = pack_experts(torch.randn(3, 24, 80), "bof4s_opq", 2)
     stack.impl = "cpu"
