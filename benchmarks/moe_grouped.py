@@ -3,9 +3,11 @@ call each against one call per active expert, interleaved in one process (issue 
 
     .venv/bin/python -m benchmarks.moe_grouped [--experts 64] [--rounds 15] [--steps 20]
                                                [--threads 1] [--fmt nf4] [--impl grouped_mm]
+                                               [--hidden 2048] [--width 768]
 
 The block: transformers' ``Qwen3MoeSparseMoeBlock`` at benchmarks/moe.py's shapes (hidden 2048,
-8 active of ``--experts``, expert width 768), seeded random weights, its expert tensors packed
+8 active of ``--experts``, expert width 768; ``--hidden`` / ``--width`` shrink it to where the
+calls' overhead, not the kernels, is the time), seeded random weights, its expert tensors packed
 by ``qcompile.quantize_model_`` (``--fmt``) on the CPU kernels. "per expert" runs the grouped
 matmul as before issue 23's operator: one ``ops.expert_linear`` (one Python-to-operator call and
 the per-expert plan and choice) per active expert; "grouped" runs ``ops.experts_linear`` as it
@@ -35,9 +37,10 @@ def per_expert(x, packed, groups):
     return out
 
 
-def build_block(experts: int, fmt: str, impl: str) -> torch.nn.Module:
+def build_block(experts: int, fmt: str, impl: str, hidden: int, width: int) -> torch.nn.Module:
     from transformers.models.qwen3_moe import modeling_qwen3_moe as qwen3
-    config = moe_config(experts=experts, layers=1)
+    config = moe_config(experts=experts, layers=1, hidden_size=hidden,
+                        moe_intermediate_size=width)
     config._experts_implementation = impl
     torch.manual_seed(0)
     block = qwen3.Qwen3MoeSparseMoeBlock(config).eval()
@@ -68,9 +71,11 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--fmt", default="nf4")
     ap.add_argument("--impl", default="grouped_mm", choices=["grouped_mm", "batched_mm"])
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--width", type=int, default=768)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    block = build_block(args.experts, args.fmt, args.impl)
+    block = build_block(args.experts, args.fmt, args.impl, args.hidden, args.width)
     x = torch.randn(1, 1, block.experts.gate_up_proj.shape[2])
     grouped = ops.experts_linear
     ways = {"per expert": per_expert, "grouped": grouped}
@@ -87,7 +92,8 @@ def main(argv=None):
             times[name].append(time_steps(block, x, args.steps))
     ops.experts_linear = grouped
     ratio = statistics.median(g / p for g, p in zip(times["grouped"], times["per expert"]))
-    print(f"Qwen3-MoE block, {args.experts} experts (8 active), {args.fmt}, {args.impl}, "
+    print(f"Qwen3-MoE block, hidden {args.hidden}, {args.experts} experts (8 active) of width "
+          f"{args.width}, {args.fmt}, {args.impl}, "
           f"{args.threads} thread(s), {args.rounds} rounds of {args.steps} steps")
     for name, t in times.items():
         print(f"  {name:10s} median {statistics.median(t):8.3f} ms/step")
