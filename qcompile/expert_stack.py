@@ -17,7 +17,8 @@ the reference), with no float copy of an expert:
 * the eager loop: ``view[e]`` is an ``Expert``; ``F.linear(x, m, b)``, ``x @ m``,
   ``torch.matmul`` / ``torch.mm`` with it run the packed linear of expert e;
 * ``grouped_mm`` (``torch._grouped_mm``, ``F.grouped_mm``, transformers' fallback op) with the
-  view: ``ops.experts_linear`` over the groups that have rows;
+  view: ``ops.experts_linear`` over the groups that have rows (on the CPU kernels one call of
+  the C++ operator ``qcompile_cpu::experts_linear`` for them all; ``batched_mm`` too);
 * ``batched_mm``: ``view[ids]`` is ``ExpertRows``; ``bmm`` with it groups the rows by expert
   (under kernels='reference' it decodes the experts named and runs the model's ``bmm``, whose
   sums are ordered unlike a GEMM's: the emulation's bits);
