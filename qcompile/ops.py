@@ -41,6 +41,7 @@ from the one noted last for that weight: a call costs a dict lookup.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import weakref
 
@@ -475,7 +476,7 @@ def _grouped_kernel(x, packed, groups, plan, choice) -> torch.Tensor:
         parts = [torch.arange(x.shape[0])[r] if isinstance(r, slice) else r.reshape(-1)
                  for r in spans]
         rows = torch.cat(parts).to(torch.int64)
-        offsets = [0] + torch.tensor([p.numel() for p in parts]).cumsum(0).tolist()
+        offsets = [0, *itertools.accumulate(p.numel() for p in parts)]
     return cpu.experts_linear(x, packed.codes, packed.scales, plan, experts,
                               torch.tensor(offsets, dtype=torch.int64), rows)
 

@@ -146,6 +146,9 @@ def test_the_operator_refuses_a_group_outside_the_stack_or_x():
     with pytest.raises(RuntimeError, match="outside x's 4 rows"):
         cpu.experts_linear(x, stack.codes, stack.scales, plan, torch.tensor([1]),
                            torch.tensor([0, 5]))
+    with pytest.raises(RuntimeError, match="row 2 is outside x's 4 rows or in two groups"):
+        cpu.experts_linear(x, stack.codes, stack.scales, plan, torch.tensor([1, 3]),
+                           torch.tensor([0, 1, 2]), torch.tensor([2, 2]))
 
 
 def test_the_operators_fake_gives_the_output_shape():

@@ -236,6 +236,22 @@ void check_groups(const at::Tensor& codes, const at::Tensor& scales, const at::T
                     codes.size(0), " with rows ", off[g], "..", off[g + 1]);
 }
 
+// ``rows``: row indices of x, each at most once (a row in two groups would get one of its
+// results, silently).
+void check_rows(const at::Tensor& rows, int64_t count) {
+    TORCH_CHECK(rows.scalar_type() == at::kLong && rows.dim() == 1,
+                "qcompile_cpu::experts_linear: rows must be int64 [T] row indices of x");
+    const at::Tensor flat = rows.contiguous();
+    const int64_t* r = flat.data_ptr<int64_t>();
+    std::vector<char> seen(count, 0);
+    for (int64_t i = 0; i < flat.numel(); ++i) {
+        TORCH_CHECK(r[i] >= 0 && r[i] < count && !seen[r[i]],
+                    "qcompile_cpu::experts_linear: row ", r[i], " is outside x's ", count,
+                    " rows or in two groups");
+        seen[r[i]] = 1;
+    }
+}
+
 // One grouped matmul of a mixture's experts: for each group g, y[rows of g] = x[rows of g] @
 // W_e^T, e = group_experts[g], the rows of g being offsets[g]..offsets[g + 1] of x in group
 // order (x's rows themselves, or x.index_select(0, rows) where ``rows`` is given: each group's
@@ -254,10 +270,11 @@ at::Tensor experts_linear(const at::Tensor& x, const at::Tensor& codes, const at
                 "qcompile_cpu::experts_linear: x must be float32, bfloat16 or float16 [S, ", k,
                 "], not ", dtype, " ", x.sizes());
     const at::Tensor experts = group_experts.contiguous(), offsets = group_offsets.contiguous();
-    TORCH_CHECK(!rows.has_value() || rows->scalar_type() == at::kLong,
-                "qcompile_cpu::experts_linear: rows must be int64 row indices of x");
     at::Tensor x2 = x.to(at::kFloat);
-    if (rows.has_value()) x2 = x2.index_select(0, *rows);
+    if (rows.has_value()) {
+        check_rows(*rows, x.size(0));
+        x2 = x2.index_select(0, *rows);
+    }
     check_groups(codes, scales, experts, offsets, x2.size(0), n);
     const int64_t n_blocks = scales.size(2), padded = n_blocks * block;
     if (padded != k) x2 = at::constant_pad_nd(x2, {0, padded - k});
