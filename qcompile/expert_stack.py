@@ -17,7 +17,8 @@ the reference), with no float copy of an expert:
 * the eager loop: ``view[e]`` is an ``Expert``; ``F.linear(x, m, b)``, ``x @ m``,
   ``torch.matmul`` / ``torch.mm`` with it run the packed linear of expert e;
 * ``grouped_mm`` (``torch._grouped_mm``, ``F.grouped_mm``, transformers' fallback op) with the
-  view: ``ops.experts_linear`` over the groups that have rows;
+  view: ``ops.experts_linear`` over the groups that have rows (on the CPU kernels one call of
+  the C++ operator ``qcompile_cpu::experts_linear`` for them all; ``batched_mm`` too);
 * ``batched_mm``: ``view[ids]`` is ``ExpertRows``; ``bmm`` with it groups the rows by expert
   (under kernels='reference' it decodes the experts named and runs the model's ``bmm``, whose
   sums are ordered unlike a GEMM's: the emulation's bits);
@@ -154,6 +155,14 @@ class PackedExperts(torch.nn.Module):
         if hit.plan is None:
             hit.plan = cpu.plan(hit.q)
         return hit.plan
+
+    def grouped_plan(self):
+        """A CPU plan that serves every expert of the stack in one grouped operator call
+        (``ops.experts_linear``): expert 0's, where the tables are the format's alone and no
+        expert keeps weights apart from its blocks (OPQ outliers, proxy columns: side data every
+        expert has, of its own); else None (each expert runs with its own plan)."""
+        plan = self.expert_plan(0)
+        return plan if not plan.data_dependent and plan.apart is None else None
 
     def note_read(self, e: int):
         """Count expert ``e``'s packed bytes as read (by a kernel or a decode)."""

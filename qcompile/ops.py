@@ -41,6 +41,7 @@ from the one noted last for that weight: a call costs a dict lookup.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import weakref
 
@@ -443,9 +444,47 @@ def _expert_reference(x, q, act_fmt, bias):
 
 def experts_linear(x: torch.Tensor, packed, groups) -> torch.Tensor:
     """[S, N]: for each (expert e, rows) of ``groups`` (rows: a slice or an index tensor into
-    x's rows), ``y[rows] = expert_linear(x[rows], packed, e)``; rows in no group are zero. Only
-    the experts named are read."""
+    x's rows, each row in one group at most), ``y[rows] = expert_linear(x[rows], packed, e)``;
+    rows in no group are zero. Only the experts named are read. On the CPU kernels, one call of
+    the operator ``qcompile_cpu::experts_linear`` for all the groups (bit for bit the per-expert
+    results), where one plan serves every expert (``PackedExperts.grouped_plan``); else one
+    ``expert_linear`` per group."""
+    if groups and x.dim() == 2:
+        choice = select.choose(packed.expert_qtensor(groups[0][0]), None, x, packed.impl)
+        plan = packed.grouped_plan() if choice.kernel == "cpu" else None
+        if plan is not None:
+            for e, _ in groups:
+                packed.note_read(e)
+            return _run("linear", packed.codes, choice, _grouped_kernel, _grouped_reference,
+                        (x, packed, groups, plan), (packed.fmt, "", x.dtype, x))
     out = x.new_zeros((x.shape[0], packed.out_features))
     for e, rows in groups:
         out[rows] = expert_linear(x[rows], packed, e)
+    return out
+
+
+def _grouped_kernel(x, packed, groups, plan, choice) -> torch.Tensor:
+    """One operator call for every group: x's rows in group order (slices that follow one
+    another are x's own rows; else the rows' indices, concatenated) with each group's offsets."""
+    choice.require()
+    experts = torch.tensor([e for e, _ in groups], dtype=torch.int64)
+    spans = [r for _, r in groups]
+    if all(isinstance(r, slice) and r.step in (None, 1) for r in spans) and \
+            all(a.stop == b.start for a, b in zip(spans, spans[1:])):
+        offsets, rows = [spans[0].start or 0] + [r.stop for r in spans], None
+    else:
+        parts = [torch.arange(x.shape[0])[r] if isinstance(r, slice) else r.reshape(-1)
+                 for r in spans]
+        rows = torch.cat(parts).to(torch.int64)
+        offsets = [0, *itertools.accumulate(p.numel() for p in parts)]
+    return cpu.experts_linear(x, packed.codes, packed.scales, plan, experts,
+                              torch.tensor(offsets, dtype=torch.int64), rows)
+
+
+def _grouped_reference(x, packed, groups, plan) -> torch.Tensor:
+    """The reference of a grouped matmul: each group's expert decoded, then its matmul."""
+    out = x.new_zeros((x.shape[0], packed.out_features))
+    for e, rows in groups:
+        q = packed.expert_qtensor(e)
+        out[rows] = _expert_reference(x[rows], q, None, None)
     return out

@@ -148,13 +148,19 @@ def test_cpu_kernels_are_within_the_float32_bound(name, impl, monkeypatch):
     owners = {id(s): pname for pname, s in _stacks(packed).items()}
     emulated = {pname: p.detach() if axis == 0 else p.detach().transpose(1, 2)
                 for pname, (p, axis) in expert_params(want, name).items()}
-    calls, real = [], ops.expert_linear
+    calls, real, real_grouped = [], ops.expert_linear, ops.experts_linear
 
     def spy(x, stack, e, bias=None):
         y = real(x, stack, e, bias)
         calls.append((x, owners[id(stack)], e, bias, y))
         return y
+
+    def spy_grouped(x, stack, groups):  # one grouped call (tests/test_moe_grouped.py): per group
+        y = real_grouped(x, stack, groups)
+        calls.extend((x[r], owners[id(stack)], e, None, y[r].clone()) for e, r in groups)
+        return y
     monkeypatch.setattr(ops, "expert_linear", spy)
+    monkeypatch.setattr(ops, "experts_linear", spy_grouped)
     logits(packed)
     assert {c[1] for c in calls} == set(emulated)  # every expert tensor went through
     for x, pname, e, bias, y in calls:

@@ -29,7 +29,7 @@ reference rounds the decoded weight to bf16/fp16) are not covered yet: NoKernel
 with one warning.
 """
 from .build import GEMV_MAX_M, PANEL_BYTES, WHOLE_BYTES, library, op_library, operator_files
-from .entry import decode_rows, dequantize, gather_rows, linear, quantize_act
+from .entry import decode_rows, dequantize, experts_linear, gather_rows, linear, quantize_act
 from .isa import ISAS, chosen_isa, machine_isa
 from .plans import Plan, act_params, plan
 

@@ -103,9 +103,9 @@ def library(isa: str | None = None) -> ctypes.CDLL:
 
 
 def op_library() -> ctypes.CDLL:
-    """The library defining ``torch.ops.qcompile_cpu.linear`` and ``int_linear`` (built
-    against this torch, once; cached like the kernels). Their fake (shape) implementations are
-    registered here too."""
+    """The library defining ``torch.ops.qcompile_cpu.linear``, ``int_linear`` and
+    ``experts_linear`` (built against this torch, once; cached like the kernels). Their fake
+    (shape) implementations are registered here too."""
     with _LOCK:
         if _OP:
             return _OP[0]
@@ -128,6 +128,7 @@ def op_library() -> ctypes.CDLL:
         lib.qc_register_package.restype = ctypes.c_int64
         torch.library.register_fake("qcompile_cpu::linear")(_linear_fake)
         torch.library.register_fake("qcompile_cpu::int_linear")(_int_linear_fake)
+        torch.library.register_fake("qcompile_cpu::experts_linear")(_experts_linear_fake)
         _OP.append(lib)
         return lib
 
@@ -226,3 +227,10 @@ def _int_linear_fake(x, codes, scales, bias, format, act, n, k, block):
     torch._check(x.shape[-1] == k, lambda: f"qcompile_cpu::int_linear: x has K={x.shape[-1]}, "
                                            f"not {k}")
     return x.new_empty((*x.shape[:-1], n))
+
+
+def _experts_linear_fake(x, codes, scales, group_experts, group_offsets, rows, format, n, k,
+                         block):
+    torch._check(x.shape[-1] == k, lambda: f"qcompile_cpu::experts_linear: x has "
+                                           f"K={x.shape[-1]}, not {k}")
+    return x.new_empty((x.shape[0], n))

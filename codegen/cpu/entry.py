@@ -1,7 +1,8 @@
-"""The CPU entry points of the ops: linear, dequantize, gather of table rows.
+"""The CPU entry points of the ops: linear, experts_linear, dequantize, gather of table rows.
 
 ``linear`` calls the operator (operator.cpp, the one linear driver: the GEMV kernel for a few
-rows, else decoded panels and torch's GEMM), as compiled graphs do; ``dequantize`` and
+rows, else decoded panels and torch's GEMM), as compiled graphs do, and ``experts_linear`` its
+grouped form (a mixture's experts, one call per grouped matmul); ``dequantize`` and
 ``gather_rows`` call the decode kernel through ctypes.
 """
 from __future__ import annotations
@@ -75,6 +76,19 @@ def linear(x: torch.Tensor, q, act_fmt=None, bias: torch.Tensor | None = None,
     index, value = p.apart if p.apart is not None else (None, None)
     return _operator("linear")(x, q.codes, q.scales, bias, index, value, fmt_id, p.n, p.k,
                                q.block)
+
+
+def experts_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, p: Plan,
+                   experts: torch.Tensor, offsets: torch.Tensor,
+                   rows: torch.Tensor | None = None) -> torch.Tensor:
+    """[S, N]: one grouped matmul of a mixture's experts, one operator call: the rows
+    offsets[g]..offsets[g + 1] of x (of ``x[rows]`` where given) times expert experts[g]'s
+    matrix of the stack ``codes`` / ``scales`` [E, ...], each as ``linear`` computes it (bit for
+    bit); rows in no group are zero. ``p``: the plan of any expert of the stack, whose tables
+    serve them all (the format's alone, nothing kept apart: the caller checks)."""
+    fmt_id = p.op_id if p.op_id is not None else p.register()  # (loads the operators)
+    return _operator("experts_linear")(x, codes, scales, experts, offsets, rows, fmt_id, p.n,
+                                       p.k, p.block)
 
 
 @functools.lru_cache(maxsize=None)

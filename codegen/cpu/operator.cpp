@@ -1,5 +1,6 @@
 // The torch operators qcompile_cpu::linear and qcompile_cpu::int_linear: the one CPU linear
-// driver. Compiled graphs call them without a Python frame per call (a decoding model calls a
+// driver (qcompile_cpu::experts_linear: the same driver over a mixture's grouped experts).
+// Compiled graphs call them without a Python frame per call (a decoding model calls a
 // linear per layer and token), and codegen/cpu/entry.py's ``linear`` calls them too, so the
 // choice between the GEMV kernel, one decoded panel and cache-sized panels is made here alone.
 //
@@ -210,6 +211,98 @@ at::Tensor int_linear(const at::Tensor& x, const at::Tensor& codes, const at::Te
     if (m > 0) f.int_linear(&ia, threads);
     return shaped(y, x, n);
 }
+
+// The rows of x that a grouped matmul gives group g: offsets[g]..offsets[g + 1] of x in group
+// order. Checked here once, so that no kernel reads past x or past the stack.
+void check_groups(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& experts,
+                  const at::Tensor& offsets, int64_t rows, int64_t n) {
+    TORCH_CHECK(codes.dim() == 3 && scales.dim() == 3 && codes.size(0) == scales.size(0) &&
+                    scales.size(1) == n && codes.is_contiguous() && scales.is_contiguous(),
+                "qcompile_cpu::experts_linear: codes and scales must be contiguous stacks [E, ",
+                n, ", ...] of one size E, not ", codes.sizes(), " and ", scales.sizes());
+    TORCH_CHECK(experts.scalar_type() == at::kLong && offsets.scalar_type() == at::kLong &&
+                    experts.dim() == 1 && offsets.dim() == 1 &&
+                    offsets.size(0) == experts.size(0) + 1,
+                "qcompile_cpu::experts_linear: group_experts must be int64 [G] and "
+                "group_offsets int64 [G + 1]");
+    const int64_t* e = experts.data_ptr<int64_t>();
+    const int64_t* off = offsets.data_ptr<int64_t>();
+    TORCH_CHECK(off[0] >= 0 && off[experts.size(0)] <= rows,
+                "qcompile_cpu::experts_linear: the groups' rows ", off[0], "..",
+                off[experts.size(0)], " are outside x's ", rows, " rows");
+    for (int64_t g = 0; g < experts.size(0); ++g)
+        TORCH_CHECK(e[g] >= 0 && e[g] < codes.size(0) && off[g] <= off[g + 1],
+                    "qcompile_cpu::experts_linear: group ", g, " names expert ", e[g], " of ",
+                    codes.size(0), " with rows ", off[g], "..", off[g + 1]);
+}
+
+// ``rows``: row indices of x, each at most once (a row in two groups would get one of its
+// results, silently).
+void check_rows(const at::Tensor& rows, int64_t count) {
+    TORCH_CHECK(rows.scalar_type() == at::kLong && rows.dim() == 1,
+                "qcompile_cpu::experts_linear: rows must be int64 [T] row indices of x");
+    const at::Tensor flat = rows.contiguous();
+    const int64_t* r = flat.data_ptr<int64_t>();
+    std::vector<char> seen(count, 0);
+    for (int64_t i = 0; i < flat.numel(); ++i) {
+        TORCH_CHECK(r[i] >= 0 && r[i] < count && !seen[r[i]],
+                    "qcompile_cpu::experts_linear: row ", r[i], " is outside x's ", count,
+                    " rows or in two groups");
+        seen[r[i]] = 1;
+    }
+}
+
+// One grouped matmul of a mixture's experts: for each group g, y[rows of g] = x[rows of g] @
+// W_e^T, e = group_experts[g], the rows of g being offsets[g]..offsets[g + 1] of x in group
+// order (x's rows themselves, or x.index_select(0, rows) where ``rows`` is given: each group's
+// row indices, concatenated, each row at most once). Each group runs ``blocks_linear`` on expert e's slice of the
+// stacked codes and scales [E, ...] (pointer offsets: no other expert is touched), as
+// ``linear`` runs one expert, so each row's result is that of ``linear`` bit for bit; rows in
+// no group are zero. One operator call per grouped matmul instead of one per active expert.
+at::Tensor experts_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                          const at::Tensor& group_experts, const at::Tensor& group_offsets,
+                          const std::optional<at::Tensor>& rows, int64_t format, int64_t n,
+                          int64_t k, int64_t block) {
+    const Format& f = lookup(g_formats, format);
+    const at::ScalarType dtype = x.scalar_type();
+    TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf) &&
+                    x.dim() == 2 && x.size(1) == k,
+                "qcompile_cpu::experts_linear: x must be float32, bfloat16 or float16 [S, ", k,
+                "], not ", dtype, " ", x.sizes());
+    const at::Tensor experts = group_experts.contiguous(), offsets = group_offsets.contiguous();
+    at::Tensor x2 = x.to(at::kFloat);
+    if (rows.has_value()) {
+        check_rows(*rows, x.size(0));
+        x2 = x2.index_select(0, *rows);
+    }
+    check_groups(codes, scales, experts, offsets, x2.size(0), n);
+    const int64_t n_blocks = scales.size(2), padded = n_blocks * block;
+    if (padded != k) x2 = at::constant_pad_nd(x2, {0, padded - k});
+    if (!x2.is_contiguous()) x2 = x2.contiguous();
+    const int64_t code_stride = codes.stride(0);
+    const int64_t scale_stride = scales.stride(0) * scales.element_size();
+    const int64_t* e = experts.data_ptr<int64_t>();
+    const int64_t* off = offsets.data_ptr<int64_t>();
+    at::Tensor y = at::zeros({x2.size(0), n}, x2.options());
+    for (int64_t g = 0; g < experts.size(0); ++g) {
+        const int64_t m = off[g + 1] - off[g];
+        if (m == 0) continue;
+        const at::Tensor xg = x2.narrow(0, off[g], m);
+        Args a{};
+        a.x = xg.data_ptr<float>(); a.M = m; a.ldx = padded;
+        a.codes = codes.data_ptr<uint8_t>() + e[g] * code_stride; a.row_bytes = codes.size(-1);
+        a.scales = static_cast<const char*>(scales.data_ptr()) + e[g] * scale_stride;
+        a.n_blocks = n_blocks; a.block = block;
+        a.table = f.table.data(); a.mult_table = f.mult.empty() ? nullptr : f.mult.data();
+        a.maxv = f.maxv; a.step = f.step; a.N = n;
+        const at::Tensor slot = y.narrow(0, off[g], m);
+        at::Tensor yg = slot;  // blocks_linear may return a new tensor (one GEMM): copied in
+        blocks_linear(f, a, xg, at::Tensor(), yg, dtype);
+        if (!yg.is_same(slot)) slot.copy_(yg);
+    }
+    if (rows.has_value()) y = at::zeros({x.size(0), n}, y.options()).index_copy_(0, *rows, y);
+    return dtype == at::kFloat ? y : y.to(dtype);
+}
 }  // namespace
 
 TORCH_LIBRARY(qcompile_cpu, m) {
@@ -217,10 +310,13 @@ TORCH_LIBRARY(qcompile_cpu, m) {
           "Tensor? outlier_value, int format, int n, int k, int block) -> Tensor");
     m.def("int_linear(Tensor x, Tensor codes, Tensor scales, Tensor? bias, int format, int act, "
           "int n, int k, int block) -> Tensor");
+    m.def("experts_linear(Tensor x, Tensor codes, Tensor scales, Tensor group_experts, "
+          "Tensor group_offsets, Tensor? rows, int format, int n, int k, int block) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(qcompile_cpu, CPU, m) {
     m.impl("linear", &linear);
     m.impl("int_linear", &int_linear);
+    m.impl("experts_linear", &experts_linear);
 }
 
 // Registration: an id registered once keeps its first entry (the same id always names the same
