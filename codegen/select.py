@@ -132,9 +132,10 @@ def tables_from_side_data(fmt) -> bool:
     return bool(fmt.whole_tensor_side)
 
 
-# the model dtypes of the weight-only CPU linear (a bfloat16 / float16 weight decoded, rounded
-# to its dtype as the reference rounds it, and multiplied in float32); the other CPU kernels
-# (dequantise, gather, the integer path) cover float32
+# the model dtypes of the CPU kernels: the weight-only linear (a bfloat16 / float16 weight
+# decoded, rounded to its dtype as the reference rounds it, multiplied in float32), the integer
+# path (x widened to float32, exact; the output rounded to the dtype once), the gather and
+# dequantise (decoded in float32, rounded to the dtype once, as the reference's cast)
 CPU_LINEAR_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -223,8 +224,6 @@ def _cpu_linear(q, act_fmt, key) -> Choice:
         return _no("CPU", why)
     af = formats.get(act_fmt) if act_fmt else None
     if cpu_int_applies(q, af):
-        if xdtype != torch.float32:
-            return _no("CPU", f"the CPU integer path covers float32 models, not {xdtype}")
         return Choice("cpu_int", "gemv" if gemv else "panels")
     return Choice("cpu", "gemv" if gemv else "panels")
 
@@ -241,7 +240,8 @@ def choose_dequantize(q, impl: str) -> Choice:
     if where == "cpu":
         if len(q.shape) != 2:
             return Choice("reference", reason="no CPU kernel: not a 2-d weight")
-        why = cpu_weight_problem(q.codes.is_cpu, _two_d(q), q.dtype, q.fmt.element.bits)
+        why = cpu_weight_problem(q.codes.is_cpu, _two_d(q), q.dtype, q.fmt.element.bits,
+                                 CPU_LINEAR_DTYPES)
         return _no("CPU", why) if why else Choice("cpu")
     return ASKED
 
@@ -263,9 +263,10 @@ def choose_embedding(q, ids: torch.Tensor, impl: str) -> Choice:
 
 def cpu_table_problem(q) -> str:
     """Why the CPU kernels cannot gather rows of the packed table ``q``, or ""."""
-    if q.axis != 1 or q.dtype != torch.float32:
-        return "qcompile CPU kernels gather rows of float32 tables with blocks along axis 1"
-    why = cpu_weight_problem(q.codes.is_cpu, _two_d(q), q.dtype, q.fmt.element.bits)
+    if q.axis != 1:
+        return "qcompile CPU kernels gather rows of tables with blocks along axis 1"
+    why = cpu_weight_problem(q.codes.is_cpu, _two_d(q), q.dtype, q.fmt.element.bits,
+                             CPU_LINEAR_DTYPES)
     if why:
         return why
     if "outlier_index" in q.side or "proxy_index" in q.side:
@@ -299,7 +300,5 @@ def cpu_operator(q, af, impl: str, x_on_cpu: bool) -> Choice:
     if tables_from_side_data(q.fmt) or "proxy_index" in q.side:
         return Choice("reference", reason="tables or proxy columns from side data: the op")
     if cpu_int_applies(q, af):
-        if q.dtype != torch.float32:  # the op says so (once) when it runs
-            return Choice("reference", reason=f"the integer path covers float32, not {q.dtype}")
         return Choice("cpu_int")
     return Choice("cpu")

@@ -4,8 +4,8 @@ Both compute the same thing with the same C++ operator (codegen/cpu/operator.cpp
 without a Python frame, which a decoding model pays for every layer and token. It is used where
 the graph runs without autograd (compiled with grad disabled: Dynamo guards on grad mode) and
 the selector (codegen/select.py ``cpu_operator``) says the op would run the CPU kernels anyway
-and nothing is lost: kernels "auto" or "cpu", the activation on the CPU, a float32 weight the
-CPU kernels read whose tables depend on the format alone (not quantile codebooks nor NVFP4's
+and nothing is lost: kernels "auto" or "cpu", the activation on the CPU, a float32, bfloat16
+or float16 weight the CPU kernels read whose tables depend on the format alone (not quantile codebooks nor NVFP4's
 tensor scale, which come from the tensor's side data), no proxy columns. Anything else stays
 ``qcompile::linear``, which says itself what it cannot do. The format's
 element and multiplier tables are registered with the operator library (named by a format id).

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import warnings
 from pathlib import Path
 
 import pytest
@@ -239,21 +238,6 @@ def test_grad_mode_graphs_keep_the_op_with_autograd():
     assert x.grad is not None and x.grad.abs().sum() > 0
     targets = [str(n.target) for n in compiled_variants()[0].gm.graph.nodes]
     assert "qcompile.linear.default" in targets and "qcompile_cpu.linear.default" not in targets
-
-
-def test_half_precision_integer_path_falls_back_to_the_reference_with_one_warning(monkeypatch):
-    # (bf16 / fp16 weight-only linears run the kernels: tests/test_cpu_bf16.py)
-    monkeypatch.setattr(qcompile.config, "_said", set())
-    q = qcompile.quantize(torch.randn(16, 64).bfloat16(), "mxint8", axis=1)
-    x = torch.randn(3, 64).bfloat16()
-    args = (q.codes, q.scales, [], qcompile.ops.qtensor_meta(q), "mxint8", None)
-    with pytest.warns(UserWarning, match="no generated CPU kernel for mxint8 x mxint8.*integer "
-                                         "path covers float32 models, not torch.bfloat16"):
-        y = torch.ops.qcompile.linear(x, *args, "auto")
-    assert torch.equal(y, torch.ops.qcompile.linear(x, *args, "reference"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # said once
-        torch.ops.qcompile.linear(x, *args, "auto")
 
 
 def test_instruction_set_choice(monkeypatch):

@@ -79,23 +79,20 @@ def test_kernel_column_names_the_reference_when_asked():
     assert rows and all(r.kernel == "reference (kernels='reference')" for r in rows)
 
 
-def test_bf16_model_says_which_layers_ran_the_reference():
-    # the CPU kernels cover bf16 weight-only linears; the integer path (q_proj: mxint8 x
-    # mxint8) covers float32 models: those layers run the reference, which explain names
+def test_bf16_model_runs_every_layer_on_the_cpu_kernels():
+    # the CPU kernels cover bf16 weight-only linears and the integer path (q_proj: mxint8 x
+    # mxint8), which explain names as such
     model = small_llama().to(torch.bfloat16)
     qcompile.compile(model, RULES, lowering="eager", kernels="auto")
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the fallback's own warning
+        warnings.simplefilter("error")  # no fallback
         run(model, IDS)
     e = qcompile.explain(model)
     rows = [r for r in e.rows if r.weight_fmt != "-"]
     assert len(rows) == 15
     for r in rows:
-        if r.fqn.endswith("q_proj"):
-            assert r.kernel.startswith("reference (no CPU kernel:"), (r.fqn, r.kernel)
-            assert "bfloat16" in r.kernel
-        else:
-            assert r.kernel.startswith("cpu ("), (r.fqn, r.kernel)
+        assert r.kernel.startswith("cpu ("), (r.fqn, r.kernel)
+        assert r.kernel.endswith(", int)") == r.fqn.endswith("q_proj"), (r.fqn, r.kernel)
     assert "x denser than bfloat16" in str(e).splitlines()[-1]
 
 

@@ -1,7 +1,7 @@
 """The kernel selector (codegen/select.py): its answers for a table of cases, written by hand
-from the documented rules (docs/architecture.md: CPU kernels for float32 weights of 2..8-bit
-codes on CPU tensors, the weight-only linear for bfloat16 / float16 too, the integer path for int x int pairs with each activation block inside a
-weight block, Triton on CUDA or under the interpreter for float32/16/bf16, GEMV up to M = 1 on
+from the documented rules (docs/architecture.md: CPU kernels for float32, bfloat16 and float16
+weights of 2..8-bit codes on CPU tensors, the integer path for int x int pairs with each
+activation block inside a weight block, Triton on CUDA or under the interpreter for float32/16/bf16, GEMV up to M = 1 on
 Triton and M = 16 on the CPU), its NoKernel reasons, and that the ops tell "no kernel by
 design" from a failure by the error's type, not by the source line that raised it."""
 import pytest
@@ -27,6 +27,8 @@ LINEAR_CASES = [
     ("int4", torch.float16, "", torch.float16, 17, "auto", False, ("cpu", "panels")),
     ("mxint8", torch.float32, "mxint8", torch.float32, 1, "cpu", False, ("cpu_int", "gemv")),
     ("int4", torch.float32, "mxint8", torch.float32, 40, "cpu", False, ("cpu_int", "panels")),
+    ("mxint8", torch.bfloat16, "mxint8", torch.bfloat16, 1, "cpu", False, ("cpu_int", "gemv")),
+    ("int8", torch.float16, "int8", torch.float16, 17, "auto", False, ("cpu_int", "panels")),
     ("mxint8", torch.float32, "mxfp8_e4m3", torch.float32, 1, "cpu", False, ("cpu", "gemv")),
     ("nf4", torch.float32, "mxint8", torch.float32, 1, "cpu", False, ("cpu", "gemv")),
     ("mxint8", torch.float32, "", torch.float32, 1, "reference", True, ("reference", "")),
@@ -97,6 +99,9 @@ def test_other_ops(monkeypatch):
     assert select.cpu_weight_problem(True, True, torch.float32, 2) == ""
     ids = torch.arange(16)
     assert select.choose_embedding(q, ids, "cpu") == Choice("cpu")
+    for dtype in (torch.bfloat16, torch.float16):  # decoded in float32, rounded once
+        assert select.choose_embedding(packed("nf4", dtype=dtype), ids, "cpu") == Choice("cpu")
+        assert select.choose_dequantize(packed("nf4", dtype=dtype), "cpu") == Choice("cpu")
     assert select.choose_embedding(q, torch.arange(17), "cpu").kernel == "reference"
     assert select.choose_embedding(q, ids, "triton").reason == "no Triton gather"
     assert select.choose_embedding(packed("bof4s_opq"), ids, "cpu").tried == "CPU"

@@ -23,10 +23,11 @@ The folder, by job:
   entry.py: the entry points the ops call.
 
 Formats: every element of 2..8 bits and every scale kind (E8M0, float32 absmax, NVFP4), OPQ
-outliers and proxy columns added after the kernel. Models in float32; other dtypes (whose
-reference rounds the decoded weight to bf16/fp16) are not covered yet: NoKernel
-(codegen/select.py says which weights the kernels read), so the op falls back to the reference
-with one warning.
+outliers and proxy columns added after the kernel. Models in float32, bfloat16 and float16
+(their reference rounds the decoded weight to the dtype: the weight-only kernels round each
+decoded weight, the gather and dequantise their float32 result; the integer path widens x to
+float32 and rounds its output); other dtypes: NoKernel (codegen/select.py says which weights
+the kernels read), so the op falls back to the reference with one warning.
 """
 from .build import GEMV_MAX_M, PANEL_BYTES, WHOLE_BYTES, library, op_library, operator_files
 from .entry import decode_rows, dequantize, experts_linear, gather_rows, linear, quantize_act

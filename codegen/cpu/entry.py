@@ -15,7 +15,7 @@ import torch
 from qcompile import formats
 from qcompile.formats import reference
 
-from ..select import NoKernel, choose, cpu_table_problem, require_cpu_weight
+from ..select import CPU_LINEAR_DTYPES, NoKernel, choose, cpu_table_problem, require_cpu_weight
 from .plans import Plan, act_params, plan
 from .structs import ActArgs
 
@@ -31,8 +31,9 @@ def decode_rows(q, p: Plan, n0: int, n1: int) -> torch.Tensor:
 
 def gather_rows(q, ids: torch.Tensor) -> torch.Tensor:
     """Rows ``ids`` of a packed table [vocab, hidden] (blocks along axis 1), each decoded by the
-    kernels: the reference's values, bit for bit. For a few rows (a decoding step); the
-    reference's gather serves many rows as fast and keeps OPQ tables."""
+    kernels: the reference's values, bit for bit (a bfloat16 / float16 table's decoded float32
+    values rounded to its dtype once, as the reference's cast rounds them). For a few rows (a
+    decoding step); the reference's gather serves many rows as fast and keeps OPQ tables."""
     why = cpu_table_problem(q)
     if why:
         raise NoKernel(why)
@@ -42,12 +43,13 @@ def gather_rows(q, ids: torch.Tensor) -> torch.Tensor:
     out = torch.empty((len(rows), k), dtype=torch.float32)
     for i, r in enumerate(rows):
         out[i] = decode_rows(q, p, r, r + 1)[0, :k]
-    return out.reshape(*ids.shape, k)
+    return out.reshape(*ids.shape, k).to(q.dtype)
 
 
 def dequantize(q) -> torch.Tensor:
-    """The weight a 2-d packed float32 QTensor stands for: the reference's values, bit for bit."""
-    require_cpu_weight(q)  # float32: the decoded values are the weight itself
+    """The weight a 2-d packed QTensor stands for: the reference's values, bit for bit (decoded
+    in float32, rounded to a bfloat16 / float16 weight's dtype once, as the reference's cast)."""
+    require_cpu_weight(q, CPU_LINEAR_DTYPES)
     p = plan(q)
     n, k = q.scales.shape[0], (q.shape[1] if q.axis == 1 else q.shape[0])
     w = decode_rows(q, p, 0, n)
@@ -55,7 +57,7 @@ def dequantize(q) -> torch.Tensor:
         r, c, delta = p.outliers
         w[r, c] += delta
     w = w[:, :k]
-    return (w if q.axis == 1 else w.t()).contiguous()
+    return (w if q.axis == 1 else w.t()).to(q.dtype).contiguous()
 
 
 def linear(x: torch.Tensor, q, act_fmt=None, bias: torch.Tensor | None = None,

@@ -172,6 +172,9 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor
 }
 
 // The integer path: activations quantised by the C++ quantiser, integer block dot products.
+// A bfloat16 / float16 model: x and the bias widened to float32 here (exact: the reference
+// quantises the same float32 values), the formula in float32, the output rounded to the dtype
+// once (as the Triton integer path does).
 at::Tensor int_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                       const std::optional<at::Tensor>& bias, int64_t format, int64_t act,
                       int64_t n, int64_t k, int64_t block) {
@@ -179,18 +182,24 @@ at::Tensor int_linear(const at::Tensor& x, const at::Tensor& codes, const at::Te
     const Act& q = lookup(g_acts, act);
     TORCH_CHECK(f.int_linear != nullptr, "qcompile_cpu::int_linear: format ", format,
                 " has no integer elements");
-    TORCH_CHECK(x.scalar_type() == at::kFloat && x.size(-1) == k,
-                "qcompile_cpu::int_linear: x must be float32 [..., ", k, "]");
+    const at::ScalarType dtype = x.scalar_type();
+    TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf) &&
+                    x.size(-1) == k,
+                "qcompile_cpu::int_linear: x must be float32, bfloat16 or float16 [..., ", k,
+                "], not ", dtype, " ", x.sizes());
+    TORCH_CHECK(!bias.has_value() || bias->scalar_type() == dtype,
+                "qcompile_cpu::int_linear: the bias must be x's dtype ", dtype, ", not ",
+                bias.has_value() ? bias->scalar_type() : dtype);
     TORCH_CHECK(codes.is_contiguous() && scales.is_contiguous() && scales.size(0) == n,
                 "qcompile_cpu::int_linear: codes and scales must be contiguous, with ", n, " rows");
-    const at::Tensor x2 = x.reshape({-1, k}).contiguous();
+    const at::Tensor x2 = x.reshape({-1, k}).to(at::kFloat).contiguous();
     const int64_t m = x2.size(0), tile = std::min(q.block_size, std::max<int64_t>(k, 1));
     const int64_t n_tiles = (k + tile - 1) / tile;
     TORCH_CHECK(block % tile == 0, "qcompile_cpu::int_linear: activation blocks of ", tile,
                 " across weight blocks of ", block);
-    at::Tensor xq = at::empty({m, n_tiles * tile}, x.options().dtype(at::kChar));
-    at::Tensor ax = at::empty({m, n_tiles}, x.options());
-    at::Tensor xsum = at::empty({m, n_tiles}, x.options().dtype(at::kInt));
+    at::Tensor xq = at::empty({m, n_tiles * tile}, x2.options().dtype(at::kChar));
+    at::Tensor ax = at::empty({m, n_tiles}, x2.options());
+    at::Tensor xsum = at::empty({m, n_tiles}, x2.options().dtype(at::kInt));
     const int threads = at::get_num_threads();
     ActArgs aa{};
     aa.x = x2.data_ptr<float>(); aa.M = m; aa.ldx = k; aa.K = k;
@@ -199,8 +208,8 @@ at::Tensor int_linear(const at::Tensor& x, const at::Tensor& codes, const at::Te
     aa.emax = q.emax; aa.frac = q.frac; aa.qmax = q.qmax; aa.maxv = q.maxv; aa.xstep = q.xstep;
     aa.xq = xq.data_ptr<int8_t>(); aa.ax = ax.data_ptr<float>(); aa.xsum = xsum.data_ptr<int32_t>();
     q.quantize(&aa, threads);
-    at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-    at::Tensor y = at::empty({m, n}, x.options());
+    at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+    at::Tensor y = at::empty({m, n}, x2.options());
     IntArgs ia{};
     ia.xq = xq.data_ptr<int8_t>(); ia.ax = ax.data_ptr<float>(); ia.xsum = xsum.data_ptr<int32_t>();
     ia.M = m; ia.n_tiles = n_tiles; ia.tile = tile;
@@ -209,7 +218,7 @@ at::Tensor int_linear(const at::Tensor& x, const at::Tensor& codes, const at::Te
     ia.mult_table = f.mult.empty() ? nullptr : f.mult.data(); ia.maxv = f.maxv; ia.wstep = f.wstep;
     ia.bias = b.defined() ? b.data_ptr<float>() : nullptr; ia.y = y.data_ptr<float>(); ia.N = n;
     if (m > 0) f.int_linear(&ia, threads);
-    return shaped(y, x, n);
+    return shaped(dtype == at::kFloat ? y : y.to(dtype), x, n);
 }
 
 // The rows of x that a grouped matmul gives group g: offsets[g]..offsets[g + 1] of x in group
