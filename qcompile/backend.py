@@ -54,6 +54,7 @@ from qcompile.passes.report import site_rows
 from . import config, ops, tensor_parallel
 from .linear_rule import forward_beyond_linear, linear_like
 from .codegen import cpu, select
+from .experts_call import route_packed_experts
 from .policy import DEFAULT_POLICY_DOC, Policy, PolicyError, default_policy
 from .swap import QuantEmbedding, QuantLinear, quantize_experts_
 
@@ -558,6 +559,7 @@ def compile(model: torch.nn.Module, policy: Policy | None = None, *, fullgraph: 
     tensor_parallel.check_compile(model, opts["policy"])  # refused before any work
     # graphs cannot pack them; the experts run the kernels asked for
     quantize_experts_(model, opts["policy"], "qcompile.compile", opts["impl"])
+    route_packed_experts(model)  # one operator each in the graphs: no graph break there
     remember_root(model)  # the encoder's frame is named in the whole model
     _watch_eager_layers(model, opts["policy"])
     _watch_copies(model)
