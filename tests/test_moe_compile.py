@@ -127,3 +127,35 @@ def test_inductor_within_the_float32_bound():
     want = logits(emulation(model, "mixtral"))
     got, _ = _compiled(copy.deepcopy(model), lowering="inductor", kernels="auto")
     torch.testing.assert_close(got, want, rtol=0, atol=float(2e-5 * want.abs().max() + 1e-6))
+
+
+class WideExperts(torch.nn.Module):
+    """Experts whose output is wider than their input: no operator of the input's shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(4, 16, 8))
+
+    def forward(self, x, index, weights):
+        return sum(torch.nn.functional.linear(x, self.w[e]) for e in range(self.w.shape[0]))
+
+
+class WithWideExperts(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+        self.experts = WideExperts()
+
+    def forward(self, x):
+        idx = torch.zeros(x.shape[0], 2, dtype=torch.long)
+        return self.experts(self.proj(x), idx, torch.ones(x.shape[0], 2))
+
+
+def test_experts_returning_another_shape_are_refused_by_name_in_a_compiled_graph():
+    model = WithWideExperts().eval()
+    policy = qcompile.Policy({"experts.w": qcompile.LayerSpec(weight="nf4")}, default=None)
+    qcompile.compile(model, policy, lowering="eager", kernels="reference")
+    with pytest.raises(RuntimeError, match="WideExperts returned a torch.float32 tensor of "
+                                           "shape \\(3, 16\\), not a tensor of its input's"):
+        with torch.no_grad():
+            model(torch.randn(3, 8))
