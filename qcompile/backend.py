@@ -549,8 +549,9 @@ def compile(model: torch.nn.Module, policy: Policy | None = None, *, fullgraph: 
     Mixture-of-experts tensors (qcompile.experts) the policy gives a format are packed first,
     in place, as ``quantize_model_`` packs them (the same rule, the same packed tensors): a
     graph cannot pack them, so the model's float expert tensors are replaced by
-    ``PackedExperts`` whose view the experts module's forward reads, decoding each expert it
-    uses outside the graphs."""
+    ``PackedExperts`` whose view the experts module's forward reads; each module holding them
+    is then one operator in the graphs (qcompile.experts_call: no graph break, so ``generate``
+    compiles one graph per shape however many layers)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"qcompile.compile: expected an nn.Module, got {type(model).__name__}")
     options = {"policy": policy, **options}
