@@ -54,6 +54,7 @@ from qcompile.passes.report import site_rows
 from . import config, ops, tensor_parallel
 from .linear_rule import forward_beyond_linear, linear_like
 from .codegen import cpu, select
+from .experts_call import route_packed_experts
 from .policy import DEFAULT_POLICY_DOC, Policy, PolicyError, default_policy
 from .swap import QuantEmbedding, QuantLinear, quantize_experts_
 
@@ -548,8 +549,9 @@ def compile(model: torch.nn.Module, policy: Policy | None = None, *, fullgraph: 
     Mixture-of-experts tensors (qcompile.experts) the policy gives a format are packed first,
     in place, as ``quantize_model_`` packs them (the same rule, the same packed tensors): a
     graph cannot pack them, so the model's float expert tensors are replaced by
-    ``PackedExperts`` whose view the experts module's forward reads, decoding each expert it
-    uses outside the graphs."""
+    ``PackedExperts`` whose view the experts module's forward reads; each module holding them
+    is then one operator in the graphs (qcompile.experts_call: no graph break, so ``generate``
+    compiles one graph per shape however many layers)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"qcompile.compile: expected an nn.Module, got {type(model).__name__}")
     options = {"policy": policy, **options}
@@ -558,6 +560,7 @@ def compile(model: torch.nn.Module, policy: Policy | None = None, *, fullgraph: 
     tensor_parallel.check_compile(model, opts["policy"])  # refused before any work
     # graphs cannot pack them; the experts run the kernels asked for
     quantize_experts_(model, opts["policy"], "qcompile.compile", opts["impl"])
+    route_packed_experts(model)  # one operator each in the graphs: no graph break there
     remember_root(model)  # the encoder's frame is named in the whole model
     _watch_eager_layers(model, opts["policy"])
     _watch_copies(model)

@@ -156,7 +156,9 @@ def _probe(mod, attrs: list[str]) -> tuple[dict[str, int], dict[str, str]]:
 def _probe_inputs(mod, params):
     """Candidate argument tuples for an experts forward: hidden states [T, H] with T = E tokens
     (each routed to two experts), then the routing (indices [T, k], weights [T, k]) where the
-    forward takes it. H is tried from the parameters' matrix sizes."""
+    forward takes it, or the rows of each expert (a list of E counts: T rows sorted by expert,
+    one each; JetMoE's parallel experts split x by it). H is tried from the parameters'
+    matrix sizes."""
     first = next(iter(params.values()))
     e, dtype, device = first.shape[0], first.dtype, first.device
     k = min(2, e)
@@ -173,6 +175,8 @@ def _probe_inputs(mod, params):
         x = torch.randn(e, h, generator=gen, device=device).to(dtype)
         if len(positional) >= 3:
             yield x, index, weights
+        if len(positional) == 2:
+            yield x, [1] * e
         yield (x,)
 
 

@@ -21,7 +21,7 @@ LAYERS = [
     ("ops", ["qcompile.ops", "qcompile.proxy"]),
     ("passes", ["qcompile.passes", "qcompile.passes.*"]),
     ("top", ["qcompile.integrations", "qcompile.integrations.*", "qcompile.swap",
-             "qcompile.expert_stack",
+             "qcompile.expert_stack", "qcompile.experts_call",
              "qcompile.tensor_parallel",
              "qcompile.explain", "qcompile.backend", "qcompile.aot", "qcompile.aot_decode", "qcompile.serialize",
              "qcompile.search",

@@ -60,16 +60,48 @@ def _builders():
             **BASE, num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=64,
             head_dim=8, interleave_moe_layer_step=1)),
             {"gate_up_proj": MATMUL, "down_proj": MATMUL})
+    # recognised from their forwards like the above (the gated [E, N, K] layout); a class
+    # present in both transformers pinned (5.23) and newest (5.25)
+    if hasattr(T, "GraniteMoeForCausalLM"):
+        out["granitemoe"] = (lambda: T.GraniteMoeForCausalLM(T.GraniteMoeConfig(
+            **BASE, num_local_experts=4, num_experts_per_tok=2)), gated)
+    if hasattr(T, "PhimoeForCausalLM"):  # its router is an nn.Linear returning a tuple
+        out["phimoe"] = (lambda: T.PhimoeForCausalLM(T.PhimoeConfig(
+            **BASE, num_local_experts=4, num_experts_per_tok=2)), gated)
+    if hasattr(T, "Ernie4_5_MoeForCausalLM"):
+        out["ernie4.5-moe"] = (lambda: T.Ernie4_5_MoeForCausalLM(T.Ernie4_5_MoeConfig(
+            **BASE, moe_num_experts=4, moe_k=2, moe_intermediate_size=24,
+            moe_layer_start_index=0, moe_num_shared_experts=1)), gated)
+    if hasattr(T, "Glm4MoeForCausalLM"):
+        out["glm4-moe"] = (lambda: T.Glm4MoeForCausalLM(T.Glm4MoeConfig(
+            **BASE, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+            first_k_dense_replace=0, n_group=1, topk_group=1, n_shared_experts=1,
+            head_dim=8)), gated)
+    if hasattr(T, "HunYuanMoEV1ForCausalLM"):
+        out["hunyuan-moe"] = (lambda: T.HunYuanMoEV1ForCausalLM(T.HunYuanMoEV1Config(
+            **BASE, num_experts=4, moe_topk=2, head_dim=8)), gated)
+    if hasattr(T, "MiniMaxForCausalLM"):
+        out["minimax"] = (lambda: T.MiniMaxForCausalLM(T.MiniMaxConfig(
+            **BASE, num_local_experts=4, num_experts_per_tok=2, head_dim=8,
+            layer_types=["full_attention"] * 2)), gated)
+    if hasattr(T, "JetMoeForCausalLM"):  # parallel experts: forward(x, rows per expert)
+        out["jetmoe"] = (lambda: T.JetMoeForCausalLM(T.JetMoeConfig(
+            **{k: v for k, v in BASE.items() if k != "num_attention_heads"}, kv_channels=8,
+            num_local_experts=4, num_experts_per_tok=2)), {"weight": LINEAR})
     return out
 
 
 ARCHS = _builders()
+# the architectures added for issue 23's second part (the battery runs on each)
+MORE = [a for a in ("granitemoe", "phimoe", "ernie4.5-moe", "glm4-moe", "hunyuan-moe",
+                    "minimax") if a in ARCHS]
+MORE_AND_JETMOE = MORE + [a for a in ("jetmoe",) if a in ARCHS]  # its own policy
 
 
 def implementations(name):
     """The experts implementations this transformers offers that run on a CPU."""
-    if name == "llama4":
-        return ["own"]  # its experts module has one forward (bmm)
+    if name in ("llama4", "jetmoe"):
+        return ["own"]  # its experts modules have one forward (bmm; a loop over the experts)
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
     return ["eager"] + [i for i in ("batched_mm", "grouped_mm") if i in ALL_EXPERTS_FUNCTIONS]
 
@@ -81,6 +113,15 @@ IDS = torch.tensor([[1, 5, 9, 2, 7, 3, 11, 40], [4, 8, 15, 16, 23, 42, 2, 3]])
 POLICY = Policy({"*.experts.down_proj": LayerSpec(weight="int4[block_size=32]"),
                  "*.experts.*": LayerSpec(weight="nf4"),
                  "re:.*layers\\.0\\.self_attn\\.q_proj": LayerSpec(weight="int8")}, default=None)
+
+
+# JetMoE's expert tensors are named '*_linear.weight' (in its MLP and its attention)
+JETMOE_POLICY = Policy({"*.output_linear.weight": LayerSpec(weight="int4[block_size=32]"),
+                        "*_linear.weight": LayerSpec(weight="nf4")}, default=None)
+
+
+def policy_for(name):
+    return JETMOE_POLICY if name == "jetmoe" else POLICY
 
 
 def build(name, impl="own", dtype=torch.float32):
@@ -136,13 +177,13 @@ def logits(model, ids=IDS):
 
 @pytest.mark.parametrize("name,impl", CASES)
 def test_quantize_and_fake_quantize_equal_the_emulation(name, impl):
-    model = build(name, impl)
-    want = logits(emulation(model, name))
+    model, policy = build(name, impl), policy_for(name)
+    want = logits(emulation(model, name, policy))
     assert not torch.equal(want, logits(model))  # the experts' formats move the logits
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every rule matches a layer; nothing is skipped
-        fake = qcompile.fake_quantize_model_(copy.deepcopy(model), POLICY)
-        packed = qcompile.quantize_model_(copy.deepcopy(model), POLICY)
+        fake = qcompile.fake_quantize_model_(copy.deepcopy(model), policy)
+        packed = qcompile.quantize_model_(copy.deepcopy(model), policy)
     assert torch.equal(logits(fake), want)
     reference_linears(packed)
     assert torch.equal(logits(packed), want)
@@ -163,11 +204,12 @@ def test_bf16_model_equals_the_emulation():
     assert torch.equal(fake.view(torch.int16), want.view(torch.int16))
 
 
-@pytest.mark.parametrize("name", ["qwen3-moe", "gpt-oss"])
+@pytest.mark.parametrize("name", ["qwen3-moe", "gpt-oss", *MORE_AND_JETMOE])
 def test_generate_with_a_kv_cache_equals_the_emulation(name):
-    model = build(name, "eager")
-    ref = emulation(model, name)
-    packed = reference_linears(qcompile.quantize_model_(copy.deepcopy(model), POLICY))
+    model = build(name, "eager" if implementations(name) != ["own"] else "own")
+    ref = emulation(model, name, policy_for(name))
+    packed = reference_linears(qcompile.quantize_model_(copy.deepcopy(model),
+                                                        policy_for(name)))
     kw = dict(max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
     with torch.no_grad():
         want, got = ref.generate(IDS[:1], **kw), packed.generate(IDS[:1], **kw)
@@ -185,10 +227,13 @@ def test_a_rule_naming_the_experts_matches_them():
     assert not [w for w in said if "matches no layer" in str(w.message)]
 
 
-def test_the_default_policy_reaches_the_experts():
-    model = build("qwen3-moe", "eager")
-    packed = qcompile.quantize_model_(copy.deepcopy(model))
-    names = set(expert_params(model, "qwen3-moe"))
+@pytest.mark.parametrize("name", ["qwen3-moe", *MORE_AND_JETMOE])
+def test_the_default_policy_reaches_the_experts(name):
+    model = build(name, "eager" if implementations(name) != ["own"] else "own")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # routers said to stay in full precision
+        packed = qcompile.quantize_model_(copy.deepcopy(model))
+    names = set(expert_params(model, name))
     assert names and {n for n, m in packed.named_modules()
                       if getattr(m, "fmt_key", None) == "nf4"} >= names
 
@@ -198,7 +243,7 @@ def _packed_bits(p, axis, fmt):
     return 8 * sum(qcompile.quantize(p[e], fmt, axis=axis).nbytes for e in range(p.shape[0]))
 
 
-@pytest.mark.parametrize("name", ["mixtral", "gpt-oss"])
+@pytest.mark.parametrize("name", ["mixtral", "gpt-oss", *MORE])
 def test_explain_has_a_row_per_expert_tensor_and_counts_every_weight(name):
     model = build(name, "eager")
     packed = qcompile.quantize_model_(copy.deepcopy(model), POLICY)
