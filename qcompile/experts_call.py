@@ -56,6 +56,17 @@ def _(key, inputs):
     return torch.empty_like(inputs[0])
 
 
+def _no_backward(ctx, grad):
+    raise NotImplementedError(
+        "blockquant: backward through packed experts is not supported (their weights are packed "
+        "codes, frozen); run the compiled model under torch.no_grad() or torch.inference_mode(), "
+        "or train the float model and quantise it afterwards")
+
+
+# a forward in grad mode runs; only a backward through the experts is refused, by name
+experts_call.register_autograd(_no_backward)
+
+
 class _ExpertsCall:
     """``module._compiled_call_impl``: inside a graph Dynamo traces, the call with tensor
     arguments only becomes the operator; any other call runs the module as it is."""

@@ -159,3 +159,13 @@ def test_experts_returning_another_shape_are_refused_by_name_in_a_compiled_graph
                                            "shape \\(3, 16\\), not a tensor of its input's"):
         with torch.no_grad():
             model(torch.randn(3, 8))
+
+
+def test_grad_mode_forward_runs_and_a_backward_through_the_experts_is_refused_by_name():
+    model = build("qwen3-moe", "eager")
+    compiled = copy.deepcopy(model)
+    want, _ = _compiled(compiled)  # logits() runs under no_grad
+    got = compiled(IDS).logits  # grad mode, as a user forgetting no_grad runs it
+    assert got.requires_grad and torch.equal(got.detach(), want)
+    with pytest.raises(NotImplementedError, match="backward through packed experts"):
+        got.sum().backward()
