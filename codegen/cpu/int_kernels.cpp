@@ -17,8 +17,9 @@
 // unsigned by signed bytes, so a weight code w is offset to w + 128 and the activation block's
 // code sum is subtracted times 128 (exact: every partial sum is an int32); without VNNI (AVX2,
 // AVX-512 without VNNI), ``vpmaddubsw`` on |w| and x * sign(w) (|products| <= 2 * 127 * 127
-// fits int16), then ``vpmaddwd``; the scalar build loops. Weight codes narrower than 8 bits are
-// unpacked to signed bytes for the row group first.
+// fits int16), then ``vpmaddwd``; the scalar build loops. 4-bit weight codes are read packed by
+// the AVX2 / AVX-512 (no VNNI) dot products (dots8_nibbles, blocks of a multiple of 32 codes);
+// other widths (and 4-bit codes elsewhere) are unpacked to signed bytes for the row group first.
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
