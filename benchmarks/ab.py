@@ -1,6 +1,6 @@
 """Decode speed of two (or more) checkouts of blockquant, side by side, in lockstep.
 
-    python -m benchmarks ab TREE_A TREE_B [--formats mxint8,nf4,w8a8] [--rounds 12]
+    python -m benchmarks ab TREE_A TREE_B [--formats mxint8,nf4,w8a8,w4a8] [--rounds 12]
                             [--decode 8] [--threads 1] [--cpu 1] [--model FOLDER]
 
 On the shared 2-core VMs this project runs on, the same checkout's decode time moves by 1.5x
@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 WORKER = Path(__file__).with_name("ab_worker.py")
 #: name -> (weight format, activation format or "-")
-CONFIGS = {"mxint8": ("mxint8", "-"), "nf4": ("nf4", "-"), "w8a8": ("mxint8", "mxint8")}
+CONFIGS = {"mxint8": ("mxint8", "-"), "nf4": ("nf4", "-"), "w8a8": ("mxint8", "mxint8"),
+           "w4a8": ("int4", "int8")}
 
 
 def python_for(tree: Path) -> tuple[str, dict]:
@@ -110,7 +111,7 @@ def parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("trees", nargs="+", type=Path, help="checkouts to compare (at least two)")
     ap.add_argument("--formats", default="mxint8,nf4,w8a8",
-                    help=f"comma-separated, from {', '.join(CONFIGS)} (default all)")
+                    help=f"comma-separated, from {', '.join(CONFIGS)} (default mxint8,nf4,w8a8)")
     ap.add_argument("--rounds", type=int, default=12, help="turns per worker (default 12)")
     ap.add_argument("--decode", type=int, default=8, help="decode steps per turn (default 8)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")

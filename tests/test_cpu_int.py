@@ -220,3 +220,35 @@ def test_the_operator_is_the_python_path_bit_for_bit(isa):
                                                       37, k, q.block)
                 assert same_bits(y, cpu.linear(x, q, act, bias))
                 assert same_bits(y.reshape(-1, 37), int_formula(x.reshape(-1, k), q, bias, act))
+
+
+# 4-bit weights read packed (AVX2 / AVX-512 without VNNI: 64 codes per 32-byte load, a block of
+# 32 alone, x in even/odd order, 8 x the code sum taken out): blocks of 32, 64 and 128 codes (an
+# odd and an even count of 32-blocks), K ending inside a block and inside a byte, rows past a
+# multiple of 8 and 16, several rows of x; blocks of 16 and K below 32 take the unpacking path
+NIBBLE_PAIRS = [("int4", "int8"), ("int4", "mxint8"),
+                ("int4[block_size=128]", "int8[block_size=128]"), ("int4[block_size=128]", "mxint8"),
+                ("int4[block_size=32]", "int4[block_size=16]")]
+
+
+def extreme_int4_problem(m, n, k, g):
+    """Weights at the codes' ends (-8 and 7 after scaling by the row's absmax: -8 and 7 of 7) and
+    activations at the int8 ends, so the int16 sums inside the kernel are at their largest."""
+    w = torch.where(torch.rand(n, k, generator=g) < 0.5, -8.0, 7.0)
+    w[:, ::7] = torch.randn(n, len(range(0, k, 7)), generator=g) * 4
+    x = torch.where(torch.rand(m, k, generator=g) < 0.5, -1.0, 1.0)
+    x[:, ::5] *= torch.rand(m, len(range(0, k, 5)), generator=g)
+    return x, w
+
+
+@pytest.mark.parametrize("wfmt, act", NIBBLE_PAIRS)
+def test_packed_int4_blocks_tails_and_rows(wfmt, act, isa):
+    g = torch.Generator().manual_seed(11)
+    for k in (31, 64, 97, 300):
+        for m, n in ((1, 9), (3, 17), (5, 1)):
+            x, w = extreme_int4_problem(m, n, k, g)
+            q = qcompile.quantize(w, wfmt, axis=1)
+            if not select.cpu_int_applies(q, formats.get(act)):
+                continue
+            b = torch.randn(n, generator=g)
+            assert same_bits(cpu.linear(x, q, act, b), int_formula(x, q, b, act)), (k, m, n)

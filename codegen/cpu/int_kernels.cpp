@@ -17,8 +17,9 @@
 // unsigned by signed bytes, so a weight code w is offset to w + 128 and the activation block's
 // code sum is subtracted times 128 (exact: every partial sum is an int32); without VNNI (AVX2,
 // AVX-512 without VNNI), ``vpmaddubsw`` on |w| and x * sign(w) (|products| <= 2 * 127 * 127
-// fits int16), then ``vpmaddwd``; the scalar build loops. Weight codes narrower than 8 bits are
-// unpacked to signed bytes for the row group first.
+// fits int16), then ``vpmaddwd``; the scalar build loops. 4-bit weight codes are read packed by
+// the AVX2 / AVX-512 (no VNNI) dot products (dots8_nibbles, blocks of a multiple of 32 codes);
+// other widths (and 4-bit codes elsewhere) are unpacked to signed bytes for the row group first.
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
@@ -149,6 +150,48 @@ inline void dots8(const int8_t* const* w, const int8_t* x, int64_t T, int32_t* D
     }
     _mm256_storeu_si256((__m256i*)D, reduce8(acc));
 }
+
+// 4-bit weight codes read packed, 8 rows (no VNNI): byte b holds elements 2j (high nibble) and
+// 2j + 1 (low); b ^ 0x88 turns each two's complement nibble w into u = w + 8 in 0..15, an
+// unsigned vpmaddubsw operand as it is (|u0 x0 + u1 x1| <= 2 * 15 * 127, two such sums added
+// in int16 <= 7620 < 2^15), and D = sum u x - 8 sum x, the activation block's code sum. One
+// 32-byte load is 64 elements: its high nibbles are the even elements, its low nibbles the odd
+// ones, so x comes in that order (nibble_order: per 64 codes the 32 even ones, then the 32 odd
+// ones; a last 32 alone: its 16 even, then 16 odd). Unpacking the codes to bytes first cost
+// more than the dot products: 3.5x the instructions and a round trip through memory.
+inline __m256i nibble_dot(__m256i b, __m256i xe, __m256i xo) {
+    const __m256i low = _mm256_set1_epi8(15);
+    b = _mm256_xor_si256(b, _mm256_set1_epi8((char)0x88));
+    const __m256i p = _mm256_add_epi16(
+        _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(b, 4), low), xe),
+        _mm256_maddubs_epi16(_mm256_and_si256(b, low), xo));
+    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+}
+// D[r] for one block of T codes (T % 32 == 0): w[r] the rows' packed bytes at the block's start,
+// x the block's codes in nibble order
+inline void dots8_nibbles(const uint8_t* const* w, const int8_t* x, int64_t T, int32_t xsum,
+                          int32_t* D) {
+    __m256i acc[8];
+    for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_si256();
+    int64_t c = 0;
+    for (; c + 64 <= T; c += 64) {
+        const __m256i xe = _mm256_loadu_si256((const __m256i*)(x + c));
+        const __m256i xo = _mm256_loadu_si256((const __m256i*)(x + c + 32));
+        for (int r = 0; r < 8; ++r) {
+            const __m256i b = _mm256_loadu_si256((const __m256i*)(w[r] + c / 2));
+            acc[r] = _mm256_add_epi32(acc[r], nibble_dot(b, xe, xo));
+        }
+    }
+    if (c < T) {  // 32 codes: 16 bytes; the upper lanes of every operand zero
+        const __m256i xe = _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)(x + c)));
+        const __m256i xo = _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)(x + c + 16)));
+        for (int r = 0; r < 8; ++r) {
+            const __m256i b = _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)(w[r] + c / 2)));
+            acc[r] = _mm256_add_epi32(acc[r], nibble_dot(b, xe, xo));
+        }
+    }
+    _mm256_storeu_si256((__m256i*)D, _mm256_sub_epi32(reduce8(acc), _mm256_set1_epi32(8 * xsum)));
+}
 #endif
 
 #if QC_ISA == 3
@@ -241,19 +284,66 @@ void tile_vnni(const IntArgs& a, const int8_t* const* wt, int64_t t, F aw, float
 
 constexpr int ROWS = W;  // weight rows per group: one output per float lane
 
-// The row group n0 .. n0 + ROWS: y[m, n] for every m, from codes w[r] (signed bytes). Blocks
-// in K order, each for every row of x (the group's codes of a block are read once); acc holds
-// the M x ROWS running sums.
-template <int SCALE>
-void int_group(const IntArgs& a, const int8_t* const* w, int64_t n0, const float* awt,
-               float* acc, int32_t* rowD) {
+// D[r] of one block for the ROWS rows of a group (NIB: 4-bit codes as packed, x in nibble
+// order)
+template <bool NIB>
+inline void block_dots(const int8_t* const* wt, const int8_t* x, int64_t T, int32_t xsum,
+                       int32_t* D) {
+#if QC_ISA == 1 || QC_ISA == 2
+    if (NIB) {
+        const uint8_t* const* wb = (const uint8_t* const*)wt;
+        for (int r0 = 0; r0 < ROWS; r0 += 8) dots8_nibbles(wb + r0, x, T, xsum, D + r0);
+        return;
+    }
+#endif
+#if QC_ISA == 3
+    dots16_vnni(wt, x, T, xsum, D);
+#elif QC_ISA >= 1
+    for (int r0 = 0; r0 < ROWS; r0 += 8) dots8(wt + r0, x, T, D + r0);
+#else
+    (void)xsum;
+    int32_t dot = 0;
+    for (int64_t k = 0; k < T; ++k) dot += (int32_t)x[k] * wt[0][k];
+    D[0] = dot;
+#endif
+}
+
+// 4-bit codes read packed by dots8_nibbles (AVX2 and AVX-512 without VNNI): for blocks of a
+// multiple of 32 codes
+template <int BITS>
+inline bool reads_nibbles(const IntArgs& a) {
+    return BITS == 4 && (QC_ISA == 1 || QC_ISA == 2) && a.tile % 32 == 0;
+}
+
+// Every block's codes in nibble order (dots8_nibbles): per 64 codes the even ones then the odd
+// ones, a last 32 likewise by 16.
+void nibble_order(const int8_t* xq, int64_t blocks, int64_t T, int8_t* out) {
+    for (int64_t i = 0; i < blocks; ++i) {
+        const int8_t* x = xq + i * T;
+        int8_t* o = out + i * T;
+        for (int64_t c = 0; c < T; c += 64) {
+            const int64_t half = std::min<int64_t>(64, T - c) / 2;
+            for (int64_t j = 0; j < half; ++j) {
+                o[c + j] = x[c + 2 * j];
+                o[c + half + j] = x[c + 2 * j + 1];
+            }
+        }
+    }
+}
+
+// The row group n0 .. n0 + ROWS: y[m, n] for every m, from codes w[r] (signed bytes; NIB: 4-bit
+// codes as packed, x in nibble order). Blocks in K order, each for every row of x (the group's
+// codes of a block are read once); acc holds the M x ROWS running sums.
+template <bool NIB>
+void int_group(const IntArgs& a, const int8_t* xq, const int8_t* const* w, int64_t n0,
+               const float* awt, float* acc, int32_t* rowD) {
     const int rows = (int)std::min<int64_t>(ROWS, a.N - n0);
     alignas(64) int32_t D[ROWS];
     for (int64_t m = 0; m < a.M; ++m) vstore(acc + m * ROWS, vzero());
 #if QC_ISA == 3
     // decoding with short rows (at most 64 blocks: rowwise beat 16 rows side by side for
     // SmolLM2's K = 576 and 1536, lost for K = 4096; 2-core EPYC): rowD [row][block] first
-    if (a.M == 1 && a.tile % 32 == 0 && a.n_tiles <= 64) {
+    if (!NIB && a.M == 1 && a.tile % 32 == 0 && a.n_tiles <= 64) {
         for (int r = 0; r < ROWS; ++r)
             row_dots_vnni(w[r], a.xq, a.xsum, a.tile, a.n_tiles, rowD + r * a.n_tiles);
         const __m512i at = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7,
@@ -273,26 +363,15 @@ void int_group(const IntArgs& a, const int8_t* const* w, int64_t n0, const float
     for (int64_t t = 0; t < a.n_tiles; ++t) {
         const int64_t k0 = t * a.tile;
         const int8_t* wt[ROWS];
-        for (int r = 0; r < ROWS; ++r) wt[r] = w[r] + k0;
+        for (int r = 0; r < ROWS; ++r) wt[r] = w[r] + (NIB ? k0 / 2 : k0);
         const F aw = vload(awt + (k0 / a.block) * ROWS);
 #if QC_ISA == 3
         if (a.tile <= 32) { tile_vnni<1>(a, wt, t, aw, acc); continue; }
         if (a.tile <= 64) { tile_vnni<2>(a, wt, t, aw, acc); continue; }
 #endif
         for (int64_t m = 0; m < a.M; ++m) {
-            const int8_t* x = a.xq + (m * a.n_tiles + t) * a.tile;
-#if QC_ISA == 3
-            dots16_vnni(wt, x, a.tile, a.xsum[m * a.n_tiles + t], D);
-#elif QC_ISA == 2
-            dots8(wt, x, a.tile, D);
-            dots8(wt + 8, x, a.tile, D + 8);
-#elif QC_ISA == 1
-            dots8(wt, x, a.tile, D);
-#else
-            int32_t dot = 0;
-            for (int64_t k = 0; k < a.tile; ++k) dot += (int32_t)x[k] * wt[0][k];
-            D[0] = dot;
-#endif
+            const int8_t* x = xq + (m * a.n_tiles + t) * a.tile;
+            block_dots<NIB>(wt, x, a.tile, a.xsum[m * a.n_tiles + t], D);
             F d;
 #if QC_ISA >= 2
             d = _mm512_cvtepi32_ps(_mm512_load_si512(D));
@@ -334,12 +413,32 @@ inline void unpack_signed(const uint8_t* row, int64_t len, int8_t* u) {
     for (; k < len; ++k) u[k] = (int8_t)((code_at<BITS>(row, k) ^ half) - half);
 }
 
+// awt[b * ROWS + r] = a_w of block b of row n: multiplier * 2^-frac. Float32 scales divided W
+// at a time (the same IEEE quotients): one division per block, one at a time, cost a third of
+// a 4096-long int4 row's time.
+template <int SCALE>
+void block_multipliers(const IntArgs& a, const Args& wa, int64_t n, int r, float* awt) {
+    int64_t b = 0;
+    if (SCALE == 1) {
+        const float* s = (const float*)a.scales + n * a.n_blocks;
+        alignas(64) float v[W];
+        for (; b + W <= a.n_blocks; b += W) {
+            vstore(v, vmul(vdiv(vload(s + b), vset(a.maxv)), vset(a.wstep)));
+            for (int j = 0; j < W; ++j) awt[(b + j) * ROWS + r] = v[j];
+        }
+    }
+    for (; b < a.n_blocks; ++b) awt[b * ROWS + r] = multiplier<SCALE>(wa, n, b) * a.wstep;
+}
+
 template <int BITS, int SCALE>
 void int_linear(const IntArgs& a, int threads) {
     const int64_t groups = (a.N + ROWS - 1) / ROWS, len = a.n_tiles * a.tile;
+    const bool nib = reads_nibbles<BITS>(a);
+    std::vector<int8_t> xn(nib ? a.M * len : 0);  // x in nibble order
+    if (nib) nibble_order(a.xq, a.M * a.n_tiles, a.tile, xn.data());
     #pragma omp parallel num_threads(threads)
     {
-        std::vector<int8_t> unpacked(BITS == 8 ? 0 : ROWS * len);
+        std::vector<int8_t> unpacked(BITS == 8 || nib ? 0 : ROWS * len);
         std::vector<float> awt(a.n_blocks * ROWS + W, 0.0f);  // [block][row]: a_w
         std::vector<float> acc(a.M * ROWS);
         std::vector<int32_t> rowD(a.M == 1 ? ROWS * a.n_tiles : 0);  // M = 1: [row][block] D
@@ -353,14 +452,14 @@ void int_linear(const IntArgs& a, int threads) {
             for (int r = 0; r < ROWS; ++r) {
                 const int64_t n = std::min(n0 + r, a.N - 1);  // rows past N: computed, not stored
                 const uint8_t* row = a.codes + n * a.row_bytes;
-                for (int64_t b = 0; b < a.n_blocks; ++b)
-                    awt[b * ROWS + r] = multiplier<SCALE>(wa, n, b) * a.wstep;
-                if (BITS == 8) { w[r] = (const int8_t*)row; continue; }
+                block_multipliers<SCALE>(a, wa, n, r, awt.data());
+                if (BITS == 8 || nib) { w[r] = (const int8_t*)row; continue; }
                 int8_t* u = unpacked.data() + r * len;
                 unpack_signed<BITS>(row, len, u);
                 w[r] = u;
             }
-            int_group<SCALE>(a, w, n0, awt.data(), acc.data(), rowD.data());
+            if (nib) int_group<true>(a, xn.data(), w, n0, awt.data(), acc.data(), rowD.data());
+            else int_group<false>(a, a.xq, w, n0, awt.data(), acc.data(), rowD.data());
         }
     }
 }

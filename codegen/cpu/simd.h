@@ -18,6 +18,7 @@ inline void vstore(float* p, F a) { _mm512_storeu_ps(p, a); }
 inline F vset(float a) { return _mm512_set1_ps(a); }
 inline F vzero() { return _mm512_setzero_ps(); }
 inline F vmul(F a, F b) { return _mm512_mul_ps(a, b); }
+inline F vdiv(F a, F b) { return _mm512_div_ps(a, b); }
 inline F vadd(F a, F b) { return _mm512_add_ps(a, b); }
 inline F vfma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
 inline float vsum(F a) { return _mm512_reduce_add_ps(a); }
@@ -59,6 +60,7 @@ inline void vstore(float* p, F a) { _mm256_storeu_ps(p, a); }
 inline F vset(float a) { return _mm256_set1_ps(a); }
 inline F vzero() { return _mm256_setzero_ps(); }
 inline F vmul(F a, F b) { return _mm256_mul_ps(a, b); }
+inline F vdiv(F a, F b) { return _mm256_div_ps(a, b); }
 inline F vadd(F a, F b) { return _mm256_add_ps(a, b); }
 inline F vfma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
 inline float vsum(F a) {
@@ -106,6 +108,7 @@ inline void vstore(float* p, F a) { *p = a; }
 inline F vset(float a) { return a; }
 inline F vzero() { return 0.0f; }
 inline F vmul(F a, F b) { return a * b; }
+inline F vdiv(F a, F b) { return a / b; }
 inline F vadd(F a, F b) { return a + b; }
 inline F vfma(F a, F b, F c) { return a * b + c; }  // two roundings: -ffp-contract=off
 inline float vsum(F a) { return a; }
