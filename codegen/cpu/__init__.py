@@ -36,5 +36,4 @@ from .plans import Plan, act_params, plan
 
 __all__ = ["GEMV_MAX_M", "PANEL_BYTES", "WHOLE_BYTES", "ISAS", "Plan", "act_params",
            "chosen_isa", "decode_rows", "dequantize", "experts_linear", "gather_rows", "library",
-           "linear",
-           "machine_isa", "op_library", "operator_files", "plan", "quantize_act"]
+           "linear", "machine_isa", "op_library", "operator_files", "plan", "quantize_act"]
