@@ -30,7 +30,7 @@ EXPERTS_OP = "experts"
 # {parameter attribute: reason} on an experts module, for the tensors a helper kept float
 SKIPPED_EXPERTS_ATTR = "_qcompile_skipped_experts"
 
-_CONVS = (torch.nn.modules.conv._ConvNd,)
+CONVS = (torch.nn.modules.conv._ConvNd,)
 # ops that consume a matrix operand: (x @ W) forms, with the weight first or second
 _MATMULS = {"matmul", "mm", "bmm", "__matmul__", "__rmatmul__", "_grouped_mm", "grouped_mm",
             "grouped_mm_fallback"}
@@ -65,7 +65,7 @@ def candidates(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, str]]
     from shapes alone (cheap: no forward runs)."""
     out = []
     for mname, mod in model.named_modules():
-        if isinstance(mod, _CONVS):
+        if isinstance(mod, CONVS):
             continue
         for attr, p in mod._parameters.items():
             if p is not None and p.dim() == 3 and p.shape[0] >= 2 and p.dtype.is_floating_point:

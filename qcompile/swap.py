@@ -92,6 +92,7 @@ def expert_layers(model: torch.nn.Module, policy: Policy, who: str,
     once per reason; an activation format, which expert tensors do not take yet, is said once
     and the weight is quantised alone. Call it before changing the model: it runs each experts
     module's forward once on a probe input (``meta_stand_ins``: see experts.expert_tensors)."""
+    warn_unread_matrices(model, policy, who)
     wanted = {}
     for name, _, _ in experts.candidates(model):
         rule, spec = policy.match(name, "linear")
@@ -120,6 +121,51 @@ def expert_layers(model: torch.nn.Module, policy: Policy, who: str,
                     "stay in full precision (explain notes it)", once=(who, "expert act",
                                                                       id(model)))
     return layers
+
+
+# the share of a model's weights that matrices no layer reads must hold to be said: below it they
+# are a model's odd tables (explain lists every one); above it, most likely experts blockquant
+# does not recognise
+UNREAD_SHARE = 0.1
+
+
+def unread_matrices(model: torch.nn.Module, policy: Policy) -> list[tuple[str, int]]:
+    """``(name, numel)`` of the 2-d parameters the policy gives a weight format that no linear
+    layer, embedding, convolution or expert tensor holds (e.g. DBRX's experts: [E * I, H]
+    matrices that their parent's forward reshapes), so they stay in full precision."""
+    owners = {id(m) for _, m, _ in experts.candidates(model)}  # their 2-d parameters: biases
+    out, seen = [], set()
+    for mname, mod in model.named_modules():
+        if linear_like(mod) or linear_lookalike(mod) or id(mod) in owners or isinstance(
+                mod, (torch.nn.Embedding, torch.nn.EmbeddingBag, experts.CONVS)):
+            seen.update(id(p) for p in mod._parameters.values() if p is not None)
+            continue
+        for attr, p in mod._parameters.items():
+            if p is None or id(p) in seen or p.dim() != 2 or not p.dtype.is_floating_point:
+                continue
+            seen.add(id(p))
+            name = f"{mname}.{attr}" if mname else attr
+            spec = policy.match(name, "linear")[1]
+            if spec is not None and spec.weight is not None:
+                out.append((name, p.numel()))
+    return out
+
+
+def warn_unread_matrices(model: torch.nn.Module, policy: Policy, who: str) -> None:
+    """Say once, by name, the matrices of ``unread_matrices`` where they hold at least
+    UNREAD_SHARE of the model's weights: never silently float."""
+    unread = unread_matrices(model, policy)
+    total = sum(p.numel() for p in model.parameters())
+    held = sum(n for _, n in unread)
+    if not unread or held < UNREAD_SHARE * total:
+        return
+    names = ", ".join(repr(n) for n, _ in unread[:3]) + (" ..." if len(unread) > 3 else "")
+    config.warn(f"{who}: {held} weights ({held / total:.0%} of the model's) in {len(unread)} "
+                f"matrices stay in full precision although the policy gives them a format: no "
+                f"linear layer, embedding or expert tensor reads them as its weight ({names}). "
+                "Experts stored as 2-d matrices that the parent's forward reshapes (as DBRX's) "
+                "are a layout blockquant does not recognise yet; explain() lists these matrices",
+                once=(who, "unread matrices", id(model)))
 
 
 def embedding_layers(model: torch.nn.Module, policy: Policy, who: str):

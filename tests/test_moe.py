@@ -315,6 +315,32 @@ def test_an_unrecognised_expert_layout_is_said_by_name_and_shown_by_explain():
         assert rows[f"experts.{attr}"].note.startswith("skipped: it looks like a mixture")
 
 
+@pytest.mark.skipif(not hasattr(T, "DbrxForCausalLM"), reason="no DBRX in this transformers")
+def test_experts_stored_as_2d_matrices_are_said_by_name_by_every_helper():
+    # DBRX keeps its experts as [E * I, H] matrices that the parent's forward reshapes: not a
+    # layout recognised yet, so they stay float, and every helper says so by name
+    model = T.DbrxForCausalLM(T.DbrxConfig(
+        d_model=32, n_heads=4, n_layers=2, vocab_size=64, max_seq_len=64,
+        ffn_config=dict(ffn_hidden_size=24, moe_num_experts=4, moe_top_k=2),
+        attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0))).eval()
+    helpers = {"quantize_model_": qcompile.quantize_model_,
+               "fake_quantize_model_": qcompile.fake_quantize_model_,
+               "qcompile.compile": lambda m: logits(qcompile.compile(m, lowering="eager"))}
+    for who, helper in helpers.items():
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            helper(copy.deepcopy(model))
+        text = [str(w.message) for w in said if "stay in full precision" in str(w.message)
+                and "'transformer.blocks.0.ffn.experts.mlp.w1'" in str(w.message)]
+        assert text and text[0].startswith(who) and "DBRX" in text[0], [
+            str(w.message) for w in said]
+    # a model whose matrices are all read by layers says nothing of the kind
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        qcompile.quantize_model_(build("mixtral"))
+    assert not [w for w in said if "no linear layer, embedding or expert" in str(w.message)]
+
+
 def test_proxy_formats_are_refused_for_experts_by_name():
     model = build("mixtral", "eager")
     policy = Policy({"*.experts.*": LayerSpec(weight="int3[proxy=0.02]")}, default=None)
