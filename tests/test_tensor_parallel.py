@@ -25,6 +25,10 @@ from qcompile import LayerSpec, Policy
 HERE = Path(__file__).parent
 BOUND = 1e-5  # relative to the largest logit: float32 sums reordered across 2 ranks
 NF4 = Policy({"lm_head": None}, default=LayerSpec(weight="nf4"))  # as tests/tp_worker.py
+# transformers 5.23's Qwen3-MoE plan splits the expert stacks; 5.25's leaves them whole (each
+# rank holds every expert), so there is nothing to shard or refuse there
+EXPERTS_SPLIT = any("experts" in k for k in transformers.Qwen3MoeConfig().base_model_tp_plan)
+MOE_REFUSALS = ("moe_cut_blocks", "moe_quantize_model", "saved_moe")
 # saved packed, then loaded sharded: OPQ outliers cut by rows (gate, column-parallel) and by K
 # (down, row-parallel), whole-tensor side data replicated (up: quantile codebook, column-
 # parallel; o_proj: NVFP4's tensor scale, row-parallel), an activation format (q, k)
@@ -128,6 +132,9 @@ def test_sharded_experts_equal_one_process(results, case):
     got = results[case]
     assert "error" not in got, got
     assert got["rel_err"] <= BOUND, got
+    if not EXPERTS_SPLIT:  # whole stacks on each rank, the attention still split
+        assert all(b <= got["whole_bytes"] for b in got["rank_bytes"]), got
+        return
     assert all(b <= 0.55 * got["whole_bytes"] for b in got["rank_bytes"]), got
     for rank in got.get("exact", []):
         assert rank["sharded"] == 2 * 2 and rank["differ"] == [], got["exact"]
@@ -155,6 +162,9 @@ def test_sharded_experts_equal_one_process(results, case):
                           "K=[32]", "cuts weight blocks of 64"]),
 ])
 def test_unsupported_split_refused(results, case, words):
+    if case in MOE_REFUSALS and not EXPERTS_SPLIT:  # no split of the experts: nothing refused
+        assert "error" not in results[case], (case, results[case])
+        return
     error = results[case].get("error", "")
     assert error.startswith("ValueError"), (case, results[case])
     for w in words:
