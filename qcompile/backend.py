@@ -240,6 +240,17 @@ def _inductor_cache_tag():
     return cfg.patch(cache_key_tag=f"{cfg.cache_key_tag}|qcompile-ops-{digest.hexdigest()[:16]}")
 
 
+# the ops through which a layer packed ahead (quantize_model_, from_pretrained) reads its weight
+_PACKED_LAYER_OPS = ("qcompile.linear", "qcompile.embedding", "qcompile_moe.experts_call")
+
+
+def packed_layer_calls(gm) -> int:
+    """Calls of layers packed before compiling: the backend quantises none of them, yet each
+    runs quantised, so the progress line counts them with the layers it quantises."""
+    return sum(n.op == "call_function" and str(n.target).startswith(_PACKED_LAYER_OPS)
+               for n in gm.graph.nodes)
+
+
 def _has_qcompile_ops(gm) -> bool:
     return any(n.op == "call_function" and str(n.target).startswith(("qcompile.", "qcompile_cpu."))
                for n in gm.graph.nodes)
@@ -324,7 +335,7 @@ class CompiledGraph:
         o = self.opts
         with _Progress(self.what, o["lowering"]) as progress:
             gm, planned, rows = run_passes(self.source, args, o["policy"], o["impl"], names)
-            progress.quantised = len(planned)
+            progress.quantised = len(planned) + packed_layer_calls(self.source)
             extra = list(graph_record(gm).extra_inputs)
             same = next((v for v in self.variants.values() if v.gm.code == gm.code and all(
                 a.shape == b.shape and a.dtype == b.dtype for a, b in zip(v.extra, extra))),

@@ -219,3 +219,21 @@ def test_a_slow_graph_compile_says_what_it_compiles_and_a_fast_one_is_quiet(monk
     done = re.search(r"graph \d+ of the Sequential model compiled in ([0-9.]+) s "
                      r"\(2 quantised layer\(s\)\)", err)
     assert done and float(done.group(1)) >= 0.6, err
+
+
+def test_the_progress_line_counts_layers_packed_before_compiling(monkeypatch, capfd):
+    """A model packed by quantize_model_ runs every layer quantised: the progress line must not
+    say 0 quantised layers (it did: it counted only the layers the backend packed itself)."""
+    real_passes = backend.run_passes
+
+    def slow_passes(*args, **kwargs):
+        time.sleep(0.6)
+        return real_passes(*args, **kwargs)
+    monkeypatch.setattr(backend, "run_passes", slow_passes)
+    monkeypatch.setattr(config, "PROGRESS_AFTER_S", 0.2)
+    model = mlp()
+    qcompile.quantize_model_(model, NF4)
+    qcompile.compile(model, NF4, lowering="eager", kernels="reference")
+    model(X)
+    err = capfd.readouterr().err
+    assert re.search(r"compiled in [0-9.]+ s \(2 quantised layer\(s\)\)", err), err
