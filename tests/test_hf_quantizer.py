@@ -111,6 +111,30 @@ def test_save_and_load_round_trip_in_a_fresh_process(tmp_path, caplog):
     assert torch.equal(out["logits"], logits(reference(folder, MIXED)))
 
 
+def test_a_policy_of_formats_with_options_loads_in_a_fresh_process(tmp_path):
+    """transformers builds the model under torch.device("meta"); a format whose base preset is
+    built there for the first time (a fresh process, only options-formats in the policy) made
+    its tables on the meta device and failed ("Tensor.item() cannot be called on meta
+    tensors")."""
+    folder = save_llama(tmp_path / "float", tie=False)
+    policy = Policy({"lm_head": None}, default=LayerSpec(weight="bof4s_opq[proxy=4]"))
+    script = (
+        "import sys, torch, qcompile\n"
+        "from qcompile import LayerSpec, Policy\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "policy = Policy({'lm_head': None}, default=LayerSpec(weight='bof4s_opq[proxy=4]'))\n"
+        "cfg = qcompile.BlockQuantConfig(policy=policy)\n"
+        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], quantization_config=cfg).eval()\n"
+        "with torch.no_grad():\n"
+        "    y = m(torch.load(sys.argv[2])).logits\n"
+        "torch.save(y, sys.argv[2] + '.out')\n")
+    torch.save(IDS, tmp_path / "ids.pt")
+    done = subprocess.run([sys.executable, "-c", script, str(folder), str(tmp_path / "ids.pt")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert torch.equal(torch.load(tmp_path / "ids.pt.out"), logits(reference(folder, policy)))
+
+
 def test_loaded_model_compiles_like_the_quantised_one(tmp_path):
     policy = Policy({"model.embed_tokens": LayerSpec(weight="nf4", op="embedding")},
                     default=LayerSpec(weight="int4"))

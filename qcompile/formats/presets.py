@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
+import torch
+
 from . import codebooks
 from .elements import CodebookElement, Element, FloatElement, IntElement, LogElement
 from .scales import POW2_RULES, AbsmaxScale, NVFP4Scale, Pow2Scale, Scale
@@ -276,9 +278,12 @@ def get(name, **overrides) -> Format:
     a quantile in (0, 1), proxy=a fraction in (0, 1)|a count >= 1|None). A key takes the same
     options as text: ``int4[block_size=128]``, ``nf4[block_size=none]``, ``nf4[opq=true]``,
     ``mxfp4[scale_rule=ceil]``, ``int3[proxy=0.02]``."""
-    if isinstance(name, str) and not overrides:
-        return _get_key(name)
-    return _build(name, **overrides)
+    # a format's tables are CPU tensors whatever the default device: transformers loads models
+    # under ``torch.device("meta")``, where a table built on the fly could not be read
+    with torch.device("cpu"):
+        if isinstance(name, str) and not overrides:
+            return _get_key(name)
+        return _build(name, **overrides)
 
 
 @lru_cache(maxsize=1024)
