@@ -188,10 +188,6 @@ def _check_format(where: str, fmt, what: str):
                          "compute from its part of the input as it runs; give this layer an "
                          "activation format without it (mxint8, mxfp4, int8, ...), or keep its "
                          "input in full precision (act=None)")
-    if getattr(fmt, "proxy", None) is not None:
-        raise ValueError(f"{WHO}: {where}: proxy columns are chosen over the whole tensor, "
-                         "which one shard cannot do; give this layer a format without proxy, "
-                         "or keep it in full precision (None)")
 
 
 def _check_blocks(where: str, k: int, parts: int, fmt, what: str):
@@ -232,12 +228,49 @@ def quantize_weight(weight, fmt, axis: int, proxy_score=None, part=None):
     """``api.quantize_weight`` of this rank's part of ``weight``: its local shard when a DTensor,
     or ``part``, the shard transformers is loading into the DTensor ``weight``. A sharded
     weight's side data describing the whole tensor is computed across the ranks holding its
-    shards (AcrossRanks), so the shard packs to exactly its part of the whole tensor's
-    packing; every rank must call this for the weight, in the same order."""
+    shards (AcrossRanks), and a proxy format's columns are the whole tensor's (``proxy_score``:
+    the whole tensor's, one per position along ``axis``), so the shard packs to exactly its
+    part of the whole tensor's packing; every rank must call this for the weight, in the same
+    order."""
     mine = local(weight) if part is None else part
+    mine_fmt, score = fmt, proxy_score
+    if fmt.proxy is not None and _split_dim(weight) == axis % weight.dim():
+        mine_fmt, score = _proxy_part(weight, fmt, axis, proxy_score)
     if fmt.whole_tensor_side and _sharded(weight):
-        return reference.quantize(mine, fmt, axis, whole=AcrossRanks(weight.device_mesh))
-    return api.quantize_weight(mine, fmt, axis, proxy_score)
+        q = reference.quantize(mine, mine_fmt, axis, score, whole=AcrossRanks(weight.device_mesh))
+    else:
+        q = api.quantize_weight(mine, mine_fmt, axis, score)
+    return q if mine_fmt is fmt else _with_proxy_format(q, fmt)
+
+
+def _split_dim(weight) -> int | None:
+    return weight.placements[0].dim % weight.dim() if _sharded(weight) else None
+
+
+def _proxy_part(weight, fmt, axis: int, score):
+    """(format, scores) that pick, in this rank's columns of a weight split along its
+    reduction ``axis``, exactly the proxy columns the whole tensor's ``score`` picks there:
+    their count as a proxy count, and a score of 1 for them, 0 for the others."""
+    k = weight.shape[axis]
+    lo, hi = _my_range(k, weight.device_mesh.size(), weight.device_mesh.get_local_rank())
+    keep = reference.proxy_columns(score, fmt.proxy_count(k))
+    kept = torch.zeros(k, dtype=torch.float32, device=score.device).index_fill_(0, keep, 1.0)
+    count = int(kept[lo:hi].sum())
+    from dataclasses import replace
+    return replace(fmt, proxy=count or None), kept[lo:hi] if count else None
+
+
+def _with_proxy_format(q, fmt):
+    """A shard packed with its own proxy count (or none) made a QTensor of the layer's format
+    ``fmt``: a shard holding none of the proxy columns keeps empty proxy side data."""
+    from dataclasses import replace
+    if "proxy_index" in q.side:
+        return replace(q, fmt=fmt)
+    rows = q.codes.shape[:-1]
+    side = {"proxy_index": torch.zeros(0, dtype=torch.int32, device=q.codes.device),
+            "proxy_value": torch.zeros(*rows, 0, dtype=torch.bfloat16, device=q.codes.device),
+            **q.side}
+    return replace(q, fmt=fmt, side=side)
 
 
 def pack_experts(weight, part: torch.Tensor, fmt, axis: int):
