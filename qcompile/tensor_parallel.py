@@ -47,6 +47,11 @@ def refuse_sharded(model, doing: str):
                 "BlockQuantConfig and each rank packs its own shard")
 
 
+def mark_sharded(module):
+    """Mark ``module`` (a packed layer or expert stack) as holding this rank's shard only."""
+    setattr(module, SHARDED_ATTR, True)
+
+
 def is_distributed(t) -> bool:
     """Whether ``t`` is a DTensor (torch.distributed.tensor), without importing it eagerly."""
     if type(t) in (torch.Tensor, torch.nn.Parameter) or not isinstance(t, torch.Tensor) \
@@ -91,7 +96,7 @@ def shard_saved(model, name: str, kind: str, q, bias, mesh, act=None):
     parts, rank = mesh.size(), mesh.get_local_rank()
     if isinstance(style, ColwiseParallel):
         lo, hi = _my_range(q.shape[0], parts, rank)
-        return _rows(q, lo, hi), _bias_rows(bias, lo, hi)
+        return _rows(q, torch.arange(lo, hi)), _bias_rows(bias, lo, hi)
     for fmt, what in ((q.fmt, "weight"), (act, "input")):
         if fmt is not None:
             _check_blocks(where, q.shape[1], parts, fmt, what)
@@ -114,21 +119,27 @@ def _my_range(size: int, parts: int, rank: int) -> tuple[int, int]:
     return offsets[rank], offsets[rank + 1]
 
 
-def _rows(q, lo: int, hi: int):
-    """Rows lo:hi (output features) of a 2-d packed weight with blocks along its rows."""
+def _rows(q, rows: torch.Tensor):
+    """The rows ``rows`` (positions along the axis that is not reduced, in that order) of a
+    2-d packed weight: its codes, scales and per-row side data, and the outliers inside them."""
     side = dict(q.side)
     if "outlier_index" in side:
-        index, value = _outliers_of_rows(side["outlier_index"], side["outlier_value"],
-                                         torch.arange(lo, hi), q.scales.shape[-1] * q.block)
+        index, value = _outliers_of_rows(side["outlier_index"], side["outlier_value"], rows,
+                                         q.scales.shape[-1] * q.block)
         side["outlier_index"], side["outlier_value"] = \
             index.to(q.side["outlier_index"].dtype), value
-    return QTensor(q.fmt, q.codes[lo:hi].clone(), q.scales[lo:hi].clone(),
-                   torch.Size([hi - lo, q.shape[1]]), q.dtype, q.axis, q.block, side)
+    if "proxy_value" in side:
+        side["proxy_value"] = side["proxy_value"].index_select(0, rows)
+    shape = list(q.shape)
+    shape[1 - q.axis % 2] = rows.numel()
+    return QTensor(q.fmt, q.codes.index_select(0, rows), q.scales.index_select(0, rows),
+                   torch.Size(shape), q.dtype, q.axis, q.block, side)
 
 
 def _columns(q, lo: int, hi: int):
     """Columns lo:hi (the reduction axis) of a 2-d packed weight, ``lo`` on a block and byte
-    boundary (_check_blocks): whole blocks of codes and scales, and the outliers inside them."""
+    boundary (_check_blocks): whole blocks of codes and scales, and the weights kept apart
+    (OPQ outliers, proxy columns) inside them."""
     row_len, blocks = q.scales.shape[-1] * q.block, -(-(hi - lo) // q.block)
     first, width = lo // q.block, blocks * q.block
     byte = lo * q.fmt.bits // 8
@@ -140,9 +151,95 @@ def _columns(q, lo: int, hi: int):
         side["outlier_index"] = (row[mine] * width + col[mine] - lo).to(
             q.side["outlier_index"].dtype)
         side["outlier_value"] = side["outlier_value"][mine]
+    if "proxy_index" in side:
+        col = side["proxy_index"].long()
+        mine = (col >= lo) & (col < hi)
+        side["proxy_index"] = (col[mine] - lo).to(q.side["proxy_index"].dtype)
+        side["proxy_value"] = side["proxy_value"][:, mine]
     codes = q.codes[:, byte:byte + -(-width * q.fmt.bits // 8)].clone()
-    return QTensor(q.fmt, codes, q.scales[:, first:first + blocks].clone(),
-                   torch.Size([q.shape[0], hi - lo]), q.dtype, q.axis, q.block, side)
+    shape = list(q.shape)
+    shape[q.axis % 2] = hi - lo
+    return QTensor(q.fmt, codes, q.scales[:, first:first + blocks].clone(), torch.Size(shape),
+                   q.dtype, q.axis, q.block, side)
+
+
+def shard_saved_experts(model, name: str, stack: list, mesh) -> list:
+    """This rank's part of each expert's saved packed matrix of the expert stack ``name``
+    (``stack``: its experts' QTensors), cut as the stack's tp_plan style splits the stack
+    [E, a, b] (unchanged when the plan has no style for it): rows at any row (a strided split,
+    packed_colwise's gate and up halves, too), the reduction axis in whole blocks and bytes
+    only; never decoded, side data describing an expert's whole matrix replicated. A whole
+    stack under a style for its experts module alone (moe_tp_experts, which sums the ranks'
+    outputs) is refused."""
+    style_name, key = _plan_style(model, name)
+    q = stack[0]
+    where = f"saved packed expert stack {name!r} ({q.fmt.key}, {len(stack)} experts of " \
+        f"{list(q.shape)})"
+    dim, place = _stack_split(name, style_name, (len(stack), *q.shape), mesh)
+    if dim is None:  # whole on every rank
+        owner_style, owner = _plan_style(model, name.rpartition(".")[0])
+        if owner_style is not None:
+            raise ValueError(f"{WHO}: {where}: its experts module runs under the tp_plan style "
+                             f"{owner_style!r} (of {owner!r}) but the plan has no style for the "
+                             "stack itself, so each rank would add the whole stack's output: "
+                             "load this folder without tp_plan")
+        return stack
+    if dim == 0:
+        raise ValueError(f"{WHO}: {where} is split by experts (expert parallelism, {place}, "
+                         f"style {style_name!r} of {key!r}); packed expert stacks are not run "
+                         "under expert parallelism: load this folder without tp_plan")
+    held = _held(q.shape[dim - 1], place, mesh)
+    if dim - 1 != q.axis % 2:  # the rows: any rows, in the order the rank holds them
+        return [_rows(e, held) for e in stack]
+    lo, hi = (int(held[0]), int(held[-1]) + 1) if held.numel() else (0, 0)
+    if not torch.equal(held, torch.arange(lo, hi)):
+        raise ValueError(f"{WHO}: {where} is split along its reduction axis by {place} (style "
+                         f"{style_name!r}), interleaving its columns across ranks; a packed "
+                         "expert stack's shard must be whole blocks: load this folder without "
+                         "tp_plan")
+    _check_blocks(where, q.shape[q.axis % 2], mesh.size(), q.fmt, "weight")
+    return [_columns(e, lo, hi) for e in stack]
+
+
+def _plan_style(model, name: str):
+    """(style name, plan key) of the tp_plan entry for ``name``, or (None, None)."""
+    plan = getattr(model, "tp_plan", None) or {}
+    from transformers.distributed.parallel_utils import replace_layer_number_by_wildcard
+    for key in (name, replace_layer_number_by_wildcard(name)):
+        if key in plan:
+            return plan[key], key
+    return None, None
+
+
+def _stack_split(name: str, style_name: str | None, shape, mesh):
+    """(dimension, placement) the style ``style_name`` splits a 3-d stack of ``shape`` with, as
+    transformers' style places the float parameter it stands for (on the meta device); (None,
+    None) for no style or a stack it leaves whole."""
+    from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES
+    if style_name is None:
+        return None, None
+    probe = torch.nn.Module()
+    probe.w = torch.nn.Parameter(torch.empty(shape, device="meta"), requires_grad=False)
+    ALL_PARALLEL_STYLES[style_name].shard_param(probe, "w", mesh)
+    w = probe.w
+    if not is_distributed(w) or w.placements[0].is_replicate():
+        return None, None
+    place = w.placements[0]
+    if mesh.ndim != 1 or not place.is_shard():
+        raise ValueError(f"{WHO}: saved packed expert stack {name!r} is placed {place} by the "
+                         f"tp_plan style {style_name!r}; a packed stack can be replicated or "
+                         "sharded on a 1-D (tp) mesh: load this folder without tp_plan")
+    return place.dim % len(shape), place
+
+
+def _held(size: int, place, mesh) -> torch.Tensor:
+    """The positions, along a dimension of ``size``, that this rank holds under ``place``
+    (Shard or _StridedShard of that dimension): placed as DTensor places them."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor.placement_types import _StridedShard
+    along = _StridedShard(0, split_factor=place.split_factor) \
+        if isinstance(place, _StridedShard) else Shard(0)
+    return distribute_tensor(torch.arange(size), mesh, [along], src_data_rank=None).to_local()
 
 
 def check_split(name: str, weight, fmt, axis: int, kind: str = "linear", act=None):
@@ -279,8 +376,11 @@ def pack_experts(weight, part: torch.Tensor, fmt, axis: int):
     a side datum describing an expert's whole matrix is computed across the ranks."""
     from .expert_stack import PackedExperts
     with torch.no_grad():
-        return PackedExperts([quantize_weight(weight, fmt, axis - 1, part=part[e])
-                              for e in range(part.shape[0])], axis)
+        packed = PackedExperts([quantize_weight(weight, fmt, axis - 1, part=part[e])
+                                for e in range(part.shape[0])], axis)
+    if _sharded(weight):
+        mark_sharded(packed)
+    return packed
 
 
 def _sharded(weight) -> bool:
@@ -416,22 +516,6 @@ def check_experts(expert_tensors):
             _check_blocks(where, weight.shape[dim], weight.device_mesh.size(), fmt, "weight")
 
 
-def refuse_saved_experts(model, name: str):
-    """Refuse a saved packed expert stack ``name`` that the model's tp_plan splits (a style for
-    the stack or for its experts module): cutting a packed stack as the plan splits it is not
-    done, and a whole stack under the plan's hooks would be summed over the ranks."""
-    plan = getattr(model, "tp_plan", None) or {}
-    from transformers.distributed.parallel_utils import replace_layer_number_by_wildcard
-    for key in (name, name.rpartition(".")[0]):
-        style = plan.get(key, plan.get(replace_layer_number_by_wildcard(key)))
-        if style is not None:
-            raise ValueError(
-                f"{WHO}: the saved packed expert stack {name!r} is under the tp_plan style "
-                f"{style!r} (of {key!r}); saved packed expert stacks do not load sharded yet: "
-                "load this folder without tp_plan, or load the float checkpoint under the "
-                "tp_plan with BlockQuantConfig(policy), which packs each rank's part")
-
-
 def refuse_sharded_experts(model, policy):
     """Refuse quantize_model_ of a model whose mixture-of-experts stacks the policy quantises
     are float DTensors already split by a tp_plan: recognising an expert stack runs its module
@@ -461,7 +545,7 @@ def keep_style(model, name: str, old: torch.nn.Module, new: torch.nn.Module, mes
         return  # not parallel
     style = _style_or_refuse(model, name)
     new._hf_quantized_needs_local_tp = True  # transformers: run the forward on local tensors
-    setattr(new, SHARDED_ATTR, True)
+    mark_sharded(new)
     w = old.weight
     new.out_features, new.in_features = (w.shape[1], w.shape[0]) if new.conv1d else w.shape
     style.install_forward(new, mesh)

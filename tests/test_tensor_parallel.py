@@ -123,6 +123,18 @@ def test_whole_tensor_side_data_is_computed_across_ranks(results, case):
         assert rank["sharded"] == 2 * 7 and rank["differ"] == [], got["exact"]
 
 
+def test_proxy_columns_are_the_whole_tensors(results):
+    """Proxy formats under the plan (column- and row-parallel layers, with a quantile codebook
+    and OPQ outliers beside them): the columns are chosen by the whole tensor's scores,
+    computed across the ranks, and each rank keeps those it holds, so each rank's packed shard
+    is bit for bit its slice of the one-process packing (lm_head too: its vocabulary split)."""
+    got = results["llama_proxy"]
+    assert "error" not in got, got
+    assert got["rel_err"] <= BOUND, got
+    for rank in got["exact"]:
+        assert rank["sharded"] == 2 * 7 + 1 and rank["differ"] == [], got["exact"]
+
+
 @pytest.mark.parametrize("case", ["moe_nf4", "moe_whole"])
 def test_sharded_experts_equal_one_process(results, case):
     """Qwen3-MoE under its tp_plan: gate_up_proj split by rows (packed_colwise), down_proj by

@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import qcompile  # noqa: E402
 from qcompile import LayerSpec, Policy  # noqa: E402
 from qcompile.expert_stack import PackedExperts  # noqa: E402
+from qcompile.proxy import input_scores  # noqa: E402
 from qcompile.swap import QuantLinear  # noqa: E402
 
 IDS = torch.tensor([[1, 5, 9, 2, 77, 3, 120, 64, 11]])
@@ -37,6 +38,14 @@ MOE_NF4 = NF4  # experts (gate_up packed_colwise, down rowwise) and attention
 # each expert's own tensor scale / codebook: gate_up split by rows, down along K
 MOE_WHOLE = Policy({"lm_head": None, "*.experts.gate_up_proj": LayerSpec(weight="nvfp4"),
                     "*.experts.down_proj": LayerSpec(weight="quantile4")}, default=None)
+# proxy columns on every kind of layer and split: q/k/v, gate/up, lm_head column-parallel (their
+# scores from o_proj / down_proj / the embedding, split along their rows' K, so gathered whole),
+# o_proj and down_proj row-parallel (scored by v_proj, gate and up: whole rows on each rank), with
+# a quantile codebook (o_proj) and OPQ outliers (down_proj) beside the proxy columns
+PROXY_MIXED = Policy({"lm_head": LayerSpec(weight="nf4[proxy=8]"),
+                      "*.mlp.down_proj": LayerSpec(weight="bof4s_opq[proxy=0.05]"),
+                      "*.self_attn.o_proj": LayerSpec(weight="quantile4[proxy=8]")},
+                     default=LayerSpec(weight="nf4[proxy=8]"))
 GPT2_PLAN = {"lm_head": "colwise_gather_output"}  # its own lm_head (untied): vocab-sharded
 CONV1D_PLAN = {"transformer.h.*.mlp.c_fc": "colwise"}
 
@@ -71,25 +80,58 @@ def my_part(q, got_shape, rank: int):
             q.scales[:, lo // q.block:(lo + width) // q.block])
 
 
+def apart_map(q) -> torch.Tensor:
+    """The weights ``q`` [N, K] keeps apart from its blocks (proxy columns, OPQ outliers) laid
+    out in its padded [N, n_blocks * block] grid, NaN elsewhere: how its side data is split
+    does not change it."""
+    rows, row_len = q.codes.shape[0], q.scales.shape[-1] * q.block
+    grid = torch.full((rows, row_len), float("nan"))
+    if "proxy_index" in q.side:
+        grid[:, q.side["proxy_index"].long()] = q.side["proxy_value"].float()
+    if "outlier_index" in q.side:
+        grid.view(-1)[q.side["outlier_index"].long()] = q.side["outlier_value"].float()
+    return grid
+
+
+def same_map(got, want) -> bool:
+    return torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(),
+                                                                  want.nan_to_num())
+
+
+def my_map(q, got) -> torch.Tensor:
+    """apart_map of this rank's part ``got`` cut from the whole ``q`` (rows or columns)."""
+    grid, rank = apart_map(q), dist.get_rank()
+    if got.shape[0] != q.shape[0]:
+        lo = rank * -(-q.shape[0] // 2)
+        return grid[lo:lo + got.shape[0]]
+    lo = rank * -(-q.shape[1] // 2)
+    return grid[:, lo:lo + got.scales.shape[-1] * got.block]
+
+
 def shards_exact(model, folder, policy) -> dict:
     """Each sharded packed layer of ``model`` against this rank's part of its float weight
-    packed whole by qcompile.quantize (the definition, in one process): codes, scales and side
-    data compared bit for bit. The names of those that differ, and how many were sharded."""
+    packed whole by qcompile.quantize (the definition, in one process; a proxy format's scores
+    from the one-process model): codes, scales and side data compared bit for bit (the
+    weights kept apart by where they sit). The names of those that differ, and how many were
+    sharded."""
     whole, rank = AutoModelForCausalLM.from_pretrained(folder).eval(), dist.get_rank()
+    specs = {n: policy.match(n, "linear")[1].weight for n, m in model.named_modules()
+             if isinstance(m, QuantLinear)}
+    scores = input_scores(whole, [n for n, f in specs.items() if f.proxy is not None])
     differ, sharded = [], 0
-    for name, mod in model.named_modules():
-        if not isinstance(mod, QuantLinear):
-            continue
-        got = mod.qtensor()
-        want = qcompile.quantize(whole.get_submodule(name).weight.detach(),
-                                 policy.match(name, "linear")[1].weight, axis=1)
+    for name, fmt in specs.items():
+        got = model.get_submodule(name).qtensor()
+        want = qcompile.quantize(whole.get_submodule(name).weight.detach(), fmt, axis=1,
+                                 proxy_score=scores.get(name))
         if got.shape == want.shape:
             continue
         sharded += 1
         codes, scales = my_part(want, got.shape, rank)
         same = [torch.equal(bits(got.codes), bits(codes)),
-                torch.equal(bits(got.scales), bits(scales)), set(got.side) == set(want.side)]
-        same += [torch.equal(bits(got.side[k]), bits(want.side[k])) for k in want.side]
+                torch.equal(bits(got.scales), bits(scales)), set(got.side) == set(want.side),
+                same_map(apart_map(got), my_map(want, got))]
+        same += [torch.equal(bits(got.side[k]), bits(want.side[k]))
+                 for k in fmt.whole_tensor_side]
         if not all(same):
             differ.append(name)
     return {"differ": differ, "sharded": sharded}
@@ -205,6 +247,8 @@ def main(folder, out):
                                                         llama_bias, WHOLE_MIXED)),
         "llama_nvfp4_quantize_model": case(lambda: compare_exact(
             qcompile.quantize_model_(load(llama, **auto), NVFP4), llama, NVFP4)),
+        "llama_proxy": case(lambda: compare_exact(load(llama, PROXY_MIXED, **auto), llama,
+                                                  PROXY_MIXED)),
         "act_nvfp4_rowwise": case(lambda: load(llama, ACT_NVFP4, **auto)),
         "moe_nf4": case(lambda: compare(load(moe, MOE_NF4, **auto), moe, MOE_NF4)),
         "moe_quantize_model": case(lambda: compare(
