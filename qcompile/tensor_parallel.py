@@ -11,14 +11,18 @@ split keeps every block whole and the format's side data is local to blocks or r
   across the ranks (``AcrossRanks``: a max, and order statistics counted over every shard), so
   each shard gets the whole tensor's, exactly; an activation format with such side data on an
   input split with K cannot be (each rank quantises its part of the input as it runs);
-- proxy columns (scored over the whole tensor) are not chosen across ranks.
+- proxy columns are chosen by the whole tensor's column scores (qcompile.proxy gathers them
+  across the ranks from the source layers' shards), so they are the one-process choice; a
+  column-parallel shard keeps every one of them (for its rows), a row-parallel shard those in
+  its columns (``_proxy_part``).
 Everything else is refused, naming the layer, the split and why, before any weight is packed.
 Mixture-of-experts stacks [E, a, b] follow the same rules per expert matrix (``check_experts``,
 ``pack_experts``).
 
-A saved packed folder loaded under a tp_plan (``shard_saved``) is cut the same way from its
-packed bytes, never decoded; there the whole-tensor side data is simply replicated (it was
-computed over the whole tensor when saved), and OPQ outliers go to the rank owning them.
+A saved packed folder loaded under a tp_plan (``shard_saved``, ``shard_saved_experts`` for an
+expert stack, per expert matrix) is cut the same way from its packed bytes, never decoded;
+there the whole-tensor side data is simply replicated (it was computed over the whole tensor
+when saved), and OPQ outliers and proxy columns go to the rank owning their position.
 """
 from __future__ import annotations
 
@@ -80,7 +84,8 @@ def shard_saved(model, name: str, kind: str, q, bias, mesh, act=None):
     ``name``, cut as its tp_plan style splits it: (q, bias) unchanged when the plan has no style
     for it. Codes and scales are sliced, never decoded: a saved tensor's side data describing
     the whole tensor (NVFP4's tensor scale, a quantile codebook) was computed over the whole
-    tensor, so it is replicated, and OPQ outliers go to the rank owning their position."""
+    tensor, so it is replicated, and OPQ outliers and proxy columns go to the rank owning their
+    position."""
     style = parallel_style(model, name)
     if style is None:
         return q, bias
@@ -88,10 +93,10 @@ def shard_saved(model, name: str, kind: str, q, bias, mesh, act=None):
     if kind != "linear":
         raise ValueError(f"{WHO}: {where} is a saved packed {kind} under a tp_plan style; only "
                          "packed linear layers load sharded: keep it out of the tp_plan")
-    if q.fmt.proxy is not None or set(q.side) - {*q.fmt.whole_tensor_side, *OUTLIERS}:
-        raise ValueError(f"{WHO}: {where}: a saved packed weight with proxy columns does not "
-                         "load sharded yet; load this folder without tp_plan, or load the float "
-                         "checkpoint under the tp_plan with a policy without proxy")
+    unknown = set(q.side) - {*q.fmt.whole_tensor_side, *KEPT_APART}
+    if unknown:
+        raise ValueError(f"{WHO}: {where}: its side data {sorted(unknown)} is not one blockquant "
+                         "knows how to cut; load this folder without tp_plan")
     from transformers.distributed.tensor_parallel import ColwiseParallel
     parts, rank = mesh.size(), mesh.get_local_rank()
     if isinstance(style, ColwiseParallel):
@@ -103,7 +108,7 @@ def shard_saved(model, name: str, kind: str, q, bias, mesh, act=None):
     return _columns(q, *_my_range(q.shape[1], parts, rank)), bias
 
 
-OUTLIERS = ("outlier_index", "outlier_value")
+KEPT_APART = ("outlier_index", "outlier_value", "proxy_index", "proxy_value")
 
 
 def _bias_rows(bias, lo: int, hi: int):
@@ -224,8 +229,9 @@ def _stack_split(name: str, style_name: str | None, shape, mesh):
     w = probe.w
     if not is_distributed(w) or w.placements[0].is_replicate():
         return None, None
+    from torch.distributed.tensor.placement_types import _StridedShard
     place = w.placements[0]
-    if mesh.ndim != 1 or not place.is_shard():
+    if mesh.ndim != 1 or not (place.is_shard() or isinstance(place, _StridedShard)):
         raise ValueError(f"{WHO}: saved packed expert stack {name!r} is placed {place} by the "
                          f"tp_plan style {style_name!r}; a packed stack can be replicated or "
                          "sharded on a 1-D (tp) mesh: load this folder without tp_plan")

@@ -98,9 +98,12 @@ def same_map(got, want) -> bool:
                                                                   want.nan_to_num())
 
 
-def my_map(q, got) -> torch.Tensor:
-    """apart_map of this rank's part ``got`` cut from the whole ``q`` (rows or columns)."""
+def my_map(q, got, rows=None) -> torch.Tensor:
+    """apart_map of this rank's part ``got`` cut from the whole ``q``: ``rows`` when given,
+    else torch.chunk's rows or (whole blocks of) columns."""
     grid, rank = apart_map(q), dist.get_rank()
+    if rows is not None:
+        return grid[rows]
     if got.shape[0] != q.shape[0]:
         lo = rank * -(-q.shape[0] // 2)
         return grid[lo:lo + got.shape[0]]
@@ -114,15 +117,30 @@ def shards_exact(model, folder, policy) -> dict:
     from the one-process model): codes, scales and side data compared bit for bit (the
     weights kept apart by where they sit). The names of those that differ, and how many were
     sharded."""
-    whole, rank = AutoModelForCausalLM.from_pretrained(folder).eval(), dist.get_rank()
+    whole = AutoModelForCausalLM.from_pretrained(folder).eval()
     specs = {n: policy.match(n, "linear")[1].weight for n, m in model.named_modules()
              if isinstance(m, QuantLinear)}
     scores = input_scores(whole, [n for n, f in specs.items() if f.proxy is not None])
-    differ, sharded = [], 0
-    for name, fmt in specs.items():
-        got = model.get_submodule(name).qtensor()
-        want = qcompile.quantize(whole.get_submodule(name).weight.detach(), fmt, axis=1,
-                                 proxy_score=scores.get(name))
+    return layers_exact(model, lambda name: qcompile.quantize(
+        whole.get_submodule(name).weight.detach(), specs[name], axis=1,
+        proxy_score=scores.get(name)))
+
+
+def saved_shards_exact(model, folder, policy=None) -> dict:
+    """shards_exact for a saved packed folder: against the packed weights of the folder loaded
+    in one process."""
+    whole = load(folder)
+    return layers_exact(model, lambda name: whole.get_submodule(name).qtensor())
+
+
+def layers_exact(model, whole_of) -> dict:
+    """Each sharded packed layer of ``model`` against this rank's part of ``whole_of(name)``,
+    its whole packed weight."""
+    differ, sharded, rank = [], 0, dist.get_rank()
+    for name, mod in model.named_modules():
+        if not isinstance(mod, QuantLinear):
+            continue
+        got, want = mod.qtensor(), whole_of(name)
         if got.shape == want.shape:
             continue
         sharded += 1
@@ -131,7 +149,7 @@ def shards_exact(model, folder, policy) -> dict:
                 torch.equal(bits(got.scales), bits(scales)), set(got.side) == set(want.side),
                 same_map(apart_map(got), my_map(want, got))]
         same += [torch.equal(bits(got.side[k]), bits(want.side[k]))
-                 for k in fmt.whole_tensor_side]
+                 for k in want.fmt.whole_tensor_side]
         if not all(same):
             differ.append(name)
     return {"differ": differ, "sharded": sharded}
@@ -168,6 +186,35 @@ def experts_exact(model, folder, policy) -> dict:
                     torch.equal(bits(mod.scales[e]), bits(scales))]
             same += [torch.equal(bits(getattr(mod, f"side_{k}")[e]), bits(want.side[k]))
                      for k in want.side]
+            if not all(same):
+                differ.append(f"{name}[{e}]")
+    return {"differ": differ, "sharded": sharded}
+
+
+def saved_experts_exact(model, folder, policy=None) -> dict:
+    """experts_exact for a saved packed folder: each expert's part of this rank against its
+    part of the same expert of the folder loaded in one process (codes, scales, a codebook bit
+    for bit; the weights kept apart by where they sit)."""
+    whole, rank = load(folder), dist.get_rank()
+    differ, sharded = [], 0
+    for name, mod in model.named_modules():
+        if not isinstance(mod, PackedExperts):
+            continue
+        sharded += 1
+        ref = dict(whole.named_modules())[name]  # (the experts module shows its view by name)
+        for e in range(mod.num_experts):
+            got, want = mod.expert(e).q, ref.expert(e).q
+            rows = None
+            if got.shape[0] != want.shape[0]:
+                rows = expert_rows(want.shape[0], got.shape[0], rank)
+                codes, scales = want.codes[rows], want.scales[rows]
+            else:
+                codes, scales = my_part(want, got.shape, rank)
+            same = [torch.equal(bits(got.codes), bits(codes)),
+                    torch.equal(bits(got.scales), bits(scales)), set(got.side) == set(want.side),
+                    same_map(apart_map(got), my_map(want, got, rows))]
+            same += [torch.equal(bits(got.side[k]), bits(want.side[k]))
+                     for k in want.fmt.whole_tensor_side]
             if not all(same):
                 differ.append(f"{name}[{e}]")
     return {"differ": differ, "sharded": sharded}
@@ -237,7 +284,8 @@ def main(folder, out):
         "saved_sharded": case(lambda: compare(load(packed, **auto), packed, None)),
         "saved_mixed_sharded": case(lambda: compare(load(packed + "_mixed", **auto),
                                                     packed + "_mixed", None)),
-        "saved_proxy": case(lambda: load(packed + "_proxy", **auto)),
+        "saved_proxy": case(lambda: compare_exact(load(packed + "_proxy", **auto),
+                                                  packed + "_proxy", None, saved_shards_exact)),
         "saved_cut_blocks": case(lambda: load(packed64, **auto)),
         "cut_blocks": case(lambda: load(llama64, NF4, **auto)),
         "llama_nvfp4": case(lambda: compare_exact(load(llama, NVFP4, **auto), llama, NVFP4)),
@@ -256,7 +304,9 @@ def main(folder, out):
         "moe_cut_blocks": case(lambda: load(moe + "_cut", MOE_NF4, **auto)),
         "moe_whole": case(lambda: compare_exact(load(moe, MOE_WHOLE, **auto), moe, MOE_WHOLE,
                                                 experts_exact)),
-        "saved_moe": case(lambda: load(moe + "_packed", **auto)),
+        "saved_moe": case(lambda: compare_exact(load(moe + "_packed", **auto), moe + "_packed",
+                                                None, saved_experts_exact)),
+        "saved_moe_cut_blocks": case(lambda: load(moe + "_cut_packed", **auto)),
         "compile_float": case(lambda: qcompile.compile(load(llama, **auto), NF4)),
     }
     if dist.get_rank() == 0:

@@ -255,8 +255,9 @@ class BlockQuantHfQuantizer(HfQuantizer):
                 if mesh is not None:  # each expert's matrix cut as the plan splits the stack
                     stack = tensor_parallel.shard_saved_experts(model, name, stack, mesh)
                 serialize._install(model, name, entry, stack, None)
-                if stack is not qtensors[entry["packed"]]:
-                    tensor_parallel.mark_sharded(model.get_submodule(name))
+                if stack is not qtensors[entry["packed"]]:  # (the holder, not its view)
+                    prefix, _, attr = name.rpartition(".")
+                    tensor_parallel.mark_sharded(model.get_submodule(prefix)._modules[attr])
                 continue
             holder = model.get_submodule(name)
             q, bias = qtensors[entry["packed"]], holder._parameters.get("bias")
