@@ -6,9 +6,11 @@ the packed bytes per rank, and every split blockquant cannot pack shard by shard
 with a message naming the layer and why. Saved packed folders load sharded the same way, equal
 to the folder loaded in one process. Formats with side data describing the whole tensor (NVFP4's
 tensor scale, quantile4's codebook) are packed with that side data computed across the ranks:
-each rank's packed shard is bit for bit its slice of the weight packed whole in one process. A
-tiny Qwen3-MoE loads under its plan with its expert stacks split like dense layers (checked per
-expert matrix), or is refused by name."""
+each rank's packed shard is bit for bit its slice of the weight packed whole in one process;
+so is it for proxy formats, whose columns are chosen by the whole tensor's scores, and for saved
+folders with proxy columns. A tiny Qwen3-MoE loads under its plan with its expert stacks split
+like dense layers (checked per expert matrix), from the float checkpoint or a saved packed
+folder (each expert's packed bytes cut), or is refused by name."""
 import json
 import os
 import subprocess
