@@ -337,7 +337,8 @@ def quantize_weight(weight, fmt, axis: int, proxy_score=None, part=None):
     order."""
     mine = local(weight) if part is None else part
     mine_fmt, score = fmt, proxy_score
-    if fmt.proxy is not None and _split_dim(weight) == axis % weight.dim():
+    split_k = _split_dim(weight) == axis % weight.dim()
+    if fmt.proxy is not None and proxy_score is not None and split_k:  # (None: api says)
         mine_fmt, score = _proxy_part(weight, fmt, axis, proxy_score)
     if fmt.whole_tensor_side and _sharded(weight):
         q = reference.quantize(mine, mine_fmt, axis, score, whole=AcrossRanks(weight.device_mesh))
