@@ -26,6 +26,8 @@ when saved), and OPQ outliers and proxy columns go to the rank owning their posi
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from . import api
@@ -360,14 +362,12 @@ def _proxy_part(weight, fmt, axis: int, score):
     keep = reference.proxy_columns(score, fmt.proxy_count(k))
     kept = torch.zeros(k, dtype=torch.float32, device=score.device).index_fill_(0, keep, 1.0)
     count = int(kept[lo:hi].sum())
-    from dataclasses import replace
     return replace(fmt, proxy=count or None), kept[lo:hi] if count else None
 
 
 def _with_proxy_format(q, fmt):
     """A shard packed with its own proxy count (or none) made a QTensor of the layer's format
     ``fmt``: a shard holding none of the proxy columns keeps empty proxy side data."""
-    from dataclasses import replace
     if "proxy_index" in q.side:
         return replace(q, fmt=fmt)
     rows = q.codes.shape[:-1]

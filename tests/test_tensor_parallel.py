@@ -41,10 +41,11 @@ SAVED_MIXED = Policy({"lm_head": None, "*.mlp.[gd]*_proj": LayerSpec(weight="bof
                      default=LayerSpec(weight="int4"))
 # saved with proxy columns, loaded sharded: column-parallel (up_proj: every rank keeps every
 # proxy column, for its rows) and row-parallel (down_proj with OPQ outliers, o_proj with a
-# codebook: each proxy column goes to the rank holding its position)
+# codebook and one proxy column, so one rank holds none: each proxy column goes to the rank
+# holding its position)
 PROXY = Policy({"*.mlp.up_proj": LayerSpec(weight="nf4[proxy=8]"),
                 "*.mlp.down_proj": LayerSpec(weight="bof4s_opq[proxy=0.05]"),
-                "*.self_attn.o_proj": LayerSpec(weight="quantile4[proxy=8]")})
+                "*.self_attn.o_proj": LayerSpec(weight="quantile4[proxy=1]")})
 # saved packed expert stacks, loaded sharded: gate_up cut by rows (packed_colwise: each rank's
 # part of the gate half and of the up half) with OPQ outliers and a quantile codebook per
 # expert (replicated), down_proj cut along K in whole blocks with its outliers

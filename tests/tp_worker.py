@@ -41,10 +41,11 @@ MOE_WHOLE = Policy({"lm_head": None, "*.experts.gate_up_proj": LayerSpec(weight=
 # proxy columns on every kind of layer and split: q/k/v, gate/up, lm_head column-parallel (their
 # scores from o_proj / down_proj / the embedding, split along their rows' K, so gathered whole),
 # o_proj and down_proj row-parallel (scored by v_proj, gate and up: whole rows on each rank), with
-# a quantile codebook (o_proj) and OPQ outliers (down_proj) beside the proxy columns
+# a quantile codebook (o_proj: one proxy column, so one rank holds none) and OPQ outliers
+# (down_proj) beside the proxy columns
 PROXY_MIXED = Policy({"lm_head": LayerSpec(weight="nf4[proxy=8]"),
                       "*.mlp.down_proj": LayerSpec(weight="bof4s_opq[proxy=0.05]"),
-                      "*.self_attn.o_proj": LayerSpec(weight="quantile4[proxy=8]")},
+                      "*.self_attn.o_proj": LayerSpec(weight="quantile4[proxy=1]")},
                      default=LayerSpec(weight="nf4[proxy=8]"))
 GPT2_PLAN = {"lm_head": "colwise_gather_output"}  # its own lm_head (untied): vocab-sharded
 CONV1D_PLAN = {"transformer.h.*.mlp.c_fc": "colwise"}
