@@ -21,6 +21,10 @@ in bfloat16 (qcompile.formats.reference) and quantises the rest; this module com
   above (before the first block: token and position embeddings, their variances added).
 
 Other layers have no known source: asking for one raises an error naming it.
+
+Under tensor parallelism (a tp_plan's DTensor weights) the scores are the whole tensors' on
+every rank, bit for bit: a source weight split by its output units gives each rank whole rows,
+whose standard deviations are gathered; one split otherwise is gathered whole first.
 """
 from __future__ import annotations
 
@@ -41,18 +45,24 @@ class _Weights:
         self.names = {id(m): n for n, m in model.named_modules()}
         self.override = override or {}
 
-    def of(self, mod) -> torch.Tensor:
+    def of(self, mod, whole: bool = True) -> torch.Tensor:
+        """The float64 weight of ``mod``; ``whole``: a DTensor's whole tensor, else its own."""
         name = self.names.get(id(mod), type(mod).__name__)
         w = self.override.get(f"{name}.weight".lstrip("."), getattr(mod, "weight", None))
         if not isinstance(w, torch.Tensor) or not w.dtype.is_floating_point or w.is_meta:
             raise ValueError(f"proxy quantisation scores columns by the full-precision weight of "
                              f"{name!r}, which this model no longer holds ({type(mod).__name__}); "
                              "apply a policy with proxy formats to the full-precision model")
-        return w.detach().to(torch.float64)
+        w = w.detach().to(torch.float64)
+        return _whole(w) if whole else w
 
     def row_std(self, mod) -> torch.Tensor:
         """The standard deviation of the weights computing each output unit of a linear layer."""
-        return self.of(mod).std(dim=0 if is_conv1d(mod) else 1)  # Conv1D: [in, out]
+        reduced = 0 if is_conv1d(mod) else 1  # Conv1D: [in, out]
+        w = self.of(mod, whole=False)
+        if _split_by(w) == 1 - reduced:  # whole rows on each rank: their stds, gathered
+            return _gathered(w, w.to_local().std(dim=reduced))
+        return _whole(w).std(dim=reduced)
 
     def gain(self, norm) -> torch.Tensor | float:
         return 1.0 if getattr(norm, "weight", None) is None else self.of(norm).abs()
@@ -70,6 +80,37 @@ class _Weights:
         if isinstance(wpe, torch.nn.Embedding) and wpe.embedding_dim == emb.embedding_dim:
             var = var + self.of(wpe).var(dim=0)
         return var.sqrt()
+
+
+def _is_dtensor(w) -> bool:
+    if type(w) in (torch.Tensor, torch.nn.Parameter) or not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+    return isinstance(w, DTensor)
+
+
+def _split_by(w) -> int | str | None:
+    """The dimension a DTensor ``w`` (a tp_plan's weight) is cut along in torch.chunk's
+    contiguous pieces, "other" for any other split, or None (a plain or replicated tensor)."""
+    if not _is_dtensor(w) or all(p.is_replicate() for p in w.placements):
+        return None
+    from torch.distributed.tensor import Shard
+    place = w.placements[0]
+    return place.dim % w.dim() if len(w.placements) == 1 and type(place) is Shard else "other"
+
+
+def _whole(w) -> torch.Tensor:
+    """A DTensor's whole tensor, every rank's shard gathered (the one-process tensor)."""
+    return w.full_tensor() if _is_dtensor(w) else w
+
+
+def _gathered(w, part: torch.Tensor) -> torch.Tensor:
+    """The whole vector of one value per row (along dim 0 of ``part``) of every rank's shard of
+    the DTensor ``w``, split as ``w`` is along that dimension."""
+    from torch.distributed.tensor import DTensor, Shard
+    n = w.shape[_split_by(w)]
+    return DTensor.from_local(part, w.device_mesh, [Shard(0)], run_check=False,
+                              shape=torch.Size([n]), stride=(1,)).full_tensor()
 
 
 def _llama_block(m) -> bool:

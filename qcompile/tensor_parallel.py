@@ -11,16 +11,22 @@ split keeps every block whole and the format's side data is local to blocks or r
   across the ranks (``AcrossRanks``: a max, and order statistics counted over every shard), so
   each shard gets the whole tensor's, exactly; an activation format with such side data on an
   input split with K cannot be (each rank quantises its part of the input as it runs);
-- proxy columns (scored over the whole tensor) are not chosen across ranks.
+- proxy columns are chosen by the whole tensor's column scores (qcompile.proxy gathers them
+  across the ranks from the source layers' shards), so they are the one-process choice; a
+  column-parallel shard keeps every one of them (for its rows), a row-parallel shard those in
+  its columns (``_proxy_part``).
 Everything else is refused, naming the layer, the split and why, before any weight is packed.
 Mixture-of-experts stacks [E, a, b] follow the same rules per expert matrix (``check_experts``,
 ``pack_experts``).
 
-A saved packed folder loaded under a tp_plan (``shard_saved``) is cut the same way from its
-packed bytes, never decoded; there the whole-tensor side data is simply replicated (it was
-computed over the whole tensor when saved), and OPQ outliers go to the rank owning them.
+A saved packed folder loaded under a tp_plan (``shard_saved``, ``shard_saved_experts`` for an
+expert stack, per expert matrix) is cut the same way from its packed bytes, never decoded;
+there the whole-tensor side data is simply replicated (it was computed over the whole tensor
+when saved), and OPQ outliers and proxy columns go to the rank owning their position.
 """
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 
@@ -45,6 +51,11 @@ def refuse_sharded(model, doing: str):
                 "process (from_pretrained without tp_plan, with BlockQuantConfig, then "
                 "save_pretrained); under a tp_plan, load the float checkpoint with "
                 "BlockQuantConfig and each rank packs its own shard")
+
+
+def mark_sharded(module):
+    """Mark ``module`` (a packed layer or expert stack) as holding this rank's shard only."""
+    setattr(module, SHARDED_ATTR, True)
 
 
 def is_distributed(t) -> bool:
@@ -75,7 +86,8 @@ def shard_saved(model, name: str, kind: str, q, bias, mesh, act=None):
     ``name``, cut as its tp_plan style splits it: (q, bias) unchanged when the plan has no style
     for it. Codes and scales are sliced, never decoded: a saved tensor's side data describing
     the whole tensor (NVFP4's tensor scale, a quantile codebook) was computed over the whole
-    tensor, so it is replicated, and OPQ outliers go to the rank owning their position."""
+    tensor, so it is replicated, and OPQ outliers and proxy columns go to the rank owning their
+    position."""
     style = parallel_style(model, name)
     if style is None:
         return q, bias
@@ -83,22 +95,22 @@ def shard_saved(model, name: str, kind: str, q, bias, mesh, act=None):
     if kind != "linear":
         raise ValueError(f"{WHO}: {where} is a saved packed {kind} under a tp_plan style; only "
                          "packed linear layers load sharded: keep it out of the tp_plan")
-    if q.fmt.proxy is not None or set(q.side) - {*q.fmt.whole_tensor_side, *OUTLIERS}:
-        raise ValueError(f"{WHO}: {where}: a saved packed weight with proxy columns does not "
-                         "load sharded yet; load this folder without tp_plan, or load the float "
-                         "checkpoint under the tp_plan with a policy without proxy")
+    unknown = set(q.side) - {*q.fmt.whole_tensor_side, *KEPT_APART}
+    if unknown:
+        raise ValueError(f"{WHO}: {where}: its side data {sorted(unknown)} is not one blockquant "
+                         "knows how to cut; load this folder without tp_plan")
     from transformers.distributed.tensor_parallel import ColwiseParallel
     parts, rank = mesh.size(), mesh.get_local_rank()
     if isinstance(style, ColwiseParallel):
         lo, hi = _my_range(q.shape[0], parts, rank)
-        return _rows(q, lo, hi), _bias_rows(bias, lo, hi)
+        return _rows(q, torch.arange(lo, hi)), _bias_rows(bias, lo, hi)
     for fmt, what in ((q.fmt, "weight"), (act, "input")):
         if fmt is not None:
             _check_blocks(where, q.shape[1], parts, fmt, what)
     return _columns(q, *_my_range(q.shape[1], parts, rank)), bias
 
 
-OUTLIERS = ("outlier_index", "outlier_value")
+KEPT_APART = ("outlier_index", "outlier_value", "proxy_index", "proxy_value")
 
 
 def _bias_rows(bias, lo: int, hi: int):
@@ -114,21 +126,27 @@ def _my_range(size: int, parts: int, rank: int) -> tuple[int, int]:
     return offsets[rank], offsets[rank + 1]
 
 
-def _rows(q, lo: int, hi: int):
-    """Rows lo:hi (output features) of a 2-d packed weight with blocks along its rows."""
+def _rows(q, rows: torch.Tensor):
+    """The rows ``rows`` (positions along the axis that is not reduced, in that order) of a
+    2-d packed weight: its codes, scales and per-row side data, and the outliers inside them."""
     side = dict(q.side)
     if "outlier_index" in side:
-        index, value = _outliers_of_rows(side["outlier_index"], side["outlier_value"],
-                                         torch.arange(lo, hi), q.scales.shape[-1] * q.block)
+        index, value = _outliers_of_rows(side["outlier_index"], side["outlier_value"], rows,
+                                         q.scales.shape[-1] * q.block)
         side["outlier_index"], side["outlier_value"] = \
             index.to(q.side["outlier_index"].dtype), value
-    return QTensor(q.fmt, q.codes[lo:hi].clone(), q.scales[lo:hi].clone(),
-                   torch.Size([hi - lo, q.shape[1]]), q.dtype, q.axis, q.block, side)
+    if "proxy_value" in side:
+        side["proxy_value"] = side["proxy_value"].index_select(0, rows)
+    shape = list(q.shape)
+    shape[1 - q.axis % 2] = rows.numel()
+    return QTensor(q.fmt, q.codes.index_select(0, rows), q.scales.index_select(0, rows),
+                   torch.Size(shape), q.dtype, q.axis, q.block, side)
 
 
 def _columns(q, lo: int, hi: int):
     """Columns lo:hi (the reduction axis) of a 2-d packed weight, ``lo`` on a block and byte
-    boundary (_check_blocks): whole blocks of codes and scales, and the outliers inside them."""
+    boundary (_check_blocks): whole blocks of codes and scales, and the weights kept apart
+    (OPQ outliers, proxy columns) inside them."""
     row_len, blocks = q.scales.shape[-1] * q.block, -(-(hi - lo) // q.block)
     first, width = lo // q.block, blocks * q.block
     byte = lo * q.fmt.bits // 8
@@ -140,9 +158,96 @@ def _columns(q, lo: int, hi: int):
         side["outlier_index"] = (row[mine] * width + col[mine] - lo).to(
             q.side["outlier_index"].dtype)
         side["outlier_value"] = side["outlier_value"][mine]
+    if "proxy_index" in side:
+        col = side["proxy_index"].long()
+        mine = (col >= lo) & (col < hi)
+        side["proxy_index"] = (col[mine] - lo).to(q.side["proxy_index"].dtype)
+        side["proxy_value"] = side["proxy_value"][:, mine]
     codes = q.codes[:, byte:byte + -(-width * q.fmt.bits // 8)].clone()
-    return QTensor(q.fmt, codes, q.scales[:, first:first + blocks].clone(),
-                   torch.Size([q.shape[0], hi - lo]), q.dtype, q.axis, q.block, side)
+    shape = list(q.shape)
+    shape[q.axis % 2] = hi - lo
+    return QTensor(q.fmt, codes, q.scales[:, first:first + blocks].clone(), torch.Size(shape),
+                   q.dtype, q.axis, q.block, side)
+
+
+def shard_saved_experts(model, name: str, stack: list, mesh) -> list:
+    """This rank's part of each expert's saved packed matrix of the expert stack ``name``
+    (``stack``: its experts' QTensors), cut as the stack's tp_plan style splits the stack
+    [E, a, b] (unchanged when the plan has no style for it): rows at any row (a strided split,
+    packed_colwise's gate and up halves, too), the reduction axis in whole blocks and bytes
+    only; never decoded, side data describing an expert's whole matrix replicated. A whole
+    stack under a style for its experts module alone (moe_tp_experts, which sums the ranks'
+    outputs) is refused."""
+    style_name, key = _plan_style(model, name)
+    q = stack[0]
+    where = f"saved packed expert stack {name!r} ({q.fmt.key}, {len(stack)} experts of " \
+        f"{list(q.shape)})"
+    dim, place = _stack_split(name, style_name, (len(stack), *q.shape), mesh)
+    if dim is None:  # whole on every rank
+        owner_style, owner = _plan_style(model, name.rpartition(".")[0])
+        if owner_style is not None:
+            raise ValueError(f"{WHO}: {where}: its experts module runs under the tp_plan style "
+                             f"{owner_style!r} (of {owner!r}) but the plan has no style for the "
+                             "stack itself, so each rank would add the whole stack's output: "
+                             "load this folder without tp_plan")
+        return stack
+    if dim == 0:
+        raise ValueError(f"{WHO}: {where} is split by experts (expert parallelism, {place}, "
+                         f"style {style_name!r} of {key!r}); packed expert stacks are not run "
+                         "under expert parallelism: load this folder without tp_plan")
+    held = _held(q.shape[dim - 1], place, mesh)
+    if dim - 1 != q.axis % 2:  # the rows: any rows, in the order the rank holds them
+        return [_rows(e, held) for e in stack]
+    lo, hi = (int(held[0]), int(held[-1]) + 1) if held.numel() else (0, 0)
+    if not torch.equal(held, torch.arange(lo, hi)):
+        raise ValueError(f"{WHO}: {where} is split along its reduction axis by {place} (style "
+                         f"{style_name!r}), interleaving its columns across ranks; a packed "
+                         "expert stack's shard must be whole blocks: load this folder without "
+                         "tp_plan")
+    _check_blocks(where, q.shape[q.axis % 2], mesh.size(), q.fmt, "weight")
+    return [_columns(e, lo, hi) for e in stack]
+
+
+def _plan_style(model, name: str):
+    """(style name, plan key) of the tp_plan entry for ``name``, or (None, None)."""
+    plan = getattr(model, "tp_plan", None) or {}
+    from transformers.distributed.parallel_utils import replace_layer_number_by_wildcard
+    for key in (name, replace_layer_number_by_wildcard(name)):
+        if key in plan:
+            return plan[key], key
+    return None, None
+
+
+def _stack_split(name: str, style_name: str | None, shape, mesh):
+    """(dimension, placement) the style ``style_name`` splits a 3-d stack of ``shape`` with, as
+    transformers' style places the float parameter it stands for (on the meta device); (None,
+    None) for no style or a stack it leaves whole."""
+    from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES
+    if style_name is None:
+        return None, None
+    probe = torch.nn.Module()
+    probe.w = torch.nn.Parameter(torch.empty(shape, device="meta"), requires_grad=False)
+    ALL_PARALLEL_STYLES[style_name].shard_param(probe, "w", mesh)
+    w = probe.w
+    if not is_distributed(w) or w.placements[0].is_replicate():
+        return None, None
+    from torch.distributed.tensor.placement_types import _StridedShard
+    place = w.placements[0]
+    if mesh.ndim != 1 or not (place.is_shard() or isinstance(place, _StridedShard)):
+        raise ValueError(f"{WHO}: saved packed expert stack {name!r} is placed {place} by the "
+                         f"tp_plan style {style_name!r}; a packed stack can be replicated or "
+                         "sharded on a 1-D (tp) mesh: load this folder without tp_plan")
+    return place.dim % len(shape), place
+
+
+def _held(size: int, place, mesh) -> torch.Tensor:
+    """The positions, along a dimension of ``size``, that this rank holds under ``place``
+    (Shard or _StridedShard of that dimension): placed as DTensor places them."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor.placement_types import _StridedShard
+    along = _StridedShard(0, split_factor=place.split_factor) \
+        if isinstance(place, _StridedShard) else Shard(0)
+    return distribute_tensor(torch.arange(size), mesh, [along], src_data_rank=None).to_local()
 
 
 def check_split(name: str, weight, fmt, axis: int, kind: str = "linear", act=None):
@@ -188,10 +293,6 @@ def _check_format(where: str, fmt, what: str):
                          "compute from its part of the input as it runs; give this layer an "
                          "activation format without it (mxint8, mxfp4, int8, ...), or keep its "
                          "input in full precision (act=None)")
-    if getattr(fmt, "proxy", None) is not None:
-        raise ValueError(f"{WHO}: {where}: proxy columns are chosen over the whole tensor, "
-                         "which one shard cannot do; give this layer a format without proxy, "
-                         "or keep it in full precision (None)")
 
 
 def _check_blocks(where: str, k: int, parts: int, fmt, what: str):
@@ -232,12 +333,48 @@ def quantize_weight(weight, fmt, axis: int, proxy_score=None, part=None):
     """``api.quantize_weight`` of this rank's part of ``weight``: its local shard when a DTensor,
     or ``part``, the shard transformers is loading into the DTensor ``weight``. A sharded
     weight's side data describing the whole tensor is computed across the ranks holding its
-    shards (AcrossRanks), so the shard packs to exactly its part of the whole tensor's
-    packing; every rank must call this for the weight, in the same order."""
+    shards (AcrossRanks), and a proxy format's columns are the whole tensor's (``proxy_score``:
+    the whole tensor's, one per position along ``axis``), so the shard packs to exactly its
+    part of the whole tensor's packing; every rank must call this for the weight, in the same
+    order."""
     mine = local(weight) if part is None else part
+    mine_fmt, score = fmt, proxy_score
+    split_k = _split_dim(weight) == axis % weight.dim()
+    if fmt.proxy is not None and proxy_score is not None and split_k:  # (None: api says)
+        mine_fmt, score = _proxy_part(weight, fmt, axis, proxy_score)
     if fmt.whole_tensor_side and _sharded(weight):
-        return reference.quantize(mine, fmt, axis, whole=AcrossRanks(weight.device_mesh))
-    return api.quantize_weight(mine, fmt, axis, proxy_score)
+        q = reference.quantize(mine, mine_fmt, axis, score, whole=AcrossRanks(weight.device_mesh))
+    else:
+        q = api.quantize_weight(mine, mine_fmt, axis, score)
+    return q if mine_fmt is fmt else _with_proxy_format(q, fmt)
+
+
+def _split_dim(weight) -> int | None:
+    return weight.placements[0].dim % weight.dim() if _sharded(weight) else None
+
+
+def _proxy_part(weight, fmt, axis: int, score):
+    """(format, scores) that pick, in this rank's columns of a weight split along its
+    reduction ``axis``, exactly the proxy columns the whole tensor's ``score`` picks there:
+    their count as a proxy count, and a score of 1 for them, 0 for the others."""
+    k = weight.shape[axis]
+    lo, hi = _my_range(k, weight.device_mesh.size(), weight.device_mesh.get_local_rank())
+    keep = reference.proxy_columns(score, fmt.proxy_count(k))
+    kept = torch.zeros(k, dtype=torch.float32, device=score.device).index_fill_(0, keep, 1.0)
+    count = int(kept[lo:hi].sum())
+    return replace(fmt, proxy=count or None), kept[lo:hi] if count else None
+
+
+def _with_proxy_format(q, fmt):
+    """A shard packed with its own proxy count (or none) made a QTensor of the layer's format
+    ``fmt``: a shard holding none of the proxy columns keeps empty proxy side data."""
+    if "proxy_index" in q.side:
+        return replace(q, fmt=fmt)
+    rows = q.codes.shape[:-1]
+    side = {"proxy_index": torch.zeros(0, dtype=torch.int32, device=q.codes.device),
+            "proxy_value": torch.zeros(*rows, 0, dtype=torch.bfloat16, device=q.codes.device),
+            **q.side}
+    return replace(q, fmt=fmt, side=side)
 
 
 def pack_experts(weight, part: torch.Tensor, fmt, axis: int):
@@ -246,8 +383,11 @@ def pack_experts(weight, part: torch.Tensor, fmt, axis: int):
     a side datum describing an expert's whole matrix is computed across the ranks."""
     from .expert_stack import PackedExperts
     with torch.no_grad():
-        return PackedExperts([quantize_weight(weight, fmt, axis - 1, part=part[e])
-                              for e in range(part.shape[0])], axis)
+        packed = PackedExperts([quantize_weight(weight, fmt, axis - 1, part=part[e])
+                                for e in range(part.shape[0])], axis)
+    if _sharded(weight):
+        mark_sharded(packed)
+    return packed
 
 
 def _sharded(weight) -> bool:
@@ -383,22 +523,6 @@ def check_experts(expert_tensors):
             _check_blocks(where, weight.shape[dim], weight.device_mesh.size(), fmt, "weight")
 
 
-def refuse_saved_experts(model, name: str):
-    """Refuse a saved packed expert stack ``name`` that the model's tp_plan splits (a style for
-    the stack or for its experts module): cutting a packed stack as the plan splits it is not
-    done, and a whole stack under the plan's hooks would be summed over the ranks."""
-    plan = getattr(model, "tp_plan", None) or {}
-    from transformers.distributed.parallel_utils import replace_layer_number_by_wildcard
-    for key in (name, name.rpartition(".")[0]):
-        style = plan.get(key, plan.get(replace_layer_number_by_wildcard(key)))
-        if style is not None:
-            raise ValueError(
-                f"{WHO}: the saved packed expert stack {name!r} is under the tp_plan style "
-                f"{style!r} (of {key!r}); saved packed expert stacks do not load sharded yet: "
-                "load this folder without tp_plan, or load the float checkpoint under the "
-                "tp_plan with BlockQuantConfig(policy), which packs each rank's part")
-
-
 def refuse_sharded_experts(model, policy):
     """Refuse quantize_model_ of a model whose mixture-of-experts stacks the policy quantises
     are float DTensors already split by a tp_plan: recognising an expert stack runs its module
@@ -428,7 +552,7 @@ def keep_style(model, name: str, old: torch.nn.Module, new: torch.nn.Module, mes
         return  # not parallel
     style = _style_or_refuse(model, name)
     new._hf_quantized_needs_local_tp = True  # transformers: run the forward on local tensors
-    setattr(new, SHARDED_ATTR, True)
+    mark_sharded(new)
     w = old.weight
     new.out_features, new.in_features = (w.shape[1], w.shape[0]) if new.conv1d else w.shape
     style.install_forward(new, mesh)

@@ -6,9 +6,11 @@ the packed bytes per rank, and every split blockquant cannot pack shard by shard
 with a message naming the layer and why. Saved packed folders load sharded the same way, equal
 to the folder loaded in one process. Formats with side data describing the whole tensor (NVFP4's
 tensor scale, quantile4's codebook) are packed with that side data computed across the ranks:
-each rank's packed shard is bit for bit its slice of the weight packed whole in one process. A
-tiny Qwen3-MoE loads under its plan with its expert stacks split like dense layers (checked per
-expert matrix), or is refused by name."""
+each rank's packed shard is bit for bit its slice of the weight packed whole in one process;
+so is it for proxy formats, whose columns are chosen by the whole tensor's scores, and for saved
+folders with proxy columns. A tiny Qwen3-MoE loads under its plan with its expert stacks split
+like dense layers (checked per expert matrix), from the float checkpoint or a saved packed
+folder (each expert's packed bytes cut), or is refused by name."""
 import json
 import os
 import subprocess
@@ -28,7 +30,7 @@ NF4 = Policy({"lm_head": None}, default=LayerSpec(weight="nf4"))  # as tests/tp_
 # transformers 5.23's Qwen3-MoE plan splits the expert stacks; 5.25's leaves them whole (each
 # rank holds every expert), so there is nothing to shard or refuse there
 EXPERTS_SPLIT = any("experts" in k for k in transformers.Qwen3MoeConfig().base_model_tp_plan)
-MOE_REFUSALS = ("moe_cut_blocks", "moe_quantize_model", "saved_moe")
+MOE_REFUSALS = ("moe_cut_blocks", "moe_quantize_model", "saved_moe_cut_blocks")
 # saved packed, then loaded sharded: OPQ outliers cut by rows (gate, column-parallel) and by K
 # (down, row-parallel), whole-tensor side data replicated (up: quantile codebook, column-
 # parallel; o_proj: NVFP4's tensor scale, row-parallel), an activation format (q, k)
@@ -37,7 +39,20 @@ SAVED_MIXED = Policy({"lm_head": None, "*.mlp.[gd]*_proj": LayerSpec(weight="bof
                       "*.self_attn.o_proj": LayerSpec(weight="nvfp4"),
                       "re:.*self_attn\\.[qk]_proj": LayerSpec(weight="mxint8", act="mxint8")},
                      default=LayerSpec(weight="int4"))
-PROXY = Policy({"*.mlp.up_proj": LayerSpec(weight="nf4[proxy=8]")})
+# saved with proxy columns, loaded sharded: column-parallel (up_proj: every rank keeps every
+# proxy column, for its rows) and row-parallel (down_proj with OPQ outliers, o_proj with a
+# codebook and one proxy column, so one rank holds none: each proxy column goes to the rank
+# holding its position)
+PROXY = Policy({"*.mlp.up_proj": LayerSpec(weight="nf4[proxy=8]"),
+                "*.mlp.down_proj": LayerSpec(weight="bof4s_opq[proxy=0.05]"),
+                "*.self_attn.o_proj": LayerSpec(weight="quantile4[proxy=1]")})
+# saved packed expert stacks, loaded sharded: gate_up cut by rows (packed_colwise: each rank's
+# part of the gate half and of the up half) with OPQ outliers and a quantile codebook per
+# expert (replicated), down_proj cut along K in whole blocks with its outliers
+SAVED_MOE = Policy({"lm_head": None,
+                    "*.experts.gate_up_proj": LayerSpec(weight="quantile4[opq=true]"),
+                    "*.experts.down_proj": LayerSpec(weight="bof4s_opq")},
+                   default=LayerSpec(weight="int4"))
 LLAMA = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
              tie_word_embeddings=True)
 
@@ -78,9 +93,11 @@ def checkpoints(root: Path):
         save(root / name, transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
             hidden_size=128, intermediate_size=256, moe_intermediate_size=inter, num_experts=4,
             num_experts_per_tok=2, head_dim=32, **LLAMA)))
-    transformers.Qwen3MoeForCausalLM.from_pretrained(
-        root / "qwen3_moe", quantization_config=qcompile.BlockQuantConfig(NF4)).save_pretrained(
-            root / "qwen3_moe_packed")
+    for name, policy, saved in (("qwen3_moe", SAVED_MOE, "qwen3_moe_packed"),
+                                ("qwen3_moe_cut", NF4, "qwen3_moe_cut_packed")):
+        transformers.Qwen3MoeForCausalLM.from_pretrained(
+            root / name, quantization_config=qcompile.BlockQuantConfig(policy)).save_pretrained(
+                root / saved)
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +140,18 @@ def test_whole_tensor_side_data_is_computed_across_ranks(results, case):
         assert rank["sharded"] == 2 * 7 and rank["differ"] == [], got["exact"]
 
 
+def test_proxy_columns_are_the_whole_tensors(results):
+    """Proxy formats under the plan (column- and row-parallel layers, with a quantile codebook
+    and OPQ outliers beside them): the columns are chosen by the whole tensor's scores,
+    computed across the ranks, and each rank keeps those it holds, so each rank's packed shard
+    is bit for bit its slice of the one-process packing (lm_head too: its vocabulary split)."""
+    got = results["llama_proxy"]
+    assert "error" not in got, got
+    assert got["rel_err"] <= BOUND, got
+    for rank in got["exact"]:
+        assert rank["sharded"] == 2 * 7 + 1 and rank["differ"] == [], got["exact"]
+
+
 @pytest.mark.parametrize("case", ["moe_nf4", "moe_whole"])
 def test_sharded_experts_equal_one_process(results, case):
     """Qwen3-MoE under its tp_plan: gate_up_proj split by rows (packed_colwise), down_proj by
@@ -140,6 +169,33 @@ def test_sharded_experts_equal_one_process(results, case):
         assert rank["sharded"] == 2 * 2 and rank["differ"] == [], got["exact"]
 
 
+def test_saved_proxy_columns_go_to_their_rank(results):
+    """A folder saved with proxy columns (column- and row-parallel layers, with OPQ outliers
+    and a codebook beside them) loaded under the plan: each rank's packed shard is bit for bit
+    its part of the folder's packed weight loaded in one process, and the logits equal."""
+    got = results["saved_proxy"]
+    assert "error" not in got, got
+    assert got["rel_err"] <= BOUND, got
+    for rank in got["exact"]:
+        assert rank["sharded"] == 2 * 3 and rank["differ"] == [], got["exact"]
+
+
+def test_saved_experts_load_sharded(results):
+    """A saved packed Qwen3-MoE loaded under its plan: each rank's expert stacks are its part of
+    the saved ones (gate_up's rows, down_proj's whole blocks of K; codes, scales, outliers and
+    codebooks bit for bit), cut from the packed bytes, and the logits those of the folder loaded
+    in one process."""
+    got = results["saved_moe"]
+    assert "error" not in got, got
+    assert got["rel_err"] <= BOUND, got
+    if not EXPERTS_SPLIT:  # whole stacks on each rank (transformers 5.25's plan)
+        assert all(b <= got["whole_bytes"] for b in got["rank_bytes"]), got
+        return
+    assert all(b <= 0.55 * got["whole_bytes"] for b in got["rank_bytes"]), got
+    for rank in got["exact"]:
+        assert rank["sharded"] == 2 * 2 and rank["differ"] == [], got["exact"]
+
+
 @pytest.mark.parametrize("case, words", [
     ("cut_blocks", ["row-parallel split of layer 'model.layers.0.self_attn.o_proj'",
                     "K=[32]", "cuts weight blocks of 64"]),
@@ -149,15 +205,14 @@ def test_sharded_experts_equal_one_process(results, case):
                         "K=[48]", "cuts weight blocks of 64"]),
     ("moe_quantize_model", ["expert stack 'model.layers.0.mlp.experts.gate_up_proj' is a float "
                             "DTensor", "BlockQuantConfig(policy)"]),
-    ("saved_moe", ["saved packed expert stack 'model.layers.0.mlp.experts.down_proj'",
-                   "'rowwise'", "do not load sharded yet"]),
+    ("saved_moe_cut_blocks", ["row-parallel split of saved packed expert stack "
+                              "'model.layers.0.mlp.experts.down_proj' (nf4, 4 experts of "
+                              "[128, 96])", "K=[48]", "cuts weight blocks of 64"]),
     ("compile_float", ["'model.layers.0.self_attn.q_proj' holds a float DTensor weight",
                        "quantize_model_"]),
     ("gpt2_conv1d", ["out_features"]),  # transformers cannot shard GPT-2's Conv1D at all
     ("save_sharded", ["saving a tensor-parallel quantised model is not supported",
                       "holds only this rank's shard"]),
-    ("saved_proxy", ["layer 'model.layers.0.mlp.up_proj' (nf4[proxy=8]",
-                     "proxy columns does not load sharded"]),
     ("saved_cut_blocks", ["row-parallel split of layer 'model.layers.0.self_attn.o_proj'",
                           "K=[32]", "cuts weight blocks of 64"]),
 ])

@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import qcompile  # noqa: E402
 from qcompile import LayerSpec, Policy  # noqa: E402
 from qcompile.expert_stack import PackedExperts  # noqa: E402
+from qcompile.proxy import input_scores  # noqa: E402
 from qcompile.swap import QuantLinear  # noqa: E402
 
 IDS = torch.tensor([[1, 5, 9, 2, 77, 3, 120, 64, 11]])
@@ -37,6 +38,15 @@ MOE_NF4 = NF4  # experts (gate_up packed_colwise, down rowwise) and attention
 # each expert's own tensor scale / codebook: gate_up split by rows, down along K
 MOE_WHOLE = Policy({"lm_head": None, "*.experts.gate_up_proj": LayerSpec(weight="nvfp4"),
                     "*.experts.down_proj": LayerSpec(weight="quantile4")}, default=None)
+# proxy columns on every kind of layer and split: q/k/v, gate/up, lm_head column-parallel (their
+# scores from o_proj / down_proj / the embedding, split along their rows' K, so gathered whole),
+# o_proj and down_proj row-parallel (scored by v_proj, gate and up: whole rows on each rank), with
+# a quantile codebook (o_proj: one proxy column, so one rank holds none) and OPQ outliers
+# (down_proj) beside the proxy columns
+PROXY_MIXED = Policy({"lm_head": LayerSpec(weight="nf4[proxy=8]"),
+                      "*.mlp.down_proj": LayerSpec(weight="bof4s_opq[proxy=0.05]"),
+                      "*.self_attn.o_proj": LayerSpec(weight="quantile4[proxy=1]")},
+                     default=LayerSpec(weight="nf4[proxy=8]"))
 GPT2_PLAN = {"lm_head": "colwise_gather_output"}  # its own lm_head (untied): vocab-sharded
 CONV1D_PLAN = {"transformer.h.*.mlp.c_fc": "colwise"}
 
@@ -71,25 +81,76 @@ def my_part(q, got_shape, rank: int):
             q.scales[:, lo // q.block:(lo + width) // q.block])
 
 
+def apart_map(q) -> torch.Tensor:
+    """The weights ``q`` [N, K] keeps apart from its blocks (proxy columns, OPQ outliers) laid
+    out in its padded [N, n_blocks * block] grid, NaN elsewhere: how its side data is split
+    does not change it."""
+    rows, row_len = q.codes.shape[0], q.scales.shape[-1] * q.block
+    grid = torch.full((rows, row_len), float("nan"))
+    if "proxy_index" in q.side:
+        grid[:, q.side["proxy_index"].long()] = q.side["proxy_value"].float()
+    if "outlier_index" in q.side:
+        grid.view(-1)[q.side["outlier_index"].long()] = q.side["outlier_value"].float()
+    return grid
+
+
+def same_map(got, want) -> bool:
+    return torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(),
+                                                                  want.nan_to_num())
+
+
+def my_map(q, got, rows=None) -> torch.Tensor:
+    """apart_map of this rank's part ``got`` cut from the whole ``q``: ``rows`` when given,
+    else torch.chunk's rows or (whole blocks of) columns."""
+    grid, rank = apart_map(q), dist.get_rank()
+    if rows is not None:
+        return grid[rows]
+    if got.shape[0] != q.shape[0]:
+        lo = rank * -(-q.shape[0] // 2)
+        return grid[lo:lo + got.shape[0]]
+    lo = rank * -(-q.shape[1] // 2)
+    return grid[:, lo:lo + got.scales.shape[-1] * got.block]
+
+
 def shards_exact(model, folder, policy) -> dict:
     """Each sharded packed layer of ``model`` against this rank's part of its float weight
-    packed whole by qcompile.quantize (the definition, in one process): codes, scales and side
-    data compared bit for bit. The names of those that differ, and how many were sharded."""
-    whole, rank = AutoModelForCausalLM.from_pretrained(folder).eval(), dist.get_rank()
-    differ, sharded = [], 0
+    packed whole by qcompile.quantize (the definition, in one process; a proxy format's scores
+    from the one-process model): codes, scales and side data compared bit for bit (the
+    weights kept apart by where they sit). The names of those that differ, and how many were
+    sharded."""
+    whole = AutoModelForCausalLM.from_pretrained(folder).eval()
+    specs = {n: policy.match(n, "linear")[1].weight for n, m in model.named_modules()
+             if isinstance(m, QuantLinear)}
+    scores = input_scores(whole, [n for n, f in specs.items() if f.proxy is not None])
+    return layers_exact(model, lambda name: qcompile.quantize(
+        whole.get_submodule(name).weight.detach(), specs[name], axis=1,
+        proxy_score=scores.get(name)))
+
+
+def saved_shards_exact(model, folder, policy=None) -> dict:
+    """shards_exact for a saved packed folder: against the packed weights of the folder loaded
+    in one process."""
+    whole = load(folder)
+    return layers_exact(model, lambda name: whole.get_submodule(name).qtensor())
+
+
+def layers_exact(model, whole_of) -> dict:
+    """Each sharded packed layer of ``model`` against this rank's part of ``whole_of(name)``,
+    its whole packed weight."""
+    differ, sharded, rank = [], 0, dist.get_rank()
     for name, mod in model.named_modules():
         if not isinstance(mod, QuantLinear):
             continue
-        got = mod.qtensor()
-        want = qcompile.quantize(whole.get_submodule(name).weight.detach(),
-                                 policy.match(name, "linear")[1].weight, axis=1)
+        got, want = mod.qtensor(), whole_of(name)
         if got.shape == want.shape:
             continue
         sharded += 1
         codes, scales = my_part(want, got.shape, rank)
         same = [torch.equal(bits(got.codes), bits(codes)),
-                torch.equal(bits(got.scales), bits(scales)), set(got.side) == set(want.side)]
-        same += [torch.equal(bits(got.side[k]), bits(want.side[k])) for k in want.side]
+                torch.equal(bits(got.scales), bits(scales)), set(got.side) == set(want.side),
+                same_map(apart_map(got), my_map(want, got))]
+        same += [torch.equal(bits(got.side[k]), bits(want.side[k]))
+                 for k in want.fmt.whole_tensor_side]
         if not all(same):
             differ.append(name)
     return {"differ": differ, "sharded": sharded}
@@ -126,6 +187,35 @@ def experts_exact(model, folder, policy) -> dict:
                     torch.equal(bits(mod.scales[e]), bits(scales))]
             same += [torch.equal(bits(getattr(mod, f"side_{k}")[e]), bits(want.side[k]))
                      for k in want.side]
+            if not all(same):
+                differ.append(f"{name}[{e}]")
+    return {"differ": differ, "sharded": sharded}
+
+
+def saved_experts_exact(model, folder, policy=None) -> dict:
+    """experts_exact for a saved packed folder: each expert's part of this rank against its
+    part of the same expert of the folder loaded in one process (codes, scales, a codebook bit
+    for bit; the weights kept apart by where they sit)."""
+    whole, rank = load(folder), dist.get_rank()
+    differ, sharded = [], 0
+    for name, mod in model.named_modules():
+        if not isinstance(mod, PackedExperts):
+            continue
+        sharded += 1
+        ref = dict(whole.named_modules())[name]  # (the experts module shows its view by name)
+        for e in range(mod.num_experts):
+            got, want = mod.expert(e).q, ref.expert(e).q
+            rows = None
+            if got.shape[0] != want.shape[0]:
+                rows = expert_rows(want.shape[0], got.shape[0], rank)
+                codes, scales = want.codes[rows], want.scales[rows]
+            else:
+                codes, scales = my_part(want, got.shape, rank)
+            same = [torch.equal(bits(got.codes), bits(codes)),
+                    torch.equal(bits(got.scales), bits(scales)), set(got.side) == set(want.side),
+                    same_map(apart_map(got), my_map(want, got, rows))]
+            same += [torch.equal(bits(got.side[k]), bits(want.side[k]))
+                     for k in want.fmt.whole_tensor_side]
             if not all(same):
                 differ.append(f"{name}[{e}]")
     return {"differ": differ, "sharded": sharded}
@@ -195,7 +285,8 @@ def main(folder, out):
         "saved_sharded": case(lambda: compare(load(packed, **auto), packed, None)),
         "saved_mixed_sharded": case(lambda: compare(load(packed + "_mixed", **auto),
                                                     packed + "_mixed", None)),
-        "saved_proxy": case(lambda: load(packed + "_proxy", **auto)),
+        "saved_proxy": case(lambda: compare_exact(load(packed + "_proxy", **auto),
+                                                  packed + "_proxy", None, saved_shards_exact)),
         "saved_cut_blocks": case(lambda: load(packed64, **auto)),
         "cut_blocks": case(lambda: load(llama64, NF4, **auto)),
         "llama_nvfp4": case(lambda: compare_exact(load(llama, NVFP4, **auto), llama, NVFP4)),
@@ -205,6 +296,8 @@ def main(folder, out):
                                                         llama_bias, WHOLE_MIXED)),
         "llama_nvfp4_quantize_model": case(lambda: compare_exact(
             qcompile.quantize_model_(load(llama, **auto), NVFP4), llama, NVFP4)),
+        "llama_proxy": case(lambda: compare_exact(load(llama, PROXY_MIXED, **auto), llama,
+                                                  PROXY_MIXED)),
         "act_nvfp4_rowwise": case(lambda: load(llama, ACT_NVFP4, **auto)),
         "moe_nf4": case(lambda: compare(load(moe, MOE_NF4, **auto), moe, MOE_NF4)),
         "moe_quantize_model": case(lambda: compare(
@@ -212,7 +305,9 @@ def main(folder, out):
         "moe_cut_blocks": case(lambda: load(moe + "_cut", MOE_NF4, **auto)),
         "moe_whole": case(lambda: compare_exact(load(moe, MOE_WHOLE, **auto), moe, MOE_WHOLE,
                                                 experts_exact)),
-        "saved_moe": case(lambda: load(moe + "_packed", **auto)),
+        "saved_moe": case(lambda: compare_exact(load(moe + "_packed", **auto), moe + "_packed",
+                                                None, saved_experts_exact)),
+        "saved_moe_cut_blocks": case(lambda: load(moe + "_cut_packed", **auto)),
         "compile_float": case(lambda: qcompile.compile(load(llama, **auto), NF4)),
     }
     if dist.get_rank() == 0:

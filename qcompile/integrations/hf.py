@@ -251,9 +251,13 @@ class BlockQuantHfQuantizer(HfQuantizer):
         mesh = tensor_parallel.plan_mesh(model)  # under a tp_plan: each rank keeps its shard
         for name, entry in doc["modules"].items():
             if entry["kind"] == "experts":
-                if mesh is not None:
-                    tensor_parallel.refuse_saved_experts(model, name)
-                serialize._install(model, name, entry, qtensors[entry["packed"]], None)
+                stack = qtensors[entry["packed"]]
+                if mesh is not None:  # each expert's matrix cut as the plan splits the stack
+                    stack = tensor_parallel.shard_saved_experts(model, name, stack, mesh)
+                serialize._install(model, name, entry, stack, None)
+                if stack is not qtensors[entry["packed"]]:  # (the holder, not its view)
+                    prefix, _, attr = name.rpartition(".")
+                    tensor_parallel.mark_sharded(model.get_submodule(prefix)._modules[attr])
                 continue
             holder = model.get_submodule(name)
             q, bias = qtensors[entry["packed"]], holder._parameters.get("bias")
@@ -295,7 +299,7 @@ def _prepare_stack(model, name: str, doc: dict):
     prefix, _, attr = name.rpartition(".")
     mod, holder = model.get_submodule(prefix), torch.nn.Module()
     # a tp_plan's style for the stack checks these on its holder as the model is parallelised;
-    # the stack is then refused by name (tensor_parallel.refuse_saved_experts)
+    # each rank's part of the stack is then cut (tensor_parallel.shard_saved_experts)
     holder.out_features, holder.in_features = mod._parameters[attr].shape[-2:]
     for leaf in serialize.stack_leaves(doc["packed"][name]):
         dtype, shape = doc["tensors"][f"{name}.{leaf}"]
