@@ -156,11 +156,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=3, help="profiled rounds (default 3)")
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens before decoding")
     ap.add_argument("--fmt", default="nf4", help="the weight format (default nf4)")
+    ap.add_argument("--cpp-wrapper", action="store_true",
+                    help="compile with Inductor's C++ wrapper (option cpp_wrapper=True)")
     args = ap.parse_args(argv)
-    model, _ = compiled_smollm2(args.fmt)
+    options = {"cpp_wrapper": True} if args.cpp_wrapper else {}
+    model, _ = compiled_smollm2(args.fmt, **options)
     prompt = torch.arange(1, args.prompt + 1)[None, :]
     row = measure(model, prompt, args.steps, args.repeats)
-    print(table(row, f"SmolLM2-135M, blockquant {args.fmt} (inductor)"), flush=True)
+    wrapper = ", C++ wrapper" if args.cpp_wrapper else ""
+    print(table(row, f"SmolLM2-135M, blockquant {args.fmt} (inductor{wrapper})"), flush=True)
     return row
 
 

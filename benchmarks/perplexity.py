@@ -28,6 +28,11 @@ WEIGHT_ONLY = ["int8", "mxint8", "mxfp8_e4m3", "bfp8",
 #: Weight + activation formats (the same format for both operands): name -> format.
 WEIGHT_ACT = {"bfp6 W6A6": "bfp6", "mxint8 W8A8": "mxint8", "mxfp4 W4A4": "mxfp4",
               "bfp4 W4A4": "bfp4"}
+#: Weight and activation formats that differ: name -> (weight format, activation format).
+MIXED = {"int4 W4A8": ("int4", "int8")}
+#: Rows whose model is cast to another dtype first (as from_pretrained(dtype=...) loads it):
+#: name -> (weight format, dtype); the speed section's bf16 row has the same policy.
+IN_DTYPE = {"nf4 (bf16 model)": ("nf4", torch.bfloat16)}
 
 
 def weight_only(fmt: str) -> Policy:
@@ -35,8 +40,10 @@ def weight_only(fmt: str) -> Policy:
     return Policy({"lm_head": None}, default=LayerSpec(weight=fmt))
 
 
-def weight_act(fmt: str) -> Policy:
-    return Policy({"lm_head": None}, default=LayerSpec(weight=fmt, act=fmt))
+def weight_act(fmt: str, act: str | None = None) -> Policy:
+    """``fmt`` on the weights and ``act`` (default: ``fmt``) on the inputs of every linear
+    layer except lm_head."""
+    return Policy({"lm_head": None}, default=LayerSpec(weight=fmt, act=act or fmt))
 
 
 def sweep_policies(names: list[str] | None = None) -> dict[str, Policy | None]:
@@ -45,6 +52,8 @@ def sweep_policies(names: list[str] | None = None) -> dict[str, Policy | None]:
     every: dict[str, Policy | None] = {"fp32": None}
     every.update({f: weight_only(f) for f in WEIGHT_ONLY})
     every.update({label: weight_act(f) for label, f in WEIGHT_ACT.items()})
+    every.update({label: weight_act(w, a) for label, (w, a) in MIXED.items()})
+    every.update({label: weight_only(f) for label, (f, _) in IN_DTYPE.items()})
     if not names:
         return every
     chosen: dict[str, Policy | None] = {"fp32": None}
@@ -142,7 +151,9 @@ def _score(model, windows, label, policy, lowering, batch) -> dict:
     else:
         # a copy per policy: explain(compiled) then sees only this policy's graphs, and
         # the packed weights (cached on the parameters) go with the copy
-        fast = qcompile.compile(copy.deepcopy(model), policy, lowering=lowering, dynamic=False)
+        dtype = IN_DTYPE.get(label, (None, torch.float32))[1]
+        fast = qcompile.compile(copy.deepcopy(model).to(dtype), policy, lowering=lowering,
+                                dynamic=False)
         r = perplexity(fast, windows, batch, desc=label)
         bits, _ = quantised_bits(qcompile.explain(fast))
         compile_s = r["seconds"][0] - later_median(r["seconds"])

@@ -23,7 +23,12 @@ GOALS_DOC = [
     ("memory", "resident weight memory <= 0.2x float32 for the 4-bit policy"),
     ("gemv", "CPU GEMV at M=1 (4096x4096, 11008x4096) >= 70% of a streaming read's bandwidth"),
     ("peers", "blockquant 4-bit decodes faster than every installed peer (llama.cpp, torchao)"),
+    ("llama", "decode tokens/s against llama.cpp: 4-bit >= 1.0x, W4A8 >= 1.5x, W8A8 >= 1.2x"),
+    ("dtype16", "bf16 / fp16 model, 4-bit policy: decode within 10% of the float32 model's 4-bit "
+                "speed and >= 4x eager in that dtype; prefill no slower than eager in that dtype"),
 ]
+# the speed rows the "llama" goal judges, by label prefix, and the tokens/s ratio each must reach
+LLAMA_TARGETS = (("blockquant {w4} ", 1.0), ("blockquant W4A8 ", 1.5), ("blockquant W8A8 ", 1.2))
 GEMV_TARGET = 70.0  # % of the streaming read, the issue's target
 GEMV_GOAL_SHAPES = {(4096, 4096), (11008, 4096)}
 
@@ -128,8 +133,51 @@ def goals(results: dict) -> list[tuple[str, str, str]]:
                 status = "met" if all(r["decode_ms"] < p["decode_ms"] for p in ps) else "missed"
                 evidence = ", ".join(f"{r['decode_ms'] / p['decode_ms']:.2f}x the latency of "
                                      f"{p['label']}" for p in ps)
+        elif key == "llama" and speed and _llama(results):
+            status, evidence = _llama_goal(speed, _llama(results), w4)
+        elif key == "dtype16" and speed:
+            status, evidence = _dtype_goal(speed, w4)
         out.append((text, status, evidence))
     return out
+
+
+def _row_starting(rows: list[dict], prefix: str) -> dict | None:
+    return next((r for r in rows if r["label"].startswith(prefix)), None)
+
+
+def _llama(results: dict) -> dict | None:
+    return _row_starting(_measured(results.get("peers")), "llama.cpp")
+
+
+def _llama_goal(speed: list[dict], llama: dict, w4: str) -> tuple[str, str]:
+    got = []
+    for prefix, target in LLAMA_TARGETS:
+        r = _row_starting(speed, prefix.format(w4=w4))
+        if r is not None:
+            got.append((r["label"], r["decode_tok_s"] / llama["decode_tok_s"], target))
+    if not got:
+        return "not measured", ""
+    status = "met" if all(v >= t for _, v, t in got) else "missed"
+    return status, ", ".join(f"{label}: {v:.2f}x (target {t:.1f}x)" for label, v, t in got)
+
+
+def _dtype_goal(speed: list[dict], w4: str) -> tuple[str, str]:
+    fp32 = _row_starting(speed, f"blockquant {w4} ")
+    found, ok = [], True
+    for dtype in ("bf16", "fp16"):
+        eager, bq = (_row_starting(speed, f"{dtype}: {what}")
+                     for what in ("eager", f"blockquant {w4} "))
+        if fp32 is None or eager is None or bq is None:
+            continue
+        vs32 = bq["decode_tok_s"] / fp32["decode_tok_s"]
+        vs_eager = bq["decode_tok_s"] / eager["decode_tok_s"]
+        prefill = bq["prefill_s"] / eager["prefill_s"]
+        ok = ok and vs32 >= 0.9 and vs_eager >= 4.0 and prefill <= 1.0
+        found.append(f"{dtype}: {vs32:.2f}x the float32 model's {w4} tokens/s, {vs_eager:.2f}x "
+                     f"eager {dtype}, prefill {prefill:.2f}x eager {dtype}'s latency")
+    if not found:
+        return "not measured", ""
+    return ("met" if ok else "missed"), "; ".join(found)
 
 
 def markdown(results: dict, images: dict[str, str]) -> str:

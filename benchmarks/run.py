@@ -103,6 +103,9 @@ def parser() -> argparse.ArgumentParser:
                     help="timed speed runs, median reported (default 5; --quick 1)")
     ap.add_argument("--w8", default="mxint8", help="the W8 format of the speed runs")
     ap.add_argument("--w4", default="nf4", help="the 4-bit format of the speed runs")
+    ap.add_argument("--speed-dtypes", nargs="*", choices=list(speed.DTYPES), default=None,
+                    help="model dtypes whose eager and 4-bit rows the speed section adds "
+                         "(default: bf16 fp16; --quick none)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--no-peers", action="store_true",
                     help="skip llama.cpp and torchao beside the speed rows")
@@ -146,6 +149,8 @@ def settle(args, ap) -> argparse.Namespace:
     args.speed_lowering = args.speed_lowering or ("eager" if q else "inductor")
     args.moe_experts = args.moe_experts or (moe.QUICK_EXPERTS if q else moe.EXPERTS)
     args.moe_dtypes = args.moe_dtypes or list(moe.DTYPES)
+    if args.speed_dtypes is None:
+        args.speed_dtypes = [] if q else list(speed.DTYPES)
     active = moe.SHAPE["num_experts_per_tok"]
     if args.moe_experts < active:
         ap.error(f"--moe-experts must be at least {active} (the experts active per token), "
@@ -253,8 +258,9 @@ def estimate(model, windows, args) -> float:
     if "speed" in args.sections:
         runs = args.repeats + 1
         fwd = t_win * args.prefill / args.window + args.decode * 0.05
-        est += 4 * runs * fwd + 2 * runs * (args.decode + 1) * (t_q + 0.05) + 2 * t_q
-        est += 3 * (180 if args.speed_lowering == "inductor" else 30)
+        rows = 4 + 2 * len(args.speed_dtypes)  # W4A8 and a 4-bit row per extra dtype compile
+        est += rows * runs * fwd + 2 * runs * (args.decode + 1) * (t_q + 0.05) + 2 * t_q
+        est += (4 + len(args.speed_dtypes)) * (180 if args.speed_lowering == "inductor" else 30)
         if not args.no_peers:  # llama.cpp: seconds; torchao: two Inductor compiles, and its
             # int4 CPU kernel on float32 activations prefills ~50x slower than eager fp32
             est += 10 + 2 * 180 + runs * fwd * (50 + 1)
@@ -273,6 +279,7 @@ def main(argv=None) -> Path:
     command = "python -m benchmarks run " + shlex.join(sys.argv[2:] if argv is None else argv)
     settings = {"command": command.strip(), "model": moe.TITLE, "packaged_model": False,
                 "speed_lowering": args.speed_lowering, "prefill": args.prefill,
+                "speed_dtypes": getattr(args, "speed_dtypes", []),
                 "decode_prompt": args.decode_prompt, "decode": args.decode,
                 "repeats": args.repeats, "estimate_s": 0.0}
     results = {"started": started, "machine": machine(), "settings": settings}
@@ -361,7 +368,7 @@ def lm_sections(args, ap, results: dict) -> None:
     if "speed" in args.sections:
         results["speed"] = speed.measure(model, ids[None, :args.prefill], args.decode,
                                          args.repeats, args.w8, args.w4, args.speed_lowering,
-                                         ids[None, :args.decode_prompt])
+                                         ids[None, :args.decode_prompt], args.speed_dtypes)
     if "speed" in args.sections and not args.no_peers:
         # the same prompts as the speed rows, so the peers sit beside them
         gguf = peers.packaged_gguf() if args.model is None else None

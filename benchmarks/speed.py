@@ -9,7 +9,12 @@ Configurations (each on its own copy of the model):
 * torch.compile fp32: ``torch.compile(model)`` (Inductor);
 * blockquant <fmt>: ``qcompile.quantize_model_`` (packed weights only) then
   ``qcompile.compile(model, policy, lowering=...)`` (in place, as the README does it);
-* blockquant W8A8 <fmt>: the same with <fmt> on the linear layers' activations too.
+* blockquant W8A8 <fmt>: the same with <fmt> on the linear layers' activations too;
+* blockquant W4A8 int4: ``int4`` weights with ``int8`` activations (the integer path, the kind of
+  computation of llama.cpp's Q4_0 x Q8_0);
+* per extra model dtype (``dtypes``: bf16, fp16): "<dtype>: eager" (the model cast to that dtype,
+  as ``from_pretrained(dtype=...)`` loads it) and "<dtype>: blockquant <fmt>" (the same, with the
+  4-bit policy): the targets compare these with each other and with the float32 rows.
 
 Per configuration: a warm-up (which compiles: the prefill graphs, the first decode step and
 the dynamic-shape decode graph), then ``repeats`` timed rounds of: the prefill of a long prompt
@@ -55,8 +60,15 @@ def generate_timed(fn, prompt: torch.Tensor, decode: int,
     return prefill, steps
 
 
-def configurations(model, w8: str, w4: str, lowering: str = "inductor"):
-    """(label, kind, builder) triples; a builder returns (callable, model it runs)."""
+#: the extra model dtypes of the speed rows: name -> torch dtype
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+#: the W4A8 row's formats: int4 weights, int8 activations (the integer path)
+W4A8 = ("int4", "int8")
+
+
+def configurations(model, w8: str, w4: str, lowering: str = "inductor", dtypes=()):
+    """(label, kind, builder) triples; a builder returns (callable, model it runs).
+    ``dtypes``: names of DTYPES whose eager and 4-bit rows follow the float32 ones."""
     def eager():
         return model, model
 
@@ -70,11 +82,17 @@ def configurations(model, w8: str, w4: str, lowering: str = "inductor"):
         backend = "inductor" if lowering == "inductor" else "eager"
         return torch.compile(model, backend=backend), model
 
-    def blockquant(fmt, act=None):
+    def blockquant(fmt, act=None, dtype=torch.float32):
         def build():
             policy = every_linear(fmt, act)
-            m = qcompile.quantize_model_(copy.deepcopy(model), policy)
+            m = qcompile.quantize_model_(copy.deepcopy(model).to(dtype), policy)
             return qcompile.compile(m, policy, lowering=lowering), m
+        return build
+
+    def eager_in(dtype):
+        def build():
+            m = copy.deepcopy(model).to(dtype)
+            return m, m
         return build
 
     tag = "Inductor" if lowering == "inductor" else "Dynamo, eager lowering"
@@ -85,7 +103,12 @@ def configurations(model, w8: str, w4: str, lowering: str = "inductor"):
             (f"blockquant {w8} ({lowering})", "compiled", blockquant(w8)),
             (f"blockquant {w4} ({lowering})", "compiled", blockquant(w4)),
             # int x int: the integer path (exact block dot products, activations quantised in C++)
-            (f"blockquant W8A8 {w8} ({lowering})", "compiled", blockquant(w8, w8))]
+            (f"blockquant W8A8 {w8} ({lowering})", "compiled", blockquant(w8, w8)),
+            (f"blockquant W4A8 {W4A8[0]} ({lowering})", "compiled", blockquant(*W4A8)),
+            *[row for name in dtypes for row in (
+                (f"{name}: eager", "eager", eager_in(DTYPES[name])),
+                (f"{name}: blockquant {w4} ({lowering})", "compiled",
+                 blockquant(w4, dtype=DTYPES[name])))]]
 
 
 def quantised_layer_bytes(model) -> tuple[int, int]:
@@ -107,13 +130,13 @@ def quantised_layer_bytes(model) -> tuple[int, int]:
 
 def measure(model, prompt: torch.Tensor, decode: int = 4, repeats: int = 3,
             w8: str = "mxint8", w4: str = "nf4", lowering: str = "inductor",
-            decode_prompt: torch.Tensor | None = None) -> list[dict]:
+            decode_prompt: torch.Tensor | None = None, dtypes=()) -> list[dict]:
     """Rows for every configuration: ``prompt`` [1, P] times the prefill, ``decode_prompt``
-    (default: ``prompt``) starts the timed decoding."""
+    (default: ``prompt``) starts the timed decoding; ``dtypes``: the extra model dtypes."""
     fp32_bytes = qcompile.resident_weight_bytes(model)
     decode_prompt = prompt if decode_prompt is None else decode_prompt
     rows = []
-    configs = configurations(model, w8, w4, lowering)
+    configs = configurations(model, w8, w4, lowering, dtypes)
     for label, kind, build in tqdm(configs, desc="speed", unit="config"):
         torch._dynamo.reset()
         try:
