@@ -201,3 +201,25 @@ def test_compiled_model_runs_the_int_operator_on_mxfp4_weights():
     assert targets.count("qcompile_cpu.int_linear.default") == 2
     kernels = [r.kernel for r in qcompile.explain(model).rows if r.weight_fmt != "-"]
     assert kernels == [f"cpu ({cpu.machine_isa()}, int)"] * 2
+
+
+def test_compiled_nvfp4_runs_the_integer_path_through_the_python_op():
+    """NVFP4's multipliers come from the tensor's side data, so the graph keeps
+    ``qcompile::linear`` (no C++ operator), whose CPU entry runs the integer path: explain says
+    "cpu (ISA, int)" and the output is the formula, bit for bit."""
+    from qcompile.backend import compiled_variants
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 40))
+    act = "mxint8[block_size=16]"
+    qcompile.compile(model, Policy(default=LayerSpec(weight="nvfp4", act=act)),
+                     lowering="eager")
+    x = binade_spread_input(256)
+    with torch.no_grad():
+        y = model(x)
+        want = formula(x, qcompile.quantize(model[0].weight, "nvfp4", axis=1), model[0].bias,
+                       act)
+    assert same_bits(y, want)
+    targets = [str(n.target) for n in compiled_variants()[0].gm.graph.nodes]
+    assert "qcompile.linear.default" in targets
+    kernels = [r.kernel for r in qcompile.explain(model).rows if r.weight_fmt != "-"]
+    assert kernels == [f"cpu ({cpu.machine_isa()}, int)"]
