@@ -17,7 +17,7 @@ import functools
 import torch
 
 from qcompile import config, formats
-from qcompile.formats.elements import IntElement
+from qcompile.formats.elements import IntElement, integer_grid
 
 from .errors import NoKernel  # noqa: F401  (re-exported: qcompile.codegen.select.NoKernel)
 from .triton import emit
@@ -28,6 +28,7 @@ MAX_ACT_BLOCK = 256  # larger activation blocks are fake-quantised outside the f
 EMBEDDING_KERNEL_ROWS = 16  # up to this many ids the CPU kernels decode row by row
 CPU_CODE_BITS = range(2, 9)  # code widths the CPU kernels decode
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CPU_INT_SCALES = ("pow2", "absmax", "nvfp4")  # weight scales of the CPU integer kernels
 NEED_LAUNCH = "Triton kernels need CUDA tensors (or TRITON_INTERPRET=1)"
 
 
@@ -94,19 +95,25 @@ def fusable_act(af) -> bool:
             and _pow2(af.block_size) and af.block_size <= MAX_ACT_BLOCK)
 
 
-def int_path(wfmt, af, variant: str) -> bool:
+def int_path(wfmt, af, variant: str, cpu: bool = False) -> bool:
     """Integer block dot products: int elements on both sides, each activation block (one K
-    tile) inside one weight block, products summed exactly (|D| < 2^24 for the float32 cast)."""
+    tile) inside one weight block, products summed exactly (|D| < 2^24 for the float32 cast).
+    ``cpu``: the CPU integer kernels' wider rule: a weight element whose every value is an
+    integer multiple of 2^-s (``formats.elements.integer_grid``: mxfp4's and nvfp4's E2M1, its
+    codes decoded to the integers 2^s v by a table) and NVFP4's byte scales (a multiplier
+    table) too; the Triton integer path keeps int weights with E8M0 / absmax scales."""
     if af is None or not fusable_act(af) or wfmt.opq is not None or wfmt.proxy is not None:
         return False
     we, ae = wfmt.element, af.element
-    if not (isinstance(we, IntElement) and isinstance(ae, IntElement)):
+    grid = integer_grid(we) if cpu or isinstance(we, IntElement) else None
+    if grid is None or not isinstance(ae, IntElement):
         return False
-    if wfmt.scale.kind not in ("pow2", "absmax") or wfmt.block_size is None:
+    if wfmt.scale.kind not in (CPU_INT_SCALES if cpu else ("pow2", "absmax")) \
+            or wfmt.block_size is None:
         return False
     if wfmt.block_size % af.block_size or (variant == "gemm" and af.block_size < 16):
         return False
-    return af.block_size * we.qmax * ae.qmax < 2**24
+    return af.block_size * grid[1] * ae.qmax < 2**24
 
 
 def splits_k(wfmt, af, variant: str) -> bool:
@@ -116,14 +123,14 @@ def splits_k(wfmt, af, variant: str) -> bool:
 
 
 def cpu_int_applies(q, af) -> bool:
-    """The CPU integer path: the Triton integer path's pairs, where each activation block lies
-    inside one weight block."""
+    """The CPU integer path: the Triton integer path's pairs and the CPU's wider weights
+    (``int_path(..., cpu=True)``), where each activation block lies inside one weight block."""
     return af is not None and _cpu_int(q.fmt, af, q.block, _weight_k(q))
 
 
 @functools.lru_cache(maxsize=1024)
 def _cpu_int(wfmt, af, block: int, k: int) -> bool:
-    return int_path(wfmt, af, "gemv") and block % af.block_for(k) == 0
+    return int_path(wfmt, af, "gemv", cpu=True) and block % af.block_for(k) == 0
 
 
 def tables_from_side_data(fmt) -> bool:

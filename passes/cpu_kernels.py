@@ -9,9 +9,10 @@ or float16 weight the CPU kernels read whose tables depend on the format alone (
 tensor scale, which come from the tensor's side data), no proxy columns. Anything else stays
 ``qcompile::linear``, which says itself what it cannot do. The format's
 element and multiplier tables are registered with the operator library (named by a format id).
-Int weights with int activations (codegen/cpu/int_kernels.cpp) become
-``qcompile_cpu::int_linear``, which quantises the activations itself; another activation format
-becomes a ``qcompile::fake_quantize_act`` node before ``qcompile_cpu::linear``.
+Int weights (and mxfp4-like weights of integers times 2^-s) with int activations
+(codegen/cpu/int_kernels.cpp) become ``qcompile_cpu::int_linear``, which quantises the
+activations itself; another activation format becomes a ``qcompile::fake_quantize_act`` node
+before ``qcompile_cpu::linear``.
 """
 from __future__ import annotations
 

@@ -55,7 +55,9 @@ struct IntArgs {
     const void* scales;    // [N, n_blocks]: byte codes (mult_table) or float32 absmax values
     int64_t n_blocks, block;
     const float* mult_table;
-    float maxv, wstep;     // absmax divisor; 2^-frac of the weight element
+    float maxv, wstep;     // absmax divisor; 2^-s of the weight element (int: 2^-frac)
+    const float* table;    // the element's value of every code (table entry points: code c
+                           // is the integer table[c] / wstep)
     const float* bias;     // [N] or null
     float* y;              // [M, N]
     int64_t N;

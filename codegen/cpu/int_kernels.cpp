@@ -20,6 +20,13 @@
 // fits int16), then ``vpmaddwd``; the scalar build loops. 4-bit weight codes are read packed by
 // the AVX2 / AVX-512 (no VNNI) dot products (dots8_nibbles, blocks of a multiple of 32 codes);
 // other widths (and 4-bit codes elsewhere) are unpacked to signed bytes for the row group first.
+//
+// Elements whose every value is an integer multiple of 2^-s (mxfp4 / nvfp4's E2M1: s = 1, 2^s v
+// in {0, +-1, 2, 3, 4, 6, 8, 12}; the selector's rule, qcompile.formats.elements.integer_grid)
+// run the same integer dot products through a table of the integers 2^s v of every code (the
+// ``_t`` entry points, ``CodeInts``), the block multiplier times 2^-s: packed 4-bit codes meet
+// vpshufb (u = 2^s v + off, off = -min, an unsigned vpmaddubsw operand; off x the code sum
+// comes out), other reads unpack the codes to signed bytes through the table.
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
@@ -115,6 +122,30 @@ void act_quantize(const ActArgs& a, int threads) {
         }
 }
 
+// A table element's codes as integers: v[c] = 2^s value(c) = table[c] / wstep (exact: the selector
+// admits only such elements, |v| <= 127); for the packed 4-bit dot products u[c] = v[c] + off,
+// off = -min v, taken where u <= 64 (four products u x added in int16 stay below 2^15).
+struct CodeInts {
+    int8_t v[256];
+    alignas(16) uint8_t u[16];
+    int32_t off;
+    bool packed;
+};
+template <int BITS>
+CodeInts code_ints(const IntArgs& a) {
+    CodeInts t{};
+    int lo = 0, hi = 0;
+    for (int c = 0; c < (1 << BITS); ++c) {
+        t.v[c] = (int8_t)std::lrint(a.table[c] / a.wstep);
+        lo = std::min(lo, (int)t.v[c]);
+        hi = std::max(hi, (int)t.v[c]);
+    }
+    t.off = -lo;
+    t.packed = BITS == 4 && hi + t.off <= 64;
+    for (int c = 0; c < 16 && BITS == 4; ++c) t.u[c] = (uint8_t)(t.v[c] + t.off);
+    return t;
+}
+
 // D[r] = sum_k x[k] w_r[k] over one block of T codes, r < 8 (no VNNI): |w| times x * sign(w)
 // in vpmaddubsw (|pair sums| <= 2 * 127 * 127 < 2^15), then vpmaddwd into int32 lanes.
 #if QC_ISA >= 1
@@ -159,18 +190,27 @@ inline void dots8(const int8_t* const* w, const int8_t* x, int64_t T, int32_t* D
 // ones, so x comes in that order (nibble_order: per 64 codes the 32 even ones, then the 32 odd
 // ones; a last 32 alone: its 16 even, then 16 odd). Unpacking the codes to bytes first cost
 // more than the dot products: 3.5x the instructions and a round trip through memory.
-inline __m256i nibble_dot(__m256i b, __m256i xe, __m256i xo) {
+// A table element (TAB): each nibble c becomes u[c] by vpshufb on the table in both lanes.
+template <bool TAB>
+inline __m256i nibble_dot(__m256i b, __m256i xe, __m256i xo, __m256i tab) {
     const __m256i low = _mm256_set1_epi8(15);
-    b = _mm256_xor_si256(b, _mm256_set1_epi8((char)0x88));
-    const __m256i p = _mm256_add_epi16(
-        _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(b, 4), low), xe),
-        _mm256_maddubs_epi16(_mm256_and_si256(b, low), xo));
+    if (!TAB) b = _mm256_xor_si256(b, _mm256_set1_epi8((char)0x88));
+    __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low), lo = _mm256_and_si256(b, low);
+    if (TAB) {
+        hi = _mm256_shuffle_epi8(tab, hi);
+        lo = _mm256_shuffle_epi8(tab, lo);
+    }
+    const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(hi, xe), _mm256_maddubs_epi16(lo, xo));
     return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
 }
 // D[r] for one block of T codes (T % 32 == 0): w[r] the rows' packed bytes at the block's start,
-// x the block's codes in nibble order
+// x the block's codes in nibble order (ci: a table element's integers, else int4's w + 8)
+template <bool TAB>
 inline void dots8_nibbles(const uint8_t* const* w, const int8_t* x, int64_t T, int32_t xsum,
-                          int32_t* D) {
+                          int32_t* D, const CodeInts* ci) {
+    const __m256i tab = TAB ? _mm256_broadcastsi128_si256(_mm_load_si128((const __m128i*)ci->u))
+                            : _mm256_setzero_si256();
+    const int32_t off = TAB ? ci->off : 8;
     __m256i acc[8];
     for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_si256();
     int64_t c = 0;
@@ -179,7 +219,7 @@ inline void dots8_nibbles(const uint8_t* const* w, const int8_t* x, int64_t T, i
         const __m256i xo = _mm256_loadu_si256((const __m256i*)(x + c + 32));
         for (int r = 0; r < 8; ++r) {
             const __m256i b = _mm256_loadu_si256((const __m256i*)(w[r] + c / 2));
-            acc[r] = _mm256_add_epi32(acc[r], nibble_dot(b, xe, xo));
+            acc[r] = _mm256_add_epi32(acc[r], nibble_dot<TAB>(b, xe, xo, tab));
         }
     }
     if (c < T) {  // 32 codes: 16 bytes; the upper lanes of every operand zero
@@ -187,10 +227,10 @@ inline void dots8_nibbles(const uint8_t* const* w, const int8_t* x, int64_t T, i
         const __m256i xo = _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)(x + c + 16)));
         for (int r = 0; r < 8; ++r) {
             const __m256i b = _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)(w[r] + c / 2)));
-            acc[r] = _mm256_add_epi32(acc[r], nibble_dot(b, xe, xo));
+            acc[r] = _mm256_add_epi32(acc[r], nibble_dot<TAB>(b, xe, xo, tab));
         }
     }
-    _mm256_storeu_si256((__m256i*)D, _mm256_sub_epi32(reduce8(acc), _mm256_set1_epi32(8 * xsum)));
+    _mm256_storeu_si256((__m256i*)D, _mm256_sub_epi32(reduce8(acc), _mm256_set1_epi32(off * xsum)));
 }
 #endif
 
@@ -285,16 +325,21 @@ void tile_vnni(const IntArgs& a, const int8_t* const* wt, int64_t t, F aw, float
 constexpr int ROWS = W;  // weight rows per group: one output per float lane
 
 // D[r] of one block for the ROWS rows of a group (NIB: 4-bit codes as packed, x in nibble
-// order)
+// order; ci: a table element's integers, null for int elements)
 template <bool NIB>
 inline void block_dots(const int8_t* const* wt, const int8_t* x, int64_t T, int32_t xsum,
-                       int32_t* D) {
+                       int32_t* D, const CodeInts* ci) {
 #if QC_ISA == 1 || QC_ISA == 2
     if (NIB) {
         const uint8_t* const* wb = (const uint8_t* const*)wt;
-        for (int r0 = 0; r0 < ROWS; r0 += 8) dots8_nibbles(wb + r0, x, T, xsum, D + r0);
+        for (int r0 = 0; r0 < ROWS; r0 += 8) {
+            if (ci) dots8_nibbles<true>(wb + r0, x, T, xsum, D + r0, ci);
+            else dots8_nibbles<false>(wb + r0, x, T, xsum, D + r0, ci);
+        }
         return;
     }
+#else
+    (void)ci;
 #endif
 #if QC_ISA == 3
     dots16_vnni(wt, x, T, xsum, D);
@@ -309,10 +354,10 @@ inline void block_dots(const int8_t* const* wt, const int8_t* x, int64_t T, int3
 }
 
 // 4-bit codes read packed by dots8_nibbles (AVX2 and AVX-512 without VNNI): for blocks of a
-// multiple of 32 codes
-template <int BITS>
-inline bool reads_nibbles(const IntArgs& a) {
-    return BITS == 4 && (QC_ISA == 1 || QC_ISA == 2) && a.tile % 32 == 0;
+// multiple of 32 codes (a table element's where its u fit the int16 sums)
+template <int BITS, bool TAB>
+inline bool reads_nibbles(const IntArgs& a, const CodeInts& ci) {
+    return BITS == 4 && (QC_ISA == 1 || QC_ISA == 2) && a.tile % 32 == 0 && (!TAB || ci.packed);
 }
 
 // Every block's codes in nibble order (dots8_nibbles): per 64 codes the even ones then the odd
@@ -336,7 +381,7 @@ void nibble_order(const int8_t* xq, int64_t blocks, int64_t T, int8_t* out) {
 // codes of a block are read once); acc holds the M x ROWS running sums.
 template <bool NIB>
 void int_group(const IntArgs& a, const int8_t* xq, const int8_t* const* w, int64_t n0,
-               const float* awt, float* acc, int32_t* rowD) {
+               const float* awt, float* acc, int32_t* rowD, const CodeInts* ci) {
     const int rows = (int)std::min<int64_t>(ROWS, a.N - n0);
     alignas(64) int32_t D[ROWS];
     for (int64_t m = 0; m < a.M; ++m) vstore(acc + m * ROWS, vzero());
@@ -371,7 +416,7 @@ void int_group(const IntArgs& a, const int8_t* xq, const int8_t* const* w, int64
 #endif
         for (int64_t m = 0; m < a.M; ++m) {
             const int8_t* x = xq + (m * a.n_tiles + t) * a.tile;
-            block_dots<NIB>(wt, x, a.tile, a.xsum[m * a.n_tiles + t], D);
+            block_dots<NIB>(wt, x, a.tile, a.xsum[m * a.n_tiles + t], D, ci);
             F d;
 #if QC_ISA >= 2
             d = _mm512_cvtepi32_ps(_mm512_load_si512(D));
@@ -413,6 +458,25 @@ inline void unpack_signed(const uint8_t* row, int64_t len, int8_t* u) {
     for (; k < len; ++k) u[k] = (int8_t)((code_at<BITS>(row, k) ^ half) - half);
 }
 
+// A table element's codes as their integers ci.v[code] (4-bit codes 32 at a time by vpshufb).
+template <int BITS>
+inline void unpack_table(const uint8_t* row, int64_t len, const CodeInts& ci, int8_t* u) {
+    int64_t k = 0;
+#if QC_ISA >= 1
+    if (BITS == 4) {
+        const __m128i low = _mm_set1_epi8(15), tab = _mm_loadu_si128((const __m128i*)ci.v);
+        for (; k + 32 <= len; k += 32) {
+            const __m128i b = _mm_loadu_si128((const __m128i*)(row + k / 2));
+            const __m128i hi = _mm_shuffle_epi8(tab, _mm_and_si128(_mm_srli_epi16(b, 4), low));
+            const __m128i lo = _mm_shuffle_epi8(tab, _mm_and_si128(b, low));
+            _mm_storeu_si128((__m128i*)(u + k), _mm_unpacklo_epi8(hi, lo));
+            _mm_storeu_si128((__m128i*)(u + k + 16), _mm_unpackhi_epi8(hi, lo));
+        }
+    }
+#endif
+    for (; k < len; ++k) u[k] = ci.v[code_at<BITS>(row, k)];
+}
+
 // awt[b * ROWS + r] = a_w of block b of row n: multiplier * 2^-frac. Float32 scales divided W
 // at a time (the same IEEE quotients): one division per block, one at a time, cost a third of
 // a 4096-long int4 row's time.
@@ -430,15 +494,20 @@ void block_multipliers(const IntArgs& a, const Args& wa, int64_t n, int r, float
     for (; b < a.n_blocks; ++b) awt[b * ROWS + r] = multiplier<SCALE>(wa, n, b) * a.wstep;
 }
 
-template <int BITS, int SCALE>
+// TAB: codes read through the table of a table element's integers (CodeInts)
+template <int BITS, int SCALE, bool TAB>
 void int_linear(const IntArgs& a, int threads) {
     const int64_t groups = (a.N + ROWS - 1) / ROWS, len = a.n_tiles * a.tile;
-    const bool nib = reads_nibbles<BITS>(a);
+    CodeInts ints{};
+    if (TAB) ints = code_ints<BITS>(a);
+    const CodeInts* ci = TAB ? &ints : nullptr;
+    const bool nib = reads_nibbles<BITS, TAB>(a, ints);
+    const bool as_stored = (BITS == 8 && !TAB) || nib;  // the codes are read where they are
     std::vector<int8_t> xn(nib ? a.M * len : 0);  // x in nibble order
     if (nib) nibble_order(a.xq, a.M * a.n_tiles, a.tile, xn.data());
     #pragma omp parallel num_threads(threads)
     {
-        std::vector<int8_t> unpacked(BITS == 8 || nib ? 0 : ROWS * len);
+        std::vector<int8_t> unpacked(as_stored ? 0 : ROWS * len);
         std::vector<float> awt(a.n_blocks * ROWS + W, 0.0f);  // [block][row]: a_w
         std::vector<float> acc(a.M * ROWS);
         std::vector<int32_t> rowD(a.M == 1 ? ROWS * a.n_tiles : 0);  // M = 1: [row][block] D
@@ -453,13 +522,14 @@ void int_linear(const IntArgs& a, int threads) {
                 const int64_t n = std::min(n0 + r, a.N - 1);  // rows past N: computed, not stored
                 const uint8_t* row = a.codes + n * a.row_bytes;
                 block_multipliers<SCALE>(a, wa, n, r, awt.data());
-                if (BITS == 8 || nib) { w[r] = (const int8_t*)row; continue; }
+                if (as_stored) { w[r] = (const int8_t*)row; continue; }
                 int8_t* u = unpacked.data() + r * len;
-                unpack_signed<BITS>(row, len, u);
+                if (TAB) unpack_table<BITS>(row, len, ints, u);
+                else unpack_signed<BITS>(row, len, u);
                 w[r] = u;
             }
-            if (nib) int_group<true>(a, xn.data(), w, n0, awt.data(), acc.data(), rowD.data());
-            else int_group<false>(a, a.xq, w, n0, awt.data(), acc.data(), rowD.data());
+            if (nib) int_group<true>(a, xn.data(), w, n0, awt.data(), acc.data(), rowD.data(), ci);
+            else int_group<false>(a, a.xq, w, n0, awt.data(), acc.data(), rowD.data(), ci);
         }
     }
 }
@@ -467,10 +537,13 @@ void int_linear(const IntArgs& a, int threads) {
 }  // namespace
 
 // per weight width and scale kind (the activation side is data: ActArgs), named
-// qc_int_linear_b<BITS>_s<SCALE>
+// qc_int_linear_b<BITS>_s<SCALE>, and _t for codes read through a table of integers
 #define QC_INT_ENTRY(BITS, SCALE)                                                              \
     void qc_int_linear_b##BITS##_s##SCALE(const IntArgs* a, int threads) {                     \
-        int_linear<BITS, SCALE>(*a, threads);                                                  \
+        int_linear<BITS, SCALE, false>(*a, threads);                                           \
+    }                                                                                          \
+    void qc_int_linear_b##BITS##_s##SCALE##_t(const IntArgs* a, int threads) {                 \
+        int_linear<BITS, SCALE, true>(*a, threads);                                            \
     }
 #define QC_INT_SCALES(BITS) QC_INT_ENTRY(BITS, 0) QC_INT_ENTRY(BITS, 1)
 

@@ -36,8 +36,8 @@ struct Format {
     LinearFn linear; DecodeFn decode; ValuesFn values;
     std::vector<float> table, mult;  // element values; multipliers of byte scales (or empty)
     float maxv, step;
-    IntFn int_linear;  // int elements: the integer path (else null)
-    float wstep;       // 2^-frac of an int element
+    IntFn int_linear;  // elements of integers times 2^-s: the integer path (else null)
+    float wstep;       // their 2^-s (int elements: 2^-frac)
 };
 struct Act {  // an activation format of the integer path: ActArgs' format fields
     ActFn quantize;
@@ -181,7 +181,7 @@ at::Tensor int_linear(const at::Tensor& x, const at::Tensor& codes, const at::Te
     const Format& f = lookup(g_formats, format);
     const Act& q = lookup(g_acts, act);
     TORCH_CHECK(f.int_linear != nullptr, "qcompile_cpu::int_linear: format ", format,
-                " has no integer elements");
+                " has no elements of integers times a power of two");
     const at::ScalarType dtype = x.scalar_type();
     TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf) &&
                     x.size(-1) == k,
@@ -216,6 +216,7 @@ at::Tensor int_linear(const at::Tensor& x, const at::Tensor& codes, const at::Te
     ia.codes = codes.data_ptr<uint8_t>(); ia.row_bytes = codes.size(-1);
     ia.scales = scales.data_ptr(); ia.n_blocks = scales.size(1); ia.block = block;
     ia.mult_table = f.mult.empty() ? nullptr : f.mult.data(); ia.maxv = f.maxv; ia.wstep = f.wstep;
+    ia.table = f.table.data();
     ia.bias = b.defined() ? b.data_ptr<float>() : nullptr; ia.y = y.data_ptr<float>(); ia.N = n;
     if (m > 0) f.int_linear(&ia, threads);
     return shaped(dtype == at::kFloat ? y : y.to(dtype), x, n);

@@ -18,10 +18,10 @@ import weakref
 import torch
 
 from qcompile.formats import reference
-from qcompile.formats.elements import IntElement
+from qcompile.formats.elements import IntElement, integer_grid
 
 from .. import constants
-from ..select import CPU_LINEAR_DTYPES, require_cpu_weight, tables_from_side_data
+from ..select import CPU_INT_SCALES, CPU_LINEAR_DTYPES, require_cpu_weight, tables_from_side_data
 from .build import library, op_library
 from .isa import chosen_isa
 from .structs import Args
@@ -35,9 +35,10 @@ def tag(bits: int, scale: int, dec: int) -> str:
     return f"b{bits}_s{scale}_d{dec}"
 
 
-def int_tag(bits: int, scale: int) -> str:
-    """The suffix of an integer-path entry point in int_kernels.cpp."""
-    return f"b{bits}_s{scale}"
+def int_tag(bits: int, scale: int, table: bool = False) -> str:
+    """The suffix of an integer-path entry point in int_kernels.cpp (``table``: codes read as
+    the integers 2^s v of a table, not as two's complement)."""
+    return f"b{bits}_s{scale}" + ("_t" if table else "")
 
 
 class Plan:
@@ -63,10 +64,12 @@ class Plan:
         self.linear_fn = getattr(lib, f"qc_linear_{suffix}")
         self.decode_fn = getattr(lib, f"qc_decode_{suffix}")
         self.values_fn = getattr(lib, f"qc_values_{suffix}")
-        # integer elements (the selector's rule for the integer path): their integer kernel
-        self.int_fn, self.wstep = (
-            getattr(lib, f"qc_int_linear_{int_tag(self.bits, self.scale)}"),
-            2.0 ** -el.frac_bits) if isinstance(el, IntElement) else (None, 1.0)
+        # elements whose values are integers times 2^-s (the selector's rule for the integer
+        # path): their integer kernel; other than int elements' it reads codes through a table
+        grid = integer_grid(el) if fmt.scale.kind in CPU_INT_SCALES else None
+        self.int_fn, self.wstep = (getattr(lib, "qc_int_linear_" + int_tag(
+            self.bits, self.scale, not isinstance(el, IntElement))), 2.0 ** -grid[0]) \
+            if grid is not None else (None, 1.0)
         self.data_dependent = tables_from_side_data(fmt)
         self.apart = reference.kept_apart(q)  # (flat positions, values) added after the kernel
         self.outliers = _outliers(q, self.apart)

@@ -263,3 +263,23 @@ class CodebookElement:
 
 
 Element = IntElement | FloatElement | LogElement | CodebookElement
+
+
+@functools.lru_cache(maxsize=None)
+def integer_grid(el) -> tuple[int, int] | None:
+    """(s, top): every value of element ``el`` is an integer multiple of 2^-s (s >= 0 the
+    smallest such) and |2^s v| <= top <= 127, so a code stands for a signed byte 2^s v that
+    integer dot products can take (E2M1: s = 1, 2^s v in {0, 1, 2, 3, 4, 6, 8, 12} with signs);
+    None where a value is not (NaN / Inf codes, a data-dependent or non-dyadic table) or 2^s v
+    leaves the byte. Derived from the element's own value table; an int element's codes are its
+    integers (s = frac_bits, top = qmax: its encoder never writes the code -2^(bits-1))."""
+    if isinstance(el, IntElement):
+        return el.frac_bits, el.qmax
+    if getattr(el, "data_dependent", False):
+        return None
+    values = el.decode(torch.arange(2**el.bits)).to(torch.float32).tolist()
+    if not all(math.isfinite(v) for v in values):
+        return None
+    s = max(v.as_integer_ratio()[1].bit_length() - 1 for v in values)  # denominators: 2^j
+    top = max(abs(v) * 2**s for v in values)
+    return (s, int(top)) if top <= 127 else None
