@@ -61,7 +61,7 @@ from . import quant as _quant
 from .dequant import dequantize as _dequantize
 from .elements import int_code_lines
 from .lines import cdiv, indent, next_pow2, unpack_lines
-from .traceable import interpretable
+from .traceable import interpretable, outside_tracing
 from ..select import (TRITON_GEMV_MAX_M, NoKernel, choose, fusable_act, int_path,  # noqa: F401
                      quant_supported, splits_k)
 
@@ -409,7 +409,9 @@ def _int_operands(x2, af, launch=_direct):
     xq = torch.empty((m, kp), dtype=torch.int8, device=x2.device)
     ax = torch.empty((kp // ab, m), dtype=torch.float32, device=x2.device)
     bm, bk = ACT_QUANT_TILE
-    launch(_act_kernel(af, x2.dtype))[(cdiv(m, bm), cdiv(kp, bk))](
+    with outside_tracing():
+        kernel = _act_kernel(af, x2.dtype)
+    launch(kernel)[(cdiv(m, bm), cdiv(kp, bk))](
         x2, xq, ax, m, k, x2.stride(0), kp, BLOCK_M=bm, BLOCK_K=bk, enable_fp_fusion=False)
     return xq, ax
 
@@ -522,7 +524,9 @@ def _linear(x, q, act_fmt, bias, choice, launch) -> torch.Tensor:
     x2, af = _act_outside(x2, _formats.get(act_fmt) if act_fmt else None, opq)
     variant = choice.variant
     interp = interpreting()
-    kernel = _kernel(q.fmt, af, variant, x.dtype, opq, interp, config.float32_dots())
+    with outside_tracing():  # the source and tables are made from constants, once, for real
+        kernel = _kernel(q.fmt, af, variant, x.dtype, opq, interp, config.float32_dots())
+        tables = emit.decode_tensors(q.fmt, q.side, q.codes.device)
     if interp and x2.dtype == torch.bfloat16:  # the interpreter's bf16 loads: widen in torch
         x2 = x2.float()
         bias = bias.float() if bias is not None else None
@@ -531,7 +535,7 @@ def _linear(x, q, act_fmt, bias, choice, launch) -> torch.Tensor:
     codes, scales = _weight(q, n_len)
     acts, stride_xm = _act_operands(x2, af, q, variant, launch)
     # the order of the signature (linear_source's _signature)
-    operands = [*acts, codes, scales, *emit.decode_tensors(q.fmt, q.side, codes.device),
+    operands = [*acts, codes, scales, *tables,
                 bias if bias is not None else scales]
     out_dtype = torch.float32 if opq else x.dtype
     split = splits_k(q.fmt, af, variant)

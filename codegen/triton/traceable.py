@@ -43,3 +43,11 @@ def interpretable(kernel):
     if isinstance(getattr(holder, "fn", None), InterpretedFunction):
         holder.fn = InterpretingJIT(holder.fn)
     return kernel
+
+
+def outside_tracing():
+    """A context in which no dispatch mode (fake tensors, export's tracing) is active: where a
+    traced launch makes its kernel source and constant tables, so that they are made from real
+    values and cached as real tensors, whichever call makes them first."""
+    from torch.utils._python_dispatch import _disable_current_modes
+    return _disable_current_modes()
