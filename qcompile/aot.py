@@ -25,7 +25,10 @@ tables come out the same), checks the digest, and only then hands the archive to
 
 Not yet: layers that would run a Python op in the package (embeddings, activation formats other
 than the integer path's, formats whose tables come from side data, matmul rules, packed
-experts), GPU packages (docs/export.md). A C++ process registers the formats from the kernel
+experts). CUDA packages (the linear layers lowered to the Triton op ``qcompile::triton_linear``,
+whose kernels AOTInductor compiles in: ``lower_to_triton_operators``) are built but refused
+until a GPU run has verified them (``QCOMPILE_CUDA_EXPORT=1`` builds one; docs/export.md,
+"GPU"). A C++ process registers the formats from the kernel
 library and manifest the package carries (codegen/cpu/package.py; examples/cpp/). Decoding
 with a KV cache: ``aot_decode.py``.
 """
@@ -69,7 +72,8 @@ def export(model: torch.nn.Module, policy: Policy | None, example_inputs, path,
     ``quantize_model_`` (None: a model ``quantize_model_`` packed is taken as it is, any other
     gets the default policy, said once). ``example_inputs``: a tuple of the forward's
     positional arguments; ``dynamic_shapes``: as for ``torch.export.export`` (e.g.
-    ``{"ids": {1: torch.export.Dim("seq", max=512)}}``). CPU only for now."""
+    ``{"ids": {1: torch.export.Dim("seq", max=512)}}``). The model and inputs on the CPU
+    (C++ operators); CUDA packages wait for a GPU run to verify them (docs/export.md, "GPU")."""
     return _export(model, policy, example_inputs, path, dynamic_shapes=dynamic_shapes)
 
 

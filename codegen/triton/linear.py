@@ -45,6 +45,7 @@ e = 2^-9 + 2^-20.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from pathlib import Path
@@ -399,6 +400,12 @@ def _direct(kernel):
     return kernel
 
 
+def _real(launch):
+    """Where kernels and tables are made: outside any tracing for a traced launch (eager
+    launches run on real tensors already)."""
+    return contextlib.nullcontext() if launch is _direct else outside_tracing()
+
+
 def _int_operands(x2, af, launch=_direct):
     """The integer path's prologue: int8 codes [M, KP] and block multipliers [KP / AB, M] of
     the activations, quantised once for every N tile (KP: K rounded up to whole blocks and to
@@ -409,7 +416,7 @@ def _int_operands(x2, af, launch=_direct):
     xq = torch.empty((m, kp), dtype=torch.int8, device=x2.device)
     ax = torch.empty((kp // ab, m), dtype=torch.float32, device=x2.device)
     bm, bk = ACT_QUANT_TILE
-    with outside_tracing():
+    with _real(launch):
         kernel = _act_kernel(af, x2.dtype)
     launch(kernel)[(cdiv(m, bm), cdiv(kp, bk))](
         x2, xq, ax, m, k, x2.stride(0), kp, BLOCK_M=bm, BLOCK_K=bk, enable_fp_fusion=False)
@@ -524,7 +531,7 @@ def _linear(x, q, act_fmt, bias, choice, launch) -> torch.Tensor:
     x2, af = _act_outside(x2, _formats.get(act_fmt) if act_fmt else None, opq)
     variant = choice.variant
     interp = interpreting()
-    with outside_tracing():  # the source and tables are made from constants, once, for real
+    with _real(launch):  # the source and tables are made from constants, once, for real
         kernel = _kernel(q.fmt, af, variant, x.dtype, opq, interp, config.float32_dots())
         tables = emit.decode_tensors(q.fmt, q.side, q.codes.device)
     if interp and x2.dtype == torch.bfloat16:  # the interpreter's bf16 loads: widen in torch
