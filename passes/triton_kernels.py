@@ -22,7 +22,6 @@ from qcompile.formats import reference
 from .cpu_kernels import _arguments
 
 LINEAR = torch.ops.qcompile.linear.default
-TRITON_LINEAR = torch.ops.qcompile.triton_linear.default
 
 
 def _value(arg, values: dict):
@@ -64,7 +63,7 @@ def use_triton_kernels(gm: fx.GraphModule, values: dict) -> list[tuple[fx.Node, 
             left.append((node, why))
             continue
         with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(TRITON_LINEAR, (
+            new = gm.graph.call_function(ops.triton_linear_op(), (
                 a["x"], a["codes"], a["scales"], a["side"], a["meta"], a["act_fmt"], a["bias"]))
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)

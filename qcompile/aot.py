@@ -242,12 +242,14 @@ def lower_to_triton_operators(program) -> dict:
     kernels. Any Python op left (a layer with no traceable Triton kernel, an embedding, ...)
     is refused, naming the layers and why. Returns the record's tables: no CPU formats; the
     format keys the Triton kernels run."""
-    from .passes.triton_kernels import TRITON_LINEAR, use_triton_kernels
+    from .ops import triton_linear_op
+    from .passes.triton_kernels import use_triton_kernels
+    triton_linear = triton_linear_op()
     gm = program.graph_module
     named = _placeholder_values(program)
     left = use_triton_kernels(gm, named)
     others = [n for n in gm.graph.nodes if n.op == "call_function"
-              and str(n.target).startswith(_PYTHON_OPS) and n.target != TRITON_LINEAR
+              and str(n.target).startswith(_PYTHON_OPS) and n.target != triton_linear
               and n not in dict(left)]
     if left or others:
         said = [f"{_layer_name(n)} ({why})" for n, why in left]
@@ -256,7 +258,7 @@ def lower_to_triton_operators(program) -> dict:
             "qcompile.export: these layers have no Triton kernel a CUDA package can compile in: "
             f"{'; '.join(said[:4])}{' and more' if len(said) > 4 else ''}")
     keys = sorted({json.loads(n.args[4])["fmt"] + (f" x {n.args[5]}" if n.args[5] else "")
-                   for n in gm.graph.nodes if n.target == TRITON_LINEAR})
+                   for n in gm.graph.nodes if n.target == triton_linear})
     return {"formats": {}, "acts": {}, "triton": keys}
 
 

@@ -327,11 +327,20 @@ def _reference_linear(x, q, act_fmt, bias):
 
 # -- qcompile::triton_linear: the Triton linear as a triton_op, for export ---------------------
 
-@torch.library.triton_op("qcompile::triton_linear", mutates_args=())
-def triton_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
-                  side: list[torch.Tensor], meta: str, act_fmt: str,
-                  bias: torch.Tensor | None) -> torch.Tensor:
-    """``qcompile::linear``'s Triton kernels (the fused linear, and the integer path's
+@functools.lru_cache(maxsize=None)
+def triton_linear_op():
+    """``torch.ops.qcompile.triton_linear.default``, registered on first use: registering a
+    triton_op imports Triton, which importing qcompile must not do (TRITON_INTERPRET is read
+    when the first kernel is decorated, and may be set after qcompile is imported)."""
+    op = torch.library.triton_op("qcompile::triton_linear", _triton_linear, mutates_args=())
+    op.register_fake(_triton_linear_fake)
+    return torch.ops.qcompile.triton_linear.default
+
+
+def _triton_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+                   side: list[torch.Tensor], meta: str, act_fmt: str,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    """``qcompile::triton_linear``: ``qcompile::linear``'s Triton kernels (the fused linear, and the integer path's
     prologue) as a ``torch.library.triton_op``: ``torch.export`` followed by
     ``run_decompositions(decompose_custom_triton_ops=True)``, and AOTInductor, see each launch
     as a ``triton_kernel_wrapper_functional`` node rather than an opaque op. Same kernels and
@@ -343,8 +352,7 @@ def triton_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
     return _contiguous(fused.traced_linear(x, q, act_fmt or None, bias))
 
 
-@triton_linear.register_fake
-def _(x, codes, scales, side, meta, act_fmt, bias):
+def _triton_linear_fake(x, codes, scales, side, meta, act_fmt, bias):
     return _linear_output(x, meta, "triton_linear")
 
 

@@ -115,7 +115,7 @@ def test_triton_op_is_the_triton_linear_bit_for_bit():
         q = api.quantize_weight(torch.randn(48, 128), wfmt, 1)
         bias = torch.randn(48)
         args = (x, q.codes, q.scales, [], ops.qtensor_meta(q), act, bias)
-        got = torch.ops.qcompile.triton_linear(*args)
+        got = ops.triton_linear_op()(*args)
         want = torch.ops.qcompile.linear(*args, "triton")
         assert got.shape == (*x.shape[:-1], 48) and torch.equal(got, want), wfmt
 
@@ -124,11 +124,11 @@ def test_triton_op_fake_gives_the_shape_without_running():
     q = api.quantize_weight(torch.randn(48, 128), "nf4", 1)
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode(allow_non_fake_inputs=True):
-        y = torch.ops.qcompile.triton_linear(torch.empty(5, 7, 128), q.codes, q.scales, [],
-                                             ops.qtensor_meta(q), "", None)
+        y = ops.triton_linear_op()(torch.empty(5, 7, 128), q.codes, q.scales, [],
+                                   ops.qtensor_meta(q), "", None)
         with pytest.raises(RuntimeError, match="the weight K=128"):
-            torch.ops.qcompile.triton_linear(torch.empty(5, 64), q.codes, q.scales, [],
-                                             ops.qtensor_meta(q), "", None)
+            ops.triton_linear_op()(torch.empty(5, 64), q.codes, q.scales, [],
+                                   ops.qtensor_meta(q), "", None)
     assert y.shape == (5, 7, 48) and y.dtype == torch.float32
 
 

@@ -8,26 +8,31 @@ kernel; where the op runs eagerly it is the kernel itself (linear.py's ``traced_
 Under TRITON_INTERPRET=1 ``triton.jit`` gives an ``InterpretedFunction``, which torch's tracing
 does not take (``wrap_triton`` hands it back unwrapped, and it cannot run on fake tensors). So
 there the innermost ``InterpretedFunction`` of the autotune / heuristics chain is replaced, once
-per kernel, by ``InterpretingJIT``: a ``JITFunction`` of the same Python function (the arg names
+per kernel, by an ``InterpretingJIT``: a ``JITFunction`` of the same Python function (the arg names
 and parameters torch's tracing reads) whose launches run that same ``InterpretedFunction``. The
 kernel's results are unchanged (the interpreter runs the same function); only tracing differs.
 """
 from __future__ import annotations
 
-from triton.runtime.autotuner import Autotuner, Heuristics
-from triton.runtime.interpreter import InterpretedFunction
-from triton.runtime.jit import JITFunction
+import functools
 
 
-class InterpretingJIT(JITFunction):
-    """A JITFunction for torch's tracing whose launches run Triton's interpreter."""
+@functools.lru_cache(maxsize=None)
+def _interpreting_jit():
+    """The class ``InterpretingJIT``, made on first use: importing qcompile imports no Triton."""
+    from triton.runtime.jit import JITFunction
 
-    def __init__(self, interpreted: InterpretedFunction):
-        super().__init__(interpreted.fn)
-        self.interpreted = interpreted
+    class InterpretingJIT(JITFunction):
+        """A JITFunction for torch's tracing whose launches run Triton's interpreter."""
 
-    def run(self, *args, grid, warmup, **kwargs):
-        return self.interpreted.run(*args, grid=grid, warmup=warmup, **kwargs)
+        def __init__(self, interpreted):
+            super().__init__(interpreted.fn)
+            self.interpreted = interpreted
+
+        def run(self, *args, grid, warmup, **kwargs):
+            return self.interpreted.run(*args, grid=grid, warmup=warmup, **kwargs)
+
+    return InterpretingJIT
 
 
 def interpretable(kernel):
@@ -35,13 +40,15 @@ def interpretable(kernel):
     ``InterpretedFunction`` (TRITON_INTERPRET=1) replaced by an ``InterpretingJIT``: in place
     inside a chain, returned anew for a bare one; apply it once per loaded kernel. A compiled
     kernel (on a GPU) comes back as it is."""
+    from triton.runtime.autotuner import Autotuner, Heuristics
+    from triton.runtime.interpreter import InterpretedFunction
     if isinstance(kernel, InterpretedFunction):
-        return InterpretingJIT(kernel)
+        return _interpreting_jit()(kernel)
     holder = kernel
     while isinstance(getattr(holder, "fn", None), (Autotuner, Heuristics)):
         holder = holder.fn
     if isinstance(getattr(holder, "fn", None), InterpretedFunction):
-        holder.fn = InterpretingJIT(holder.fn)
+        holder.fn = _interpreting_jit()(holder.fn)
     return kernel
 
 
