@@ -25,7 +25,10 @@ tables come out the same), checks the digest, and only then hands the archive to
 
 Not yet: layers that would run a Python op in the package (embeddings, activation formats other
 than the integer path's, formats whose tables come from side data, matmul rules, packed
-experts), GPU packages (docs/export.md). A C++ process registers the formats from the kernel
+experts). CUDA packages (the linear layers lowered to the Triton op ``qcompile::triton_linear``,
+whose kernels AOTInductor compiles in: ``lower_to_triton_operators``) are built but refused
+until a GPU run has verified them (``QCOMPILE_CUDA_EXPORT=1`` builds one; docs/export.md,
+"GPU"). A C++ process registers the formats from the kernel
 library and manifest the package carries (codegen/cpu/package.py; examples/cpp/). Decoding
 with a KV cache: ``aot_decode.py``.
 """
@@ -69,7 +72,8 @@ def export(model: torch.nn.Module, policy: Policy | None, example_inputs, path,
     ``quantize_model_`` (None: a model ``quantize_model_`` packed is taken as it is, any other
     gets the default policy, said once). ``example_inputs``: a tuple of the forward's
     positional arguments; ``dynamic_shapes``: as for ``torch.export.export`` (e.g.
-    ``{"ids": {1: torch.export.Dim("seq", max=512)}}``). CPU only for now."""
+    ``{"ids": {1: torch.export.Dim("seq", max=512)}}``). The model and inputs on the CPU
+    (C++ operators); CUDA packages wait for a GPU run to verify them (docs/export.md, "GPU")."""
     return _export(model, policy, example_inputs, path, dynamic_shapes=dynamic_shapes)
 
 
@@ -85,12 +89,15 @@ def _export(model, policy, example_inputs, path, *, dynamic_shapes=None, extra=N
         _refuse_unexportable_policy(model, policy)
         quantize_model_(model, policy)
     _refuse_packed_experts(model)
-    _refuse_other_devices(model, example_inputs)
+    device = _export_device(model, example_inputs)
     with torch.no_grad():
         program = torch.export.export(model.eval(), example_inputs, dynamic_shapes=dynamic_shapes,
                                       strict=False)
-        tables, native = _lower_to_cpu_operators(program, model)
-    record = {**_record(tables), **(extra or {})}
+        if device == "cuda":
+            tables, native = lower_to_triton_operators(program), {}
+        else:
+            tables, native = _lower_to_cpu_operators(program, model)
+    record = {**_record(tables, device), **(extra or {})}
     folder = os.path.dirname(os.path.abspath(path))
     with tempfile.TemporaryDirectory(dir=folder, prefix=".qcompile_export_") as tmp:
         raw = os.path.join(tmp, "aoti.pt2")
@@ -162,14 +169,40 @@ def _refuse_packed_experts(model):
                                   "exported yet; use qcompile.compile")
 
 
-def _refuse_other_devices(model, example_inputs):
+CUDA_EXPORT_ENV = "QCOMPILE_CUDA_EXPORT"  # =1: build CUDA packages (not yet run on a GPU)
+_NO_GPU = (
+    "qcompile.export: the model or its inputs are on CUDA, and this process has no CUDA device "
+    "(torch {torch} {build}; torch.cuda.is_available() is False). A CUDA package needs what only "
+    "a GPU gives: torch.export on real CUDA tensors, and AOTInductor's CUDA compile (Inductor "
+    "compiles the Triton kernels of qcompile::triton_linear to cubins for the GPU it runs on, "
+    "and builds the wrapper with the CUDA toolkit). Export on a GPU machine (docs/export.md, "
+    "\"GPU\"), or move the model and its inputs to the CPU for a CPU package")
+_NOT_VERIFIED = (
+    "qcompile.export: CUDA packages are built (the linear layers lowered to the Triton op "
+    "qcompile::triton_linear, then AOTInductor) but not yet verified on a GPU: set "
+    f"{CUDA_EXPORT_ENV}=1 to build one anyway, and check it as docs/export.md (\"GPU\") says")
+
+
+def _export_device(model, example_inputs) -> str:
+    """The device the package is made for: "cpu" (the C++ operators) or "cuda" (the Triton
+    kernels, compiled in by AOTInductor). Other devices, mixed devices and CUDA without a GPU
+    (or without the opt-in, until a GPU run has verified the path) are refused."""
     tensors = [*model.parameters(), *model.buffers(),
                *(t for t in example_inputs if isinstance(t, torch.Tensor))]
-    devices = sorted({t.device.type for t in tensors} - {"cpu", "meta"})
-    if devices:
+    devices = sorted({t.device.type for t in tensors} - {"meta"}) or ["cpu"]
+    if "cuda" in devices and not torch.cuda.is_available():
+        build = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "CPU build"
+        raise NotImplementedError(_NO_GPU.format(torch=torch.__version__, build=build))
+    if set(devices) - {"cpu", "cuda"}:
         raise NotImplementedError(f"qcompile.export: the model or its inputs are on {devices}; "
-                                  "packages run the CPU operators only for now: move both to "
-                                  "the CPU")
+                                  "packages are made for the CPU (C++ operators) or CUDA (the "
+                                  "Triton kernels): move the model and its inputs to one")
+    if len(devices) > 1:
+        raise ValueError(f"qcompile.export: the model and its inputs are on {devices}: move "
+                         "them to one device (cpu, or cuda for a GPU package)")
+    if devices == ["cuda"] and os.environ.get(CUDA_EXPORT_ENV, "0") != "1":
+        raise NotImplementedError(_NOT_VERIFIED)
+    return devices[0]
 
 
 def _placeholder_values(program) -> dict:
@@ -200,6 +233,38 @@ def _lower_to_cpu_operators(program, model) -> tuple[dict, dict]:
         raise NotImplementedError("qcompile.export: " + _why_python_ops(left, named))
     tables, plans, acts = _tables(gm, named, model)
     return tables, cpu_package.native_files(_operator_schemas(), plans, acts)
+
+
+def lower_to_triton_operators(program) -> dict:
+    """GPU packages: the exported graph's ``qcompile::linear`` nodes -> the triton_op
+    ``qcompile::triton_linear`` (passes/triton_kernels.py), in place; AOTInductor (or
+    ``program.run_decompositions(decompose_custom_triton_ops=True)``) then sees their Triton
+    kernels. Any Python op left (a layer with no traceable Triton kernel, an embedding, ...)
+    is refused, naming the layers and why. Returns the record's tables: no CPU formats; the
+    format keys the Triton kernels run."""
+    from .ops import triton_linear_op
+    from .passes.triton_kernels import use_triton_kernels
+    triton_linear = triton_linear_op()
+    gm = program.graph_module
+    named = _placeholder_values(program)
+    left = use_triton_kernels(gm, named)
+    others = [n for n in gm.graph.nodes if n.op == "call_function"
+              and str(n.target).startswith(_PYTHON_OPS) and n.target != triton_linear
+              and n not in dict(left)]
+    if left or others:
+        said = [f"{_layer_name(n)} ({why})" for n, why in left]
+        said += [f"{_layer_name(n)} ({n.target})" for n in others]
+        raise NotImplementedError(
+            "qcompile.export: these layers have no Triton kernel a CUDA package can compile in: "
+            f"{'; '.join(said[:4])}{' and more' if len(said) > 4 else ''}")
+    keys = sorted({json.loads(n.args[4])["fmt"] + (f" x {n.args[5]}" if n.args[5] else "")
+                   for n in gm.graph.nodes if n.target == triton_linear})
+    return {"formats": {}, "acts": {}, "triton": keys}
+
+
+def _layer_name(node) -> str:
+    layer = node.meta.get("nn_module_stack", {})
+    return list(layer.values())[-1][0] if layer else node.name
 
 
 def _why_python_ops(nodes, values) -> str:
@@ -285,9 +350,12 @@ def _version() -> str:
     return sys.modules[__package__].__version__  # (the package, always imported before this)
 
 
-def _record(tables: dict) -> dict:
-    return {"package_format": PACKAGE_FORMAT, "qcompile": _version(),
-            "torch": torch.__version__, "operators": _operator_schemas(), **tables}
+def _record(tables: dict, device: str = "cpu") -> dict:
+    """The record's fields; a CUDA package calls no qcompile operator (its Triton kernels are
+    compiled in), so it names none."""
+    operators = _operator_schemas() if device == "cpu" else {}
+    return {"package_format": PACKAGE_FORMAT, "qcompile": _version(), "device": device,
+            "torch": torch.__version__, "operators": operators, **tables}
 
 
 def _operator_schemas() -> dict:
@@ -431,6 +499,9 @@ def _check_versions(path: str, record: dict):
                     f"{record.get('torch')}, this is {torch.__version__} (AOTInductor's C "
                     "interface usually loads it; export again if it fails)",
                     once=("torch version", path))
+    if record.get("device", "cpu") == "cuda":
+        _check_cuda_package(path, record)
+        return
     try:
         schemas = _operator_schemas()
     except Exception as err:  # a missing compiler, a failed build: say what the package needs
@@ -440,6 +511,18 @@ def _check_versions(path: str, record: dict):
         raise PackageError(f"qcompile.load_package: {path} calls operators "
                            f"{record.get('operators')}, this qcompile defines {schemas}: "
                            "export the model again")
+
+
+def _check_cuda_package(path: str, record: dict):
+    """A CUDA package calls no qcompile operator (AOTInductor compiled its Triton kernels in):
+    it needs a CUDA device, and a record naming no operators."""
+    if record.get("operators"):
+        raise PackageError(f"qcompile.load_package: {path} is a CUDA package that names "
+                           f"operators {sorted(record['operators'])}: it was damaged or changed")
+    if not torch.cuda.is_available():
+        raise PackageError(f"qcompile.load_package: {path} is a CUDA package (Triton kernels "
+                           "compiled for a GPU), and this process has no CUDA device: load it on "
+                           "a GPU machine, or export a CPU package")
 
 
 def _register_formats(path: str, record: dict) -> list:

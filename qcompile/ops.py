@@ -325,6 +325,37 @@ def _reference_linear(x, q, act_fmt, bias):
     return _contiguous(_matmul(x, w, bias, q.axis))
 
 
+# -- qcompile::triton_linear: the Triton linear as a triton_op, for export ---------------------
+
+@functools.lru_cache(maxsize=None)
+def triton_linear_op():
+    """``torch.ops.qcompile.triton_linear.default``, registered on first use: registering a
+    triton_op imports Triton, which importing qcompile must not do (TRITON_INTERPRET is read
+    when the first kernel is decorated, and may be set after qcompile is imported)."""
+    op = torch.library.triton_op("qcompile::triton_linear", _triton_linear, mutates_args=())
+    op.register_fake(_triton_linear_fake)
+    return torch.ops.qcompile.triton_linear.default
+
+
+def _triton_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+                   side: list[torch.Tensor], meta: str, act_fmt: str,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    """``qcompile::triton_linear``: ``qcompile::linear``'s Triton kernels (the fused linear, and the integer path's
+    prologue) as a ``torch.library.triton_op``: ``torch.export`` followed by
+    ``run_decompositions(decompose_custom_triton_ops=True)``, and AOTInductor, see each launch
+    as a ``triton_kernel_wrapper_functional`` node rather than an opaque op. Same kernels and
+    results as ``qcompile::linear`` with ``impl="triton"``, but no reference fallback: a layer
+    with no Triton kernel raises NoKernel (export's pass (passes/triton_kernels.py) lowers
+    only the layers that have one). ``qcompile::linear`` calls the same code directly, without
+    this op's dispatch."""
+    q = qtensor_from(codes, scales, side, meta)
+    return _contiguous(fused.traced_linear(x, q, act_fmt or None, bias))
+
+
+def _triton_linear_fake(x, codes, scales, side, meta, act_fmt, bias):
+    return _linear_output(x, meta, "triton_linear")
+
+
 def _weight_dims(meta: str) -> tuple[int, int, int]:
     """(axis, K, N) of the packed weight: [N, K] for axis 1, [K, N] for axis 0."""
     m = json.loads(meta)
@@ -335,12 +366,17 @@ def _weight_dims(meta: str) -> tuple[int, int, int]:
     return (axis, shape[1], shape[0]) if axis == 1 else (axis, shape[0], shape[1])
 
 
-@torch.library.register_fake("qcompile::linear")
-def _(x, codes, scales, side, meta, act_fmt, bias, impl="reference"):
+def _linear_output(x, meta: str, op: str = "linear"):
+    """The fake (meta) result of the linear ops: x's leading dims and N, x's dtype."""
     _, k, n = _weight_dims(meta)
     torch._check(x.dim() >= 1 and x.shape[-1] == k,
-                 lambda: f"qcompile::linear: x has shape {tuple(x.shape)}, the weight K={k}")
+                 lambda: f"qcompile::{op}: x has shape {tuple(x.shape)}, the weight K={k}")
     return x.new_empty((*x.shape[:-1], n))
+
+
+@torch.library.register_fake("qcompile::linear")
+def _(x, codes, scales, side, meta, act_fmt, bias, impl="reference"):
+    return _linear_output(x, meta)
 
 
 def _linear_setup(ctx, inputs, output):

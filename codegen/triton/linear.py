@@ -45,6 +45,7 @@ e = 2^-9 + 2^-20.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from pathlib import Path
@@ -61,6 +62,7 @@ from . import quant as _quant
 from .dequant import dequantize as _dequantize
 from .elements import int_code_lines
 from .lines import cdiv, indent, next_pow2, unpack_lines
+from .traceable import interpretable, outside_tracing
 from ..select import (TRITON_GEMV_MAX_M, NoKernel, choose, fusable_act, int_path,  # noqa: F401
                      quant_supported, splits_k)
 
@@ -381,18 +383,30 @@ def act_quant_source(af, dtype=torch.float32) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _kernel(wfmt, af, variant, dtype, out_float32, interpret, float32_dots):
-    """The compiled kernel for one source (generated once per process; cached on disk by hash)."""
+    """The compiled kernel for one source (generated once per process; cached on disk by hash),
+    traceable by torch under the interpreter too (traceable.py)."""
     src = linear_source(wfmt, af, variant=variant, dtype=dtype, out_float32=out_float32,
                         interpret=interpret, float32_dots=float32_dots)
-    return load_kernel(src, "linear_kernel")
+    return interpretable(load_kernel(src, "linear_kernel"))
 
 
 @functools.lru_cache(maxsize=None)
 def _act_kernel(af, dtype):
-    return load_kernel(act_quant_source(af, dtype), "act_quant_kernel")
+    return interpretable(load_kernel(act_quant_source(af, dtype), "act_quant_kernel"))
 
 
-def _int_operands(x2, af):
+def _direct(kernel):
+    """The kernel launched as it is (eager calls: no tracing wrapper on the way)."""
+    return kernel
+
+
+def _real(launch):
+    """Where kernels and tables are made: outside any tracing for a traced launch (eager
+    launches run on real tensors already)."""
+    return contextlib.nullcontext() if launch is _direct else outside_tracing()
+
+
+def _int_operands(x2, af, launch=_direct):
     """The integer path's prologue: int8 codes [M, KP] and block multipliers [KP / AB, M] of
     the activations, quantised once for every N tile (KP: K rounded up to whole blocks and to
     16 bytes, so rows start aligned for vector loads)."""
@@ -402,7 +416,9 @@ def _int_operands(x2, af):
     xq = torch.empty((m, kp), dtype=torch.int8, device=x2.device)
     ax = torch.empty((kp // ab, m), dtype=torch.float32, device=x2.device)
     bm, bk = ACT_QUANT_TILE
-    _act_kernel(af, x2.dtype)[(cdiv(m, bm), cdiv(kp, bk))](
+    with _real(launch):
+        kernel = _act_kernel(af, x2.dtype)
+    launch(kernel)[(cdiv(m, bm), cdiv(kp, bk))](
         x2, xq, ax, m, k, x2.stride(0), kp, BLOCK_M=bm, BLOCK_K=bk, enable_fp_fusion=False)
     return xq, ax
 
@@ -430,11 +446,11 @@ def _weight(q, n_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     return (_contiguous(q.codes.reshape(n_len, -1)), _contiguous(q.scales.reshape(n_len, -1)))
 
 
-def _act_operands(x2, af, q, variant: str) -> tuple[list, int]:
+def _act_operands(x2, af, q, variant: str, launch) -> tuple[list, int]:
     """The activation operands (x, or the integer path's codes and multipliers, quantised by
     the prologue kernel) and their row stride."""
     if int_path(q.fmt, af, variant):
-        xq, ax = _int_operands(x2, af)
+        xq, ax = _int_operands(x2, af, launch)
         return [xq, ax], xq.stride(0)
     return [x2], x2.stride(0)
 
@@ -486,7 +502,22 @@ def linear(x: torch.Tensor, q, act_fmt=None, bias: torch.Tensor | None = None,
     """The fused linear on generated kernels: fake_quantize(x, act_fmt) @ W^T (+ bias) where
     W = dequantize(q) is [N, K] (axis=1) or [K, N] (axis=0, GPT-2 Conv1D: x @ W). ``choice``:
     the selector's answer (codegen/select.py), asked here when not given. Raises NoKernel
-    where no kernel applies (the caller falls back to the reference)."""
+    where no kernel applies (the caller falls back to the reference). The kernels are launched
+    directly; ``traced_linear`` is the same with launches torch's tracing records."""
+    return _linear(x, q, act_fmt, bias, choice, _direct)
+
+
+def traced_linear(x: torch.Tensor, q, act_fmt=None, bias: torch.Tensor | None = None,
+                  choice=None) -> torch.Tensor:
+    """``linear`` with each launch through ``torch.library.wrap_triton``: the body of the
+    triton_op ``qcompile::triton_linear`` (qcompile/ops.py), whose kernels ``torch.export``
+    and AOTInductor see (``triton_kernel_wrapper_functional`` nodes) where ``linear``'s are
+    opaque. Same kernels, same arguments, same results."""
+    from torch.library import wrap_triton
+    return _linear(x, q, act_fmt, bias, choice, wrap_triton)
+
+
+def _linear(x, q, act_fmt, bias, choice, launch) -> torch.Tensor:
     choice = (choice or choose(q, act_fmt, x, "triton", bias)).require()
     k_len, n_len = (q.shape[1], q.shape[0]) if q.axis == 1 else (q.shape[0], q.shape[1])
     lead = x.shape[:-1]
@@ -500,16 +531,18 @@ def linear(x: torch.Tensor, q, act_fmt=None, bias: torch.Tensor | None = None,
     x2, af = _act_outside(x2, _formats.get(act_fmt) if act_fmt else None, opq)
     variant = choice.variant
     interp = interpreting()
-    kernel = _kernel(q.fmt, af, variant, x.dtype, opq, interp, config.float32_dots())
+    with _real(launch):  # the source and tables are made from constants, once, for real
+        kernel = _kernel(q.fmt, af, variant, x.dtype, opq, interp, config.float32_dots())
+        tables = emit.decode_tensors(q.fmt, q.side, q.codes.device)
     if interp and x2.dtype == torch.bfloat16:  # the interpreter's bf16 loads: widen in torch
         x2 = x2.float()
         bias = bias.float() if bias is not None else None
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     codes, scales = _weight(q, n_len)
-    acts, stride_xm = _act_operands(x2, af, q, variant)
+    acts, stride_xm = _act_operands(x2, af, q, variant, launch)
     # the order of the signature (linear_source's _signature)
-    operands = [*acts, codes, scales, *emit.decode_tensors(q.fmt, q.side, codes.device),
+    operands = [*acts, codes, scales, *tables,
                 bias if bias is not None else scales]
     out_dtype = torch.float32 if opq else x.dtype
     split = splits_k(q.fmt, af, variant)
@@ -519,7 +552,7 @@ def linear(x: torch.Tensor, q, act_fmt=None, bias: torch.Tensor | None = None,
     else:
         out = torch.empty((m_len, n_len), dtype=out_dtype, device=x.device)
         outputs = [out.view(torch.int16) if out_dtype == torch.bfloat16 else out]
-    kernel[_grid(variant, m_len, n_len)](
+    launch(kernel)[_grid(variant, m_len, n_len)](
         *operands, *outputs, m_len, n_len, k_len, next_pow2(m_len), stride_xm, codes.shape[-1],
         scales.shape[-1], **_meta(q, bias, variant))
     if split:
