@@ -248,7 +248,8 @@ def _kernel(row: Row) -> str:
 
 
 def _cpu_variant(q, row: Row) -> str:
-    """"cpu (avx512_vnni)"; ", int" where int activations meet int weights (integer dots)."""
+    """"cpu (avx512_vnni)"; ", int" where the integer path runs (int activations with int or
+    fp4 weights: exact integer block dots)."""
     try:
         isa = cpu.plan(q).isa
     except (NotImplementedError, ValueError, RuntimeError):  # it ran, so this is rare: say less
