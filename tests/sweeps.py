@@ -42,3 +42,11 @@ def pairwise(*axes):
             args.extend(value if isinstance(value, tuple) else (value,))
         params.append(pytest.param(*args, marks=() if index in keep else pytest.mark.slow))
     return params
+
+
+def examples(n):
+    """Hypothesis settings drawing ``n`` examples in the default profile (tests/conftest.py) and
+    proportionally more under HYPOTHESIS_PROFILE=blockquant-long (ten times: the sweeps)."""
+    from hypothesis import settings
+    scale = settings.default.max_examples / settings.get_profile("blockquant").max_examples
+    return settings(max_examples=max(1, round(n * scale)))
