@@ -25,6 +25,7 @@ from qcompile.codegen.triton import quant as qq  # noqa: E402
 from qcompile.formats.packing import pack, unpack  # noqa: E402
 from qcompile.formats.qtensor import QTensor  # noqa: E402
 from qcompile.formats.scales import AbsmaxScale, Pow2Scale  # noqa: E402
+from sweeps import examples  # noqa: E402
 
 FAMILIES = ["fp5_e2m2", "int5", "bfp7", "bfp3", "bl6", "dynexp6", "int2", "fp7_e3m3", "fp6_e3m2"]
 ALL = formats.names() + FAMILIES
@@ -32,7 +33,9 @@ ALL = formats.names() + FAMILIES
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",
                                         "ignore:invalid value encountered:RuntimeWarning",
                                         "ignore:divide by zero encountered:RuntimeWarning")
-SETTINGS = settings(max_examples=12, derandomize=True, deadline=None, database=None,
+# examples per format (each a few interpreted kernel launches): 6 and 4 by default, ten times
+# that under HYPOTHESIS_PROFILE=blockquant-long
+SETTINGS = settings(examples(6), derandomize=True, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 # float32 values with every kind of edge: NaN/Inf, signed zeros, subnormals, huge and tiny
@@ -208,7 +211,7 @@ def assert_same_qtensor(x, name, axis=-1, fake=False):
         assert torch.equal(as_int(fq_got), as_int(fq_ref)), f"{key}: fake_quantize differs"
 
 
-QUANT_SETTINGS = settings(SETTINGS, max_examples=8)
+QUANT_SETTINGS = settings(SETTINGS, max_examples=examples(4).max_examples)
 
 
 @pytest.mark.parametrize("name", QUANT_FORMATS, ids=str)

@@ -280,6 +280,31 @@ def built(tmp_path_factory):
     return copies
 
 
+@pytest.fixture(params=["copied", pytest.param("compiled", marks=pytest.mark.slow)])
+def rebuild(request, built, monkeypatch):
+    """How the rebuild tests' rebuild compiles: by default a stand-in for the compiler that
+    writes, to the command's -o path, the session's library for the ISA its -DQC_ISA flag names
+    (the same source: what the compiler would make), so they test the refusal and the rebuild's
+    load-check-record-rename without a minutes-long -O3 build each; the real compiler under slow
+    (test_processes_building_at_once_all_succeed always builds for real). Returns the ISAs
+    the stand-in built, None with the real compiler."""
+    if request.param == "compiled":
+        return None
+    compiled = []
+    real_run = cpu_build.subprocess.run
+    isa_of = {f"-DQC_ISA={n}": isa for isa, n in cpu_isa.ISA_NUMBER.items()}
+
+    def compile_by_copy(cmd, *args, **kwargs):
+        flags = [a for a in cmd if a in isa_of] if isinstance(cmd, list) else []
+        if not flags:  # not a library build (the compiler's --version)
+            return real_run(cmd, *args, **kwargs)
+        compiled.append(isa_of[flags[0]])
+        Path(cmd[cmd.index("-o") + 1]).write_bytes(built[compiled[-1]][0].read_bytes())
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    monkeypatch.setattr(cpu_build.subprocess, "run", compile_by_copy)
+    return compiled
+
+
 def _seed(cache, built, *isas):
     """The fresh cache holding the built libraries of ``isas``, as a build leaves them."""
     cache.mkdir(mode=0o700, exist_ok=True)
@@ -294,7 +319,7 @@ def _library_file(folder, isa):
     return path
 
 
-def test_a_damaged_library_is_rebuilt(fresh_cache, built):
+def test_a_damaged_library_is_rebuilt(fresh_cache, built, rebuild):
     isa = cpu.machine_isa()
     _seed(fresh_cache, built, isa)
     cpu.library(isa)
@@ -306,9 +331,10 @@ def test_a_damaged_library_is_rebuilt(fresh_cache, built):
     cpu_build._LIBS.clear()
     lib = cpu.library(isa)  # the damaged file was never opened: its bytes fail the sidecar hash
     assert path.stat().st_size == size and lib.qc_isa() == cpu_isa.ISA_NUMBER[isa]
+    assert rebuild in (None, [isa])  # rebuilt once (by the stand-in by default)
 
 
-def test_a_library_built_from_other_source_is_rebuilt(fresh_cache, built):
+def test_a_library_built_from_other_source_is_rebuilt(fresh_cache, built, rebuild):
     _seed(fresh_cache, built, "scalar", "avx2")
     cpu.library("scalar")
     cpu.library("avx2")
@@ -319,6 +345,7 @@ def test_a_library_built_from_other_source_is_rebuilt(fresh_cache, built):
     cpu_build._LIBS.clear()
     assert cpu.library("scalar").qc_isa() == 0  # the impostor was refused and rebuilt
     assert scalar.read_bytes() != avx2.read_bytes()
+    assert rebuild in (None, ["scalar"])
 
 
 def test_processes_building_at_once_all_succeed(fresh_cache):

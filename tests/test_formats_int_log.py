@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import oracles as O
 from format_strategies import codes_of, tiled
+from sweeps import examples
 import qcompile
 from qcompile import formats
 
@@ -19,6 +20,8 @@ BFP = ["bfp8", "bfp6", "bfp4"]
 POW2_INTS = ["mxint8"] + BFP
 POW2 = POW2_INTS + ["bl8"]
 RULES = ["floor", "ceil", "rceil", "even"]
+# Hypothesis budgets (sweeps.examples): each example runs the exact Fraction oracle, seconds a
+# format; ten times as many under HYPOTHESIS_PROFILE=blockquant-long
 
 
 def fq(x, name, **kw):
@@ -105,7 +108,7 @@ def test_bl8_every_code_is_used_once_by_its_power_of_two():
 
 
 @pytest.mark.parametrize("name", ABSMAX_INTS)
-@settings(max_examples=30)
+@examples(15)
 @given(data=st.data())
 def test_absmax_ints_nearest_in_the_float32_definition(name, data):
     """n = fp32(x * fp32(qmax / absmax)) rounded half even to an integer in [-qmax, qmax], times
@@ -122,7 +125,7 @@ def test_absmax_ints_nearest_in_the_float32_definition(name, data):
 
 
 @pytest.mark.parametrize("name", POW2)
-@settings(max_examples=25)
+@examples(12)
 @given(data=st.data())
 def test_preset_rule_every_element_is_the_scaled_nearest(name, data):
     """mxint8 (floor), bfp (ceil), bl8 (even): the stored E8M0 byte is e + 127 with e from the
@@ -138,7 +141,7 @@ def test_preset_rule_every_element_is_the_scaled_nearest(name, data):
 
 @pytest.mark.parametrize("name", POW2)
 @pytest.mark.parametrize("rule", RULES)
-@settings(max_examples=8)
+@examples(4)
 @given(data=st.data())
 def test_every_scale_rule_against_its_definition(name, rule, data):
     """floor / ceil / rceil / even on integer and log elements, derived exactly (rceil: smallest
@@ -200,7 +203,7 @@ def wide_row(draw, name, block, length):
 
 @pytest.mark.parametrize("name", ["int4", "int8", "mxint8", "bfp6", "bl8"])
 @pytest.mark.parametrize("block", [16, 128])
-@settings(max_examples=12)
+@examples(6)
 @given(data=st.data())
 def test_other_block_sizes(name, block, data):
     sp = O.spec(name, block_size=block)

@@ -6,13 +6,16 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import oracles as O
 import qcompile
 from qcompile import formats
+from sweeps import examples
 
+# Hypothesis budgets per format (sweeps.examples): each example runs the exact Fraction oracle;
+# ten times as many under HYPOTHESIS_PROFILE=blockquant-long
 MX_FLOATS = ["mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp4"]
 POW2_FLOATS = MX_FLOATS + ["bm8"]
 ABSMAX_FLOATS = ["fp4_e2m1", "fp4_e3m0", "fp3_e2m0"]
@@ -81,6 +84,7 @@ def test_qcompile_elements_declare_the_published_ranges():
 
 
 @pytest.mark.parametrize("name", POW2_FLOATS)
+@examples(20)
 @given(data=st.data())
 def test_floor_rule_every_element_is_the_scaled_nearest(name, data):
     """A block whose maximum fixes e = floor(log2 amax) - emax: every output equals
@@ -103,7 +107,7 @@ def test_floor_rule_every_element_is_the_scaled_nearest(name, data):
 
 @pytest.mark.parametrize("name", POW2_FLOATS)
 @pytest.mark.parametrize("rule", ["floor", "ceil", "rceil", "even"])
-@settings(max_examples=15)
+@examples(8)
 @given(data=st.data())
 def test_scale_rules_against_their_definitions(name, rule, data):
     """ceil: 2**(ceil(log2 amax) - emax); rceil: the smallest 2**e with max * 2**e >= amax;
@@ -145,6 +149,7 @@ def test_scale_rule_boundaries(name, rule, amax, e):
 
 
 @pytest.mark.parametrize("name", ABSMAX_FLOATS)
+@examples(20)
 @given(data=st.data())
 def test_absmax_floats_nearest_in_the_float32_definition(name, data):
     """n = fp32(x * fp32(max / absmax)) rounded to the element (half even on the code,
@@ -217,7 +222,7 @@ IDEMPOTENT = MX_FLOATS + ["mxint8", "bm8"]
 
 
 @pytest.mark.parametrize("name", IDEMPOTENT)
-@settings(max_examples=20)
+@examples(10)
 @given(data=st.data())
 def test_power_of_two_floor_formats_are_idempotent(name, data):
     """fake_quantize(fake_quantize(x)) == fake_quantize(x), bit for bit: the rounded block max

@@ -29,6 +29,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import qcompile  # noqa: E402
 from qcompile import LayerSpec, Policy, config, ops  # noqa: E402
+from sweeps import pairwise  # noqa: E402
 
 LINEAR = torch.ops.qcompile.linear.default
 DEQUANT = torch.ops.qcompile.dequantize.default
@@ -248,10 +249,10 @@ def test_opcheck_dequantize(fmt, axis):
     _check(DEQUANT, (*op_args(q), "reference"))
 
 
-@pytest.mark.parametrize("xname", list(_xs()))
-@pytest.mark.parametrize("fmt, axis", [("mxint8", -1), ("int4", -1), ("nvfp4", -1),
-                                       ("mxfp4", -2), ("int4", 0)])
-@pytest.mark.parametrize("grad", [False, True])
+# opcheck takes seconds a case: a pairwise cover of each sweep by default, the rest under slow
+@pytest.mark.parametrize("xname, fmt, axis, grad", pairwise(
+    list(_xs()), [("mxint8", -1), ("int4", -1), ("nvfp4", -1), ("mxfp4", -2), ("int4", 0)],
+    [False, True]))
 def test_opcheck_fake_quantize_act(xname, fmt, axis, grad):
     x = _xs()[xname].clone() if xname == "empty" else _xs()[xname]
     if grad:
@@ -263,10 +264,9 @@ def test_opcheck_fake_quantize_act(xname, fmt, axis, grad):
     _check(FQ_ACT, (x, fmt, axis, "reference"))
 
 
-@pytest.mark.parametrize("xname", list(_xs()))
-@pytest.mark.parametrize("axis", [1, 0])
-@pytest.mark.parametrize("with_bias", [True, False])
-@pytest.mark.parametrize("fmt, act", [("nf4", ""), ("mxint8", "mxint8"), ("bof4s_opq", "mxfp4")])
+@pytest.mark.parametrize("xname, axis, with_bias, fmt, act", pairwise(
+    list(_xs()), [1, 0], [True, False],
+    [("nf4", ""), ("mxint8", "mxint8"), ("bof4s_opq", "mxfp4")]))
 def test_opcheck_linear(xname, axis, with_bias, fmt, act):
     q = weight(axis, fmt=fmt)
     x = _xs()[xname].detach().requires_grad_()
