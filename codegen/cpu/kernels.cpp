@@ -265,75 +265,58 @@ void rows_linear(const Args& a, int threads) {
     }
 }
 
-// 4-bit codes through the 16-entry table (DEC 0), blocks a multiple of 2W: per block, its 16
-// decoded values (table * multiplier, rounded to the model's dtype R) are made once, so each W
-// weights cost one table lookup (the same values as decoding each weight: the multiply and the
-// rounding are per element). x is rearranged once per call so that the high and low nibbles of
-// W code bytes meet x's even and odd elements of that span without interleaving the weights.
-// MB rows of x from m0 (xr: the rearranged x, rows of a.ldx), one weight row n; with one row,
-// P span pairs per step break the chain of dependent FMAs (their latency bounds a GEMV).
+// 4-bit codes through the 16-entry table (DEC 0), even blocks: row_dot's sums, in its order
+// (bit for bit its results), with each block's 16 decoded values (table * multiplier, rounded
+// to the model's dtype R) made once per block instead of per weight: the multiply and the
+// rounding are per element, so the values are the same; a bfloat16 model's rounding was most
+// of the work of each weight.
 template <int SCALE, int R, int MB>
-void table4_dot(const Args& a, int64_t n, int64_t m0, const float* xr) {
-    constexpr int P = MB == 1 ? 2 : 1;
+void table4_dot(const Args& a, int64_t n, int64_t m0) {
     const uint8_t* row = a.codes + n * a.row_bytes;
-    F acc[MB][2 * P];
-    for (int m = 0; m < MB; ++m)
-        for (int p = 0; p < 2 * P; ++p) acc[m][p] = vzero();
+    F acc[MB];
+    float tail[MB];
+    for (int m = 0; m < MB; ++m) { acc[m] = vzero(); tail[m] = 0.0f; }
     alignas(64) float lut[16];
     for (int64_t b = 0; b < a.n_blocks; ++b) {
         const F vm = vset(multiplier<SCALE>(a, n, b));
         for (int i = 0; i < 16; i += W) vstore(lut + i, vround<R>(vmul(vload(a.table + i), vm)));
         const Table16 t(lut);
-        const int64_t k0 = b * a.block, end = k0 + a.block;
-        for (int64_t l = 0; l < a.block / 2; l += 64)  // fetch ahead: see group_dot
-            __builtin_prefetch(row + k0 / 2 + l + QC_PREFETCH);
-        int64_t k = k0;
-        for (; k + 2 * W * P <= end; k += 2 * W * P)
-            for (int p = 0; p < P; ++p) {
-                const I cs = bytes_u8(row + k / 2 + p * W);
-                const F we = look16(t, hi4(cs)), wo = look16(t, lo4(cs));
-                for (int m = 0; m < MB; ++m) {
-                    const float* xm = xr + (m0 + m) * a.ldx + k + p * 2 * W;
-                    acc[m][2 * p] = vfma(vload(xm), we, acc[m][2 * p]);
-                    acc[m][2 * p + 1] = vfma(vload(xm + W), wo, acc[m][2 * p + 1]);
-                }
-            }
-        for (; k < end; k += 2 * W) {
-            const I cs = bytes_u8(row + k / 2);
-            const F we = look16(t, hi4(cs)), wo = look16(t, lo4(cs));
+        const int64_t k0 = b * a.block, half = a.block / 2, j0 = k0 / 2;
+        for (int64_t l = 0; l < half; l += 64)  // fetch ahead: see group_dot
+            __builtin_prefetch(row + j0 + l + QC_PREFETCH);
+        int64_t j = 0;
+        for (; j + W <= half; j += W) {
+            const I cs = bytes_u8(row + j0 + j);
+            F w0, w1;
+            interleave(look16(t, hi4(cs)), look16(t, lo4(cs)), w0, w1);
             for (int m = 0; m < MB; ++m) {
-                const float* xm = xr + (m0 + m) * a.ldx + k;
-                acc[m][0] = vfma(vload(xm), we, acc[m][0]);
-                acc[m][1] = vfma(vload(xm + W), wo, acc[m][1]);
+                const float* xr = a.x + (m0 + m) * a.ldx + k0 + 2 * j;
+                acc[m] = vfma(vload(xr), w0, acc[m]);
+                acc[m] = vfma(vload(xr + W), w1, acc[m]);
+            }
+        }
+        for (; j < half; ++j) {
+            const float we = lut[row[j0 + j] >> 4], wo = lut[row[j0 + j] & 15];
+            for (int m = 0; m < MB; ++m) {
+                const float* xr = a.x + (m0 + m) * a.ldx + k0 + 2 * j;
+                tail[m] += xr[0] * we + xr[1] * wo;
             }
         }
     }
-    for (int m = 0; m < MB; ++m) {
-        F s = acc[m][0];
-        for (int p = 1; p < 2 * P; ++p) s = vadd(s, acc[m][p]);
-        a.y[(m0 + m) * a.N + n] = vsum(s) + (a.bias ? a.bias[n] : 0.0f);
-    }
+    for (int m = 0; m < MB; ++m)
+        a.y[(m0 + m) * a.N + n] = vsum(acc[m]) + tail[m] + (a.bias ? a.bias[n] : 0.0f);
 }
 
 template <int SCALE, int R>
 void table4_linear(const Args& a, int threads) {
-    // each span of 2W elements of x as its W even elements, then its W odd ones
-    const int64_t kp = a.n_blocks * a.block;
-    std::vector<float> xr(a.M * a.ldx);
-    for (int64_t m = 0; m < a.M; ++m)
-        for (int64_t s = 0; s < kp; s += 2 * W)
-            for (int i = 0; i < W; ++i) {
-                xr[m * a.ldx + s + i] = a.x[m * a.ldx + s + 2 * i];
-                xr[m * a.ldx + s + W + i] = a.x[m * a.ldx + s + 2 * i + 1];
-            }
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < a.N; ++n) {
         int64_t m = 0;
-        for (; m + 4 <= a.M; m += 4) table4_dot<SCALE, R, 4>(a, n, m, xr.data());
+        for (; m + 4 <= a.M; m += 4) table4_dot<SCALE, R, 4>(a, n, m);
         switch (a.M - m) {
-            case 3: table4_dot<SCALE, R, 3>(a, n, m, xr.data()); break;
-            case 2: table4_dot<SCALE, R, 2>(a, n, m, xr.data()); break;
-            case 1: table4_dot<SCALE, R, 1>(a, n, m, xr.data()); break;
+            case 3: table4_dot<SCALE, R, 3>(a, n, m); break;
+            case 2: table4_dot<SCALE, R, 2>(a, n, m); break;
+            case 1: table4_dot<SCALE, R, 1>(a, n, m); break;
             default: break;
         }
     }
@@ -341,13 +324,13 @@ void table4_linear(const Args& a, int threads) {
 
 template <int BITS, int SCALE, int DEC>
 void linear(const Args& a, int threads) {
-    if (BITS == 4 && DEC == 0 && a.block % (2 * W) == 0) {
-        // a bfloat16 / float16 model: its weights rounded one by one (the group kernel below
-        // factors each block's multiplier out of its sums, so it serves float32 models only)
+    // a bfloat16 / float16 model: its weights rounded one by one (the group kernel linear4
+    // factors each block's multiplier out of its sums, so it serves float32 models only)
+    if (BITS == 4 && DEC == 0 && (a.block & 1) == 0) {
         if (a.round_to == 1) return table4_linear<SCALE, 1>(a, threads);
         if (a.round_to == 2) return table4_linear<SCALE, 2>(a, threads);
 #if QC_ISA >= 2
-        return linear4<SCALE>(a, threads);
+        if (a.block % 8 == 0) return linear4<SCALE>(a, threads);
 #endif
         return table4_linear<SCALE, 0>(a, threads);
     }
