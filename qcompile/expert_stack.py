@@ -165,8 +165,10 @@ class PackedExperts(torch.nn.Module):
         return plan if not plan.data_dependent and plan.apart is None else None
 
     def note_read(self, e: int):
-        """Count expert ``e``'s packed bytes as read (by a kernel or a decode)."""
-        self.bytes_read += self.expert(e).nbytes
+        """Count expert ``e``'s packed bytes as read (by a kernel or a decode). Written to the
+        instance dict directly: ``nn.Module.__setattr__`` (which looks the name up among the
+        parameters, buffers and submodules) would cost more than the count, per expert and call."""
+        self.__dict__["bytes_read"] += self.expert(e).nbytes
 
     def _make_qtensor(self, e: int) -> QTensor:
         side = {}

@@ -171,3 +171,23 @@ def test_stacks_with_weights_kept_apart_keep_the_per_expert_calls(operator_calls
     y = ops.experts_linear(x, stack, [(0, slice(0, 1)), (2, slice(1, 3))])
     assert operator_calls == ["linear", "linear"]
     assert torch.equal(y[1:], ops.expert_linear(x[1:], stack, 2))
+
+
+def test_counting_the_bytes_read_sets_no_module_attribute(monkeypatch):
+    # a decoding step counts each active expert's bytes: through nn.Module.__setattr__ (which
+    # searches the parameters, buffers and submodules) that was a large share of a small
+    # block's Python time; the count itself is checked against quantize's bytes
+    w, stack = _stack("nf4")
+    groups = [(e, slice(e, e + 1)) for e in range(4)]
+    ops.experts_linear(torch.randn(4, 80), stack, groups)  # (the first call makes its caches)
+    stack.reset_bytes_read()
+    sets, real = [], torch.nn.Module.__setattr__
+
+    def counted(mod, name, value):
+        sets.append(name)
+        real(mod, name, value)
+    monkeypatch.setattr(torch.nn.Module, "__setattr__", counted)
+    ops.experts_linear(torch.randn(4, 80), stack, groups)
+    stack.decode(4)
+    assert sets == []
+    assert stack.bytes_read == sum(qcompile.quantize(w[e], "nf4", axis=1).nbytes for e in range(5))

@@ -190,3 +190,25 @@ def test_compiled_model_reads_the_packed_experts_without_decoding(monkeypatch):
     logits(compiled, STEP)
     assert sum(s.bytes_read for s in stacks.values()) == _expected_bytes(model, "qwen3-moe",
                                                                           active)
+
+
+def test_a_decoding_steps_embedding_row_is_decoded_on_one_thread(monkeypatch):
+    # a token's row of the packed table is one row of work: a parallel region of two threads
+    # for it only waits for the second thread (on a busy CPU, for milliseconds)
+    from qcompile.codegen.cpu import entry, plans
+    torch.manual_seed(0)
+    table = torch.randn(32, 128)
+    q = qcompile.quantize(table, "nf4", axis=1)
+    p, threads = plans.plan(q), []
+    real = p.decode_fn
+    monkeypatch.setattr(p, "decode_fn", lambda *args: threads.append(args[-1].value) or real(*args))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rows = entry.gather_rows(q, torch.tensor([[5]]))
+        whole = entry.decode_rows(q, p, 0, 32)
+    finally:
+        torch.set_num_threads(before)
+    assert threads == [1, 2]
+    assert torch.equal(rows[0, 0], qcompile.dequantize(q)[5])
+    assert torch.equal(whole, qcompile.dequantize(q))

@@ -21,11 +21,14 @@ from .structs import ActArgs
 
 
 def decode_rows(q, p: Plan, n0: int, n1: int) -> torch.Tensor:
-    """Rows n0..n1 of the packed weight, decoded: float32 [n1 - n0, n_blocks * block]."""
+    """Rows n0..n1 of the packed weight, decoded: float32 [n1 - n0, n_blocks * block]. The
+    kernel splits rows among threads: no more threads than rows (a gathered token's one row
+    would open a parallel region for one thread's work, which costs the most on a busy CPU)."""
     out = torch.empty((n1 - n0, q.scales.shape[-1] * q.block), dtype=torch.float32)
     a = p.args(q, None, None, None)
+    threads = max(1, min(torch.get_num_threads(), n1 - n0))
     p.decode_fn(ctypes.byref(a), ctypes.c_int64(n0), ctypes.c_int64(n1),
-                ctypes.c_void_p(out.data_ptr()), ctypes.c_int(torch.get_num_threads()))
+                ctypes.c_void_p(out.data_ptr()), ctypes.c_int(threads))
     return out
 
 

@@ -265,10 +265,75 @@ void rows_linear(const Args& a, int threads) {
     }
 }
 
+// 4-bit codes through the 16-entry table (DEC 0), even blocks: row_dot's sums, in its order
+// (bit for bit its results), with each block's 16 decoded values (table * multiplier, rounded
+// to the model's dtype R) made once per block instead of per weight: the multiply and the
+// rounding are per element, so the values are the same; a bfloat16 model's rounding was most
+// of the work of each weight.
+template <int SCALE, int R, int MB>
+void table4_dot(const Args& a, int64_t n, int64_t m0) {
+    const uint8_t* row = a.codes + n * a.row_bytes;
+    F acc[MB];
+    float tail[MB];
+    for (int m = 0; m < MB; ++m) { acc[m] = vzero(); tail[m] = 0.0f; }
+    alignas(64) float lut[16];
+    for (int64_t b = 0; b < a.n_blocks; ++b) {
+        const F vm = vset(multiplier<SCALE>(a, n, b));
+        for (int i = 0; i < 16; i += W) vstore(lut + i, vround<R>(vmul(vload(a.table + i), vm)));
+        const Table16 t(lut);
+        const int64_t k0 = b * a.block, half = a.block / 2, j0 = k0 / 2;
+        for (int64_t l = 0; l < half; l += 64)  // fetch ahead: see group_dot
+            __builtin_prefetch(row + j0 + l + QC_PREFETCH);
+        int64_t j = 0;
+        for (; j + W <= half; j += W) {
+            const I cs = bytes_u8(row + j0 + j);
+            F w0, w1;
+            interleave(look16(t, hi4(cs)), look16(t, lo4(cs)), w0, w1);
+            for (int m = 0; m < MB; ++m) {
+                const float* xr = a.x + (m0 + m) * a.ldx + k0 + 2 * j;
+                acc[m] = vfma(vload(xr), w0, acc[m]);
+                acc[m] = vfma(vload(xr + W), w1, acc[m]);
+            }
+        }
+        for (; j < half; ++j) {
+            const float we = lut[row[j0 + j] >> 4], wo = lut[row[j0 + j] & 15];
+            for (int m = 0; m < MB; ++m) {
+                const float* xr = a.x + (m0 + m) * a.ldx + k0 + 2 * j;
+                tail[m] += xr[0] * we + xr[1] * wo;
+            }
+        }
+    }
+    for (int m = 0; m < MB; ++m)
+        a.y[(m0 + m) * a.N + n] = vsum(acc[m]) + tail[m] + (a.bias ? a.bias[n] : 0.0f);
+}
+
+template <int SCALE, int R>
+void table4_linear(const Args& a, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < a.N; ++n) {
+        int64_t m = 0;
+        for (; m + 4 <= a.M; m += 4) table4_dot<SCALE, R, 4>(a, n, m);
+        switch (a.M - m) {
+            case 3: table4_dot<SCALE, R, 3>(a, n, m); break;
+            case 2: table4_dot<SCALE, R, 2>(a, n, m); break;
+            case 1: table4_dot<SCALE, R, 1>(a, n, m); break;
+            default: break;
+        }
+    }
+}
+
 template <int BITS, int SCALE, int DEC>
 void linear(const Args& a, int threads) {
-    // a bfloat16 / float16 model: its weights rounded one by one (the group kernel below
+    // a bfloat16 / float16 model: its weights rounded one by one (the group kernel linear4
     // factors each block's multiplier out of its sums, so it serves float32 models only)
+    if (BITS == 4 && DEC == 0 && (a.block & 1) == 0) {
+        if (a.round_to == 1) return table4_linear<SCALE, 1>(a, threads);
+        if (a.round_to == 2) return table4_linear<SCALE, 2>(a, threads);
+#if QC_ISA >= 2
+        if (a.block % 8 == 0) return linear4<SCALE>(a, threads);
+#endif
+        return table4_linear<SCALE, 0>(a, threads);
+    }
     if (a.round_to == 1) return rows_linear<BITS, SCALE, DEC, 1>(a, threads);
     if (a.round_to == 2) return rows_linear<BITS, SCALE, DEC, 2>(a, threads);
 #if QC_ISA >= 2
