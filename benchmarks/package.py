@@ -161,7 +161,7 @@ def package_key(model, fmt: str, max_cache_len: int) -> str:
         sort_keys=True).encode())
     for name, t in model.state_dict().items():
         h.update(f"{name}\0{t.dtype}\0{list(t.shape)}\0".encode())
-        h.update(t.detach().contiguous().view(torch.uint8).numpy())
+        h.update(t.detach().reshape(-1).contiguous().view(torch.uint8).numpy())  # (0-d too)
     return h.hexdigest()
 
 
