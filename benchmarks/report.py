@@ -23,10 +23,10 @@ GOALS_DOC = [
     ("memory", "resident weight memory <= 0.2x float32 for the 4-bit policy"),
     ("gemv", "CPU GEMV at M=1 (4096x4096, 11008x4096) >= 70% of a streaming read's bandwidth"),
     ("peers", "blockquant 4-bit decodes faster than every installed peer (llama.cpp, torchao)"),
-    ("package", "4-bit package: load + first token under 5 s, decode no slower than the compiled "
-                "4-bit row"),
 ]
-PACKAGE_FIRST_TOKEN_S = 5.0  # the package goal's start-up budget
+#: issue 25's targets for the package row, judged beside it (not a row of GOALS_DOC)
+PACKAGE_TARGETS = "load + first token under 5 s, decode no slower than the compiled 4-bit row"
+PACKAGE_FIRST_TOKEN_S = 5.0
 GEMV_TARGET = 70.0  # % of the streaming read, the issue's target
 GEMV_GOAL_SHAPES = {(4096, 4096), (11008, 4096)}
 
@@ -131,8 +131,6 @@ def goals(results: dict) -> list[tuple[str, str, str]]:
                 status = "met" if all(r["decode_ms"] < p["decode_ms"] for p in ps) else "missed"
                 evidence = ", ".join(f"{r['decode_ms'] / p['decode_ms']:.2f}x the latency of "
                                      f"{p['label']}" for p in ps)
-        elif key == "package" and speed and _measured(results.get("package")):
-            status, evidence = _package_goal(speed, _measured(results["package"])[0], w4)
         out.append((text, status, evidence))
     return out
 
@@ -259,6 +257,8 @@ def package_notes(results: dict) -> list[str]:
     comp = next((r for r in _ok(results.get("speed"))
                  if r["label"] == f"blockquant {s.get('w4', 'nf4')} (inductor)"), None)
     if comp and _measured(rows):
+        status, evidence = _package_goal([comp], _measured(rows)[0], s.get("w4", "nf4"))
+        lines += ["", f"Package targets ({PACKAGE_TARGETS}): {status} ({evidence})."]
         lines += ["", *startup_table(comp, _measured(rows)[0], s["prefill"],
                                      s["decode_prompt"])]
     return lines
