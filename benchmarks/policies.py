@@ -5,9 +5,10 @@ from __future__ import annotations
 from qcompile import LayerSpec, Policy
 
 
-def every_linear(fmt: str, act: str | None = None) -> Policy:
+def every_linear(fmt: str, act: str | None = None, embedding: bool = True) -> Policy:
     """``fmt`` on the weights of every linear layer, lm_head included, and on every embedding
     table (a tied embedding / lm_head pair shares one packed table): the setting the speed
-    goals name. ``act``: the linear layers' activation format too."""
-    return Policy({"*": LayerSpec(weight=fmt, op="embedding")},
-                  default=LayerSpec(weight=fmt, act=act))
+    goals name. ``act``: the linear layers' activation format too. ``embedding=False``: the
+    tables stay in full precision (what ``qcompile.export`` can package)."""
+    rules = {"*": LayerSpec(weight=fmt, op="embedding")} if embedding else {}
+    return Policy(rules, default=LayerSpec(weight=fmt, act=act))

@@ -16,7 +16,9 @@ Three measurements, one results folder (report.md, results.json, PNG plots):
    compile time, resident weight bytes; beside them the peers when installed (llama.cpp on the
    packaged GGUF, torchao's CPU int4 / int8 weight-only: benchmarks/peers.py), and the CPU GEMV
    kernels against a streaming read of the same bytes (benchmarks/gemv.py; section "gemv"
-   runs that alone).
+   runs that alone). With the Inductor speed lowering (the default) also the 4-bit policy as
+   two ahead-of-time packages (qcompile.export_decoder, exported once into .cache/packages/),
+   loaded and timed in a fresh process (benchmarks/package.py; --no-package skips it).
 
 Section "moe", run only when named (--sections moe; it quantises a model of 0.6-1.2 billion
 weights per policy and dtype): a 2-layer model with Qwen3-30B-A3B's MoE layer shapes and random
@@ -40,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from . import distributed, embeddings, gemv, moe, peers, perplexity, report, speed
+from . import distributed, embeddings, gemv, moe, package, peers, perplexity, report, speed
 
 SECTIONS = ("ppl", "weights", "speed", "gemv", "moe", "distributed")  # "speed" runs "gemv" too
 #: what a run without --sections measures: "moe" takes hours on 2 cores until the packed
@@ -109,6 +111,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--no-peers", action="store_true",
                     help="skip llama.cpp and torchao beside the speed rows")
+    ap.add_argument("--no-package", action="store_true",
+                    help="skip the speed section's package row (the 4-bit policy exported "
+                         "ahead of time, loaded in a fresh process: an export takes minutes, "
+                         "once; runs with the Inductor speed lowering only)")
     ap.add_argument("--moe-experts", type=int, default=None,
                     help=f"experts per layer of the moe section's model (default "
                          f"{moe.EXPERTS}, Qwen3-30B-A3B has 128; --quick {moe.QUICK_EXPERTS})")
@@ -264,6 +270,8 @@ def estimate(model, windows, args) -> float:
         if not args.no_peers:  # llama.cpp: seconds; torchao: two Inductor compiles, and its
             # int4 CPU kernel on float32 activations prefills ~50x slower than eager fp32
             est += 10 + 2 * 180 + runs * fwd * (50 + 1)
+        if package_runs(args):  # an export (two AOTInductor compiles; reused afterwards)
+            est += 15 * 60
     if "speed" in args.sections or "gemv" in args.sections:
         est += 8 * sum(n * k for n, k in args.gemv_shapes) / 4096**2
     return est
@@ -329,6 +337,12 @@ def distributed_section(args, results: dict) -> None:
         args.distributed_kinds)
 
 
+def package_runs(args) -> bool:
+    """The package row sits beside the Inductor rows: the eager speed lowering (--quick, the
+    tests) skips it, as it would spend minutes on an AOTInductor export."""
+    return not args.no_package and args.speed_lowering == "inductor"
+
+
 def lm_sections(args, ap, results: dict) -> None:
     """The sections on the causal LM and the text (ppl, weights, speed, gemv), into
     ``results``."""
@@ -369,6 +383,13 @@ def lm_sections(args, ap, results: dict) -> None:
         results["speed"] = speed.measure(model, ids[None, :args.prefill], args.decode,
                                          args.repeats, args.w8, args.w4, args.speed_lowering,
                                          ids[None, :args.decode_prompt], args.speed_dtypes)
+    if "speed" in args.sections and not package_runs(args):
+        results["settings"]["package_skipped"] = ("--no-package" if args.no_package else
+                                                  "--speed-lowering eager")
+    elif "speed" in args.sections:
+        results["package"] = [package.measure(model, ids[None, :args.prefill],
+                                              ids[None, :args.decode_prompt], args.decode,
+                                              args.repeats, args.w4)]
     if "speed" in args.sections and not args.no_peers:
         # the same prompts as the speed rows, so the peers sit beside them
         gguf = peers.packaged_gguf() if args.model is None else None
