@@ -198,12 +198,8 @@ def test_generate_of_an_encoder_decoder_runs_its_encoder_quantised(build):
 
 # -- a slow compile says what it compiles ---------------------------------------------------------
 
-def test_a_slow_graph_compile_says_what_it_compiles_and_a_fast_one_is_quiet(monkeypatch, capfd):
-    fast = mlp()
-    qcompile.compile(fast, NF4, lowering="eager", kernels="reference")
-    fast(X)
-    assert "blockquant" not in capfd.readouterr().err
-    torch._dynamo.reset()
+def slow_graph_compiles(monkeypatch):
+    """Each graph's passes take 0.6 s, three times the (lowered) progress threshold."""
     real_passes = backend.run_passes
 
     def slow_passes(*args, **kwargs):
@@ -211,6 +207,15 @@ def test_a_slow_graph_compile_says_what_it_compiles_and_a_fast_one_is_quiet(monk
         return real_passes(*args, **kwargs)
     monkeypatch.setattr(backend, "run_passes", slow_passes)
     monkeypatch.setattr(config, "PROGRESS_AFTER_S", 0.2)
+
+
+def test_a_slow_graph_compile_says_what_it_compiles_and_a_fast_one_is_quiet(monkeypatch, capfd):
+    fast = mlp()
+    qcompile.compile(fast, NF4, lowering="eager", kernels="reference")
+    fast(X)
+    assert "blockquant" not in capfd.readouterr().err
+    torch._dynamo.reset()
+    slow_graph_compiles(monkeypatch)
     model = mlp()
     qcompile.compile(model, NF4, lowering="eager", kernels="reference")
     model(X)
@@ -224,13 +229,7 @@ def test_a_slow_graph_compile_says_what_it_compiles_and_a_fast_one_is_quiet(monk
 def test_the_progress_line_counts_layers_packed_before_compiling(monkeypatch, capfd):
     """A model packed by quantize_model_ runs every layer quantised: the progress line must not
     say 0 quantised layers (it did: it counted only the layers the backend packed itself)."""
-    real_passes = backend.run_passes
-
-    def slow_passes(*args, **kwargs):
-        time.sleep(0.6)
-        return real_passes(*args, **kwargs)
-    monkeypatch.setattr(backend, "run_passes", slow_passes)
-    monkeypatch.setattr(config, "PROGRESS_AFTER_S", 0.2)
+    slow_graph_compiles(monkeypatch)
     model = mlp()
     qcompile.quantize_model_(model, NF4)
     qcompile.compile(model, NF4, lowering="eager", kernels="reference")
