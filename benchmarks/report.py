@@ -157,7 +157,8 @@ def _llama_goal(speed: list[dict], llama: dict, w4: str) -> tuple[str, str]:
     for prefix, target in LLAMA_TARGETS:
         r = _row_starting(speed, prefix.format(w4=w4))
         if r is not None:
-            got.append((r["label"], r["decode_tok_s"] / llama["decode_tok_s"], target))
+            # tokens/s ratio from the per-token latencies (a peer row may hold only those)
+            got.append((r["label"], llama["decode_ms"] / r["decode_ms"], target))
     if not got:
         return "not measured", ""
     status = "met" if all(v >= t for _, v, t in got) else "missed"
