@@ -93,3 +93,14 @@ def wiki_text() -> str:
     tmp.write_text("\n\n".join(articles), encoding="utf-8")
     tmp.replace(path)
     return path.read_text(encoding="utf-8")
+
+
+def tokens_of(tok, text: str, need: int) -> torch.Tensor:
+    """Token ids of the start of ``text``, at least ``need`` of them when the text has them
+    (tokenising a prefix first: the whole Wikipedia text takes seconds)."""
+    chars = max(8 * need, 4096)
+    while True:
+        ids = tok(text[:chars], return_tensors="pt").input_ids[0]
+        if ids.numel() >= need or chars >= len(text):
+            return ids
+        chars *= 2

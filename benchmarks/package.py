@@ -205,8 +205,7 @@ def main(argv=None) -> list[dict]:
     import argparse
 
     from . import speed
-    from .data import load_causal_lm, wiki_text
-    from .run import tokens_of
+    from .data import load_causal_lm, tokens_of, wiki_text
     ap = argparse.ArgumentParser(prog="python -m benchmarks.package", description=main.__doc__)
     ap.add_argument("--format", default="nf4")
     ap.add_argument("--prefill", type=int, default=512)

@@ -223,17 +223,6 @@ def _cpu_name() -> str:
     return platform.processor()
 
 
-def tokens_of(tok, text: str, need: int) -> torch.Tensor:
-    """Token ids of the start of ``text``, at least ``need`` of them when the text has them
-    (tokenising a prefix first: the whole Wikipedia text takes seconds)."""
-    chars = max(8 * need, 4096)
-    while True:
-        ids = tok(text[:chars], return_tensors="pt").input_ids[0]
-        if ids.numel() >= need or chars >= len(text):
-            return ids
-        chars *= 2
-
-
 def estimate(model, windows, args) -> float:
     """Rough seconds for the whole run, from one timed forward of a window and the time to
     quantise one linear weight: printed so the user knows what they started."""
@@ -346,7 +335,7 @@ def package_runs(args) -> bool:
 def lm_sections(args, ap, results: dict) -> None:
     """The sections on the causal LM and the text (ppl, weights, speed, gemv), into
     ``results``."""
-    from .data import load_causal_lm, wiki_text
+    from .data import load_causal_lm, tokens_of, wiki_text
 
     text = args.text.read_text(encoding="utf-8") if args.text else wiki_text()
     model, tok = load_causal_lm(args.model)

@@ -34,7 +34,7 @@ from qcompile.search import kl_and_top1
 from qcompile.swap import linear_layers, proxy_scores
 
 from . import perplexity, report
-from .run import machine, tokens_of
+from .run import machine
 
 # the example list, with its dominated 4-bit points (nf4 and int4[32] measure worse than
 # af4 at the same bits) swapped for the best 4-bit formats at block 128 (4.25 bits and a little
@@ -194,7 +194,7 @@ def main(argv=None) -> Path:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = args.out or Path("results") / ("search-" + dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    from .data import load_causal_lm, wiki_text
+    from .data import load_causal_lm, tokens_of, wiki_text
 
     t0 = time.perf_counter()
     model, tok = load_causal_lm(args.model)
